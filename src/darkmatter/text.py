@@ -1,0 +1,186 @@
+"""Corpora to fixed-length token contexts.
+
+Sources: ``austen`` (five public-domain novels shipped with the package), a ``.txt`` file or a folder of
+them (each file is one document), a ``.jsonl`` file (one document per line, text under ``text_field``),
+or ``hf:NAME[:CONFIG]`` for a Hugging Face data set (online only; needs the ``datasets`` extra).
+
+How documents become contexts:
+- Each document is tokenized without special tokens. With a BOS token (``bos``), every context starts
+  with it and holds ``ctx_len - 1`` document tokens; otherwise ``ctx_len`` document tokens.
+- ``packing="chunk"``: a document is cut into consecutive non-overlapping windows; a tail shorter than a
+  window is dropped. ``n_contexts`` windows are drawn from all windows by a seeded permutation.
+- ``packing="truncate"`` (the paper's choice): one context per document, its first window; documents
+  shorter than a window are skipped. Documents are taken in (seeded, shuffled) order.
+Contexts never mix documents, so no context contains a document boundary.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from darkmatter.errors import TextError
+
+AUSTEN_FILES = (
+    "emma.txt.gz",
+    "mansfieldpark.txt.gz",
+    "northangerabbey.txt.gz",
+    "prideprejudice.txt.gz",
+    "sensesensibility.txt.gz",
+)
+
+
+class TextConfig(BaseModel):
+    """Where text comes from and how it is cut into contexts."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: str = Field("austen", description="'austen', a .txt file or folder, a .jsonl file, or hf:NAME")
+    ctx_len: int = Field(256, ge=2, description="Tokens per context, BOS included.")
+    n_contexts: int = Field(128, ge=1, description="Number of contexts to draw.")
+    skip_positions: int = Field(
+        16, ge=0, description="Positions at the start of each context left out of analyses (paper: 200)."
+    )
+    packing: Literal["chunk", "truncate"] = Field("chunk", description="How documents become contexts.")
+    bos: Literal["auto", "always", "never"] = Field("auto", description="Prepend the model's BOS token.")
+    seed: int = Field(0, description="Seed for the choice and order of contexts.")
+    text_field: str = Field("text", description="Field holding the text in JSONL or HF data sets.")
+    hf_split: str = Field("train", description="Split of a HF data set.")
+    shuffle_buffer: int = Field(10_000, ge=1, description="Streaming shuffle buffer for HF data sets.")
+
+
+@dataclass
+class Contexts:
+    """Token contexts ``tokens [n_contexts, ctx_len]`` (int32) and where each came from."""
+
+    tokens: np.ndarray
+    doc_index: np.ndarray  # [n_contexts] index of the source document
+    has_bos: bool
+
+    @property
+    def fingerprint(self) -> str:
+        return hashlib.sha256(np.ascontiguousarray(self.tokens, dtype=np.int32).tobytes()).hexdigest()[:16]
+
+
+def austen_documents() -> Iterator[str]:
+    """The five Austen novels shipped as package data."""
+    base = resources.files("darkmatter") / "data" / "austen"
+    for name in AUSTEN_FILES:
+        yield gzip.decompress((base / name).read_bytes()).decode("utf-8")
+
+
+def _jsonl_documents(path: Path, field: str) -> Iterator[str]:
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise TextError(f"{path}:{lineno} is not valid JSON ({exc.msg}).") from exc
+            if not isinstance(row, dict) or not isinstance(row.get(field), str):
+                raise TextError(f"{path}:{lineno} has no string field {field!r}; set text.text_field.")
+            yield row[field]
+
+
+def _hf_documents(spec: str, cfg: TextConfig) -> Iterator[str]:
+    from darkmatter.lm.loading import network_allowed
+
+    if not network_allowed():
+        raise TextError(f"Text source {spec!r} needs the network; allow it with DARKMATTER_ONLINE=1.")
+    try:
+        import datasets  # type: ignore[import-not-found]
+    except ImportError as exc:
+        raise TextError("HF data sets need the 'datasets' package: pip install 'sae-darkmatter[datasets]'.") from exc
+    name, _, config = spec.removeprefix("hf:").partition(":")
+    ds = datasets.load_dataset(name, config or None, split=cfg.hf_split, streaming=True)
+    ds = ds.shuffle(seed=cfg.seed, buffer_size=cfg.shuffle_buffer)
+    for row in ds:
+        yield row[cfg.text_field]
+
+
+def documents(cfg: TextConfig) -> Iterator[str]:
+    """Iterate over the documents of a text source."""
+    src = cfg.source
+    if src == "austen":
+        yield from austen_documents()
+        return
+    if src.startswith("hf:"):
+        yield from _hf_documents(src, cfg)
+        return
+    path = Path(src).expanduser()
+    if not path.exists():
+        raise TextError(f"Text source {src!r} does not exist. Use 'austen', a .txt/.jsonl path, or hf:NAME.")
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix in {".txt", ".md"} and p.is_file())
+        if not files:
+            raise TextError(f"Folder {path} holds no .txt or .md files.")
+        for p in files:
+            yield p.read_text(encoding="utf-8", errors="replace")
+    elif path.suffix == ".jsonl":
+        yield from _jsonl_documents(path, cfg.text_field)
+    else:
+        yield path.read_text(encoding="utf-8", errors="replace")
+
+
+def _bos_id(tokenizer: Any, bos_token_id: int | None, mode: str) -> int | None:
+    if mode == "never":
+        return None
+    if bos_token_id is None and mode == "always":
+        raise TextError("text.bos is 'always' but the tokenizer defines no BOS token; use 'auto' or 'never'.")
+    return bos_token_id
+
+
+def make_contexts(cfg: TextConfig, tokenizer: Any, bos_token_id: int | None) -> Contexts:
+    """Tokenize a source into ``cfg.n_contexts`` contexts of ``cfg.ctx_len`` tokens (see module doc)."""
+    bos = _bos_id(tokenizer, bos_token_id, cfg.bos)
+    width = cfg.ctx_len - (1 if bos is not None else 0)
+    if cfg.skip_positions >= cfg.ctx_len:
+        raise TextError(f"skip_positions ({cfg.skip_positions}) must be below ctx_len ({cfg.ctx_len}).")
+    windows: list[np.ndarray] = []
+    owners: list[int] = []
+    n_docs = 0
+    total_tokens = 0
+    for doc_i, text in enumerate(documents(cfg)):
+        n_docs += 1
+        if not text.strip():
+            continue
+        ids = np.asarray(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"], dtype=np.int32)
+        total_tokens += len(ids)
+        if cfg.packing == "truncate":
+            if len(ids) >= width:
+                windows.append(ids[:width])
+                owners.append(doc_i)
+                if len(windows) >= cfg.n_contexts:
+                    break
+        else:
+            for start in range(0, len(ids) - width + 1, width):
+                windows.append(ids[start : start + width])
+                owners.append(doc_i)
+    if total_tokens == 0:
+        raise TextError(f"Text source {cfg.source!r} is empty ({n_docs} documents, no tokens).")
+    if len(windows) < cfg.n_contexts:
+        raise TextError(
+            f"Text source {cfg.source!r} gives only {len(windows)} contexts of {cfg.ctx_len} tokens "
+            f"({total_tokens} tokens in {n_docs} documents, packing={cfg.packing!r}); {cfg.n_contexts} were "
+            "requested. Provide more text or lower text.n_contexts or text.ctx_len."
+        )
+    if cfg.packing == "chunk":
+        order = np.random.default_rng(cfg.seed).permutation(len(windows))[: cfg.n_contexts]
+    else:
+        order = np.arange(cfg.n_contexts)
+    body = np.stack([windows[i] for i in order])
+    if bos is not None:
+        body = np.concatenate([np.full((len(order), 1), bos, dtype=np.int32), body], axis=1)
+    return Contexts(
+        tokens=body.astype(np.int32), doc_index=np.asarray([owners[i] for i in order]), has_bos=bos is not None
+    )
