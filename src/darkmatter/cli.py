@@ -56,7 +56,12 @@ def _progress_factory(quiet: bool) -> Any:
             bar = bars.get(name)
             if bar is None:
                 bar = bars[name] = tqdm(
-                    total=total, desc=name, unit="tok", unit_scale=True, file=sys.stderr, bar_format=BAR_FORMAT
+                    total=total,
+                    desc=name,
+                    unit="tok",
+                    unit_scale=True,
+                    file=sys.stderr,
+                    bar_format=BAR_FORMAT,
                 )
             bar.n = done
             bar.set_postfix_str(f"{rate:,.0f} tok/s", refresh=False)
@@ -69,7 +74,9 @@ def _progress_factory(quiet: bool) -> Any:
     return factory
 
 
-def _resolve(preset: str | None, config: Path | None, overrides: list[str] | None, online: bool = False) -> Any:
+def _resolve(
+    preset: str | None, config: Path | None, overrides: list[str] | None, online: bool = False
+) -> Any:
     from darkmatter.config import resolve_config
 
     cfg = resolve_config(preset, config, overrides)
@@ -114,7 +121,9 @@ def harvest(
 
     _quiet_libraries()
     cfg = _resolve(preset, config, set_, online)
-    Study(cfg, out, log=(lambda _m: None) if quiet else _log, progress=_progress_factory(quiet)).step_harvest()
+    Study(
+        cfg, out, log=(lambda _m: None) if quiet else _log, progress=_progress_factory(quiet)
+    ).step_harvest()
 
 
 @store_app.command("info")
@@ -163,24 +172,44 @@ def _log(msg: str) -> None:
     typer.echo(msg, err=True)
 
 
+def _cli_exception_types() -> tuple[
+    tuple[type[BaseException], ...], tuple[type[BaseException], ...], tuple[type[BaseException], ...]
+]:
+    """(exit, abort, usage-error) classes of typer and of whichever click it runs on."""
+    exits: list[type[BaseException]] = [typer.Exit]
+    aborts: list[type[BaseException]] = [typer.Abort]
+    usage: list[type[BaseException]] = []
+    for mod_name in ("click.exceptions", "typer._click.exceptions"):
+        try:
+            mod = __import__(mod_name, fromlist=["ClickException"])
+        except ImportError:
+            continue
+        for attr, bucket in (("Exit", exits), ("Abort", aborts), ("ClickException", usage)):
+            cls = getattr(mod, attr, None)
+            if isinstance(cls, type):
+                bucket.append(cls)
+    return tuple(exits), tuple(aborts), tuple(usage)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: runs the app and turns known failures into one-paragraph errors and exit codes."""
-    import click
-
     _mount_optional()
+    exits, aborts, usage = _cli_exception_types()
     try:
-        app(args=argv, standalone_mode=False)
+        app(args=argv, standalone_mode=False, prog_name="darkmatter")
     except DarkMatterError as exc:
         typer.echo(f"darkmatter: error: {exc}", err=True)
         return exc.exit_code
-    except click.exceptions.Exit as exc:
-        return int(exc.exit_code or 0)
-    except click.ClickException as exc:
-        exc.show()
-        return exc.exit_code
-    except click.exceptions.Abort:
+    except exits as exc:
+        return int(getattr(exc, "exit_code", 0) or 0)
+    except aborts:
         typer.echo("darkmatter: aborted", err=True)
         return 130
+    except usage as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":
+            return 0
+        exc.show()  # type: ignore[attr-defined]
+        return int(getattr(exc, "exit_code", 2))
     except KeyboardInterrupt:
         typer.echo("darkmatter: interrupted; run the same command again to resume.", err=True)
         return 130
@@ -189,7 +218,9 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
-            typer.echo("darkmatter: error: disk full; free space and run the same command to resume.", err=True)
+            typer.echo(
+                "darkmatter: error: disk full; free space and run the same command to resume.", err=True
+            )
         else:
             typer.echo(f"darkmatter: error: {exc}", err=True)
         return 3

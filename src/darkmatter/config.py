@@ -28,7 +28,9 @@ class ModelConfig(BaseModel):
     """Which language model to run, where, and in what precision."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
-    name: str = Field("embedded", description="'embedded' (SmolLM2-135M-Instruct), a local folder, or a hub id.")
+    name: str = Field(
+        "embedded", description="'embedded' (SmolLM2-135M-Instruct), a local folder, or a hub id."
+    )
     device: str = Field("auto", description="cpu, cuda, cuda:N or auto.")
     dtype: str = Field("fp32", description="fp32, bf16 or fp16.")
     online: bool = Field(False, description="Allow downloads from the Hugging Face hub.")
@@ -48,8 +50,10 @@ class StudyConfig(BaseModel):
 
     def section_hash(self, *sections: str) -> str:
         """Hash of the named sections (for step skipping)."""
-        data = {s: getattr(self, s).model_dump() if hasattr(getattr(self, s), "model_dump") else getattr(self, s)
-                for s in sections}
+        data = {
+            s: getattr(self, s).model_dump() if hasattr(getattr(self, s), "model_dump") else getattr(self, s)
+            for s in sections
+        }
         return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -59,7 +63,13 @@ def _demo() -> dict[str, Any]:
         "preset": "demo",
         "layer": layer,
         "model": {"name": "embedded", "device": "auto", "dtype": "fp32"},
-        "text": {"source": "austen", "ctx_len": 256, "n_contexts": 256, "skip_positions": 16, "packing": "chunk"},
+        "text": {
+            "source": "austen",
+            "ctx_len": 256,
+            "n_contexts": 256,
+            "skip_positions": 16,
+            "packing": "chunk",
+        },
         "harvest": {
             "sites": [
                 f"blocks.{layer}.hook_resid_post",
@@ -124,7 +134,9 @@ def parse_override(item: str) -> dict[str, Any]:
     """``a.b=value`` to ``{"a": {"b": value}}``; the value is parsed as JSON when possible."""
     key, sep, raw = item.partition("=")
     if not sep or not key:
-        raise ConfigError(f"Override {item!r} must look like section.key=value (for example text.n_contexts=64).")
+        raise ConfigError(
+            f"Override {item!r} must look like section.key=value (for example text.n_contexts=64)."
+        )
     try:
         value: Any = json.loads(raw)
     except json.JSONDecodeError:

@@ -55,7 +55,11 @@ class Study:
         if self._lm is None:
             m = self.cfg.model
             self._lm = load_lm(
-                m.name, device=m.device, dtype=m.dtype, online=m.online or None, trust_remote_code=m.trust_remote_code
+                m.name,
+                device=m.device,
+                dtype=m.dtype,
+                online=m.online or None,
+                trust_remote_code=m.trust_remote_code,
             )
         return self._lm
 
@@ -78,7 +82,9 @@ class Study:
             if bar is not None:
                 bar(done_tok, total, tps)
 
-        store = harvest(self.lm, contexts, self.cfg.text, self.cfg.harvest, str(store_dir(self.out)), progress=report)
+        store = harvest(
+            self.lm, contexts, self.cfg.text, self.cfg.harvest, str(store_dir(self.out)), progress=report
+        )
         seconds = time.perf_counter() - t0
         write_result(
             self.out,
@@ -86,8 +92,11 @@ class Study:
                 experiment="harvest",
                 config_hash=key,
                 seed=self.cfg.seed,
-                config={"model": self.cfg.model.model_dump(), "text": self.cfg.text.model_dump(),
-                        "harvest": self.cfg.harvest.model_dump()},
+                config={
+                    "model": self.cfg.model.model_dump(),
+                    "text": self.cfg.text.model_dump(),
+                    "harvest": self.cfg.harvest.model_dump(),
+                },
                 store=store.info(),
                 tokens_per_second=rate[-1] if rate else None,
                 seconds=seconds,

@@ -58,7 +58,9 @@ def read_result(out: str | Path, experiment: str, cls: type[R]) -> R | None:
     try:
         return cls.model_validate(json.loads(path.read_text()))
     except (json.JSONDecodeError, ValidationError) as exc:
-        raise StoreError(f"Result file {path} is corrupt ({exc.__class__.__name__}); delete it to recompute.") from exc
+        raise StoreError(
+            f"Result file {path} is corrupt ({exc.__class__.__name__}); delete it to recompute."
+        ) from exc
 
 
 def read_all_results(out: str | Path) -> dict[str, dict[str, Any]]:

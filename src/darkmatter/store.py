@@ -57,7 +57,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        Path(tmp).replace(path)
         _fsync_dir(path.parent)
     except OSError as exc:
         with contextlib.suppress(OSError):
@@ -113,19 +113,27 @@ class ActivationStore:
         root = Path(root)
         path = root / MANIFEST
         if not path.is_file():
-            raise StoreError(f"{root} is not an activation store (no {MANIFEST}). Run 'darkmatter harvest' first.")
+            raise StoreError(
+                f"{root} is not an activation store (no {MANIFEST}). Run 'darkmatter harvest' first."
+            )
         try:
             manifest = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise StoreError(f"{path} is corrupt ({exc}). Delete the store directory and harvest again.") from exc
+            raise StoreError(
+                f"{path} is corrupt ({exc}). Delete the store directory and harvest again."
+            ) from exc
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             raise StoreError(f"{path} is not a darkmatter activation-store manifest.")
         if manifest.get("version") != FORMAT_VERSION:
-            raise StoreError(f"{path} has store format version {manifest.get('version')}; expected {FORMAT_VERSION}.")
+            raise StoreError(
+                f"{path} has store format version {manifest.get('version')}; expected {FORMAT_VERSION}."
+            )
         return cls(root, manifest)
 
     @classmethod
-    def create_or_resume(cls, root: str | Path, identity: dict[str, Any], tokens: np.ndarray) -> ActivationStore:
+    def create_or_resume(
+        cls, root: str | Path, identity: dict[str, Any], tokens: np.ndarray
+    ) -> ActivationStore:
         """Start a new store, or reopen one with the same identity to resume; never touch a different one."""
         root = Path(root)
         key = identity_hash(identity)
@@ -157,6 +165,9 @@ class ActivationStore:
         return cls(root, manifest)
 
     def _remove_unlisted_shards(self) -> None:
+        """Drop temporary files and shard files the manifest does not list (a killed writer's leftovers)."""
+        for stale in self.root.glob(".*.tmp"):
+            stale.unlink()
         listed = {s["file"] for s in self.manifest["shards"]}
         shard_dir = self.root / SHARD_DIR
         if not shard_dir.is_dir():
@@ -293,7 +304,9 @@ class ActivationStore:
         skip = int(self.identity.get("skip_positions", 0)) if skip_positions is None else skip_positions
         stop_pos = self.ctx_len - (1 if drop_last_position else 0)
         if skip >= stop_pos:
-            raise DataError(f"skip_positions={skip} leaves no positions in contexts of {self.ctx_len} tokens.")
+            raise DataError(
+                f"skip_positions={skip} leaves no positions in contexts of {self.ctx_len} tokens."
+            )
         wanted = None if contexts is None else set(int(c) for c in contexts)
         tokens = self.tokens
         for index in range(self.n_shards):
@@ -326,7 +339,11 @@ class ActivationStore:
     def info(self) -> dict[str, Any]:
         """A summary for ``darkmatter store info``."""
         ident = self.identity
-        size = sum((self.root / s["file"]).stat().st_size for s in self.manifest["shards"] if (self.root / s["file"]).exists())
+        size = sum(
+            (self.root / s["file"]).stat().st_size
+            for s in self.manifest["shards"]
+            if (self.root / s["file"]).exists()
+        )
         return {
             "path": str(self.root),
             "model": ident["model"]["name"],

@@ -100,7 +100,9 @@ def _hf_documents(spec: str, cfg: TextConfig) -> Iterator[str]:
     try:
         import datasets  # type: ignore[import-not-found]
     except ImportError as exc:
-        raise TextError("HF data sets need the 'datasets' package: pip install 'sae-darkmatter[datasets]'.") from exc
+        raise TextError(
+            "HF data sets need the 'datasets' package: pip install 'sae-darkmatter[datasets]'."
+        ) from exc
     name, _, config = spec.removeprefix("hf:").partition(":")
     ds = datasets.load_dataset(name, config or None, split=cfg.hf_split, streaming=True)
     ds = ds.shuffle(seed=cfg.seed, buffer_size=cfg.shuffle_buffer)
@@ -154,7 +156,9 @@ def make_contexts(cfg: TextConfig, tokenizer: Any, bos_token_id: int | None) -> 
         n_docs += 1
         if not text.strip():
             continue
-        ids = np.asarray(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"], dtype=np.int32)
+        ids = np.asarray(
+            tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"], dtype=np.int32
+        )
         total_tokens += len(ids)
         if cfg.packing == "truncate":
             if len(ids) >= width:
@@ -182,5 +186,7 @@ def make_contexts(cfg: TextConfig, tokenizer: Any, bos_token_id: int | None) -> 
     if bos is not None:
         body = np.concatenate([np.full((len(order), 1), bos, dtype=np.int32), body], axis=1)
     return Contexts(
-        tokens=body.astype(np.int32), doc_index=np.asarray([owners[i] for i in order]), has_bos=bos is not None
+        tokens=body.astype(np.int32),
+        doc_index=np.asarray([owners[i] for i in order]),
+        has_bos=bos is not None,
     )

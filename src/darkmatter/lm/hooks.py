@@ -16,7 +16,7 @@ import torch
 from darkmatter.lm.sites import Site, site_module, validate_sites
 
 
-class _StopForward(Exception):
+class _StopForwardError(Exception):
     """Raised inside a hook to end a forward pass after the last needed site."""
 
 
@@ -55,7 +55,7 @@ def capture(model: torch.nn.Module, sites: list[str], *, stop_early: bool = Fals
         cap.acts[site.name] = value.detach()
         if stop_early and len(cap.acts) == len(parsed):
             cap.stopped_early = True
-            raise _StopForward
+            raise _StopForwardError
 
     for site in parsed:
         module, read_input = site_module(model, site)
@@ -82,7 +82,7 @@ def run(model: torch.nn.Module, **inputs: Any) -> Any:
     """Call the model, swallowing the early stop of ``capture``; returns None when stopped early."""
     try:
         return model(**inputs)
-    except _StopForward:
+    except _StopForwardError:
         return None
 
 
@@ -115,7 +115,9 @@ def splice(
         new = x.clone()
         rep = replace(x[sel])
         if rep.shape != x[sel].shape:
-            raise ValueError(f"splice replacement has shape {tuple(rep.shape)}, expected {tuple(x[sel].shape)}")
+            raise ValueError(
+                f"splice replacement has shape {tuple(rep.shape)}, expected {tuple(x[sel].shape)}"
+            )
         new[sel] = rep.to(x.dtype)
         return new
 

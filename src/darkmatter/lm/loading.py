@@ -163,7 +163,9 @@ def load_lm(
     elif Path(name).expanduser().exists():
         p = Path(name).expanduser()
         if not (p / "config.json").is_file():
-            raise ModelLoadError(f"{p} exists but holds no config.json; point to a Hugging Face model folder.")
+            raise ModelLoadError(
+                f"{p} exists but holds no config.json; point to a Hugging Face model folder."
+            )
         path, identity_name = str(p), str(p.resolve())
     elif online:
         path, identity_name = name, name
@@ -184,11 +186,7 @@ def load_lm(
     model.to(dev)
     model.eval()
     model.requires_grad_(False)
-    bos: int | None
-    if embedded:
-        bos = int(tokenizer.convert_tokens_to_ids(EMBEDDED_BOS))
-    else:
-        bos = tokenizer.bos_token_id
+    bos = int(tokenizer.convert_tokens_to_ids(EMBEDDED_BOS)) if embedded else tokenizer.bos_token_id
     identity = {
         "name": identity_name,
         "model_type": model.config.model_type,

@@ -106,7 +106,9 @@ def get_module(root: torch.nn.Module, path: str) -> torch.nn.Module:
     mod = root
     for part in path.split("."):
         if not hasattr(mod, part):
-            raise HookSiteError(f"Module path {path!r} not found in {type(root).__name__} (missing {part!r}).")
+            raise HookSiteError(
+                f"Module path {path!r} not found in {type(root).__name__} (missing {part!r})."
+            )
         mod = getattr(mod, part)
     return mod
 

@@ -13,12 +13,14 @@ from darkmatter.results import read_all_results
 from darkmatter.store import atomic_write_bytes
 
 CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1100px;margin:2rem auto;padding:0 1rem;
-color:#1d232a;line-height:1.45}
-h1{font-size:1.7rem}h2{border-bottom:1px solid #d0d7de;padding-bottom:.3rem;margin-top:2.2rem}
-table{border-collapse:collapse;margin:.6rem 0}td,th{border:1px solid #d0d7de;padding:.25rem .6rem;text-align:left}
-th{background:#f6f8fa}figure{margin:1rem 0}img{max-width:100%;height:auto}pre{background:#f6f8fa;padding:.8rem;
-overflow:auto;font-size:.8rem}.note{color:#57606a}
+body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1100px;margin:2rem auto;
+padding:0 1rem;color:#1d232a;line-height:1.45}
+h1{font-size:1.7rem}
+h2{border-bottom:1px solid #d0d7de;padding-bottom:.3rem;margin-top:2.2rem}
+table{border-collapse:collapse;margin:.6rem 0}
+td,th{border:1px solid #d0d7de;padding:.25rem .6rem;text-align:left}
+th{background:#f6f8fa}figure{margin:1rem 0}img{max-width:100%;height:auto}
+pre{background:#f6f8fa;padding:.8rem;overflow:auto;font-size:.8rem}.note{color:#57606a}
 """
 
 
@@ -67,9 +69,9 @@ def render(out: str | Path) -> str:
         "<title>sae-darkmatter report</title>",
         f"<style>{CSS}</style></head><body>",
         "<h1>SAE dark matter report</h1>",
-        "<p class='note'>How much of a language model's activations a sparse autoencoder fails to reconstruct, "
-        "and how that error splits into linearly predictable and nonlinear parts (Engels, Smith &amp; Tegmark, "
-        "arXiv 2410.14670).</p>",
+        "<p class='note'>How much of a language model's activations a sparse autoencoder fails to "
+        "reconstruct, and how that error splits into linearly predictable and nonlinear parts "
+        "(Engels, Smith &amp; Tegmark, arXiv 2410.14670).</p>",
     ]
     for name, res in results.items():
         section = SECTIONS.get(name)
@@ -77,9 +79,14 @@ def render(out: str | Path) -> str:
             parts.append(section(res))
     parts.append("<h2>Configuration and provenance</h2>")
     for name, res in results.items():
-        parts.append(f"<h3>{html.escape(name)}</h3><pre>{html.escape(json.dumps(res.get('config', {}), indent=2))}</pre>")
-        parts.append(table([(k, v) for k, v in res.get("provenance", {}).items()]
-                           + [("config hash", res.get("config_hash")), ("seed", res.get("seed"))]))
+        cfg_json = html.escape(json.dumps(res.get("config", {}), indent=2))
+        parts.append(f"<h3>{html.escape(name)}</h3><pre>{cfg_json}</pre>")
+        parts.append(
+            table(
+                [(k, v) for k, v in res.get("provenance", {}).items()]
+                + [("config hash", res.get("config_hash")), ("seed", res.get("seed"))]
+            )
+        )
     parts.append(f"<p class='note'>sae-darkmatter {__version__}</p></body></html>")
     return "\n".join(parts)
 

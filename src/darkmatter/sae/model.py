@@ -1,0 +1,513 @@
+"""The canonical SAE that every format converts into, and its configuration.
+
+Conventions (ARCHITECTURE.md, principle 4):
+
+- weights: ``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``, ``W_dec [d_sae, d_in]``, ``b_dec [d_in]``, and for
+  JumpReLU / BatchTopK a per-latent ``threshold [d_sae]``;
+- input transform, in this order: per-token ``normalize`` (``layer_norm``: ``(x - mean) / (std + eps)``;
+  ``constant_norm_rescale``: ``x * sqrt(d_in) / ||x||``), then ``* input_scale``, then ``- b_dec`` when
+  ``apply_b_dec_to_input``;
+- ``pre = x' @ W_enc + b_enc``; codes: ``relu(pre)`` (relu), ``relu(pre) * (pre > threshold)`` (jumprelu and
+  batchtopk at inference, SAELens semantics), ``relu`` of the ``k`` largest pre-activations (topk);
+- ``x_hat = (codes @ W_dec + b_dec) / input_scale``, then the per-token normalization is undone.
+
+Everything runs in the SAE's dtype and on its device; inputs are cast to them and outputs come back in them.
+Loaded SAEs are frozen (``requires_grad=False``); call ``sae.requires_grad_(True)`` to fine-tune one.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from darkmatter.errors import ConfigError, DataError, SAEFormatError, ShapeError
+
+ACTIVATIONS: tuple[str, ...] = ("relu", "jumprelu", "topk", "batchtopk")
+NORMALIZATIONS: tuple[str, ...] = ("none", "layer_norm", "constant_norm_rescale")
+THRESHOLD_ACTIVATIONS: tuple[str, ...] = ("jumprelu", "batchtopk")
+LAYER_NORM_EPS = 1e-5  # OpenAI sparse_autoencoder and SAELens use 1e-5 with the unbiased std
+_NORM_FLOOR = 1e-12  # keeps constant_norm_rescale finite on an all-zero token
+
+_DTYPE_NAMES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "float64": torch.float64,
+    "fp64": torch.float64,
+    "double": torch.float64,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+}
+
+
+def parse_dtype(value: torch.dtype | str | None) -> torch.dtype | None:
+    """Turn ``"bf16"``, ``"torch.float32"``, ... into a floating torch dtype (``None`` stays ``None``)."""
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    name = value.strip().lower().removeprefix("torch.")
+    if name not in _DTYPE_NAMES:
+        raise ConfigError(f"Unknown dtype {value!r}; use one of float32, bfloat16, float16, float64.")
+    return _DTYPE_NAMES[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"``."""
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclass
+class SAEConfig:
+    """Everything about an SAE except its tensors."""
+
+    d_in: int
+    """Width of the activations the SAE reads."""
+    d_sae: int
+    """Number of latents."""
+    activation: str = "relu"
+    """One of ``relu``, ``jumprelu``, ``topk``, ``batchtopk`` (inference: a per-latent threshold)."""
+    k: int | None = None
+    """Latents kept per token (topk); the training k for batchtopk (informational)."""
+    apply_b_dec_to_input: bool = True
+    """Subtract ``b_dec`` from the (normalized, scaled) input before encoding."""
+    input_scale: float = 1.0
+    """Scalar the input is multiplied by before encoding; the decoder output is divided by it."""
+    normalize: str = "none"
+    """Per-token input normalization: ``none``, ``layer_norm`` (OpenAI) or ``constant_norm_rescale``."""
+    hook_site: str | None = None
+    """Canonical (TransformerLens-style) site, e.g. ``blocks.12.hook_resid_post``, when known."""
+    model_name: str | None = None
+    """The model the SAE was trained on, when known."""
+    source_format: str = "darkmatter"
+    """The on-disk format the SAE was loaded from."""
+    metadata: dict[str, Any] = field(default_factory=dict)
+    """Anything else worth keeping (format specifics, path-derived facts); JSON-serializable."""
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Raise SAEFormatError when fields are out of range or contradict each other."""
+        for name in ("d_in", "d_sae"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise SAEFormatError(f"SAE config: {name} must be a positive integer, got {value!r}.")
+        if self.activation not in ACTIVATIONS:
+            raise SAEFormatError(
+                f"SAE config: unknown activation {self.activation!r}; expected one of {', '.join(ACTIVATIONS)}."
+            )
+        if self.normalize not in NORMALIZATIONS:
+            raise SAEFormatError(
+                f"SAE config: unknown normalize {self.normalize!r}; expected one of {', '.join(NORMALIZATIONS)}."
+            )
+        self._check_k()
+        scale = self.input_scale
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+            raise SAEFormatError(f"SAE config: input_scale must be a finite positive number, got {scale!r}.")
+
+    def _check_k(self) -> None:
+        if self.activation == "topk" and self.k is None:
+            raise SAEFormatError("SAE config: activation 'topk' needs k (latents kept per token).")
+        if self.activation in ("relu", "jumprelu") and self.k is not None:
+            raise SAEFormatError(f"SAE config: k={self.k} makes no sense for activation {self.activation!r}.")
+        if self.k is not None and (isinstance(self.k, bool) or not isinstance(self.k, int) or self.k <= 0):
+            raise SAEFormatError(f"SAE config: k must be a positive integer, got {self.k!r}.")
+        if self.activation == "topk" and self.k is not None and self.k > self.d_sae:
+            raise SAEFormatError(f"SAE config: k={self.k} exceeds d_sae={self.d_sae}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready copy."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SAEConfig:
+        """Inverse of ``to_dict``; unknown or missing keys are SAEFormatErrors."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise SAEFormatError(f"SAE config: unknown keys {unknown}; known keys are {sorted(names)}.")
+        missing = sorted(n for n in ("d_in", "d_sae") if n not in data)
+        if missing:
+            raise SAEFormatError(f"SAE config: missing required keys {missing}.")
+        return cls(**copy.deepcopy(dict(data)))
+
+
+@dataclass(frozen=True)
+class SparseCodes:
+    """Active latents per token: entry ``j`` of a token is active iff ``values[..., j] != 0``.
+
+    Rows are padded with index 0 / value 0.0 to a common width ``m`` (``k`` for topk, otherwise the largest
+    active count in the batch). The order of entries within a row is unspecified.
+    """
+
+    indices: Tensor  # [..., m] int64
+    values: Tensor  # [..., m]
+
+    @property
+    def width(self) -> int:
+        """``m``, the padded number of entries per token."""
+        return int(self.indices.shape[-1])
+
+    def l0(self) -> Tensor:
+        """Number of active latents per token, ``[...]`` int64."""
+        return (self.values != 0).sum(dim=-1)
+
+    def to_dense(self, d_sae: int) -> Tensor:
+        """Scatter into a dense ``[..., d_sae]`` tensor."""
+        dense = self.values.new_zeros((*self.values.shape[:-1], d_sae))
+        return dense.scatter_add_(-1, self.indices, self.values)
+
+
+@dataclass(frozen=True)
+class InputStats:
+    """Per-token statistics of a norm-based input transform: ``x_normed = (x - shift) / scale``."""
+
+    shift: Tensor  # [n, 1]
+    scale: Tensor  # [n, 1]
+
+
+class SAE(nn.Module):
+    """A sparse autoencoder in canonical form (see the module docstring for the exact equations)."""
+
+    W_enc: nn.Parameter
+    b_enc: nn.Parameter
+    W_dec: nn.Parameter
+    b_dec: nn.Parameter
+    threshold: nn.Parameter | None
+
+    def __init__(self, cfg: SAEConfig, *, dtype: torch.dtype = torch.float32, device: Any = None) -> None:
+        """A zero-initialised SAE (trainers fill it; loaders use ``from_tensors``)."""
+        super().__init__()
+        cfg.check()
+        self.cfg = cfg
+        for name, shape in expected_shapes(cfg).items():
+            self.register_parameter(name, nn.Parameter(torch.zeros(shape, dtype=dtype, device=device)))
+        if "threshold" not in expected_shapes(cfg):
+            self.register_parameter("threshold", None)
+
+    @classmethod
+    def from_tensors(
+        cls,
+        cfg: SAEConfig,
+        tensors: Mapping[str, Tensor],
+        *,
+        dtype: torch.dtype | None = None,
+        device: Any = None,
+        validate: bool = True,
+    ) -> SAE:
+        """Wrap canonical tensors (no copy when dtype and device already match); the result is frozen."""
+        expected = expected_shapes(cfg)
+        missing = sorted(set(expected) - set(tensors))
+        if missing:
+            raise SAEFormatError(f"Missing tensors {missing} for a {cfg.activation} SAE.")
+        target = dtype or tensors["W_enc"].dtype
+        if not target.is_floating_point:
+            raise SAEFormatError(f"SAE tensors must be floating point, got {target}.")
+        sae = cls.__new__(cls)
+        nn.Module.__init__(sae)
+        sae.cfg = cfg
+        for name in expected:
+            value = tensors[name].detach().to(device=device, dtype=target)
+            if name == "W_dec":
+                value = value.contiguous()  # gathered row-wise by decode_sparse
+            sae.register_parameter(name, nn.Parameter(value, requires_grad=False))
+        if "threshold" not in expected:
+            sae.register_parameter("threshold", None)
+        if validate:
+            sae.validate()
+        return sae
+
+    # ------------------------------------------------------------------ properties and checks
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype all computation runs in."""
+        return self.W_enc.dtype
+
+    @property
+    def device(self) -> torch.device:
+        """The device all computation runs on."""
+        return self.W_enc.device
+
+    def extra_repr(self) -> str:
+        c = self.cfg
+        k = f", k={c.k}" if c.k is not None else ""
+        return f"d_in={c.d_in}, d_sae={c.d_sae}, activation={c.activation}{k}, hook_site={c.hook_site}"
+
+    def named_tensors(self) -> Iterator[tuple[str, Tensor]]:
+        """The canonical tensors present in this SAE."""
+        for name in expected_shapes(self.cfg):
+            yield name, getattr(self, name)
+
+    def validate(self) -> None:
+        """Check shapes against the config (SAEFormatError) and that every value is finite (DataError)."""
+        self.cfg.check()
+        expected = expected_shapes(self.cfg)
+        for name, shape in expected.items():
+            tensor = getattr(self, name, None)
+            if tensor is None:
+                raise SAEFormatError(f"Tensor {name} is missing; a {self.cfg.activation} SAE needs it.")
+            if tuple(tensor.shape) != shape:
+                raise SAEFormatError(
+                    f"Tensor {name} has shape {tuple(tensor.shape)}, but the config (d_in={self.cfg.d_in}, "
+                    f"d_sae={self.cfg.d_sae}) requires {shape}."
+                )
+            if not tensor.dtype.is_floating_point:
+                raise SAEFormatError(f"Tensor {name} has dtype {tensor.dtype}; expected a floating dtype.")
+        if "threshold" not in expected and self.threshold is not None:
+            raise SAEFormatError(f"A {self.cfg.activation} SAE has no threshold, but one is set.")
+        for name, tensor in self.named_tensors():
+            bad = count_nonfinite(tensor)
+            if bad:
+                raise DataError(
+                    f"Tensor {name} ({dtype_name(tensor.dtype)}) has {bad} NaN or infinite values out of "
+                    f"{tensor.numel()}; the SAE file is damaged or overflowed when cast to a smaller dtype."
+                )
+
+    def check_input_width(self, d: int, site: str) -> None:
+        """Raise ShapeError unless activations of width ``d`` at ``site`` fit this SAE."""
+        if d == self.cfg.d_in:
+            return
+        trained = self.cfg.hook_site or "an unknown site"
+        model = f" of {self.cfg.model_name}" if self.cfg.model_name else ""
+        raise ShapeError(
+            f"The SAE reads activations of width d_in={self.cfg.d_in} (trained on {trained}{model}), but "
+            f"site {site!r} has width {d}. Use an SAE trained for this model and site, or pick the site "
+            f"the SAE was trained on."
+        )
+
+    # ------------------------------------------------------------------ input and output transforms
+
+    def _flatten(self, x: Tensor, width: int, what: str) -> tuple[Tensor, tuple[int, ...]]:
+        if x.ndim == 0 or x.shape[-1] != width:
+            raise ShapeError(
+                f"{what} must have last dimension {width}, got shape {tuple(x.shape)}"
+                + (f" (SAE trained on {self.cfg.hook_site})." if self.cfg.hook_site else ".")
+            )
+        lead = tuple(x.shape[:-1])
+        return x.reshape(-1, width).to(device=self.device, dtype=self.dtype), lead
+
+    def input_stats(self, x: Tensor) -> InputStats | None:
+        """Per-token normalization statistics of ``x [..., d_in]`` (None when ``normalize == "none"``)."""
+        if self.cfg.normalize == "none":
+            return None
+        x2d, _ = self._flatten(x, self.cfg.d_in, "SAE input")
+        return self._stats(x2d)
+
+    def _stats(self, x2d: Tensor) -> InputStats | None:
+        if self.cfg.normalize == "none":
+            return None
+        if x2d.shape[0] == 0:
+            empty = x2d.new_zeros((0, 1))
+            return InputStats(shift=empty, scale=empty)
+        xf = x2d if x2d.dtype in (torch.float32, torch.float64) else x2d.float()  # stable stats for half dtypes
+        if self.cfg.normalize == "layer_norm":
+            shift = xf.mean(dim=-1, keepdim=True)
+            scale = (xf - shift).std(dim=-1, keepdim=True) + LAYER_NORM_EPS
+        else:  # constant_norm_rescale
+            shift = torch.zeros_like(xf[:, :1])
+            scale = xf.norm(dim=-1, keepdim=True).clamp_min(_NORM_FLOOR) / math.sqrt(self.cfg.d_in)
+        return InputStats(shift=shift.to(self.dtype), scale=scale.to(self.dtype))
+
+    def _transform_in(self, x2d: Tensor, stats: InputStats | None) -> Tensor:
+        if stats is not None:
+            x2d = (x2d - stats.shift) / stats.scale
+        if self.cfg.input_scale != 1.0:
+            x2d = x2d * self.cfg.input_scale
+        if self.cfg.apply_b_dec_to_input:
+            x2d = x2d - self.b_dec
+        return x2d
+
+    def _transform_out(self, y2d: Tensor, stats: InputStats | None) -> Tensor:
+        if self.cfg.input_scale != 1.0:
+            y2d = y2d / self.cfg.input_scale
+        if self.cfg.normalize != "none":
+            if stats is None:
+                raise ConfigError(
+                    f"This SAE normalizes each token ({self.cfg.normalize}), so decoding needs the input's "
+                    f"statistics: pass stats=sae.input_stats(x), or use sae(x) / sae.reconstruct(x)."
+                )
+            y2d = y2d * stats.scale + stats.shift
+        return y2d
+
+    # ------------------------------------------------------------------ encoding
+
+    def _activate(self, pre: Tensor) -> Tensor:
+        """Dense codes from pre-activations ``[n, d_sae]``; reuses ``pre``'s memory when autograd allows."""
+        inplace = not pre.requires_grad
+        act = self.cfg.activation
+        if act == "relu":
+            return pre.relu_() if inplace else pre.relu()
+        if act in THRESHOLD_ACTIVATIONS:
+            mask = pre > self.threshold  # [n, d_sae] bool
+            return pre.relu_().mul_(mask) if inplace else pre.relu() * mask
+        values, indices = pre.topk(self._k, dim=-1, sorted=False)
+        out = pre.zero_() if inplace else torch.zeros_like(pre)
+        return out.scatter_(-1, indices, values.relu())
+
+    @property
+    def _k(self) -> int:
+        assert self.cfg.k is not None  # guaranteed by SAEConfig.check for topk
+        return self.cfg.k
+
+    def _sparse_chunk(self, pre: Tensor) -> tuple[Tensor, Tensor]:
+        """``(indices, values)`` ``[n, m]`` from pre-activations ``[n, d_sae]`` (the only wide tensor alive)."""
+        if self.cfg.activation == "topk":
+            values, indices = pre.topk(self._k, dim=-1, sorted=False)
+            values = values.relu()
+        else:
+            codes = self._activate(pre)
+            m = int((codes != 0).sum(dim=-1).max()) if codes.shape[0] else 0
+            values, indices = codes.topk(m, dim=-1, sorted=False)
+        return indices.masked_fill(values == 0, 0), values
+
+    def _chunks(self, n: int, chunk_size: int | None) -> list[tuple[int, int]]:
+        if chunk_size is not None and chunk_size <= 0:
+            raise ConfigError(f"chunk_size must be a positive number of tokens, got {chunk_size}.")
+        if n == 0:
+            return [(0, 0)]
+        step = n if chunk_size is None else min(chunk_size, n)
+        return [(i, min(i + step, n)) for i in range(0, n, step)]
+
+    def pre_activations(self, x: Tensor) -> Tensor:
+        """``x' @ W_enc + b_enc`` for ``x [..., d_in]`` -> ``[..., d_sae]``."""
+        x2d, lead = self._flatten(x, self.cfg.d_in, "SAE input")
+        return self._pre(x2d).reshape(*lead, self.cfg.d_sae)
+
+    def encode(self, x: Tensor, *, chunk_size: int | None = None) -> Tensor:
+        """Dense codes ``[..., d_sae]`` for ``x [..., d_in]``."""
+        x2d, lead = self._flatten(x, self.cfg.d_in, "SAE input")
+        spans = self._chunks(x2d.shape[0], chunk_size)
+        if len(spans) <= 1:
+            codes = self._activate(self._pre(x2d))
+        else:
+            codes = x2d.new_empty((x2d.shape[0], self.cfg.d_sae))
+            for i, j in spans:
+                codes[i:j] = self._activate(self._pre(x2d[i:j]))
+        return codes.reshape(*lead, self.cfg.d_sae)
+
+    def _pre(self, x2d: Tensor) -> Tensor:
+        """Pre-activations ``[n, d_sae]`` of flattened inputs ``[n, d_in]``."""
+        return torch.addmm(self.b_enc, self._transform_in(x2d, self._stats(x2d)), self.W_enc)
+
+    def encode_sparse(self, x: Tensor, *, chunk_size: int | None = None) -> SparseCodes:
+        """Active latents of ``x [..., d_in]`` as ``SparseCodes`` ``[..., m]``.
+
+        Peak memory is one ``[chunk, d_sae]`` pre-activation tensor (plus a bool mask for threshold
+        activations); set ``chunk_size`` (tokens) to bound it for very wide SAEs.
+        """
+        x2d, lead = self._flatten(x, self.cfg.d_in, "SAE input")
+        parts = [self._sparse_chunk(self._pre(x2d[i:j])) for i, j in self._chunks(x2d.shape[0], chunk_size)]
+        indices, values = _pad_cat(parts)
+        m = indices.shape[-1]
+        return SparseCodes(indices=indices.reshape(*lead, m), values=values.reshape(*lead, m))
+
+    # ------------------------------------------------------------------ decoding
+
+    def decode(self, codes: Tensor, *, stats: InputStats | None = None) -> Tensor:
+        """Reconstruction ``[..., d_in]`` from dense codes ``[..., d_sae]``."""
+        f2d, lead = self._flatten(codes, self.cfg.d_sae, "SAE codes")
+        y2d = torch.addmm(self.b_dec, f2d, self.W_dec)
+        return self._transform_out(y2d, stats).reshape(*lead, self.cfg.d_in)
+
+    def decode_sparse(self, codes: SparseCodes, *, stats: InputStats | None = None) -> Tensor:
+        """Reconstruction from sparse codes: a weighted gather of ``W_dec`` rows, no ``[n, d_sae]`` tensor."""
+        m = codes.width
+        lead = tuple(codes.indices.shape[:-1])
+        n = math.prod(lead)
+        idx2d = codes.indices.reshape(n, m).to(device=self.device, dtype=torch.long)
+        val2d = codes.values.reshape(n, m).to(device=self.device, dtype=self.dtype)
+        if m == 0:
+            y2d = self.b_dec.expand(idx2d.shape[0], -1).clone()
+        else:
+            y2d = F.embedding_bag(idx2d, self.W_dec, per_sample_weights=val2d, mode="sum") + self.b_dec
+        return self._transform_out(y2d, stats).reshape(*lead, self.cfg.d_in)
+
+    # ------------------------------------------------------------------ full passes
+
+    def reconstruct(self, x: Tensor, *, chunk_size: int | None = None) -> tuple[Tensor, SparseCodes]:
+        """``(x_hat [..., d_in], codes)`` in one pass (sparse encode, gather decode)."""
+        stats = self.input_stats(x)
+        codes = self.encode_sparse(x, chunk_size=chunk_size)
+        return self.decode_sparse(codes, stats=stats), codes
+
+    def forward(self, x: Tensor, *, chunk_size: int | None = None) -> Tensor:
+        """Reconstruction ``x_hat [..., d_in]`` of ``x [..., d_in]``."""
+        return self.reconstruct(x, chunk_size=chunk_size)[0]
+
+    # ------------------------------------------------------------------ equivalent rewrites and summaries
+
+    @torch.no_grad()
+    def fold_input_scale(self) -> SAE:
+        """An equivalent SAE with ``input_scale == 1``: ``W_enc * s``, ``b_dec / s``, ``W_dec / s``."""
+        s = self.cfg.input_scale
+        cfg = dataclasses.replace(self.cfg, input_scale=1.0, metadata=copy.deepcopy(self.cfg.metadata))
+        tensors = dict(self.named_tensors())
+        if s != 1.0:
+            tensors["W_enc"] = self.W_enc * s
+            tensors["b_dec"] = self.b_dec / s
+            tensors["W_dec"] = self.W_dec / s
+        return SAE.from_tensors(cfg, {k: v.clone() for k, v in tensors.items()}, validate=False)
+
+    @torch.no_grad()
+    def summary(self) -> dict[str, Any]:
+        """What ``darkmatter sae inspect`` prints: format, architecture, widths, site, scaling, dtype."""
+        c = self.cfg
+        return {
+            "format": c.source_format,
+            "architecture": c.activation,
+            "d_in": c.d_in,
+            "d_sae": c.d_sae,
+            "k": c.k,
+            "threshold": _spread(self.threshold) if self.threshold is not None else None,
+            "hook_site": c.hook_site,
+            "model_name": c.model_name,
+            "input_scale": c.input_scale,
+            "normalize": c.normalize,
+            "apply_b_dec_to_input": c.apply_b_dec_to_input,
+            "decoder_norm": _spread(self.W_dec.norm(dim=-1)),
+            "dtype": dtype_name(self.dtype),
+            "device": str(self.device),
+            "metadata": c.metadata,
+        }
+
+
+def expected_shapes(cfg: SAEConfig) -> dict[str, tuple[int, ...]]:
+    """Canonical tensor names -> shapes implied by ``cfg``."""
+    shapes: dict[str, tuple[int, ...]] = {
+        "W_enc": (cfg.d_in, cfg.d_sae),
+        "b_enc": (cfg.d_sae,),
+        "W_dec": (cfg.d_sae, cfg.d_in),
+        "b_dec": (cfg.d_in,),
+    }
+    if cfg.activation in THRESHOLD_ACTIVATIONS:
+        shapes["threshold"] = (cfg.d_sae,)
+    return shapes
+
+
+def count_nonfinite(tensor: Tensor, block_elems: int = 1 << 24) -> int:
+    """Number of NaN/inf entries, checked in blocks so a 1M-latent matrix needs no full-size bool copy."""
+    flat = tensor.detach().reshape(-1)
+    return sum(int((~torch.isfinite(flat[i : i + block_elems])).sum()) for i in range(0, flat.numel(), block_elems))
+
+
+def _spread(values: Tensor) -> dict[str, float]:
+    v = values.detach().float().reshape(-1)
+    return {"min": float(v.min()), "median": float(v.median()), "max": float(v.max())}
+
+
+def _pad_cat(parts: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    """Concatenate per-chunk ``[n_i, m_i]`` codes, padding every chunk to the largest ``m``."""
+    m = max(idx.shape[1] for idx, _ in parts)
+    padded = [(F.pad(idx, (0, m - idx.shape[1])), F.pad(val, (0, m - val.shape[1]))) for idx, val in parts]
+    return torch.cat([p[0] for p in padded]), torch.cat([p[1] for p in padded])

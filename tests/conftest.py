@@ -1,0 +1,123 @@
+"""Shared fixtures: tiny random-init causal LMs of each supported architecture and a character tokenizer."""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+VOCAB = ["<bos>", "<unk>", *string.ascii_letters, *string.digits, *" .,;:'!?-\n"]
+
+
+def tiny_tokenizer() -> Any:
+    """A character-level fast tokenizer with a BOS token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({c: i for i, c in enumerate(VOCAB)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", unk_token="<unk>")
+
+
+def tiny_config(arch: str, n_layers: int = 3, d: int = 64) -> Any:
+    import transformers as tf
+
+    v = len(VOCAB)
+    common = {
+        "vocab_size": v,
+        "hidden_size": d,
+        "intermediate_size": 2 * d,
+        "num_hidden_layers": n_layers,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 256,
+    }
+    if arch == "llama":
+        return tf.LlamaConfig(**common)
+    if arch == "mistral":
+        return tf.MistralConfig(**common, sliding_window=None)
+    if arch == "qwen2":
+        return tf.Qwen2Config(**common)
+    if arch == "gemma2":
+        return tf.Gemma2Config(**common, head_dim=16, query_pre_attn_scalar=16, sliding_window=32)
+    if arch == "gpt2":
+        return tf.GPT2Config(vocab_size=v, n_embd=d, n_layer=n_layers, n_head=4, n_positions=256)
+    if arch == "gpt_neox":
+        return tf.GPTNeoXConfig(
+            vocab_size=v,
+            hidden_size=d,
+            intermediate_size=2 * d,
+            num_hidden_layers=n_layers,
+            num_attention_heads=4,
+            max_position_embeddings=256,
+        )
+    raise ValueError(arch)
+
+
+ARCHS = ["llama", "mistral", "qwen2", "gemma2", "gpt2", "gpt_neox"]
+
+
+def tiny_model(arch: str, n_layers: int = 3, seed: int = 0) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, n_layers))
+    model.eval()
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A saved tiny Llama + tokenizer folder, loadable with ``load_lm``."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model("llama").save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture()
+def corpus_file(tmp_path: Path) -> Path:
+    """A plain text file long enough for a few dozen 32-character contexts."""
+    words = [
+        "the",
+        "quick",
+        "brown",
+        "fox",
+        "jumps",
+        "over",
+        "a",
+        "lazy",
+        "dog",
+        "while",
+        "seven",
+        "wizards",
+        "quietly",
+        "hex",
+        "jovial",
+        "bankers",
+    ]
+    rng = torch.Generator().manual_seed(0)
+    text = " ".join(words[int(i)] for i in torch.randint(len(words), (800,), generator=rng))
+    p = tmp_path / "corpus.txt"
+    p.write_text(text)
+    return p
+
+
+def tiny_study_overrides(model_dir: Path, corpus: Path) -> list[str]:
+    """CLI ``--set`` overrides for a seconds-long study on the tiny model."""
+    return [
+        f"model.name={model_dir}",
+        "model.device=cpu",
+        f"text.source={corpus}",
+        "text.ctx_len=32",
+        "text.n_contexts=12",
+        "text.skip_positions=2",
+        "layer=1",
+        'harvest.sites=["blocks.1.hook_resid_post","blocks.0.hook_resid_post"]',
+        "harvest.batch_size=2",
+        "harvest.shard_contexts=4",
+    ]
