@@ -41,7 +41,9 @@ def inputs(n: int = 16, d: int = D_IN, seed: int = 123) -> Tensor:
     return torch.randn(n, d, generator=g) * 2.0 + 0.3
 
 
-def canonical_tensors(seed: int = 0, d_in: int = D_IN, d_sae: int = D_SAE, threshold: bool = False) -> dict[str, Tensor]:
+def canonical_tensors(
+    seed: int = 0, d_in: int = D_IN, d_sae: int = D_SAE, threshold: bool = False
+) -> dict[str, Tensor]:
     """Random canonical tensors (decoder rows deliberately not unit norm)."""
     g = gen(seed)
     tensors = {
@@ -131,30 +133,35 @@ def gemma_scope_tensors(seed: int = 0, d_sae: int = D_SAE) -> dict[str, Tensor]:
     return canonical_tensors(seed, d_sae=d_sae, threshold=True)
 
 
-def write_gemma_scope(file: Path, *, lowercase: bool = False, seed: int = 0, d_sae: int = D_SAE) -> dict[str, Tensor]:
+def write_gemma_scope(
+    file: Path, *, lowercase: bool = False, seed: int = 0, d_sae: int = D_SAE
+) -> dict[str, Tensor]:
     """A Gemma Scope v1 ``params.npz``."""
     tensors = gemma_scope_tensors(seed, d_sae)
     names = {k: (k.lower() if lowercase else k) for k in tensors}
     file.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(file, **{names[k]: v.numpy() for k, v in tensors.items()})
+    np.savez(file, **{names[k]: v.numpy() for k, v in tensors.items()})  # type: ignore[arg-type]
     return tensors
 
 
-def write_gemma_scope_2(folder: Path, *, config: dict[str, Any] | None = None, seed: int = 0) -> dict[str, Tensor]:
-    """A Gemma Scope 2 folder (lowercase tensor names + config.json)."""
-    tensors = gemma_scope_tensors(seed)
+def write_gemma_scope_2(
+    folder: Path, *, config: dict[str, Any] | None = None, seed: int = 0, d_sae: int = D_SAE
+) -> dict[str, Tensor]:
+    """A Gemma Scope 2 folder (lowercase tensor names + config.json); ``None`` config values are dropped."""
+    tensors = gemma_scope_tensors(seed, d_sae)
     write_safetensors(folder / "params.safetensors", {k.lower(): v for k, v in tensors.items()})
     base = {
         "hf_hook_point_in": "model.layers.4.output",
         "hf_hook_point_out": "model.layers.4.output",
-        "width": D_SAE,
+        "width": d_sae,
         "model_name": "gemma-3-1b-pt",
         "architecture": "jump_relu",
         "l0": 7,
         "affine_connection": False,
         "type": "sae",
     }
-    write_json(folder / "config.json", {**base, **(config or {})})
+    merged = {k: v for k, v in {**base, **(config or {})}.items() if v is not None}
+    write_json(folder / "config.json", merged)
     return tensors
 
 
@@ -172,7 +179,9 @@ def lm_saes_tensors(seed: int = 0) -> dict[str, Tensor]:
     }
 
 
-def write_llama_scope(folder: Path, *, seed: int = 0, **hyperparams: Any) -> tuple[dict[str, Tensor], dict[str, Any]]:
+def write_llama_scope(
+    folder: Path, *, seed: int = 0, **hyperparams: Any
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """A Llama Scope v1 folder; ``hyperparams`` override the defaults."""
     tensors = lm_saes_tensors(seed)
     hp: dict[str, Any] = {
@@ -196,7 +205,9 @@ def write_llama_scope(folder: Path, *, seed: int = 0, **hyperparams: Any) -> tup
     return tensors, hp
 
 
-def write_llamascopium(folder: Path, *, seed: int = 0, **config: Any) -> tuple[dict[str, Tensor], dict[str, Any]]:
+def write_llamascopium(
+    folder: Path, *, seed: int = 0, **config: Any
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """A llamascopium v2 folder with the dataset norms stored in the state dict."""
     g = gen(seed)
     hook = "blocks.2.hook_resid_post"
@@ -240,11 +251,21 @@ def sparsify_tensors(seed: int = 0, d_sae: int = D_SAE) -> dict[str, Tensor]:
     }
 
 
-def write_sparsify(folder: Path, *, k: int = 4, seed: int = 0, cfg: dict[str, Any] | None = None) -> dict[str, Tensor]:
+def write_sparsify(
+    folder: Path, *, k: int = 4, seed: int = 0, cfg: dict[str, Any] | None = None
+) -> dict[str, Tensor]:
     """One sparsify hookpoint folder."""
     tensors = sparsify_tensors(seed)
-    base = {"activation": "topk", "expansion_factor": D_SAE // D_IN, "normalize_decoder": True, "num_latents": 0}
-    write_json(folder / "cfg.json", {**base, "k": k, "multi_topk": False, "skip_connection": False, "d_in": D_IN, **(cfg or {})})
+    base = {
+        "activation": "topk",
+        "expansion_factor": D_SAE // D_IN,
+        "normalize_decoder": True,
+        "num_latents": 0,
+    }
+    write_json(
+        folder / "cfg.json",
+        {**base, "k": k, "multi_topk": False, "skip_connection": False, "d_in": D_IN, **(cfg or {})},
+    )
     write_safetensors(folder / "sae.safetensors", tensors)
     return tensors
 
@@ -252,7 +273,9 @@ def write_sparsify(folder: Path, *, k: int = 4, seed: int = 0, cfg: dict[str, An
 # --------------------------------------------------------------------------- dictionary_learning
 
 
-def dictionary_learning_state(dict_class: str, seed: int = 0, threshold: float = 0.3, k: int = 4) -> dict[str, Tensor]:
+def dictionary_learning_state(
+    dict_class: str, seed: int = 0, threshold: float = 0.3, k: int = 4
+) -> dict[str, Tensor]:
     """A state dict as each dictionary_learning class saves it."""
     g = gen(seed)
     linear = {
@@ -264,7 +287,12 @@ def dictionary_learning_state(dict_class: str, seed: int = 0, threshold: float =
     if dict_class == "AutoEncoder":
         return {**linear, "bias": bias}
     if dict_class in ("AutoEncoderTopK", "BatchTopKSAE"):
-        return {**linear, "b_dec": bias, "k": torch.tensor(k, dtype=torch.int), "threshold": torch.tensor(threshold)}
+        return {
+            **linear,
+            "b_dec": bias,
+            "k": torch.tensor(k, dtype=torch.int),
+            "threshold": torch.tensor(threshold),
+        }
     canonical = {
         "W_enc": randn(D_IN, D_SAE, g=g),
         "b_enc": randn(D_SAE, g=g, scale=0.2),
@@ -278,7 +306,12 @@ def dictionary_learning_state(dict_class: str, seed: int = 0, threshold: float =
         return {**canonical, "threshold": uniform(D_SAE, g=g, low=0.05, high=0.6)}
     if dict_class == "GatedAutoEncoder":
         gate = {"r_mag": torch.zeros(D_SAE), "gate_bias": torch.zeros(D_SAE), "mag_bias": torch.zeros(D_SAE)}
-        return {"encoder.weight": linear["encoder.weight"], "decoder.weight": linear["decoder.weight"], "decoder_bias": bias, **gate}
+        return {
+            "encoder.weight": linear["encoder.weight"],
+            "decoder.weight": linear["decoder.weight"],
+            "decoder_bias": bias,
+            **gate,
+        }
     raise ValueError(dict_class)
 
 
@@ -299,7 +332,13 @@ def write_dictionary_learning(
     folder.mkdir(parents=True, exist_ok=True)
     if backup_norm_factor is not None:
         optimizer = {"state": {0: {"step": torch.tensor(5.0)}}, "param_groups": [{"lr": 1e-3, "params": [0]}]}
-        backup = {"step": 5, "ae": state, "optimizer": optimizer, "config": trainer, "norm_factor": backup_norm_factor}
+        backup = {
+            "step": 5,
+            "ae": state,
+            "optimizer": optimizer,
+            "config": trainer,
+            "norm_factor": backup_norm_factor,
+        }
         torch.save(backup, folder / "ae.pt")
     else:
         torch.save(state, folder / "ae.pt")

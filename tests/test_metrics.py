@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -92,15 +94,16 @@ def test_streaming_and_merged_metrics_equal_batch_formulas(
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 5, generator=g, dtype=F64) + 1e4 * (torch.arange(5) % 2)  # offsets exercise the shift
     x_hat = x + torch.randn(n, 5, generator=g, dtype=F64) * 0.5
-    make = {"fvu": lambda: FVU(5), "nmse": lambda: NMSE(5), "norm_ratio": lambda: NormRatio(5)}
-    make |= {"cosine": lambda: Cosine(5), "r2": ScalarR2}
+    make: dict[str, Callable[[], Any]] = {"fvu": lambda: FVU(5), "nmse": lambda: NMSE(5)}
+    make |= {"norm_ratio": lambda: NormRatio(5), "cosine": lambda: Cosine(5), "r2": ScalarR2}
     bounds = [0, *sorted(min(c, n) for c in cuts), n]
     streamed, merged = make[name](), make[name]()
     for a, b in itertools.pairwise(bounds):
-        part = make[name]()
         args = (x_hat[a:b, 0], x[a:b, 0]) if name == "r2" else (x[a:b], x_hat[a:b])
         streamed.update(*args)
-        part.update(*args)
+        part, mid = make[name](), (b - a) // 3  # two sub-chunks: the part's reference is not its mean
+        part.update(*(t[:mid] for t in args))
+        part.update(*(t[mid:] for t in args))
         merged.merge(part)
     expected = _direct(name, x, x_hat)
     assert streamed.n == merged.n == n

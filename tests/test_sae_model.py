@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sae_helpers import D_IN, D_SAE, canonical_tensors, inputs
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from darkmatter.errors import ConfigError, DataError, SAEFormatError, ShapeError
 from darkmatter.sae import SAE, SAEConfig, SparseCodes
+
+from sae_helpers import D_IN, D_SAE, canonical_tensors, inputs
 
 
 def make_sae(activation: str = "relu", *, k: int | None = None, seed: int = 0, **cfg_kwargs: object) -> SAE:
@@ -40,6 +44,7 @@ def reference_codes(sae: SAE, x: torch.Tensor) -> torch.Tensor:
     if c.activation == "relu":
         return torch.relu(pre)
     if c.activation in ("jumprelu", "batchtopk"):
+        assert sae.threshold is not None
         return torch.relu(pre) * (pre > sae.threshold.double())
     vals, idx = pre.topk(c.k, dim=-1)  # type: ignore[arg-type]
     return torch.zeros_like(pre).scatter(-1, idx, torch.relu(vals))
@@ -51,7 +56,7 @@ def reference_recon(sae: SAE, x: torch.Tensor) -> torch.Tensor:
     xd = x.double()
     if c.normalize == "layer_norm":
         mu = xd.mean(-1, keepdim=True)
-        y = y * ((xd - mu).std(-1, keepdim=True) + 1e-5) + mu
+        y = y * (xd - mu).std(-1, keepdim=True) + mu  # OpenAI/SAELens undo the LayerNorm without eps
     elif c.normalize == "constant_norm_rescale":
         y = y * xd.norm(dim=-1, keepdim=True) / math.sqrt(c.d_in)
     return y
@@ -68,8 +73,10 @@ VARIANTS = [
 
 
 @pytest.mark.parametrize("activation", ALL_ACTIVATIONS)
-@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: ",".join(f"{k}={x}" for k, x in v.items()) or "plain")
-def test_encode_and_forward_follow_the_equations(activation: str, variant: dict[str, object]) -> None:
+@pytest.mark.parametrize(
+    "variant", VARIANTS, ids=lambda v: ",".join(f"{k}={x}" for k, x in v.items()) or "plain"
+)
+def test_encode_and_forward_follow_the_equations(activation: str, variant: dict[str, Any]) -> None:
     sae = make_sae(activation, **variant)
     x = inputs()
     codes = sae.encode(x)
@@ -80,6 +87,7 @@ def test_encode_and_forward_follow_the_equations(activation: str, variant: dict[
 
 def test_jumprelu_is_relu_then_mask_even_with_negative_thresholds() -> None:
     sae = make_sae("jumprelu")
+    assert sae.threshold is not None
     sae.threshold.data.fill_(-5.0)  # every pre-activation passes the mask
     codes = sae.encode(inputs())
     assert codes.min() >= 0  # relu first: negative pre-activations give 0, not negative codes
@@ -100,7 +108,9 @@ def test_topk_keeps_exactly_k_when_pre_activations_are_positive() -> None:
     seed=st.integers(0, 10_000),
     normalize=st.sampled_from(["none", "layer_norm"]),
 )
-def test_sparse_path_equals_dense_path(activation: str, n: int, chunk: int | None, seed: int, normalize: str) -> None:
+def test_sparse_path_equals_dense_path(
+    activation: str, n: int, chunk: int | None, seed: int, normalize: str
+) -> None:
     sae = make_sae(activation, seed=seed % 7, normalize=normalize, input_scale=1.5)
     x = torch.randn(n, D_IN, generator=torch.Generator().manual_seed(seed))
     dense = sae.encode(x, chunk_size=chunk)
@@ -109,7 +119,9 @@ def test_sparse_path_equals_dense_path(activation: str, n: int, chunk: int | Non
     torch.testing.assert_close(codes.to_dense(D_SAE), dense)
     assert torch.equal(codes.l0(), (dense != 0).sum(-1))
     stats = sae.input_stats(x)
-    torch.testing.assert_close(sae.decode_sparse(codes, stats=stats), sae.decode(dense, stats=stats), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        sae.decode_sparse(codes, stats=stats), sae.decode(dense, stats=stats), atol=1e-5, rtol=1e-5
+    )
     torch.testing.assert_close(sae.encode(x), dense)  # chunking changes nothing
 
 
@@ -206,7 +218,9 @@ def test_config_rejects_bad_values(kwargs: dict[str, object], message: str) -> N
 
 
 def test_config_dict_round_trip_and_unknown_keys() -> None:
-    cfg = SAEConfig(d_in=4, d_sae=16, activation="topk", k=2, hook_site="blocks.1.hook_resid_post", metadata={"a": [1]})
+    cfg = SAEConfig(
+        d_in=4, d_sae=16, activation="topk", k=2, hook_site="blocks.1.hook_resid_post", metadata={"a": [1]}
+    )
     again = SAEConfig.from_dict(cfg.to_dict())
     assert again == cfg
     again.metadata["a"].append(2)
@@ -218,7 +232,9 @@ def test_config_dict_round_trip_and_unknown_keys() -> None:
 def test_check_input_width() -> None:
     sae = make_sae("relu", hook_site="blocks.3.hook_resid_post")
     sae.check_input_width(D_IN, "blocks.3.hook_resid_post")
-    with pytest.raises(ShapeError, match=r"d_in=8.*blocks\.3\.hook_resid_post.*'blocks\.7\.hook_mlp_out' has width 16"):
+    with pytest.raises(
+        ShapeError, match=r"d_in=8.*blocks\.3\.hook_resid_post.*'blocks\.7\.hook_mlp_out' has width 16"
+    ):
         sae.check_input_width(16, "blocks.7.hook_mlp_out")
     with pytest.raises(ShapeError, match="last dimension 8"):
         sae.encode(torch.zeros(2, 5))
@@ -235,7 +251,9 @@ def test_other_dtypes_compute_in_the_sae_dtype(dtype: torch.dtype) -> None:
     codes = low.encode_sparse(x)
     assert codes.values.dtype == dtype
     tol = 1e-6 if dtype == torch.float64 else 0.2
-    torch.testing.assert_close(out.float(), make_sae("jumprelu", normalize="layer_norm", input_scale=1.5)(x), atol=tol, rtol=tol)
+    torch.testing.assert_close(
+        out.float(), make_sae("jumprelu", normalize="layer_norm", input_scale=1.5)(x), atol=tol, rtol=tol
+    )
 
 
 def test_loaded_tensors_are_frozen_and_not_copied() -> None:
@@ -262,6 +280,7 @@ def test_zero_initialised_constructor_matches_config() -> None:
 def test_summary_reports_threshold_spread() -> None:
     sae = make_sae("jumprelu", hook_site="blocks.3.hook_resid_post")
     summary = sae.summary()
+    assert sae.threshold is not None
     assert summary["threshold"]["min"] == pytest.approx(float(sae.threshold.min()))
     assert summary["threshold"]["max"] == pytest.approx(float(sae.threshold.max()))
     assert summary["hook_site"] == "blocks.3.hook_resid_post"
@@ -272,3 +291,51 @@ def test_replace_keeps_config_checks() -> None:
     cfg = SAEConfig(d_in=D_IN, d_sae=D_SAE)
     with pytest.raises(SAEFormatError):
         dataclasses.replace(cfg, activation="topk")
+
+
+class WideAllocations(TorchDispatchMode):
+    """Records every distinct tensor storage of at least ``numel`` elements that an op produces."""
+
+    def __init__(self, numel: int) -> None:
+        super().__init__()
+        self.numel = numel
+        self.storages: dict[int, tuple[torch.dtype, int]] = {}
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        for leaf in tree_leaves(out):
+            if isinstance(leaf, torch.Tensor) and leaf.numel() >= self.numel:
+                self.storages[leaf.untyped_storage().data_ptr()] = (leaf.dtype, leaf.numel())
+        return out
+
+
+@pytest.mark.parametrize("activation", ALL_ACTIVATIONS)
+def test_encode_sparse_keeps_one_wide_tensor(activation: str) -> None:
+    sae = make_sae(activation)
+    x = inputs(64)
+    wide = 64 * D_SAE
+    with torch.no_grad(), WideAllocations(wide) as seen:
+        sae.encode_sparse(x)
+    float_storages = [v for v in seen.storages.values() if v[0].is_floating_point or v[0] == torch.int64]
+    assert len(float_storages) == 1, seen.storages  # the pre-activations, activated in place
+    with torch.no_grad(), WideAllocations(16 * D_SAE + 1) as chunked:
+        codes = sae.encode_sparse(x, chunk_size=16)
+    returned = {t.untyped_storage().data_ptr() for t in (codes.indices, codes.values)}
+    assert set(chunked.storages) <= returned  # nothing wider than one chunk except the packed result
+
+
+def test_layer_norm_matches_openai_on_tiny_activations() -> None:
+    """With std ~ 1e-4 the eps matters: in on (std + eps), out on std, as OpenAI's LN / decode do."""
+    sae = make_sae("topk", normalize="layer_norm")
+    x = inputs() * 1e-4
+    mu = x.double().mean(-1, keepdim=True)
+    std = (x.double() - mu).std(-1, keepdim=True)
+    xn = (x.double() - mu) / (std + 1e-5) - sae.b_dec.double()
+    f = torch.relu(topk_dense(xn @ sae.W_enc.double() + sae.b_enc.double(), 4))
+    expected = (f @ sae.W_dec.double() + sae.b_dec.double()) * std + mu
+    torch.testing.assert_close(sae(x).double(), expected, atol=1e-9, rtol=1e-5)
+
+
+def topk_dense(pre: torch.Tensor, k: int) -> torch.Tensor:
+    vals, idx = pre.topk(k, dim=-1)
+    return torch.zeros_like(pre).scatter(-1, idx, vals)

@@ -106,8 +106,9 @@ def test_moments_independent_of_chunking_and_merge_order(
     x, y = make_data(seed, n, d_x, d_y)
     one = accumulate(x, y, cuts_a)
     two = accumulate(x, y, cuts_b)
-    # One partial accumulator per chunk, each with its own reference, merged in a shuffled order.
-    parts = [accumulate(x[s], y[s], []) for s in chunks_of(n, cuts_b)]
+    # One partial accumulator per chunk (itself in two sub-chunks, so its reference is not its mean),
+    # merged in a shuffled order.
+    parts = [accumulate(x[s], y[s], [(s.stop - s.start) // 3]) for s in chunks_of(n, cuts_b)]
     order.shuffle(parts)  # type: ignore[attr-defined]
     merged = Moments(d_x, {"y": d_y})
     for p in parts:
@@ -168,6 +169,19 @@ def test_fvu_with_prediction_equals_fvu_of_sae_plus_prediction() -> None:
     assert fvu_pred < 0.5 * sae_only.compute()  # the linear part of the error is predicted
     with pytest.raises(DataError, match="total variance"):
         fvu_with_prediction(ev, 0.0)
+
+
+def test_shift_keeps_centred_moments_exact_at_large_offsets() -> None:
+    # Raw sums would cancel ~8 digits here (mean 1e4, unit spread); the first-chunk shift avoids it.
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(3000, 4, generator=g, dtype=F64) + 1e4
+    y = x[:, :2] * 0.5 + torch.randn(3000, 2, generator=g, dtype=F64) - 3e4
+    m = accumulate(x, y, [700, 1900])
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    assert rel(m.centred_gram(), xc.T @ xc) < 1e-11
+    assert rel(m.centred_cross("y"), xc.T @ yc) < 1e-11
+    assert rel(m.target_ss_tot("y"), (yc**2).sum(0)) < 1e-11
+    assert math.isclose(m.total_variance_x(), float((xc**2).sum()), rel_tol=1e-11)
 
 
 def test_low_precision_chunks_accumulate_exactly_in_float64() -> None:

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from darkmatter.errors import ConfigError
 from darkmatter.harvest import HarvestConfig
+from darkmatter.sae.train import SAESpec, TrainConfig
 from darkmatter.text import TextConfig
 
 if sys.version_info >= (3, 11):
@@ -37,16 +38,72 @@ class ModelConfig(BaseModel):
     trust_remote_code: bool = Field(False, description="Allow model code from the hub (off unless asked).")
 
 
+class ExternalSAE(BaseModel):
+    """An SAE loaded from disk (or the hub when online) instead of being trained."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(description="Name used in results and figures.")
+    path: str = Field(description="Local folder/file, or a hub 'repo_id:subfolder' when online.")
+    format: str | None = Field(None, description="Format name; auto-detected when empty.")
+    hookpoint: str | None = Field(None, description="Sub-folder for multi-hookpoint sparsify folders.")
+    site: str | None = Field(None, description="Hook site; overrides what the SAE's config says.")
+
+
+class FamilyConfig(BaseModel):
+    """The SAE family under study: trained here (default) or loaded (``external``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: str = Field("topk", description="topk or batchtopk for trained SAEs.")
+    widths: list[int] = Field(default_factory=lambda: [512, 1024, 2048, 4096], description="Width sweep at k.")
+    k: int = Field(32, ge=1, description="k of the width sweep.")
+    ks: list[int] = Field(default_factory=lambda: [8, 16, 64], description="Extra k values at width_for_ks.")
+    width_for_ks: int = Field(2048, ge=1, description="Width of the k sweep and of the auxiliary SAEs.")
+    aux_sites: bool = Field(True, description="Also train SAEs on layer L-1 resid_post, L mlp_out, L attn_out.")
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    external: list[ExternalSAE] = Field(default_factory=list, description="Load these instead of training.")
+
+    def specs(self, layer: int) -> list[SAESpec]:
+        """The trained family: a width sweep at ``k``, a k sweep at ``width_for_ks``, auxiliary sites."""
+        main = f"blocks.{layer}.hook_resid_post"
+        pairs = [(w, self.k) for w in self.widths] + [(self.width_for_ks, k) for k in self.ks]
+        seen: list[tuple[int, int]] = []
+        for p in pairs:
+            if p not in seen:
+                seen.append(p)
+        kind = "topk" if self.kind == "topk" else "batchtopk"
+        specs = [SAESpec(name=f"L{layer}.resid.w{w}.k{k}", site=main, d_sae=w, k=k, kind=kind) for w, k in seen]
+        if self.aux_sites:
+            w, k = self.width_for_ks, self.k
+            aux = [(f"L{layer - 1}.resid", f"blocks.{layer - 1}.hook_resid_post"),
+                   (f"L{layer}.mlp", f"blocks.{layer}.hook_mlp_out"),
+                   (f"L{layer}.attn", f"blocks.{layer}.hook_attn_out")]
+            specs += [SAESpec(name=f"{n}.w{w}.k{k}", site=s, d_sae=w, k=k, kind=kind) for n, s in aux if layer > 0]
+        return specs
+
+
 class StudyConfig(BaseModel):
     """A whole study: model, text, harvest and the analysis layer."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
     preset: str = Field("demo", description="Name of the preset this config started from.")
     seed: int = Field(0, description="Global seed; experiments derive their own seeds from it.")
+    split_seed: int = Field(0, description="Seed of the per-token train/test split shared by every step.")
+    train_fraction: float = Field(0.8, gt=0, lt=1, description="Share of tokens in the train split.")
     layer: int = Field(15, ge=0, description="Layer of the SAE family under study.")
     model: ModelConfig = Field(default_factory=ModelConfig)
     text: TextConfig = Field(default_factory=TextConfig)
     harvest: HarvestConfig = Field(default_factory=HarvestConfig)
+    family: FamilyConfig = Field(default_factory=FamilyConfig)
+
+    def sites(self) -> list[str]:
+        """Sites to harvest: what the trained family reads (or the external SAEs' sites) plus harvest.sites."""
+        needed: list[str] = []
+        if self.family.external:
+            needed += [e.site for e in self.family.external if e.site]
+        else:
+            needed += [s.site for s in self.family.specs(self.layer)]
+        needed += self.harvest.sites
+        return list(dict.fromkeys(needed))
 
     def section_hash(self, *sections: str) -> str:
         """Hash of the named sections (for step skipping)."""
@@ -71,12 +128,6 @@ def _demo() -> dict[str, Any]:
             "packing": "chunk",
         },
         "harvest": {
-            "sites": [
-                f"blocks.{layer}.hook_resid_post",
-                f"blocks.{layer - 1}.hook_resid_post",
-                f"blocks.{layer}.hook_mlp_out",
-                f"blocks.{layer}.hook_attn_out",
-            ],
             "dtype": "fp32",
             "with_loss": True,
             "batch_size": 8,
@@ -91,6 +142,8 @@ def _tiny() -> dict[str, Any]:
     cfg["preset"] = "tiny"
     cfg["text"].update({"ctx_len": 64, "n_contexts": 8, "skip_positions": 4})
     cfg["harvest"].update({"batch_size": 4, "shard_contexts": 4})
+    cfg["family"] = {"widths": [64, 128], "k": 8, "ks": [4], "width_for_ks": 128,
+                     "train": {"batch_size": 128, "epochs": 2}}
     return cfg
 
 

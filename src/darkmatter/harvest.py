@@ -34,7 +34,9 @@ class HarvestConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    sites: list[str] = Field(default_factory=lambda: ["blocks.15.hook_resid_post"], description="Hook sites.")
+    sites: list[str] = Field(
+        default_factory=list, description="Extra hook sites; the study adds the sites its SAE family reads."
+    )
     dtype: str = Field("fp32", description="Storage dtype: fp32, bf16 or fp16.")
     with_loss: bool = Field(True, description="Record per-token next-token loss (needs the full forward).")
     batch_size: int = Field(8, ge=1, description="Contexts per forward pass.")

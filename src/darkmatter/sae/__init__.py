@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from darkmatter.sae.formats import FORMATS, canonical_hook_site, detect_format, known_layouts, load_sae, save_sae
+from darkmatter.sae.formats import (
+    FORMATS,
+    canonical_hook_site,
+    detect_format,
+    known_layouts,
+    load_sae,
+    save_sae,
+)
 from darkmatter.sae.model import SAE, InputStats, SAEConfig, SparseCodes, parse_dtype
 
 __all__ = [

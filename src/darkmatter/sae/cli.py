@@ -49,7 +49,9 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 @app.command("inspect")
 def inspect(
-    path: Annotated[str, typer.Argument(help="SAE folder or file (or owner/name[:subfolder] with --online).")],
+    path: Annotated[
+        str, typer.Argument(help="SAE folder or file (or owner/name[:subfolder] with --online).")
+    ],
     fmt: FormatOption = None,
     hookpoint: HookpointOption = None,
     online: OnlineOption = False,

@@ -104,15 +104,22 @@ class SAEConfig:
                 raise SAEFormatError(f"SAE config: {name} must be a positive integer, got {value!r}.")
         if self.activation not in ACTIVATIONS:
             raise SAEFormatError(
-                f"SAE config: unknown activation {self.activation!r}; expected one of {', '.join(ACTIVATIONS)}."
+                f"SAE config: unknown activation {self.activation!r}; "
+                f"expected one of {', '.join(ACTIVATIONS)}."
             )
         if self.normalize not in NORMALIZATIONS:
             raise SAEFormatError(
-                f"SAE config: unknown normalize {self.normalize!r}; expected one of {', '.join(NORMALIZATIONS)}."
+                f"SAE config: unknown normalize {self.normalize!r}; "
+                f"expected one of {', '.join(NORMALIZATIONS)}."
             )
         self._check_k()
         scale = self.input_scale
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        if (
+            isinstance(scale, bool)
+            or not isinstance(scale, (int, float))
+            or not math.isfinite(scale)
+            or scale <= 0
+        ):
             raise SAEFormatError(f"SAE config: input_scale must be a finite positive number, got {scale!r}.")
 
     def _check_k(self) -> None:
@@ -170,10 +177,15 @@ class SparseCodes:
 
 @dataclass(frozen=True)
 class InputStats:
-    """Per-token statistics of a norm-based input transform: ``x_normed = (x - shift) / scale``."""
+    """Per-token statistics of a norm-based transform.
+
+    ``x_n = (x - shift) / scale`` on the way in, ``x_hat = y * out_scale + shift`` on the way out. For
+    ``layer_norm``, ``scale = std + eps`` but ``out_scale = std``: OpenAI and SAELens undo it without eps.
+    """
 
     shift: Tensor  # [n, 1]
     scale: Tensor  # [n, 1]
+    out_scale: Tensor  # [n, 1]
 
 
 class SAE(nn.Module):
@@ -307,17 +319,19 @@ class SAE(nn.Module):
     def _stats(self, x2d: Tensor) -> InputStats | None:
         if self.cfg.normalize == "none":
             return None
-        if x2d.shape[0] == 0:
-            empty = x2d.new_zeros((0, 1))
-            return InputStats(shift=empty, scale=empty)
-        xf = x2d if x2d.dtype in (torch.float32, torch.float64) else x2d.float()  # stable stats for half dtypes
+        # statistics in at least float32, then cast: half-precision means and norms are too coarse
+        xf = x2d if x2d.dtype in (torch.float32, torch.float64) else x2d.float()
         if self.cfg.normalize == "layer_norm":
             shift = xf.mean(dim=-1, keepdim=True)
-            scale = (xf - shift).std(dim=-1, keepdim=True) + LAYER_NORM_EPS
+            out_scale = (xf - shift).std(dim=-1, keepdim=True) if xf.shape[0] else xf.new_zeros((0, 1))
+            scale = out_scale + LAYER_NORM_EPS
         else:  # constant_norm_rescale
             shift = torch.zeros_like(xf[:, :1])
-            scale = xf.norm(dim=-1, keepdim=True).clamp_min(_NORM_FLOOR) / math.sqrt(self.cfg.d_in)
-        return InputStats(shift=shift.to(self.dtype), scale=scale.to(self.dtype))
+            scale = out_scale = xf.norm(dim=-1, keepdim=True).clamp_min(_NORM_FLOOR) / math.sqrt(
+                self.cfg.d_in
+            )
+        cast = [t.to(self.dtype) for t in (shift, scale, out_scale)]
+        return InputStats(shift=cast[0], scale=cast[1], out_scale=cast[2])
 
     def _transform_in(self, x2d: Tensor, stats: InputStats | None) -> Tensor:
         if stats is not None:
@@ -337,7 +351,7 @@ class SAE(nn.Module):
                     f"This SAE normalizes each token ({self.cfg.normalize}), so decoding needs the input's "
                     f"statistics: pass stats=sae.input_stats(x), or use sae(x) / sae.reconstruct(x)."
                 )
-            y2d = y2d * stats.scale + stats.shift
+            y2d = y2d * stats.out_scale + stats.shift
         return y2d
 
     # ------------------------------------------------------------------ encoding
@@ -349,11 +363,16 @@ class SAE(nn.Module):
         if act == "relu":
             return pre.relu_() if inplace else pre.relu()
         if act in THRESHOLD_ACTIVATIONS:
-            mask = pre > self.threshold  # [n, d_sae] bool
-            return pre.relu_().mul_(mask) if inplace else pre.relu() * mask
+            below = pre <= self._threshold  # [n, d_sae] bool; masked_fill_ avoids a float copy of the mask
+            return pre.masked_fill_(below, 0.0).relu_() if inplace else pre.relu().masked_fill(below, 0.0)
         values, indices = pre.topk(self._k, dim=-1, sorted=False)
         out = pre.zero_() if inplace else torch.zeros_like(pre)
         return out.scatter_(-1, indices, values.relu())
+
+    @property
+    def _threshold(self) -> Tensor:
+        assert self.threshold is not None  # guaranteed by validate() for threshold activations
+        return self.threshold
 
     @property
     def _k(self) -> int:
@@ -361,14 +380,11 @@ class SAE(nn.Module):
         return self.cfg.k
 
     def _sparse_chunk(self, pre: Tensor) -> tuple[Tensor, Tensor]:
-        """``(indices, values)`` ``[n, m]`` from pre-activations ``[n, d_sae]`` (the only wide tensor alive)."""
-        if self.cfg.activation == "topk":
-            values, indices = pre.topk(self._k, dim=-1, sorted=False)
-            values = values.relu()
-        else:
-            codes = self._activate(pre)
-            m = int((codes != 0).sum(dim=-1).max()) if codes.shape[0] else 0
-            values, indices = codes.topk(m, dim=-1, sorted=False)
+        """``(indices, values) [n, m]`` from pre-activations ``[n, d_sae]`` (the only wide tensor alive)."""
+        if self.cfg.activation != "topk":
+            return _pack(self._activate(pre))
+        values, indices = pre.topk(self._k, dim=-1, sorted=False)
+        values = values.relu()
         return indices.masked_fill(values == 0, 0), values
 
     def _chunks(self, n: int, chunk_size: int | None) -> list[tuple[int, int]]:
@@ -498,12 +514,32 @@ def expected_shapes(cfg: SAEConfig) -> dict[str, tuple[int, ...]]:
 def count_nonfinite(tensor: Tensor, block_elems: int = 1 << 24) -> int:
     """Number of NaN/inf entries, checked in blocks so a 1M-latent matrix needs no full-size bool copy."""
     flat = tensor.detach().reshape(-1)
-    return sum(int((~torch.isfinite(flat[i : i + block_elems])).sum()) for i in range(0, flat.numel(), block_elems))
+    return sum(
+        int((~torch.isfinite(flat[i : i + block_elems])).sum()) for i in range(0, flat.numel(), block_elems)
+    )
 
 
 def _spread(values: Tensor) -> dict[str, float]:
     v = values.detach().float().reshape(-1)
     return {"min": float(v.min()), "median": float(v.median()), "max": float(v.max())}
+
+
+def _pack(codes: Tensor) -> tuple[Tensor, Tensor]:
+    """Non-zero entries of dense codes ``[n, d_sae]`` as padded ``(indices, values) [n, m]``, sorted.
+
+    Extra memory is proportional to the active count: no top-m over all latents, and no ``sum`` or
+    ``count_nonzero`` over a bool mask (both materialise an ``[n, d_sae]`` int64 tensor on CPU).
+    """
+    n = codes.shape[0]
+    rows, cols = codes.nonzero(as_tuple=True)  # row-major: rows ascending, columns ascending within a row
+    starts = torch.searchsorted(rows, torch.arange(n + 1, device=codes.device))  # [n + 1]
+    counts = starts[1:] - starts[:-1]
+    m = int(counts.max()) if n else 0
+    slot = torch.arange(rows.shape[0], device=codes.device) - starts[:-1][rows]
+    indices = torch.zeros((n, m), dtype=torch.long, device=codes.device)
+    indices[rows, slot] = cols
+    values = codes.new_zeros((n, m)).index_put((rows, slot), codes[rows, cols])
+    return indices, values
 
 
 def _pad_cat(parts: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:

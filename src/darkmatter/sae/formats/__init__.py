@@ -53,7 +53,7 @@ def detect_format(path: str | Path) -> SAEFormat | None:
 
 
 def _as_target(path: Path) -> Path:
-    """A file that stands for its folder (``cfg.json``, ``checkpoints/final.safetensors``, ...) -> the folder."""
+    """A file that stands for its folder (``cfg.json``, ``checkpoints/final.safetensors``) -> the folder."""
     if path.is_file() and path.name in MEMBER_FILES:
         return path.parent
     if path.is_file() and path.as_posix().endswith(LLAMA_SCOPE_WEIGHTS):
@@ -86,11 +86,15 @@ def _select(path: Path, fmt_name: str | None, hookpoint: str | None) -> Path:
     """Descend into the ``hookpoint`` child, or into the only loadable child of a folder with no layout."""
     if hookpoint is None and (fmt_name is not None or detect_format(path) is not None):
         return path
+    if hookpoint is not None and path.is_dir() and (path / hookpoint).exists():
+        return path / hookpoint  # also nested ones, e.g. layer_5/width_16k/average_l0_40
     children = _children(path)
     if hookpoint is not None:
         if hookpoint not in children:
             choices = ", ".join(children) or "none"
-            raise SAEFormatError(f"{path}: no SAE for hookpoint {hookpoint!r}; available hookpoints: {choices}.")
+            raise SAEFormatError(
+                f"{path}: no SAE for hookpoint {hookpoint!r}; available hookpoints: {choices}."
+            )
         return children[hookpoint]
     if len(children) > 1:
         raise SAEFormatError(
@@ -176,7 +180,7 @@ def load_sae(
 
 
 def save_sae(sae: SAE, path: str | Path) -> Path:
-    """Save ``sae`` in the SAELens v6 layout (``cfg.json`` + ``sae_weights.safetensors``); returns the folder."""
+    """Save ``sae`` as SAELens v6 (``cfg.json`` + ``sae_weights.safetensors``); return the folder."""
     return saelens.save(sae, Path(path).expanduser())
 
 

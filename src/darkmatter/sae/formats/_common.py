@@ -1,4 +1,4 @@
-"""Shared pieces of the format loaders: file names, safe readers, shape checks, exact weight rewrites, sites."""
+"""Shared pieces of the format loaders: file names, safe readers, shape checks, exact rewrites, sites."""
 
 from __future__ import annotations
 
@@ -205,7 +205,9 @@ def wide(value: Tensor) -> Tensor:
 
 def unsupported(source: Path | str, what: str, hint: str = "") -> SAEFormatError:
     """The error for a recognised but unsupported variant."""
-    return SAEFormatError(f"{source}: {what} is not supported by darkmatter's canonical SAE.{' ' + hint if hint else ''}")
+    return SAEFormatError(
+        f"{source}: {what} is not supported by darkmatter's canonical SAE.{' ' + hint if hint else ''}"
+    )
 
 
 # --------------------------------------------------------------------------- exact rewrites
@@ -275,14 +277,14 @@ def site_metadata(source_name: str | None, site: str | None) -> dict[str, Any]:
 # --------------------------------------------------------------------------- atomic writes
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     """Run ``write(tmp)`` on a temporary file next to ``path`` and move it into place atomically."""
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
         write(tmp)
-        os.replace(tmp, path)
+        tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
 

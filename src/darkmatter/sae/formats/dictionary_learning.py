@@ -1,4 +1,5 @@
-"""saprmarks/dictionary_learning: ``ae.pt`` (a torch state dict) + optional ``config.json`` (``trainer.dict_class``).
+"""saprmarks/dictionary_learning: ``ae.pt`` (a torch state dict) + optional ``config.json`` (with
+``trainer.dict_class``).
 
 Always unpickled with ``weights_only=True``. Classes (chosen by ``dict_class``, else by the tensor names):
 
@@ -11,9 +12,12 @@ Always unpickled with ``weights_only=True``. Classes (chosen by ``dict_class``, 
   keep every positive latent, which is not what a BatchTopK SAE means, so we use per-token TopK(k) instead and
   record ``metadata["threshold_unset"]``.
 - ``JumpReluAutoEncoder``: canonical names, no ``b_dec`` subtraction; its codes are
-  ``relu(pre) * (pre > threshold) * ||W_dec[i]||``, reproduced exactly by rescaling to a unit-norm decoder with
-  the threshold scaled too.
+  ``relu(pre) * (pre > threshold) * ||W_dec[i]||``, reproduced exactly by rescaling to a unit-norm decoder
+  with the threshold scaled too.
 - Gated SAEs are refused.
+
+Without ``config.json`` a ``k`` buffer next to ``encoder.weight`` reads as ``AutoEncoderTopK``:
+``BatchTopKSAE`` saves the same tensors, and only the config tells them apart.
 
 An interrupted run leaves a backup dict ``{"step", "ae", "optimizer", "config", "norm_factor"}`` instead of a
 state dict; we take ``ae`` and, since training divided inputs by ``norm_factor`` (biases are only rescaled at
@@ -37,6 +41,7 @@ from darkmatter.sae.formats._common import (
     DICTIONARY_LEARNING_WEIGHTS,
     Converted,
     SAEFormat,
+    as_int,
     peek_torch_keys,
     read_json,
     read_torch,
@@ -68,7 +73,7 @@ class _Parts:
 def looks_like_state(keys: set[str]) -> bool:
     """Whether top-level checkpoint keys are a dictionary_learning state dict or backup dict."""
     keys = {k.removeprefix(_COMPILED_PREFIX) for k in keys}
-    return _BACKUP_KEYS <= keys or "W_enc" in keys or ("encoder.weight" in keys and "pre_bias" not in keys)
+    return keys >= _BACKUP_KEYS or "W_enc" in keys or ("encoder.weight" in keys and "pre_bias" not in keys)
 
 
 def is_weights_file(path: Path) -> bool:
@@ -207,7 +212,7 @@ def _unpack(obj: Any, src: Path) -> tuple[dict[str, Tensor], dict[str, Any], flo
         raise SAEFormatError(f"{src}: expected a state dict, found {type(obj).__name__}.")
     trainer: dict[str, Any] = {}
     norm_factor = None
-    if _BACKUP_KEYS <= set(obj):
+    if set(obj) >= _BACKUP_KEYS:
         config = obj.get("config")
         trainer = dict(config) if isinstance(config, Mapping) else {}
         if obj.get("norm_factor") is not None:
@@ -234,10 +239,12 @@ def _site(trainer: Mapping[str, Any]) -> str | None:
 def _check_trainer(trainer: Mapping[str, Any], parts: _Parts, src: Path) -> None:
     d, n = (int(s) for s in parts.tensors["W_enc"].shape)
     for key, actual in (("activation_dim", d), ("dict_size", n)):
-        if trainer.get(key) is not None and int(trainer[key]) != actual:
+        if trainer.get(key) is not None and as_int(trainer[key], key, src) != actual:
             raise SAEFormatError(f"{src}: config says {key}={trainer[key]}, but the tensors have {actual}.")
-    if parts.k is not None and trainer.get("k") is not None and int(trainer["k"]) != parts.k:
-        raise SAEFormatError(f"{src}: config says k={trainer['k']}, but the checkpoint's k buffer is {parts.k}.")
+    if parts.k is not None and trainer.get("k") is not None and as_int(trainer["k"], "k", src) != parts.k:
+        raise SAEFormatError(
+            f"{src}: config says k={trainer['k']}, but the checkpoint's k buffer is {parts.k}."
+        )
 
 
 def load(path: Path) -> Converted:
@@ -274,12 +281,14 @@ def load(path: Path) -> Converted:
         metadata=metadata,
     )
     weight = state.get("encoder.weight", state.get("W_enc"))
-    return Converted(cfg=cfg, tensors=parts.tensors, dtype=storage_dtype(weight) if weight is not None else torch.float32)
+    return Converted(
+        cfg=cfg, tensors=parts.tensors, dtype=storage_dtype(weight) if weight is not None else torch.float32
+    )
 
 
 FORMAT = SAEFormat(
     name="dictionary_learning",
-    layout=f"{DICTIONARY_LEARNING_WEIGHTS} (+ {CONFIG_JSON} with trainer.dict_class) (saprmarks/dictionary_learning)",
+    layout=f"{DICTIONARY_LEARNING_WEIGHTS} (+ {CONFIG_JSON} with trainer.dict_class) (dictionary_learning)",
     detect=detect,
     load=load,
 )

@@ -28,6 +28,7 @@ from darkmatter.sae.formats._common import (
     GEMMA_SCOPE_NPZ,
     Converted,
     SAEFormat,
+    as_int,
     canonical_hook_site,
     read_json,
     read_npz,
@@ -71,7 +72,13 @@ def _shaped(raw: dict[str, Tensor], source: Path) -> tuple[dict[str, Tensor], in
     if named["W_enc"].ndim != 2:
         raise SAEFormatError(f"{source}: W_enc must be 2-D, got shape {tuple(named['W_enc'].shape)}.")
     d_in, d_sae = (int(s) for s in named["W_enc"].shape)
-    shapes = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_enc": (d_sae,), "b_dec": (d_in,), "threshold": (d_sae,)}
+    shapes = {
+        "W_enc": (d_in, d_sae),
+        "W_dec": (d_sae, d_in),
+        "b_enc": (d_sae,),
+        "b_dec": (d_in,),
+        "threshold": (d_sae,),
+    }
     return {n: take(named, n, shapes[n], source) for n in _NAMES}, d_in, d_sae
 
 
@@ -80,7 +87,9 @@ def _shaped(raw: dict[str, Tensor], source: Path) -> tuple[dict[str, Tensor], in
 
 def detect_v1(path: Path) -> bool:
     """A folder with ``params.npz`` or an ``.npz`` file."""
-    return (path.is_dir() and (path / GEMMA_SCOPE_NPZ).is_file()) or (path.is_file() and path.suffix == ".npz")
+    return (path.is_dir() and (path / GEMMA_SCOPE_NPZ).is_file()) or (
+        path.is_file() and path.suffix == ".npz"
+    )
 
 
 def _v1_path_facts(path: Path) -> dict[str, Any]:
@@ -124,7 +133,11 @@ def load_v1(path: Path) -> Converted:
     facts = _v1_path_facts(file.parent)
     _check_width(facts, d_sae, file)
     site = _v1_site(facts, file)
-    model = f"google/gemma-2-{facts['size']}" + ("-it" if facts["variant"] == "it" else "") if "size" in facts else None
+    model = (
+        f"google/gemma-2-{facts['size']}" + ("-it" if facts["variant"] == "it" else "")
+        if "size" in facts
+        else None
+    )
     metadata = {k: v for k, v in facts.items() if k in ("layer", "average_l0", "width_label", "embedding")}
     if facts.get("site") == "att":
         metadata["reshape_activations"] = "hook_z"
@@ -179,16 +192,20 @@ def load_v2(path: Path) -> Converted:
     _v2_refuse_transcoders(config, path)
     file = path / GEMMA_SCOPE_2_WEIGHTS
     tensors, d_in, d_sae = _shaped(read_safetensors(file), file)
-    if config.get("width") is not None and int(config["width"]) != d_sae:
-        raise SAEFormatError(f"{path / CONFIG_JSON}: width={config['width']} but the tensors have d_sae={d_sae}.")
+    if config.get("width") is not None and as_int(config["width"], "width", path / CONFIG_JSON) != d_sae:
+        raise SAEFormatError(
+            f"{path / CONFIG_JSON}: width={config['width']} but the tensors have d_sae={d_sae}."
+        )
     if folder := _V2_FOLDER.match(path.name):
-        _check_width({"width": width_from_label(folder.group(2)), "width_label": folder.group(2)}, d_sae, file)
+        _check_width(
+            {"width": width_from_label(folder.group(2)), "width_label": folder.group(2)}, d_sae, file
+        )
     model = config.get("model_name")
     if isinstance(model, str) and "/" not in model:
         model = f"google/{model}"
     hook_in = config.get("hf_hook_point_in")
     site = _v2_site(config, path)
-    metadata = {k: config[k] for k in ("l0", "width") if k in config}
+    metadata: dict[str, Any] = {k: config[k] for k in ("l0", "width") if k in config}
     cfg = SAEConfig(
         d_in=d_in,
         d_sae=d_sae,

@@ -10,16 +10,16 @@ lm_saes computes, with ``s_in = sqrt(d_model) / avg_norm[in]`` and ``s_out = sqr
     codes = pre * gate(score)   (jumprelu: score > threshold; topk: k largest relu(score); relu: score > 0)
     x_hat = (codes @ W_dec + b_dec) / s_out
 
-The canonical rewrite is exact in real arithmetic: ``sparsity_include_decoder_norm`` becomes a unit-norm decoder
-(``W_enc[:, i] * n_i``, ``b_enc[i] * n_i``, ``W_dec[i] / n_i``; the threshold is unchanged because the source
-already gates the norm-weighted score, and our codes are that score), ``input_scale = s_in``, and when
-``s_out != s_in`` (the "out" norm is the average norm of the target site; an SAE has in == out) the decoder is
-multiplied by ``s_in / s_out`` after folding any input ``b_dec`` subtraction into ``b_enc``. ``token-wise``
-normalization is ``constant_norm_rescale``; ``inference`` means the norms are already folded in; ``batch-wise``
-is batch-dependent and refused. Transcoders (``hook_point_out != hook_point_in``) are refused.
+The canonical rewrite is exact in real arithmetic: ``sparsity_include_decoder_norm`` becomes a unit-norm
+decoder (``W_enc[:, i] * n_i``, ``b_enc[i] * n_i``, ``W_dec[i] / n_i``; the threshold is unchanged because the
+source already gates the norm-weighted score, and our codes are that score), ``input_scale = s_in``, and when
+``s_out != s_in`` (the "out" norm is the average norm of the target site; an SAE has in == out) the decoder
+is multiplied by ``s_in / s_out`` after folding any input ``b_dec`` subtraction into ``b_enc``. ``token-wise``
+normalization is ``constant_norm_rescale``; ``inference`` means the norms are already folded in;
+``batch-wise`` is batch-dependent and refused. Transcoders (``hook_point_out != hook_point_in``) are refused.
 
-Note: SAELens' Llama Scope loader multiplies the threshold by ``s_in`` and leaves inputs unscaled; we follow the
-lm_saes code above instead.
+Note: SAELens' Llama Scope loader multiplies the threshold by ``s_in`` and leaves inputs unscaled; we follow
+the lm_saes code above instead.
 """
 
 from __future__ import annotations
@@ -83,14 +83,16 @@ def _sizes(cfg: dict[str, Any], src: Path) -> tuple[int, int]:
     d_model = as_int(require(cfg, "d_model", src), "d_model", src)
     if cfg.get("d_sae") is not None:
         return d_model, as_int(cfg["d_sae"], "d_sae", src)
-    factor = require(cfg, "expansion_factor", src)
+    factor = scalar(require(cfg, "expansion_factor", src), "expansion_factor", src)
     return d_model, as_int(d_model * factor, "d_model * expansion_factor", src)
 
 
 def _refuse_transcoder(cfg: dict[str, Any], src: Path) -> None:
     hook_in, hook_out = cfg.get("hook_point_in"), cfg.get("hook_point_out")
     if hook_out is not None and hook_out != hook_in:
-        raise unsupported(src, f"a transcoder ({hook_in} -> {hook_out})", "Only SAEs that reconstruct their input are.")
+        raise unsupported(
+            src, f"a transcoder ({hook_in} -> {hook_out})", "Only SAEs that reconstruct their input are."
+        )
 
 
 def _spec(cfg: dict[str, Any], src: Path, norms: dict[str, Any], source_format: str) -> _Spec:
@@ -127,8 +129,8 @@ def _scales(spec: _Spec, src: Path) -> tuple[str, float, float]:
         raise unsupported(src, f"norm_activation={mode!r} (depends on the batch)")
     if spec.norm_in is None or spec.norm_out is None or spec.norm_in <= 0 or spec.norm_out <= 0:
         raise SAEFormatError(
-            f"{src}: norm_activation is 'dataset-wise' but positive dataset_average_activation_norm values for "
-            f"'in' and 'out' were not found (got in={spec.norm_in}, out={spec.norm_out})."
+            f"{src}: norm_activation is 'dataset-wise' but positive dataset_average_activation_norm "
+            f"values for 'in' and 'out' were not found (got in={spec.norm_in}, out={spec.norm_out})."
         )
     root = math.sqrt(spec.d_model)
     return "none", root / spec.norm_in, root / spec.norm_out
@@ -159,7 +161,11 @@ def _convert(spec: _Spec, tensors: dict[str, Tensor], threshold: Tensor | None, 
     if spec.include_decoder_norm:
         tensors = unit_decoder_norm(tensors, scale_threshold=False)
     if s_out != s_in:
-        tensors = {**tensors, "W_dec": wide(tensors["W_dec"]) * (s_in / s_out), "b_dec": wide(tensors["b_dec"]) * (s_in / s_out)}
+        tensors = {
+            **tensors,
+            "W_dec": wide(tensors["W_dec"]) * (s_in / s_out),
+            "b_dec": wide(tensors["b_dec"]) * (s_in / s_out),
+        }
     site = canonical_hook_site(spec.hook_in)
     metadata = {**site_metadata(spec.hook_in, site), **spec.metadata}
     if spec.norm_activation == "dataset-wise":
@@ -190,7 +196,11 @@ def _decoder_bias(raw: dict[str, Tensor], key: str, spec: _Spec, src: Path, like
 
 def detect_v1(path: Path) -> bool:
     """A folder with ``hyperparams.json`` and ``checkpoints/final.safetensors``."""
-    return path.is_dir() and (path / LLAMA_SCOPE_HYPERPARAMS).is_file() and (path / LLAMA_SCOPE_WEIGHTS).is_file()
+    return (
+        path.is_dir()
+        and (path / LLAMA_SCOPE_HYPERPARAMS).is_file()
+        and (path / LLAMA_SCOPE_WEIGHTS).is_file()
+    )
 
 
 def load_v1(path: Path) -> Converted:

@@ -1,9 +1,9 @@
 """OpenAI ``sparse_autoencoder`` checkpoints: one ``{layer}.pt`` state dict per layer.
 
-Keys: ``pre_bias [d]`` (``b_dec``, subtracted from the input), ``encoder.weight [n, d]`` (no bias; ``W_enc`` is
-its transpose), ``latent_bias [n]`` (``b_enc``), ``decoder.weight [d, n]`` (``W_dec`` is its transpose), stats
-buffers (ignored), and the plain-Python entries ``activation`` (``"TopK"`` or ``"ReLU"``) and
-``activation_state_dict`` (``{"k": int, "postact_fn": "ReLU"}``), which ``weights_only`` loading allows.
+Keys: ``pre_bias [d]`` (``b_dec``, subtracted from the input), ``encoder.weight [n, d]`` (no bias;
+``W_enc`` is its transpose), ``latent_bias [n]`` (``b_enc``), ``decoder.weight [d, n]`` (``W_dec`` is its
+transpose), stats buffers (ignored), and the plain-Python entries ``activation`` (``"TopK"``/``"ReLU"``)
+and ``activation_state_dict`` (``{"k": int, "postact_fn": "ReLU"}``), which ``weights_only`` loading allows.
 As in ``Autoencoder.from_state_dict``, TopK checkpoints normalize each token with LayerNorm
 (``layer_norm``: unbiased std, eps 1e-5) and the output is re-scaled by the std and shifted by the mean.
 The site comes from the path (``resid_post_mlp_v5_32k/autoencoders/5.pt`` -> ``blocks.5.hook_resid_post``).
@@ -23,6 +23,7 @@ from darkmatter.sae.formats import dictionary_learning
 from darkmatter.sae.formats._common import (
     Converted,
     SAEFormat,
+    as_int,
     peek_torch_keys,
     read_torch,
     storage_dtype,
@@ -73,7 +74,7 @@ def _activation(state: Mapping[str, Any], src: Path) -> tuple[str, int | None]:
     postact = extra.get("postact_fn", "ReLU")
     if postact != "ReLU":
         raise unsupported(src, f"TopK with postact_fn {postact!r}", "Only ReLU after the top-k is.")
-    return "topk", int(extra["k"])
+    return "topk", as_int(extra["k"], "activation_state_dict.k", src)
 
 
 def load(path: Path) -> Converted:
@@ -85,7 +86,9 @@ def load(path: Path) -> Converted:
         return dictionary_learning.load(path)
     enc = state.get("encoder.weight")
     if not isinstance(enc, Tensor) or enc.ndim != 2:
-        raise SAEFormatError(f"{path}: expected OpenAI keys (pre_bias, encoder.weight, latent_bias, decoder.weight).")
+        raise SAEFormatError(
+            f"{path}: expected OpenAI keys (pre_bias, encoder.weight, latent_bias, decoder.weight)."
+        )
     n, d = (int(s) for s in enc.shape)
     tensors = {
         "W_enc": take(state, "encoder.weight", (n, d), path).T,
@@ -112,7 +115,7 @@ def load(path: Path) -> Converted:
 
 FORMAT = SAEFormat(
     name="openai",
-    layout="{layer}.pt with pre_bias, encoder.weight, latent_bias, decoder.weight (OpenAI sparse_autoencoder)",
+    layout="{layer}.pt with pre_bias, encoder.weight, latent_bias, decoder.weight (OpenAI)",
     detect=detect,
     load=load,
 )

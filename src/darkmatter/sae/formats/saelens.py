@@ -40,6 +40,7 @@ from darkmatter.sae.formats._common import (
     scalar,
     site_metadata,
     storage_dtype,
+    take,
     unit_decoder_norm,
     unsupported,
     wide,
@@ -50,7 +51,13 @@ _ACTIVATIONS = {"standard": "relu", "jumprelu": "jumprelu", "topk": "topk"}
 _SAVE_ARCHITECTURE = {"relu": "standard", "jumprelu": "jumprelu", "batchtopk": "jumprelu", "topk": "topk"}
 _NORMALIZE = {"none": "none", "layer_norm": "layer_norm", "constant_norm_rescale": "constant_norm_rescale"}
 # Metadata keys that describe the loaded folder itself; not carried into a new save.
-_LOAD_ONLY = ("saelens", "saelens_config_version", "converted_from", "has_sparsity_file", "reshape_activations")
+_LOAD_ONLY = (
+    "saelens",
+    "saelens_config_version",
+    "converted_from",
+    "has_sparsity_file",
+    "reshape_activations",
+)
 _LEGACY_KEPT = (
     "hook_head_index",
     "context_size",
@@ -125,7 +132,9 @@ def _legacy_spec(cfg: dict[str, Any], src: Path) -> _Spec:
         architecture=architecture,
         d_in=as_int(require(cfg, "d_in", src), "d_in", src),
         d_sae=as_int(require(cfg, "d_sae", src), "d_sae", src),
-        k=as_int(kwargs["k"], "activation_fn_kwargs.k", src) if architecture == "topk" and "k" in kwargs else None,
+        k=as_int(kwargs["k"], "activation_fn_kwargs.k", src)
+        if architecture == "topk" and "k" in kwargs
+        else None,
         rescale_by_decoder_norm=False,
         apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)),
         normalize_activations=_normalize_name(cfg.get("normalize_activations")),
@@ -148,7 +157,9 @@ def _input_transform(spec: _Spec, folder: Path, cfg: dict[str, Any]) -> tuple[st
         return "none", scalar(cfg["norm_scaling_factor"], "norm_scaling_factor", folder / SAELENS_CFG)
     if (folder / SAELENS_SCALER).is_file():
         scaler = read_json(folder / SAELENS_SCALER)
-        return "none", scalar(require(scaler, "scaling_factor", folder / SAELENS_SCALER), "scaling_factor", folder)
+        return "none", scalar(
+            require(scaler, "scaling_factor", folder / SAELENS_SCALER), "scaling_factor", folder
+        )
     raise SAEFormatError(
         f"{folder / SAELENS_CFG}: normalize_activations='expected_average_only_in' scales inputs by a factor "
         f"that SAELens keeps outside the folder (pretrained_saes.yaml), and none was found here. Add "
@@ -165,29 +176,25 @@ def _activation(spec: _Spec, src: Path) -> str:
             src, f"a {spec.architecture} training checkpoint", "SAELens saves the inference SAE as jumprelu."
         )
     if spec.architecture == "gated":
-        raise unsupported(src, "a gated SAE (separate gate and magnitude encoders)", "Convert it to JumpReLU.")
+        raise unsupported(
+            src, "a gated SAE (separate gate and magnitude encoders)", "Convert it to JumpReLU."
+        )
     raise unsupported(src, f"architecture {spec.architecture!r}")
 
 
 def _tensors(spec: _Spec, activation: str, raw: dict[str, Tensor], src: Path) -> dict[str, Tensor]:
-    """Canonical tensors: shapes are checked later against the config by ``SAE.from_tensors``."""
-    names = ("W_enc", "b_enc", "W_dec", "b_dec")
-    missing = [n for n in names if n not in raw]
-    if missing:
-        raise SAEFormatError(f"{src}: tensors {missing} are missing; found {sorted(raw)}.")
-    tensors = {n: raw[n] for n in names}
+    """Canonical tensors, each checked against the config's ``d_in``/``d_sae`` before any rewrite."""
+    d, n = spec.d_in, spec.d_sae
+    shapes = {"W_enc": (d, n), "b_enc": (n,), "W_dec": (n, d), "b_dec": (d,)}
+    tensors = {name: take(raw, name, shape, src) for name, shape in shapes.items()}
     if activation == "jumprelu":
-        if "threshold" in raw:
-            tensors["threshold"] = raw["threshold"]
-        elif "log_threshold" in raw:
-            tensors["threshold"] = wide(raw["log_threshold"]).exp()
+        if "threshold" in raw or "log_threshold" not in raw:
+            tensors["threshold"] = take(raw, "threshold", (n,), src)
         else:
-            raise SAEFormatError(f"{src}: a jumprelu SAE needs a 'threshold' tensor; found {sorted(raw)}.")
+            tensors["threshold"] = wide(take(raw, "log_threshold", (n,), src)).exp()
     if spec.finetuning_scaling:
-        if "scaling_factor" not in raw:
-            raise SAEFormatError(f"{src}: finetuning_scaling_factor is set but 'scaling_factor' is missing.")
         # decode(f) = (f * s) @ W_dec + b_dec = f @ (s[:, None] * W_dec) + b_dec
-        tensors["W_dec"] = wide(tensors["W_dec"]) * wide(raw["scaling_factor"])[:, None]
+        tensors["W_dec"] = wide(tensors["W_dec"]) * wide(take(raw, "scaling_factor", (n,), src))[:, None]
     if spec.rescale_by_decoder_norm:
         tensors = unit_decoder_norm(tensors, scale_threshold=False)
     return tensors
@@ -224,9 +231,7 @@ def load(path: Path) -> Converted:
     return Converted(cfg=sae_cfg, tensors=tensors, dtype=storage_dtype(raw["W_enc"]))
 
 
-def _metadata(
-    spec: _Spec, cfg: dict[str, Any], path: Path, mine: Any
-) -> tuple[dict[str, Any], int | None]:
+def _metadata(spec: _Spec, cfg: dict[str, Any], path: Path, mine: Any) -> tuple[dict[str, Any], int | None]:
     """Our metadata (restored from a darkmatter save when present) and the k to use."""
     metadata: dict[str, Any] = {"saelens_config_version": spec.version}
     if spec.kept:
@@ -248,9 +253,12 @@ def save(sae: SAE, path: Path) -> Path:
     """Write ``sae`` as a SAELens v6 folder (atomic per file); returns the folder."""
     if sae.cfg.input_scale != 1.0:
         sae = sae.fold_input_scale()
-    path.mkdir(parents=True, exist_ok=True)
-    atomic_write_safetensors(path / SAELENS_WEIGHTS, dict(sae.named_tensors()))
-    atomic_write_json(path / SAELENS_CFG, _v6_config(sae))
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        atomic_write_safetensors(path / SAELENS_WEIGHTS, dict(sae.named_tensors()))
+        atomic_write_json(path / SAELENS_CFG, _v6_config(sae))
+    except OSError as err:
+        raise SAEFormatError(f"Cannot write the SAE to {path}: {err}") from err
     return path
 
 

@@ -1,4 +1,4 @@
-"""EleutherAI sparsify TopK SAEs: ``cfg.json`` (with ``d_in``) + ``sae.safetensors``, one folder per hookpoint.
+"""EleutherAI sparsify TopK SAEs: ``cfg.json`` (with ``d_in``) + ``sae.safetensors``, a folder per hookpoint.
 
 Tensors: ``encoder.weight [num_latents, d_in]`` (``W_enc`` is its transpose), ``encoder.bias``, ``W_dec
 [num_latents, d_in]`` (already canonical: no transpose; SAELens' loader gets this wrong), ``b_dec [d_in]``.
@@ -21,6 +21,7 @@ from darkmatter.sae.formats._common import (
     read_json,
     read_safetensors,
     require,
+    scalar,
     site_metadata,
     storage_dtype,
     take,
@@ -43,7 +44,8 @@ def load(path: Path) -> Converted:
     if num_latents:
         d_sae = as_int(num_latents, "num_latents", src)
     else:
-        d_sae = as_int(d_in * require(cfg, "expansion_factor", src), "expansion_factor * d_in", src)
+        factor = scalar(require(cfg, "expansion_factor", src), "expansion_factor", src)
+        d_sae = as_int(d_in * factor, "expansion_factor * d_in", src)
     if cfg.get("transcode") or cfg.get("skip_connection"):
         raise unsupported(src, "a sparsify transcoder or skip connection")
     if cfg.get("activation", "topk") != "topk":

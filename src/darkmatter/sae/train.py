@@ -1,0 +1,411 @@
+"""Train a family of TopK / BatchTopK SAEs on the same batches, streaming from the activation store.
+
+Recipe (Gao et al. 2024 and Bussmann et al. 2024, as used by sparsify and SAELens):
+- inputs scaled by a per-site scalar so that E‖s·x‖² = d_in, folded into the weights on save;
+- ``b_dec`` initialised at the geometric median of a sample of scaled inputs (Weiszfeld iterations);
+- ``W_dec`` rows kept at unit norm, with the gradient component parallel to each row removed;
+- ``W_enc`` initialised as ``W_dec``ᵀ; AuxK loss (top ``aux_k`` dead latents reconstruct the residual);
+- Adam with linear warm-up and a linear decay to zero over the last ``decay_fraction`` of steps; the
+  learning rate scales as ``lr / sqrt(d_sae / 16384)``;
+- everything seeded; a checkpoint every ``checkpoint_every`` steps makes a killed run resume to the same
+  weights it would have reached without the kill.
+Training uses the train split of tokens (``darkmatter.stats.split``); quality is reported on the test split.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+
+from darkmatter.errors import ConfigError, DataError, StoreError
+from darkmatter.sae.model import SAE, SAEConfig
+from darkmatter.stats.split import is_train
+from darkmatter.store import ActivationStore, atomic_write_bytes
+
+Tensor = torch.Tensor
+
+
+class SAESpec(BaseModel):
+    """One SAE of a family."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(description="Unique name, also the folder name.")
+    site: str = Field(description="Hook site it reads, e.g. blocks.15.hook_resid_post.")
+    d_sae: int = Field(ge=1, description="Number of latents.")
+    k: int = Field(ge=1, description="Active latents per token (TopK) or on average (BatchTopK).")
+    kind: Literal["topk", "batchtopk"] = Field("topk", description="Sparsity mechanism.")
+
+
+class TrainConfig(BaseModel):
+    """Optimisation settings shared by every SAE of a family."""
+
+    model_config = ConfigDict(extra="forbid")
+    epochs: float = Field(4.0, gt=0, description="Passes over the train split (fractions allowed).")
+    batch_size: int = Field(2048, ge=1, description="Tokens per step.")
+    lr: float = Field(2e-4, gt=0, description="Adam lr at 16384 latents; scaled by 1/sqrt(d_sae/16384).")
+    warmup_fraction: float = Field(0.05, ge=0, lt=1, description="Linear warm-up share of steps.")
+    decay_fraction: float = Field(0.2, ge=0, lt=1, description="Linear decay to 0 over this last share.")
+    aux_k: int = Field(256, ge=0, description="Dead latents used by the AuxK loss (0 disables it).")
+    aux_coef: float = Field(1 / 32, ge=0, description="Weight of the AuxK loss.")
+    dead_tokens: int = Field(20_000, ge=1, description="Tokens without firing after which a latent is dead.")
+    seed: int = Field(0, description="Seed for initialisation and batch order.")
+    checkpoint_every: int = Field(100, ge=1, description="Steps between checkpoints.")
+    device: str = Field("cpu", description="Training device.")
+
+
+@dataclass
+class _Member:
+    """Trainable state of one SAE in the family."""
+
+    spec: SAESpec
+    W_enc: Tensor
+    b_enc: Tensor
+    W_dec: Tensor
+    b_dec: Tensor
+    opt: torch.optim.Adam
+    lr: float
+    since_fired: Tensor  # [d_sae] tokens since each latent last fired
+    threshold: Tensor  # scalar running BatchTopK inference threshold (EMA)
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def params(self) -> list[Tensor]:
+        return [self.W_enc, self.b_enc, self.W_dec, self.b_dec]
+
+
+Progress = Callable[[int, int, float], None]
+
+
+def _geometric_median(x: Tensor, iters: int = 50, eps: float = 1e-6) -> Tensor:
+    """Weiszfeld iterations for the point minimising the sum of Euclidean distances to rows of x."""
+    y = x.mean(0)
+    for _ in range(iters):
+        w = 1.0 / (x - y).norm(dim=1).clamp_min(eps)
+        y_new = (w[:, None] * x).sum(0) / w.sum()
+        if (y_new - y).norm() < eps * max(1.0, float(y.norm())):
+            return y_new
+        y = y_new
+    return y
+
+
+class FamilyTrainer:
+    """Trains ``specs`` together on batches of the store's train split."""
+
+    def __init__(
+        self,
+        store: ActivationStore,
+        specs: list[SAESpec],
+        cfg: TrainConfig,
+        workdir: str | Path,
+        *,
+        split_seed: int = 0,
+        train_fraction: float = 0.8,
+    ):
+        if not specs:
+            raise ConfigError("An SAE family needs at least one SAE spec.")
+        names = [s.name for s in specs]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"SAE names must be unique, got {names}.")
+        for s in specs:
+            if s.site not in store.sites:
+                raise StoreError(
+                    f"SAE {s.name!r} reads {s.site}, which the store lacks (it has {store.sites})."
+                )
+            if s.k > s.d_sae:
+                raise ConfigError(f"SAE {s.name!r}: k={s.k} exceeds d_sae={s.d_sae}.")
+        self.store, self.specs, self.cfg = store, specs, cfg
+        self.split_seed, self.train_fraction = split_seed, train_fraction
+        self.workdir = Path(workdir)
+        self.device = torch.device(cfg.device)
+        self.sites = sorted({s.site for s in specs})
+        self.n_train = self._count_train_tokens()
+        if self.n_train < cfg.batch_size:
+            raise DataError(
+                f"The train split has {self.n_train} tokens, fewer than one batch ({cfg.batch_size}); "
+                "harvest more text or lower the batch size."
+            )
+        self.steps_per_epoch = self.n_train // cfg.batch_size
+        self.total_steps = max(1, int(round(cfg.epochs * self.steps_per_epoch)))
+        self.step = 0
+        self.scale: dict[str, float] = {}
+        self.members: list[_Member] = []
+
+    # -- data -----------------------------------------------------------------------------------------
+    def _train_mask(self, context: Tensor, position: Tensor) -> Tensor:
+        return is_train(context, position, self.split_seed, self.train_fraction)
+
+    def _count_train_tokens(self) -> int:
+        skip = int(self.store.identity.get("skip_positions", 0))
+        pos = torch.arange(skip, self.store.ctx_len)
+        total = 0
+        for c in range(self.store.n_contexts):
+            total += int(self._train_mask(torch.full_like(pos, c), pos).sum())
+        return total
+
+    def _epoch_batches(self, epoch: int) -> Iterator[dict[str, Tensor]]:
+        """Batches of train tokens: shards in a seeded order, rows shuffled within a two-shard buffer."""
+        gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
+        order = torch.randperm(self.store.n_shards, generator=gen).tolist()
+        spc = self.store.shard_contexts
+        buf: dict[str, Tensor] | None = None
+        bs = self.cfg.batch_size
+        for shard in order:
+            start, stop = self.store.shard_range(shard)
+            rows = [
+                b
+                for b in self.store.iter_batches(
+                    self.sites, contexts=np.arange(start, stop), batch_tokens=spc * 4096
+                )
+            ]
+            parts = {s: torch.cat([b.acts[s] for b in rows]) for s in self.sites}
+            keep = self._train_mask(
+                torch.cat([b.context for b in rows]), torch.cat([b.position for b in rows])
+            )
+            parts = {s: v[keep] for s, v in parts.items()}
+            buf = parts if buf is None else {s: torch.cat([buf[s], parts[s]]) for s in self.sites}
+            perm = torch.randperm(len(buf[self.sites[0]]), generator=gen)
+            buf = {s: v[perm] for s, v in buf.items()}
+            n_full = len(perm) // bs
+            for i in range(n_full):
+                yield {s: v[i * bs : (i + 1) * bs] for s, v in buf.items()}
+            buf = {s: v[n_full * bs :] for s, v in buf.items()}
+
+    def batches(self) -> Iterator[dict[str, Tensor]]:
+        """The whole run's batch sequence (deterministic); resuming skips what was already consumed."""
+        epoch = 0
+        produced = 0
+        while True:
+            for batch in self._epoch_batches(epoch):
+                if produced >= self.total_steps:
+                    return
+                produced += 1
+                yield batch
+            epoch += 1
+
+    # -- initialisation -------------------------------------------------------------------------------
+    def _init(self) -> None:
+        first = next(iter(self._epoch_batches(0)))
+        for site in self.sites:
+            x = first[site].double()
+            ms = float((x * x).sum(1).mean())
+            if not math.isfinite(ms) or ms <= 0:
+                raise DataError(f"Activations at {site} are zero or not finite; cannot train an SAE on them.")
+            self.scale[site] = math.sqrt(x.shape[1] / ms)
+        medians = {s: _geometric_median(first[s].double() * self.scale[s]).float() for s in self.sites}
+        for i, spec in enumerate(self.specs):
+            gen = torch.Generator().manual_seed(self.cfg.seed * 7919 + i)
+            d = first[spec.site].shape[1]
+            W_dec = torch.randn(spec.d_sae, d, generator=gen)
+            W_dec /= W_dec.norm(dim=1, keepdim=True)
+            tensors = {
+                "W_enc": W_dec.t().contiguous(),
+                "b_enc": torch.zeros(spec.d_sae),
+                "W_dec": W_dec,
+                "b_dec": medians[spec.site].clone(),
+            }
+            ps = {k: torch.nn.Parameter(v.to(self.device)) for k, v in tensors.items()}
+            lr = self.cfg.lr / math.sqrt(spec.d_sae / 16384)
+            opt = torch.optim.Adam(list(ps.values()), lr=lr, betas=(0.9, 0.999), eps=6.25e-10)
+            self.members.append(
+                _Member(
+                    spec,
+                    ps["W_enc"],
+                    ps["b_enc"],
+                    ps["W_dec"],
+                    ps["b_dec"],
+                    opt,
+                    lr,
+                    torch.zeros(spec.d_sae, dtype=torch.long, device=self.device),
+                    torch.zeros((), device=self.device),
+                )
+            )
+
+    # -- one step -------------------------------------------------------------------------------------
+    def _lr_factor(self, step: int) -> float:
+        warm = max(1, int(self.cfg.warmup_fraction * self.total_steps))
+        decay_start = int((1 - self.cfg.decay_fraction) * self.total_steps)
+        f = min(1.0, (step + 1) / warm)
+        if step >= decay_start and self.cfg.decay_fraction > 0:
+            f *= max(0.0, (self.total_steps - step) / max(1, self.total_steps - decay_start))
+        return f
+
+    def _encode(self, m: _Member, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(indices [n, m], values [n, m], pre-activations [n, d_sae]) for scaled inputs x."""
+        # (x - b_dec) @ W_enc + b_enc, written so autograd does not form the [n, d] input gradient (a
+        # wasted 2·n·d·w GEMM): b_dec's encoder-side gradient comes from a vector-matrix product instead.
+        pre = torch.addmm(m.b_enc - m.b_dec @ m.W_enc, x, m.W_enc)
+        k = m.spec.k
+        if m.spec.kind == "topk":
+            vals, idx = pre.topk(k, dim=1, sorted=False)
+            return idx, vals.relu(), pre
+        # BatchTopK: the n*k largest pre-activations of the batch; candidates are each row's top 4k.
+        cand_vals, cand_idx = pre.topk(min(m.spec.d_sae, 4 * k), dim=1, sorted=False)
+        flat = cand_vals.detach().flatten()
+        kth = flat.kthvalue(max(1, flat.numel() - x.shape[0] * k + 1)).values
+        keep = (cand_vals >= kth) & (cand_vals > 0)
+        with torch.no_grad():
+            chosen = cand_vals[keep]
+            if chosen.numel():
+                m.threshold.mul_(0.99).add_(0.01 * chosen.min())
+        return cand_idx, cand_vals.relu() * keep, pre
+
+    def _decode(self, m: _Member, idx: Tensor, vals: Tensor) -> Tensor:
+        return F.embedding_bag(idx, m.W_dec, per_sample_weights=vals, mode="sum") + m.b_dec
+
+    def _train_step(self, batch: dict[str, Tensor]) -> None:
+        factor = self._lr_factor(self.step)
+        for m in self.members:
+            x = batch[m.spec.site].to(self.device, torch.float32) * self.scale[m.spec.site]
+            idx, vals, pre = self._encode(m, x)
+            recon = self._decode(m, idx, vals)
+            err = x - recon
+            var = (x - x.mean(0)).pow(2).sum()
+            loss = err.pow(2).sum() / var
+            aux = torch.zeros(())
+            with torch.no_grad():
+                fired = torch.zeros(m.spec.d_sae, dtype=torch.bool, device=self.device)
+                fired[idx[vals > 0]] = True
+                m.since_fired += x.shape[0]
+                m.since_fired[fired] = 0
+                dead = m.since_fired >= self.cfg.dead_tokens
+            n_dead = int(dead.sum())
+            if self.cfg.aux_k and self.cfg.aux_coef and n_dead:
+                k_aux = min(self.cfg.aux_k, n_dead)
+                a_vals, a_idx = pre.masked_fill(~dead, float("-inf")).topk(k_aux, dim=1, sorted=False)
+                a_rec = F.embedding_bag(a_idx, m.W_dec, per_sample_weights=a_vals.relu(), mode="sum")
+                e = err.detach()
+                aux = (e - a_rec).pow(2).sum() / (e - e.mean(0)).pow(2).sum().clamp_min(1e-12)
+                aux = torch.nan_to_num(aux, nan=0.0)
+            total = loss + self.cfg.aux_coef * aux
+            m.opt.zero_grad(set_to_none=True)
+            total.backward()
+            with torch.no_grad():
+                g, w = m.W_dec.grad, m.W_dec
+                if g is not None:
+                    g -= (g * w).sum(1, keepdim=True) * w
+            for group in m.opt.param_groups:
+                group["lr"] = m.lr * factor
+            m.opt.step()
+            with torch.no_grad():
+                m.W_dec /= m.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            if self.step % 10 == 0 or self.step == self.total_steps - 1:
+                m.history.append(
+                    {
+                        "step": float(self.step),
+                        "fvu": float(loss.detach()),
+                        "aux": float(aux.detach()),
+                        "dead_fraction": n_dead / m.spec.d_sae,
+                    }
+                )
+        self.step += 1
+
+    # -- checkpoints ----------------------------------------------------------------------------------
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.workdir / "checkpoint.pt"
+
+    def _save_checkpoint(self) -> None:
+        import io
+
+        state: dict[str, Any] = {"step": self.step, "scale": dict(self.scale), "members": []}
+        for m in self.members:
+            state["members"].append(
+                {
+                    "W_enc": m.W_enc.detach().cpu(),
+                    "b_enc": m.b_enc.detach().cpu(),
+                    "W_dec": m.W_dec.detach().cpu(),
+                    "b_dec": m.b_dec.detach().cpu(),
+                    "opt": m.opt.state_dict(),
+                    "since_fired": m.since_fired.cpu(),
+                    "threshold": m.threshold.cpu(),
+                    "history": m.history,
+                }
+            )
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        atomic_write_bytes(self.checkpoint_path, buf.getvalue())
+
+    def _load_checkpoint(self) -> bool:
+        if not self.checkpoint_path.is_file():
+            return False
+        try:
+            state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # corrupt or foreign file: start over rather than fail
+            raise StoreError(
+                f"Checkpoint {self.checkpoint_path} cannot be read ({exc}); delete it to restart training."
+            ) from exc
+        if len(state["members"]) != len(self.members):
+            raise StoreError(f"Checkpoint {self.checkpoint_path} belongs to another family; delete it.")
+        self.step = int(state["step"])
+        self.scale = {k: float(v) for k, v in state["scale"].items()}
+        with torch.no_grad():
+            for m, s in zip(self.members, state["members"], strict=True):
+                for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+                    getattr(m, name).copy_(s[name].to(self.device))
+                m.opt.load_state_dict(s["opt"])
+                m.since_fired.copy_(s["since_fired"].to(self.device))
+                m.threshold.copy_(s["threshold"].to(self.device))
+                m.history = list(s["history"])
+        return True
+
+    # -- the run --------------------------------------------------------------------------------------
+    def train(self, progress: Progress | None = None) -> list[SAE]:
+        """Train (resuming from a checkpoint if present) and return the SAEs with scaling folded in."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self._init()
+        self._load_checkpoint()
+        resumed_at = self.step
+        t0 = time.perf_counter()
+        for i, batch in enumerate(self.batches()):
+            if i < resumed_at:
+                continue
+            self._train_step(batch)
+            if self.step % self.cfg.checkpoint_every == 0 and self.step < self.total_steps:
+                self._save_checkpoint()
+            if progress is not None:
+                done = (self.step - resumed_at) * self.cfg.batch_size
+                progress(
+                    self.step * self.cfg.batch_size,
+                    self.total_steps * self.cfg.batch_size,
+                    done / max(time.perf_counter() - t0, 1e-9),
+                )
+        self._save_checkpoint()
+        return [self.export(m) for m in self.members]
+
+    def export(self, m: _Member) -> SAE:
+        """The trained SAE in canonical form with the input scale folded into the weights."""
+        spec = m.spec
+        cfg = SAEConfig(
+            d_in=m.W_enc.shape[0],
+            d_sae=spec.d_sae,
+            activation=spec.kind,
+            k=spec.k,
+            apply_b_dec_to_input=True,
+            input_scale=self.scale[spec.site],
+            hook_site=spec.site,
+            model_name=self.store.identity["model"]["name"],
+            source_format="darkmatter",
+            metadata={
+                "trained_by": "darkmatter",
+                "train_steps": self.step,
+                "train_tokens": self.step * self.cfg.batch_size,
+                "batchtopk_threshold_scaled": float(m.threshold),
+            },
+        )
+        tensors = {
+            "W_enc": m.W_enc.detach().cpu(),
+            "b_enc": m.b_enc.detach().cpu(),
+            "W_dec": m.W_dec.detach().cpu(),
+            "b_dec": m.b_dec.detach().cpu(),
+        }
+        if spec.kind == "batchtopk":
+            tensors["threshold"] = torch.full((spec.d_sae,), float(m.threshold))
+        return SAE.from_tensors(cfg, tensors).fold_input_scale()

@@ -1,0 +1,116 @@
+"""The family trainer: learns planted features, folds scaling, resumes after SIGKILL to identical weights."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from synthetic import sparse_features, synthetic_store
+
+from darkmatter.errors import ConfigError, DataError, StoreError
+from darkmatter.sae.quality import evaluate_saes
+from darkmatter.sae.train import FamilyTrainer, SAESpec, TrainConfig
+
+SITE = "blocks.0.hook_resid_post"
+
+
+def _cfg(**kw: object) -> TrainConfig:
+    base = {"epochs": 6, "batch_size": 128, "lr": 2e-3, "dead_tokens": 1000, "checkpoint_every": 7, "aux_k": 8}
+    base.update(kw)
+    return TrainConfig(**base)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    path = tmp_path_factory.mktemp("syn") / "store"
+    return synthetic_store(path, sparse_features(d=12, n_features=24, active=2), n_contexts=48, ctx_len=32)
+
+
+def test_quality_improves_with_width_and_k(store, tmp_path: Path) -> None:  # noqa: ANN001
+    pairs = [(4, 2), (8, 2), (16, 2), (16, 1), (16, 4)]  # 24 planted features: every width is short of them
+    specs = [SAESpec(name=f"w{w}.k{k}", site=SITE, d_sae=w, k=k) for w, k in pairs]
+    saes = FamilyTrainer(store, specs, _cfg(), tmp_path / "t").train()
+    q = evaluate_saes(store, {s.name: sae for s, sae in zip(specs, saes, strict=True)})
+    fvu = {n: v["fvu"] for n, v in q.items()}
+    assert fvu["w4.k2"] > fvu["w8.k2"] > fvu["w16.k2"]
+    assert fvu["w16.k1"] > fvu["w16.k2"] > fvu["w16.k4"]
+    assert fvu["w16.k4"] < 0.2
+    assert all(v["dead_fraction"] < 0.2 for v in q.values())
+    assert q["w16.k4"]["l0"] <= 4.0
+
+
+def test_export_folds_input_scale_and_keeps_unit_decoder(store, tmp_path: Path) -> None:  # noqa: ANN001
+    spec = SAESpec(name="s", site=SITE, d_sae=16, k=2)
+    trainer = FamilyTrainer(store, [spec], _cfg(epochs=1), tmp_path / "t")
+    (sae,) = trainer.train()
+    m, s = trainer.members[0], trainer.scale[SITE]
+    assert sae.cfg.input_scale == 1.0 and s != 1.0
+    x = next(iter(store.iter_batches([SITE], batch_tokens=64))).acts[SITE]
+    with torch.no_grad():
+        idx, vals, _ = trainer._encode(m, x * s)
+        ref = trainer._decode(m, idx, vals) / s
+    torch.testing.assert_close(sae(x), ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close((sae.W_dec * s).norm(dim=1), torch.ones(16), rtol=1e-5, atol=1e-5)
+
+
+def test_batchtopk_has_inference_threshold(store, tmp_path: Path) -> None:  # noqa: ANN001
+    spec = SAESpec(name="b", site=SITE, d_sae=24, k=2, kind="batchtopk")
+    (sae,) = FamilyTrainer(store, [spec], _cfg(epochs=3), tmp_path / "t").train()
+    assert sae.cfg.activation == "batchtopk" and sae.threshold is not None and float(sae.threshold[0]) > 0
+    q = evaluate_saes(store, {"b": sae})["b"]
+    assert 0.5 < q["l0"] < 6 and q["fvu"] < 0.5
+
+
+RESUME = textwrap.dedent(
+    """
+    import os, signal, sys
+    sys.path.insert(0, {tests!r})
+    from darkmatter.store import ActivationStore
+    from darkmatter.sae.train import FamilyTrainer, SAESpec, TrainConfig
+    import darkmatter.sae.train as tr
+    from test_sae_train import _cfg, SITE
+
+    original = tr.FamilyTrainer._train_step
+    def dying(self, batch):
+        if self.step == {kill_at}:
+            os.kill(os.getpid(), signal.SIGKILL)
+        original(self, batch)
+    tr.FamilyTrainer._train_step = dying
+    specs = [SAESpec(name="a", site=SITE, d_sae=16, k=2), SAESpec(name="b", site=SITE, d_sae=8, k=1)]
+    FamilyTrainer(ActivationStore.open({store!r}), specs, _cfg(epochs=3), {work!r}).train()
+    """
+)
+
+
+def test_resume_after_sigkill_reaches_identical_weights(store, tmp_path: Path) -> None:  # noqa: ANN001
+    specs = [SAESpec(name="a", site=SITE, d_sae=16, k=2), SAESpec(name="b", site=SITE, d_sae=8, k=1)]
+    ref = FamilyTrainer(store, specs, _cfg(epochs=3), tmp_path / "ref").train()
+    work = tmp_path / "killed"
+    script = RESUME.format(tests=str(Path(__file__).parent), kill_at=17, store=str(store.root), work=str(work))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr.decode()[-2000:]
+    assert (work / "checkpoint.pt").is_file()
+    trainer = FamilyTrainer(store, specs, _cfg(epochs=3), work)
+    resumed = trainer.train()
+    for a, b in zip(ref, resumed, strict=True):
+        for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+            torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=0, atol=0)
+
+
+def test_bad_family_input(store, tmp_path: Path) -> None:  # noqa: ANN001
+    with pytest.raises(ConfigError, match="exceeds d_sae"):
+        FamilyTrainer(store, [SAESpec(name="x", site=SITE, d_sae=4, k=8)], _cfg(), tmp_path)
+    with pytest.raises(StoreError, match="lacks"):
+        FamilyTrainer(store, [SAESpec(name="x", site="blocks.3.hook_mlp_out", d_sae=4, k=1)], _cfg(), tmp_path)
+    with pytest.raises(ConfigError, match="unique"):
+        FamilyTrainer(store, [SAESpec(name="x", site=SITE, d_sae=4, k=1)] * 2, _cfg(), tmp_path)
+    with pytest.raises(DataError, match="fewer than one batch"):
+        FamilyTrainer(store, [SAESpec(name="x", site=SITE, d_sae=4, k=1)], _cfg(batch_size=10**6), tmp_path)
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(StoreError, match="cannot be read"):
+        FamilyTrainer(store, [SAESpec(name="x", site=SITE, d_sae=4, k=1)], _cfg(), tmp_path / "c").train()
