@@ -133,6 +133,15 @@ def _demo() -> dict[str, Any]:
             "batch_size": 8,
             "shard_contexts": 32,
         },
+        "family": {
+            "kind": "topk",
+            "widths": [512, 1024, 2048, 4096],
+            "k": 32,
+            "ks": [8, 16, 64],
+            "width_for_ks": 1024,
+            "aux_sites": True,
+            "train": {"epochs": 4, "batch_size": 512, "lr": 1e-3, "dead_tokens": 20_000},
+        },
     }
 
 
@@ -143,7 +152,7 @@ def _tiny() -> dict[str, Any]:
     cfg["text"].update({"ctx_len": 64, "n_contexts": 8, "skip_positions": 4})
     cfg["harvest"].update({"batch_size": 4, "shard_contexts": 4})
     cfg["family"] = {"widths": [64, 128], "k": 8, "ks": [4], "width_for_ks": 128,
-                     "train": {"batch_size": 128, "epochs": 2}}
+                     "train": {"batch_size": 128, "epochs": 2, "lr": 1e-3}}
     return cfg
 
 

@@ -112,10 +112,11 @@ class Moments:
     """Float64 moments of inputs x [tokens, d_x] shared by named target blocks y [tokens, d_y].
 
     `update(x, {name: y, ...})` adds one chunk (any float dtype, any device; every declared target must come
-    with the same tokens as x). Chunk products are float64 GEMMs. float32 GEMMs with float64 accumulation
-    were measured (bench/bench_moments.py) and rejected: about 1.7x faster on CPU, but held-out R² from
-    moments drifts by ~1e-4 relative (SS_res = SS_tot − 2·lin + quad cancels), far outside the 1e-8 the
-    property tests demand. The private `_gemm_dtype` attribute exists only so the bench can measure it.
+    with the same tokens as x). Chunk products are float64 GEMMs. float32 chunk GEMMs with float64
+    accumulation were measured and rejected: a bare float32 GEMM is 1.2-1.9x faster on a 2-core CPU but
+    end to end (bench/bench_moments.py) there was no gain, and on the property-test data held-out R² from
+    float32 moments is off by up to ~1e-4 relative (SS_tot − 2·lin + quad cancels), far outside the 1e-8
+    the tests demand. The private `_gemm_dtype` attribute exists only so the bench can measure it.
     """
 
     def __init__(
