@@ -114,3 +114,13 @@ def test_bad_family_input(store, tmp_path: Path) -> None:  # noqa: ANN001
     (tmp_path / "c" / "checkpoint.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(StoreError, match="cannot be read"):
         FamilyTrainer(store, [SAESpec(name="x", site=SITE, d_sae=4, k=1)], _cfg(), tmp_path / "c").train()
+
+
+def test_checkpoint_of_another_family_is_not_resumed(store, tmp_path: Path) -> None:  # noqa: ANN001
+    work = tmp_path / "w"
+    FamilyTrainer(store, [SAESpec(name="x", site=SITE, d_sae=8, k=1)], _cfg(epochs=1), work).train()
+    other = [SAESpec(name="x", site=SITE, d_sae=16, k=2)]
+    (sae,) = FamilyTrainer(store, other, _cfg(epochs=1), work).train()
+    fresh = FamilyTrainer(store, other, _cfg(epochs=1), tmp_path / "fresh").train()[0]
+    assert sae.cfg.d_sae == 16
+    torch.testing.assert_close(sae.W_dec, fresh.W_dec, rtol=0, atol=0)

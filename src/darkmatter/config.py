@@ -140,7 +140,7 @@ def _demo() -> dict[str, Any]:
             "ks": [8, 16, 64],
             "width_for_ks": 1024,
             "aux_sites": True,
-            "train": {"epochs": 4, "batch_size": 512, "lr": 1e-3, "dead_tokens": 20_000},
+            "train": {"epochs": 4, "batch_size": 512, "lr": 1e-3, "dead_tokens": 5_000},
         },
     }
 

@@ -59,6 +59,12 @@ class FamilyResult(Result):
     train_tokens_per_second: float | None = None
 
 
+def _nan(matrix: list[list[float | None]]) -> Any:
+    import numpy as np
+
+    return np.array([[np.nan if v is None else v for v in row] for row in matrix], dtype=float)
+
+
 def store_dir(out: str | Path) -> Path:
     return Path(out) / "store"
 
@@ -213,6 +219,96 @@ class Study:
             self.log(f"sae_family: {r.name:<24} FVU {r.fvu:.4f}  L0 {r.l0:6.1f}  dead {r.dead_fraction:.1%}")
         return saes
 
+    def step_error_experiments(self, store: ActivationStore, saes: dict[str, SAE]) -> None:
+        """Decomposition engine + the paper's error-prediction, scaling, per-token and norm experiments."""
+        from darkmatter.experiments import error_experiments as ex
+        from darkmatter.experiments.decomposition import decompose
+        from darkmatter.report import figures as fg
+
+        key = self.family_hash() + ":engine-v1"
+        names = ("error_prediction", "per_token", "norm_prediction", "probe_latents")
+        done = [read_result(self.out, n, Result) for n in names]
+        if all(r is not None and r.config_hash == key for r in done):
+            self.log("error experiments: up to date")
+            return
+        cfg, fam = self.cfg, self.cfg.family
+        main_site = f"blocks.{cfg.layer}.hook_resid_post"
+        width_sweep, k_sweep = ex.family_roles(
+            saes, main_site, None if fam.external else fam.k, None if fam.external else fam.width_for_ks
+        )
+        table = self.out / "tables" / "tokens.parquet"
+        dec = decompose(store, saes, split_seed=cfg.split_seed, train_fraction=cfg.train_fraction, table_path=table)
+        figdir = self.out / "figures"
+        common = {"config_hash": key, "seed": cfg.seed,
+                  "config": {"family": fam.model_dump(), "layer": cfg.layer, "split_seed": cfg.split_seed,
+                             "train_fraction": cfg.train_fraction}}
+
+        def paths(d: dict[str, Path]) -> dict[str, str]:
+            return {k: str(v) for k, v in d.items()}
+
+        # Figs 1-3
+        fit, nl_mean, nl_ci = ex.error_prediction(dec, width_sweep, k_sweep, main_site, seed=cfg.seed)
+        st = dec.stats
+        figs: dict[str, dict[str, str]] = {}
+        grid = [n for n in dict.fromkeys(width_sweep + k_sweep)]
+        if grid:
+            figs["maps"] = paths(fg.plot_error_prediction_maps(
+                [st[n].d_sae for n in grid], [st[n].l0 for n in grid], [st[n].norm_r2 for n in grid],
+                [st[n].vector_r2 for n in grid], [st[n].fvu_nonlinear for n in grid], figdir))
+        if width_sweep and nl_mean is not None:
+            fit_params = {k: fit[k]["estimate"] for k in ("c", "a", "m")} if fit else None
+            fit_ci = {k: {"low": fit[k]["ci_low"], "high": fit[k]["ci_high"]} for k in ("c", "a", "m")} if fit else None
+            figs["scaling"] = paths(fg.plot_scaling_decomposition(
+                [st[n].d_sae for n in width_sweep], [st[n].fvu for n in width_sweep],
+                [st[n].fvu_nonlinear for n in width_sweep], fit_params, fit_ci, nl_mean, figdir))
+        write_result(self.out, ex.ErrorPredictionResult(
+            experiment="error_prediction", **common, saes=[st[n].to_dict() for n in saes],
+            width_sweep=width_sweep, k_sweep=k_sweep, power_law=fit, fvu_nonlinear_mean=nl_mean,
+            fvu_nonlinear_ci=nl_ci, n_train=dec.n_train, n_test=dec.n_test, figures=figs))
+
+        # Figs 4, 5, 12, 16
+        pt = ex.per_token(dec, width_sweep, main_site)
+        trace = ex.token_trace(table, width_sweep, lambda t: self.lm.tokenizer.decode([t]))
+        samples = ex.norm_samples(table, width_sweep, seed=cfg.seed)
+        figs = {}
+        if len(width_sweep) >= 2:
+            labels = [f"{st[n].d_sae}" for n in width_sweep]
+            figs["r2"] = paths(fg.plot_per_token_matrix(labels, _nan(pt["r2"]), figdir, stem="per_token_r2",
+                                                        title="R² of predicting the larger SAE's per-token ‖e‖²"))
+            figs["gain"] = paths(fg.plot_per_token_matrix(
+                labels, _nan(pt["nonlinear_gain"]), figdir, stem="per_token_nonlinear_gain",
+                title="% less unexplained variance with ‖NonlinearError‖² added", cmap_label="%"))
+        if width_sweep:
+            figs["trace"] = paths(fg.plot_token_trace(
+                trace["tokens"], {f"{st[n].d_sae} latents": v for n, v in zip(width_sweep, trace["error_norm"].values(),
+                                                                                 strict=True)}, figdir))
+            figs["norms"] = paths(fg.plot_linear_vs_nonlinear_norms(
+                [st[n].d_sae for n in width_sweep], samples["linear"], samples["nonlinear"], figdir))
+        write_result(self.out, ex.PerTokenResult(
+            experiment="per_token", **common, names=width_sweep, widths=[st[n].d_sae for n in width_sweep], **pt,
+            trace=trace, mean_linear_norm=[st[n].mean_linear_norm for n in width_sweep],
+            mean_nonlinear_norm=[st[n].mean_nonlinear_norm for n in width_sweep], figures=figs))
+
+        # Fig 6
+        quantities = list(next(iter(st.values())).norm_test)
+        r2 = {n: st[n].norm_test for n in saes}
+        figs = {"violins": paths(fg.plot_norm_prediction_violins(
+            quantities, {q: [r2[n][q] for n in saes] for q in quantities}, figdir))}
+        write_result(self.out, ex.NormPredictionResult(
+            experiment="norm_prediction", **common, quantities=quantities, r2=r2, figures=figs))
+
+        # Fig 14 on the widest SAE of the width sweep
+        target = width_sweep[-1] if width_sweep else next(iter(saes))
+        pl = ex.probe_latents(store, saes[target], split_seed=cfg.split_seed, train_fraction=cfg.train_fraction)
+        figs = {"scatter": paths(fg.plot_probe_vs_latents(pl["probe_dot"], pl["mean_active"], figdir,
+                                                           corr=pl["correlation"]))}
+        write_result(self.out, ex.ProbeLatentsResult(experiment="probe_latents", **common, sae=target, **pl,
+                                                     figures=figs))
+        for n in width_sweep + [n for n in k_sweep if n not in width_sweep]:
+            s = st[n]
+            self.log(f"engine: {n:<24} FVU {s.fvu:.3f} FVU_nl {s.fvu_nonlinear:.3f} vecR2 {s.vector_r2:.3f} "
+                     f"normR2 {s.norm_r2:.3f}")
+
     def step_report(self) -> Path:
         from darkmatter.report.html import write_report
 
@@ -226,8 +322,11 @@ class Study:
         store = self.step_harvest()
         self.timings["harvest"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        self.step_family(store)
+        saes = self.step_family(store)
         self.timings["sae_family"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        self.step_error_experiments(store, saes)
+        self.timings["error_experiments"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         self.step_report()
         self.timings["report"] = time.perf_counter() - t0

@@ -14,6 +14,8 @@ Training uses the train split of tokens (``darkmatter.stats.split``); quality is
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -309,13 +311,28 @@ class FamilyTrainer:
 
     # -- checkpoints ----------------------------------------------------------------------------------
     @property
+    def signature(self) -> str:
+        """Identifies what a checkpoint was trained on and how; only a matching checkpoint is resumed."""
+        blob = json.dumps(
+            {"specs": [sp.model_dump() for sp in self.specs], "train": self.cfg.model_dump(),
+             "store": self.store.manifest["identity_hash"], "split": [self.split_seed, self.train_fraction]},
+            sort_keys=True,
+        )
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    @property
     def checkpoint_path(self) -> Path:
         return self.workdir / "checkpoint.pt"
 
     def _save_checkpoint(self) -> None:
         import io
 
-        state: dict[str, Any] = {"step": self.step, "scale": dict(self.scale), "members": []}
+        state: dict[str, Any] = {
+            "signature": self.signature,
+            "step": self.step,
+            "scale": dict(self.scale),
+            "members": [],
+        }
         for m in self.members:
             state["members"].append(
                 {
@@ -342,8 +359,8 @@ class FamilyTrainer:
             raise StoreError(
                 f"Checkpoint {self.checkpoint_path} cannot be read ({exc}); delete it to restart training."
             ) from exc
-        if len(state["members"]) != len(self.members):
-            raise StoreError(f"Checkpoint {self.checkpoint_path} belongs to another family; delete it.")
+        if state.get("signature") != self.signature:
+            return False  # another family, config or store: train from scratch (the file is overwritten)
         self.step = int(state["step"])
         self.scale = {k: float(v) for k, v in state["scale"].items()}
         with torch.no_grad():

@@ -1,0 +1,141 @@
+"""The streaming engine against the original approach on the same data, in the same run.
+
+Original approach (the paper's scripts): load every activation, materialise each SAE's error matrix,
+``torch.linalg.lstsq`` on the train rows (float32, bias column), FVU_nonlinear from explicit residuals.
+Engine: ``decompose(..., second_pass=False)``: one streaming pass, float64 moments, Cholesky solve.
+Both use the same SAEs and the same train/test split. Each variant runs in its own subprocess so peak
+RSS is its own. Prints the FVU_nonlinear difference, the speed ratio and the peak-memory ratios.
+
+    python bench/bench_engine.py [--tokens 200000] [--d 576] [--saes 4] [--width 2048] [--k 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SITE = "blocks.0.hook_resid_post"
+
+
+def make_store(root: Path, tokens: int, d: int) -> None:
+    from darkmatter.store import ActivationStore
+
+    ctx_len, shard = 256, 16
+    n_ctx = tokens // ctx_len
+    identity = {"model": {"name": "bench"}, "sites": [SITE], "d": {SITE: d}, "dtype": "fp32", "ctx_len": ctx_len,
+                "n_contexts": n_ctx, "skip_positions": 0, "with_loss": False, "shard_contexts": shard}
+    store = ActivationStore.create_or_resume(root, identity, np.zeros((n_ctx, ctx_len), dtype=np.int32))
+    g = torch.Generator().manual_seed(0)
+    basis = torch.randn(2 * d, d, generator=g) / d**0.5
+    for i in range(store.n_shards):
+        a, b = store.shard_range(i)
+        codes = torch.rand(b - a, ctx_len, 2 * d, generator=g).pow(6) * 4
+        store.write_shard(i, {SITE: (codes @ basis + 0.1 * torch.randn(b - a, ctx_len, d, generator=g)).contiguous()})
+
+
+def make_saes(n: int, d: int, width: int, k: int) -> dict:
+    from darkmatter.sae.model import SAE, SAEConfig
+
+    saes = {}
+    for i in range(n):
+        g = torch.Generator().manual_seed(100 + i)
+        w_dec = torch.randn(width, d, generator=g)
+        w_dec /= w_dec.norm(dim=1, keepdim=True)
+        cfg = SAEConfig(d_in=d, d_sae=width, activation="topk", k=k, hook_site=SITE)
+        tensors = {"W_enc": w_dec.T.contiguous() * 0.5, "b_enc": torch.zeros(width), "W_dec": w_dec,
+                   "b_dec": torch.zeros(d)}
+        saes[f"sae{i}"] = SAE.from_tensors(cfg, tensors)
+    return saes
+
+
+def run_engine(store_dir: str, args: argparse.Namespace) -> dict:
+    from darkmatter.experiments.decomposition import decompose
+    from darkmatter.store import ActivationStore
+
+    store = ActivationStore.open(store_dir)
+    saes = make_saes(args.saes, args.d, args.width, args.k)
+    t0 = time.perf_counter()
+    dec = decompose(store, saes, second_pass=False)
+    return {"seconds": time.perf_counter() - t0, "fvu_nonlinear": {n: s.fvu_nonlinear for n, s in dec.stats.items()}}
+
+
+def run_original(store_dir: str, args: argparse.Namespace) -> dict:
+    from darkmatter.stats.split import is_train
+    from darkmatter.store import ActivationStore
+
+    store = ActivationStore.open(store_dir)
+    saes = make_saes(args.saes, args.d, args.width, args.k)
+    t0 = time.perf_counter()
+    rows = list(store.iter_batches([SITE], batch_tokens=1 << 30))
+    x = torch.cat([b.acts[SITE] for b in rows])
+    train = torch.cat([is_train(b.context, b.position, 0, 0.8) for b in rows])
+    del rows
+    xt = torch.cat([x, torch.ones(len(x), 1)], 1)
+    out = {}
+    for name, sae in saes.items():
+        with torch.no_grad():
+            err = x - sae(x)  # materialised [N, d] error matrix, as the original scripts stored
+        sol = torch.linalg.lstsq(xt[train], err[train]).solution
+        res = err[~train] - xt[~train] @ sol
+        xs = x[~train].double()
+        out[name] = float(res.double().pow(2).sum() / (xs - xs.mean(0)).pow(2).sum())
+        del err, sol, res
+    return {"seconds": time.perf_counter() - t0, "fvu_nonlinear": out}
+
+
+def child(kind: str, store_dir: str, args: argparse.Namespace) -> None:
+    import darkmatter.experiments.decomposition  # noqa: F401  (imports counted in the base RSS)
+
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    res = run_engine(store_dir, args) if kind == "engine" else run_original(store_dir, args)
+    res["peak_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    res["base_kb"] = base
+    print(json.dumps(res))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, default=200_000)
+    ap.add_argument("--d", type=int, default=576)
+    ap.add_argument("--saes", type=int, default=4)
+    ap.add_argument("--width", type=int, default=2048)
+    ap.add_argument("--k", type=int, default=32)
+    ap.add_argument("--child", default="")
+    ap.add_argument("--store", default="")
+    args = ap.parse_args()
+    if args.child:
+        child(args.child, args.store, args)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        make_store(Path(tmp) / "store", args.tokens, args.d)
+        res = {}
+        for kind in ("original", "engine"):
+            cmd = [sys.executable, __file__, "--child", kind, "--store", str(Path(tmp) / "store"),
+                   "--tokens", str(args.tokens), "--d", str(args.d), "--saes", str(args.saes),
+                   "--width", str(args.width), "--k", str(args.k)]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+            res[kind] = json.loads(out)
+    o, e = res["original"], res["engine"]
+    diff = max(abs(o["fvu_nonlinear"][n] - e["fvu_nonlinear"][n]) for n in o["fvu_nonlinear"])
+    print(f"{args.tokens} tokens x d {args.d}, {args.saes} TopK SAEs (w={args.width}, k={args.k})")
+    print(f"FVU_nonlinear: engine {[round(v, 6) for v in e['fvu_nonlinear'].values()]}")
+    print(f"max |FVU_nonlinear engine - original| = {diff:.2e}  (target <= 1e-5)")
+    print(f"time: original {o['seconds']:.1f}s, engine {e['seconds']:.1f}s, "
+          f"speed-up {o['seconds'] / e['seconds']:.2f}x (target >= 2x)")
+    po, pe = o["peak_kb"] / 1024, e["peak_kb"] / 1024
+    bo, be = (o["peak_kb"] - o["base_kb"]) / 1024, (e["peak_kb"] - e["base_kb"]) / 1024
+    print(f"peak RSS: original {po:,.0f} MiB, engine {pe:,.0f} MiB, ratio {po / pe:.1f}x; above the "
+          f"post-import base: {bo:,.0f} vs {be:,.0f} MiB, ratio {bo / max(be, 1):.1f}x (target >= 10x)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,385 @@
+"""The dark-matter engine: two streaming passes over the store for every SAE of a family.
+
+Pass 1 accumulates, per site and split, float64 moments of x against each SAE's error e = x − Sae(x)
+(vector) and its norms, plus held-out reconstruction metrics and per-context sums for bootstraps. The
+error probes b* are then fitted on the train split and evaluated exactly on the test split:
+- ``vector_r2``: R² of e from x̃ = [x, 1], unweighted mean over output dimensions (the paper's number);
+- ``fvu_nonlinear`` = FVU(x, Sae(x) + b*x̃) on test tokens; ``fvu − fvu_nonlinear`` is the linear share;
+- ``norm_r2``: R² of ‖e‖² from x̃ (Eq. 10), and ``norm_r2_plain`` for ‖e‖.
+Every number is also computed without the bias column (``*_nobias``), the original code's choice.
+Pass 2 applies b* to every token: LinearError = b*x̃, NonlinearError = e − b*x̃. It gives the cosine of
+b*x̃ with x, the norm-prediction test (R² of ‖q‖² from x̃ for q in x, Sae(x), e, linear, nonlinear), the
+moment matrix of per-token norms behind the per-token scaling regressions, and the per-token table.
+Memory is O(d² · SAEs) whatever the number of tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from darkmatter.errors import DataError, StoreError
+from darkmatter.sae.model import SAE
+from darkmatter.stats import FVU, L0, NMSE, Cosine, Moments, NormRatio, evaluate, fit_ridge, fit_ridge_many
+from darkmatter.stats import fvu_with_prediction as fvu_with_pred
+from darkmatter.stats.split import is_train
+from darkmatter.store import ActivationStore
+
+Tensor = torch.Tensor
+NORM_TEST_QUANTITIES = ("x", "sae", "error", "linear", "nonlinear")
+
+
+@dataclass
+class SAEStats:
+    """Everything the engine measures for one SAE (all on held-out tokens unless named otherwise)."""
+
+    name: str
+    site: str
+    d_sae: int
+    k: int | None
+    fvu: float = float("nan")
+    nmse: float = float("nan")
+    l0: float = float("nan")
+    dead_fraction: float = float("nan")
+    norm_ratio: float = float("nan")
+    vector_r2: float = float("nan")
+    vector_r2_weighted: float = float("nan")
+    vector_r2_nobias: float = float("nan")
+    fvu_nonlinear: float = float("nan")
+    fvu_nonlinear_nobias: float = float("nan")
+    fvu_nonlinear_pass2: float = float("nan")
+    norm_r2: float = float("nan")
+    norm_r2_plain: float = float("nan")
+    norm_r2_nobias: float = float("nan")
+    cos_linear_x: float = float("nan")
+    ridge: float = float("nan")
+    constant_dims: int = 0
+    mean_error_norm: float = float("nan")
+    mean_linear_norm: float = float("nan")
+    mean_nonlinear_norm: float = float("nan")
+    norm_test: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items()}
+
+
+@dataclass
+class ContextSums:
+    """Per-context sums over test tokens (for bootstraps over contexts)."""
+
+    n: np.ndarray  # [n_ctx]
+    sum_x: np.ndarray  # [n_ctx, d]
+    sum_sq_x: np.ndarray  # [n_ctx]
+    sse: dict[str, np.ndarray]  # name -> [n_ctx] Σ‖e‖²
+    sse_nonlinear: dict[str, np.ndarray]  # name -> [n_ctx] Σ‖NonlinearError‖²
+
+
+@dataclass
+class NormGram:
+    """Raw float64 Gram of per-token scalars z = [columns..., 1] per split (per-token scaling)."""
+
+    columns: list[str]
+    train: np.ndarray
+    test: np.ndarray
+
+
+@dataclass
+class Decomposition:
+    """Output of ``decompose``: per-SAE statistics, bootstrap sums per site, per-token norm Grams."""
+
+    stats: dict[str, SAEStats]
+    contexts: dict[str, ContextSums]  # site -> sums
+    norm_grams: dict[str, NormGram]  # site -> Gram
+    n_train: int
+    n_test: int
+    probes: dict[str, tuple[Tensor, Tensor]]  # name -> (weights [d, d], bias [d]) of b*
+    table: Path | None = None
+
+
+def _group_by_site(saes: Mapping[str, SAE], store: ActivationStore) -> dict[str, list[str]]:
+    groups: dict[str, list[str]] = {}
+    for name, sae in saes.items():
+        site = sae.cfg.hook_site
+        if site is None or site not in store.sites:
+            raise StoreError(f"SAE {name!r} reads site {site!r}, which the store lacks (it has {store.sites}).")
+        sae.check_input_width(store.d[site], site)
+        groups.setdefault(site, []).append(name)
+    return groups
+
+
+class _Splitter:
+    def __init__(self, seed: int, fraction: float):
+        self.seed, self.fraction = seed, fraction
+
+    def __call__(self, context: Tensor, position: Tensor) -> Tensor:
+        return is_train(context.cpu(), position.cpu(), self.seed, self.fraction).to(context.device)
+
+
+def _check_finite(x: Tensor, site: str) -> None:
+    if not bool(torch.isfinite(x).all()):
+        raise DataError(f"The store holds NaN or inf activations at {site}; re-harvest in fp32.")
+
+
+def decompose(
+    store: ActivationStore,
+    saes: Mapping[str, SAE],
+    *,
+    split_seed: int = 0,
+    train_fraction: float = 0.8,
+    batch_tokens: int = 4096,
+    device: str = "cpu",
+    table_path: Path | None = None,
+    second_pass: bool = True,
+) -> Decomposition:
+    """Run both passes for every SAE (``second_pass=False``: probes and FVU_nonlinear only)."""
+    if not saes:
+        raise DataError("decompose needs at least one SAE.")
+    groups = _group_by_site(saes, store)
+    split = _Splitter(split_seed, train_fraction)
+    d = {site: store.d[site] for site in groups}
+    stats = {n: SAEStats(n, str(s.cfg.hook_site), s.cfg.d_sae, s.cfg.k) for n, s in saes.items()}
+    n_ctx = store.n_contexts
+
+    # ---------------------------------------------------------------- pass 1
+    mom: dict[tuple[str, str], Moments] = {}
+    for site, names in groups.items():
+        targets: dict[str, int] = {}
+        for n in names:
+            targets.update({f"{n}:e": d[site], f"{n}:e2": 1, f"{n}:en": 1})
+        for part in ("train", "test"):
+            mom[(site, part)] = Moments(d[site], targets)
+    fvu = {n: FVU(saes[n].cfg.d_in) for n in saes}
+    nmse = {n: NMSE(saes[n].cfg.d_in) for n in saes}
+    ratio = {n: NormRatio(saes[n].cfg.d_in) for n in saes}
+    l0 = {n: L0(saes[n].cfg.d_sae) for n in saes}
+    ctx = {
+        site: ContextSums(np.zeros(n_ctx), np.zeros((n_ctx, d[site])), np.zeros(n_ctx),
+                          {n: np.zeros(n_ctx) for n in names}, {n: np.zeros(n_ctx) for n in names})
+        for site, names in groups.items()
+    }
+    n_train = n_test = 0
+    for batch in _batches(store, list(groups), batch_tokens, device):
+        train = split(batch.context, batch.position)
+        n_train += int(train.sum())
+        n_test += int((~train).sum())
+        ctx_test = batch.context[~train].cpu().numpy()
+        for site, names in groups.items():
+            x = batch.acts[site]
+            _check_finite(x, site)
+            x_te = x[~train].double()
+            sums = ctx[site]
+            np.add.at(sums.n, ctx_test, 1)
+            np.add.at(sums.sum_x, ctx_test, x_te.cpu().numpy())
+            np.add.at(sums.sum_sq_x, ctx_test, x_te.pow(2).sum(1).cpu().numpy())
+            tgt: dict[str, dict[str, Tensor]] = {"train": {}, "test": {}}
+            for n in names:
+                sae = saes[n]
+                x_hat, codes = sae.reconstruct(x.to(sae.dtype))
+                e = x - x_hat.to(x.dtype)
+                e2 = e.pow(2).sum(1, keepdim=True)
+                for part, mask in (("train", train), ("test", ~train)):
+                    tgt[part].update({f"{n}:e": e[mask], f"{n}:e2": e2[mask], f"{n}:en": e2[mask].sqrt()})
+                if bool((~train).any()):
+                    fvu[n].update(x[~train], x_hat[~train])
+                    nmse[n].update(x[~train], x_hat[~train])
+                    ratio[n].update(x[~train], x_hat[~train])
+                    l0[n].update_sparse(codes.indices[~train], codes.values[~train])
+                    np.add.at(sums.sse[n], ctx_test, e2[~train, 0].double().cpu().numpy())
+            for part, mask in (("train", train), ("test", ~train)):
+                if bool(mask.any()):
+                    mom[(site, part)].update(x[mask], tgt[part])
+    if n_train <= max(d.values()) + 1 or n_test < 2:
+        raise DataError(
+            f"The split has {n_train} train and {n_test} test tokens; the regressions need more than "
+            f"{max(d.values()) + 1} train and at least 2 test tokens. Harvest more contexts."
+        )
+
+    # ---------------------------------------------------------------- fits
+    probes: dict[str, tuple[Tensor, Tensor]] = {}
+    for site, names in groups.items():
+        tr, te = mom[(site, "train")], mom[(site, "test")]
+        var_x = te.total_variance_x()
+        fits = fit_ridge_many(tr, [f"{n}:e" for n in names], bias=True)
+        fits_nb = fit_ridge_many(tr, [f"{n}:e" for n in names], bias=False)
+        for n in names:
+            st = stats[n]
+            ev = evaluate(fits[f"{n}:e"], te, f"{n}:e")
+            ev_nb = evaluate(fits_nb[f"{n}:e"], te, f"{n}:e")
+            st.vector_r2, st.vector_r2_weighted = ev.r2_mean_over_dims, ev.r2_variance_weighted
+            st.vector_r2_nobias = ev_nb.r2_mean_over_dims
+            st.constant_dims = int(ev.constant_dims)
+            st.fvu_nonlinear = fvu_with_pred(ev, var_x)
+            st.fvu_nonlinear_nobias = fvu_with_pred(ev_nb, var_x)
+            st.ridge = float(fits[f"{n}:e"].ridge)
+            st.norm_r2 = evaluate(fit_ridge(tr, f"{n}:e2", bias=True), te, f"{n}:e2").r2
+            st.norm_r2_nobias = evaluate(fit_ridge(tr, f"{n}:e2", bias=False), te, f"{n}:e2").r2
+            st.norm_r2_plain = evaluate(fit_ridge(tr, f"{n}:en", bias=True), te, f"{n}:en").r2
+            f = fits[f"{n}:e"]
+            assert f.bias is not None
+            probes[n] = (f.weights.to(device=device, dtype=torch.float32), f.bias.to(device=device, dtype=torch.float32))
+            st.fvu, st.nmse, st.norm_ratio = fvu[n].compute(), nmse[n].compute(), ratio[n].compute()
+            st.l0, st.dead_fraction = l0[n].compute(), l0[n].dead_fraction()
+    del mom
+    if not second_pass:
+        return Decomposition(stats=stats, contexts=ctx, norm_grams={}, n_train=n_train, n_test=n_test,
+                             probes=probes)
+
+    # ---------------------------------------------------------------- pass 2
+    mom2: dict[tuple[str, str], Moments] = {}
+    gram_cols: dict[str, list[str]] = {}
+    grams: dict[str, dict[str, np.ndarray]] = {}
+    for site, names in groups.items():
+        targets2 = {"x2": 1} | {f"{n}:{q}": 1 for n in names for q in NORM_TEST_QUANTITIES[1:]}
+        for part in ("train", "test"):
+            mom2[(site, part)] = Moments(d[site], targets2)
+        gram_cols[site] = [f"{n}:{q}" for q in ("e2", "nl2", "en", "nln") for n in names]
+        size = len(gram_cols[site]) + 1
+        grams[site] = {"train": np.zeros((size, size)), "test": np.zeros((size, size))}
+    cos = {n: Cosine(saes[n].cfg.d_in) for n in saes}
+    fvu2 = {n: FVU(saes[n].cfg.d_in) for n in saes}
+    norm_sums = {n: np.zeros(3) for n in saes}
+    writer = _TableWriter(table_path, list(saes)) if table_path is not None else None
+    completed = False
+    try:
+        for batch in _batches(store, list(groups), batch_tokens, device):
+            train = split(batch.context, batch.position)
+            ctx_test = batch.context[~train].cpu().numpy()
+            cols: dict[str, Tensor] = {}
+            for site, names in groups.items():
+                x = batch.acts[site]
+                x2 = x.pow(2).sum(1, keepdim=True)
+                tgt: dict[str, dict[str, Tensor]] = {"train": {"x2": x2[train]}, "test": {"x2": x2[~train]}}
+                zcols = []
+                for n in names:
+                    sae = saes[n]
+                    x_hat, codes = sae.reconstruct(x.to(sae.dtype))
+                    x_hat = x_hat.to(x.dtype)
+                    e = x - x_hat
+                    w, b = probes[n]
+                    lin = torch.addmm(b, x, w)
+                    nl = e - lin
+                    q = {"sae": x_hat, "error": e, "linear": lin, "nonlinear": nl}
+                    sq = {k: v.pow(2).sum(1, keepdim=True) for k, v in q.items()}
+                    for part, mask in (("train", train), ("test", ~train)):
+                        tgt[part].update({f"{n}:{k}": sq[k][mask] for k in sq})
+                    if bool((~train).any()):
+                        cos[n].update(lin[~train], x[~train])
+                        fvu2[n].update(x[~train], (x_hat + lin)[~train])
+                        np.add.at(ctx[site].sse_nonlinear[n], ctx_test, sq["nonlinear"][~train, 0].double().cpu().numpy())
+                        norm_sums[n] += np.array([
+                            float(sq["error"][~train].sqrt().sum()), float(sq["linear"][~train].sqrt().sum()),
+                            float(sq["nonlinear"][~train].sqrt().sum()),
+                        ])
+                    zcols.append((sq["error"], sq["nonlinear"]))
+                    cols[f"{n}:l0"] = (codes.values != 0).sum(-1).to(torch.float32)
+                    cols[f"{n}:error_norm"] = sq["error"][:, 0].sqrt().float()
+                    cols[f"{n}:linear_norm"] = sq["linear"][:, 0].sqrt().float()
+                    cols[f"{n}:nonlinear_norm"] = sq["nonlinear"][:, 0].sqrt().float()
+                e2s = torch.cat([z[0] for z in zcols], 1)
+                nl2s = torch.cat([z[1] for z in zcols], 1)
+                z = torch.cat([e2s, nl2s, e2s.sqrt(), nl2s.sqrt(), torch.ones_like(e2s[:, :1])], 1).double()
+                for part, mask in (("train", train), ("test", ~train)):
+                    zm = z[mask]
+                    grams[site][part] += (zm.T @ zm).cpu().numpy()
+                    if bool(mask.any()):
+                        mom2[(site, part)].update(x[mask], tgt[part])
+            if writer is not None:
+                writer.write(batch, train, cols)
+        completed = True
+    finally:
+        if writer is not None:
+            writer.finish(completed)
+
+    for site, names in groups.items():
+        tr, te = mom2[(site, "train")], mom2[(site, "test")]
+        x_fit = evaluate(fit_ridge(tr, "x2", bias=True), te, "x2").r2
+        for n in names:
+            st = stats[n]
+            st.norm_test = {"x": x_fit} | {
+                q: evaluate(fit_ridge(tr, f"{n}:{q}", bias=True), te, f"{n}:{q}").r2 for q in NORM_TEST_QUANTITIES[1:]
+            }
+            st.cos_linear_x = cos[n].compute()
+            st.fvu_nonlinear_pass2 = fvu2[n].compute()
+            m = norm_sums[n] / max(n_test, 1)
+            st.mean_error_norm, st.mean_linear_norm, st.mean_nonlinear_norm = (float(v) for v in m)
+    return Decomposition(
+        stats=stats,
+        contexts=ctx,
+        norm_grams={s: NormGram(gram_cols[s], grams[s]["train"], grams[s]["test"]) for s in groups},
+        n_train=n_train,
+        n_test=n_test,
+        probes=probes,
+        table=table_path,
+    )
+
+
+def _batches(store: ActivationStore, sites: list[str], batch_tokens: int, device: str) -> Iterator[Any]:
+    yield from store.iter_batches(sites, batch_tokens=batch_tokens, device=device)
+
+
+class _TableWriter:
+    """Streams the per-token table to Parquet (row group per batch), renamed into place when complete."""
+
+    def __init__(self, path: Path, names: list[str]):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.path.with_name(f".{self.path.name}.tmp")
+        fields = [pa.field("context", pa.int32()), pa.field("position", pa.int32()), pa.field("token", pa.int32()),
+                  pa.field("split", pa.string()), pa.field("loss", pa.float32())]
+        for n in names:
+            fields += [pa.field(f"{n}:{c}", pa.float32()) for c in ("l0", "error_norm", "linear_norm", "nonlinear_norm")]
+        self.schema = pa.schema(fields)
+        self.pa = pa
+        self.writer = pq.ParquetWriter(str(self.tmp), self.schema, compression="zstd")
+        self.ok = False
+
+    def write(self, batch: Any, train: Tensor, cols: dict[str, Tensor]) -> None:
+        pa = self.pa
+        n = len(batch)
+        loss = batch.loss.cpu().numpy().astype(np.float32) if batch.loss is not None else np.full(n, np.nan, np.float32)
+        arrays = [
+            pa.array(batch.context.cpu().numpy().astype(np.int32)),
+            pa.array(batch.position.cpu().numpy().astype(np.int32)),
+            pa.array(batch.token.cpu().numpy().astype(np.int32)),
+            pa.array(np.where(train.cpu().numpy(), "train", "test")),
+            pa.array(loss),
+        ]
+        arrays += [pa.array(cols[f.name].cpu().numpy()) for f in list(self.schema)[5:]]
+        self.writer.write_table(pa.Table.from_arrays(arrays, schema=self.schema))
+
+    def finish(self, ok: bool) -> None:
+        """Close the file; move it into place when complete, delete it otherwise."""
+        self.writer.close()
+        if ok:
+            self.tmp.replace(self.path)
+        else:
+            self.tmp.unlink(missing_ok=True)
+
+
+def ols_from_gram(
+    g_train: np.ndarray, g_test: np.ndarray, x_cols: list[int], y_col: int, *, intercept: bool
+) -> tuple[np.ndarray, float, float]:
+    """Least squares of column ``y_col`` on ``x_cols`` (+ the last column as intercept) from raw Grams.
+
+    Returns (coefficients, held-out R², held-out SS_res). ``g_*`` are Grams of [z..., 1].
+    """
+    one = g_train.shape[0] - 1
+    cols = list(x_cols) + ([one] if intercept else [])
+    a = g_train[np.ix_(cols, cols)]
+    b = g_train[cols, y_col]
+    coef = np.linalg.solve(a + 1e-12 * np.trace(a) / len(cols) * np.eye(len(cols)), b)
+    gt = g_test
+    ss_res = gt[y_col, y_col] - 2 * coef @ gt[cols, y_col] + coef @ gt[np.ix_(cols, cols)] @ coef
+    n = gt[one, one]
+    ss_tot = gt[y_col, y_col] - gt[one, y_col] ** 2 / n
+    if ss_tot <= 0:
+        raise DataError("A per-token norm is constant on the test split; its R² is undefined.")
+    return coef, float(1 - ss_res / ss_tot), float(ss_res)

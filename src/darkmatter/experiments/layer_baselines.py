@@ -1,0 +1,495 @@
+"""Fig 13 / Fig 3: how well simple baselines predict an SAE's squared error norm, layer by layer.
+
+For one SAE per layer, the target is y = ‖x − Sae(x)‖² per token and each predictor's R² is measured on
+held-out (test-split) tokens:
+
+- ``activations``: linear regression on x with bias (Fig 3's "norm R²" and Fig 13's "Acts");
+- ``token_identity``: the mean y of each token id over the train tokens, ids unseen in train getting the
+  global train mean (the paper's version was in-sample; this one is held out);
+- ``l0``, ``activation_norm``, ``model_loss``: linear regression with bias on the SAE's per-token L0, on
+  ‖x‖, and on the next-token loss.
+
+Every number comes from sums gathered in ONE streaming pass over the store for all layers together: the
+regressions from train and test `Moments` (fit on train, scored exactly on test), the token baseline from
+per-token-id sums of y and y² (over the vocabulary, not the tokens), FVU and L0 from the test moments.
+Memory is O(layers · (d² + vocab)), independent of the token count. The last position of every context
+is left out for all predictors (it has no next-token loss), so they are all scored on the same tokens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+
+from darkmatter.errors import ConfigError, DarkMatterError, DataError, StoreError
+from darkmatter.harvest import HarvestConfig, harvest
+from darkmatter.lm.loading import LoadedLM
+from darkmatter.results import Result
+from darkmatter.sae import SAE, load_sae, save_sae
+from darkmatter.sae.train import FamilyTrainer, SAESpec, TrainConfig
+from darkmatter.stats import CONSTANT_TARGET_TOL, DEFAULT_RELATIVE_RIDGE, Moments, RidgeFit, evaluate, fit_ridge
+from darkmatter.stats.split import is_train
+from darkmatter.store import ActivationStore
+from darkmatter.text import TextConfig, make_contexts
+
+Tensor = torch.Tensor
+F64 = torch.float64
+Log = Callable[[str], None]
+
+EXPERIMENT = "layer_baselines"
+RESID_SITE = "blocks.{layer}.hook_resid_post"
+PREDICTORS = ("activations", "token_identity", "l0", "activation_norm", "model_loss")
+REGRESSIONS = ("activations", "l0", "activation_norm", "model_loss")
+STORE_DIR = "store_layers"
+SAE_DIR = "saes_layers"
+SAE_KEY = "layer_baselines_key"  # SAE metadata entry: hash of the settings a trained SAE came from
+
+
+class LayerBaselinesResult(Result):
+    """Held-out R² of predicting the squared SAE error norm from each baseline, per layer."""
+
+    experiment: str = Field(EXPERIMENT, description="Experiment name; also the JSON file name.")
+    layers: list[int] = Field(description="Layers, ascending; every per-layer list follows this order.")
+    sites: list[str] = Field(description="Hook site read at each layer.")
+    r2: dict[str, list[float]] = Field(
+        description="Test-split R² per predictor (activations, token_identity, l0, activation_norm, "
+        "model_loss) per layer; model_loss is absent when the store has no per-token loss."
+    )
+    fvu: list[float] = Field(description="The SAE's FVU on the test tokens, per layer.")
+    l0: list[float] = Field(description="The SAE's mean L0 on the test tokens, per layer.")
+    n_train_tokens: int = Field(description="Tokens the fits and per-token means were computed on.")
+    n_test_tokens: int = Field(description="Tokens every R², FVU and L0 is measured on.")
+    notes: list[str] = Field(default_factory=list, description="Choices and degenerate cases, in words.")
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _sae_identity(sae: SAE) -> dict[str, Any]:
+    c = sae.cfg
+    return {
+        "d_in": c.d_in,
+        "d_sae": c.d_sae,
+        "activation": c.activation,
+        "k": c.k,
+        "hook_site": c.hook_site,
+        "model_name": c.model_name,
+        "source_format": c.source_format,
+        "key": c.metadata.get(SAE_KEY),
+    }
+
+
+def _layer_site(site_template: str, layer: int) -> str:
+    if "{layer}" not in site_template:
+        raise ConfigError(f"site_template must contain '{{layer}}', found {site_template!r}.")
+    return site_template.format(layer=layer)
+
+
+class _Layer:
+    """Sums for one layer: train/test moments per regression, per-token-id sums of y for the token baseline."""
+
+    def __init__(self, layer: int, site: str, sae: SAE, d: int, vocab: int, with_loss: bool) -> None:
+        self.layer, self.site, self.sae = layer, site, sae
+        self.device = sae.device
+        names = [n for n in REGRESSIONS if with_loss or n != "model_loss"]
+        self.moments = {
+            split: {n: Moments(d if n == "activations" else 1, {"y": 1}) for n in names}
+            for split in ("train", "test")
+        }
+        self.ref: Tensor | None = None  # shift for the per-token sums of y (first chunk's mean)
+        zeros = lambda: torch.zeros(vocab, dtype=F64, device=self.device)  # noqa: E731
+        self.train_sum, self.test_sum, self.test_sumsq = zeros(), zeros(), zeros()
+        self.notes: list[str] = []
+
+    def where(self, what: str) -> str:
+        return f"layer {self.layer} ({self.site}), {what}"
+
+    @torch.no_grad()
+    def update(self, x: Tensor, token: Tensor, loss: Tensor | None, train: Tensor) -> None:
+        """x [n, d] float32, token [n] int64, loss [n] or None, train [n] bool (all on CPU)."""
+        x = x.to(self.device)
+        x_hat, codes = self.sae.reconstruct(x.to(self.sae.dtype))
+        y = (x - x_hat.to(x.dtype)).double().pow(2).sum(1)  # [n] squared error norm
+        inputs = {
+            "activations": x,
+            "l0": codes.l0().to(F64),
+            "activation_norm": x.double().norm(dim=1),
+        }
+        if loss is not None:
+            inputs["model_loss"] = loss.to(self.device)
+        if not bool(torch.isfinite(y).all()):
+            raise DataError(
+                f"{self.where('squared error norm')}: NaN or inf values; check the SAE weights and the store."
+            )
+        if self.ref is None:
+            self.ref = y.mean()
+        ys = y - self.ref
+        token = token.to(self.device)
+        for split, mask in (("train", train), ("test", ~train)):
+            idx = mask.to(self.device).nonzero().squeeze(1)
+            if idx.numel() == 0:
+                continue
+            y_s = y.index_select(0, idx)
+            for name, m in self.moments[split].items():
+                try:
+                    m.update(inputs[name].index_select(0, idx), {"y": y_s})
+                except DataError as exc:
+                    raise DataError(f"{self.where(name)}: {exc}") from exc
+            tok, ys_s = token.index_select(0, idx), ys.index_select(0, idx)
+            if split == "train":
+                self.train_sum.index_add_(0, tok, ys_s)
+            else:
+                self.test_sum.index_add_(0, tok, ys_s)
+                self.test_sumsq.index_add_(0, tok, ys_s * ys_s)
+
+    def regression_r2(self, name: str) -> float:
+        """Fit y ~ [input, 1] on train moments and score it exactly on test moments."""
+        train, test = self.moments["train"][name], self.moments["test"][name]
+        try:
+            if train.n == 0:
+                raise DataError("no train tokens")
+            fit = self._constant_input_fit(name, train) or fit_ridge(train, "y", bias=True)
+            return evaluate(fit, test, "y").r2
+        except DataError as exc:
+            raise DataError(f"{self.where(f'predictor {name!r} of the squared error norm')}: {exc}") from exc
+
+    def _constant_input_fit(self, name: str, train: Moments) -> RidgeFit | None:
+        """A scalar input constant on the train tokens (a TopK SAE's L0) carries no information beyond the
+        intercept: the regression's limit is the train mean of y. Return that fit (None otherwise)."""
+        if train.d_x != 1:
+            return None
+        spread = float(train.centred_gram()[0, 0])
+        if spread > CONSTANT_TARGET_TOL * float(train.gram()[0, 0]):
+            return None
+        self.notes.append(
+            f"layer {self.layer}: {name} is constant on the train tokens (value "
+            f"{float(train.mean_x()[0]):.4g}); its prediction is the train mean of the target, R² <= 0."
+        )
+        zero = torch.zeros(1, 1, dtype=F64, device=train.mean_x().device)
+        return RidgeFit(
+            weights=zero, bias=train.mean_target("y"), ridge=0.0, ridge_scale=1.0, escalations=0, n_train=train.n
+        )
+
+    def token_identity_r2(self, train_count: Tensor, test_count: Tensor) -> tuple[float, int]:
+        """(Held-out R² of the per-token-id train mean, test tokens whose id never occurs in train).
+
+        Per id: Σ_test (y − m)² = S2 − 2·m·S1 + n·m², with S1, S2 the test sums of y and y² (shifted by
+        `ref` against cancellation) and m the id's train mean (the global train mean for unseen ids).
+        """
+        tr_n, te_n = train_count.to(self.device, F64), test_count.to(self.device, F64)
+        n_train, n_test = float(tr_n.sum()), float(te_n.sum())
+        if n_train == 0 or n_test < 2:
+            raise DataError(
+                f"{self.where('token_identity')}: {int(n_train)} train and {int(n_test)} test tokens; "
+                "need at least 1 and 2"
+            )
+        global_mean = self.train_sum.sum() / n_train
+        mean = torch.where(tr_n > 0, self.train_sum / tr_n.clamp_min(1), global_mean)
+        ss_res = float((self.test_sumsq - 2 * mean * self.test_sum + te_n * mean * mean).sum().clamp_min(0))
+        s1, s2 = self.test_sum.sum(), self.test_sumsq.sum()
+        ss_tot = float((s2 - s1 * s1 / n_test).clamp_min(0))
+        assert self.ref is not None
+        raw_sq = float(s2 + 2 * self.ref * s1 + n_test * self.ref * self.ref)
+        if ss_tot <= CONSTANT_TARGET_TOL * raw_sq:
+            raise DataError(
+                f"{self.where('token_identity')}: the squared error norm is constant on the {int(n_test)} "
+                "test tokens; R² is undefined"
+            )
+        unseen = int(te_n[tr_n == 0].sum())
+        return 1.0 - ss_res / ss_tot, unseen
+
+    def quality(self) -> tuple[float, float]:
+        """(FVU, mean L0) of the SAE on the test tokens, from the test moments."""
+        acts = self.moments["test"]["activations"]
+        try:
+            var = acts.total_variance_x()
+            if not var > 0:
+                raise DataError(f"total variance of x over the {acts.n} test tokens is {var}")
+            fvu = float(acts.mean_target("y")[0]) * acts.n / var
+        except DataError as exc:
+            raise DataError(f"{self.where('FVU')}: {exc}") from exc
+        return fvu, float(self.moments["test"]["l0"].mean_x()[0])
+
+
+def _check_inputs(
+    store: ActivationStore, saes: Mapping[int, SAE], site_template: str, train_fraction: float
+) -> dict[int, str]:
+    if not saes:
+        raise ConfigError("layer_baselines needs at least one SAE (a mapping layer -> SAE).")
+    if not 0.0 < train_fraction < 1.0:
+        raise ConfigError(f"train_fraction must be strictly between 0 and 1, found {train_fraction}.")
+    sites = {int(layer): _layer_site(site_template, int(layer)) for layer in sorted(saes)}
+    missing = {layer: s for layer, s in sites.items() if s not in store.sites}
+    if missing:
+        raise StoreError(
+            f"Store {store.root} has no activations for layer(s) {sorted(missing)} (sites "
+            f"{list(missing.values())}); it holds {store.sites}. Harvest those sites or drop those layers."
+        )
+    for layer, site in sites.items():
+        sae = saes[layer]
+        if sae.cfg.hook_site is not None and sae.cfg.hook_site != site:
+            raise ConfigError(
+                f"The SAE given for layer {layer} was trained on {sae.cfg.hook_site!r} but would be applied "
+                f"to {site!r}; key each SAE by the layer it reads."
+            )
+        sae.check_input_width(store.d[site], site)
+    return sites
+
+
+def layer_baselines(
+    store: ActivationStore,
+    saes: Mapping[int, SAE],
+    *,
+    split_seed: int = 0,
+    train_fraction: float = 0.8,
+    batch_tokens: int = 4096,
+    site_template: str = RESID_SITE,
+) -> LayerBaselinesResult:
+    """R² on test tokens of predicting each layer's ‖x − Sae(x)‖² from the five baselines (module doc).
+
+    ``saes`` maps a layer to its SAE; each reads ``site_template`` of its layer and runs on its own device.
+    One streaming pass over the store serves all layers. Bad input: a layer the store lacks is a
+    StoreError, an SAE of the wrong width a ShapeError, a constant target a DataError naming the layer.
+    """
+    sites = _check_inputs(store, saes, site_template, train_fraction)
+    store.require_complete()
+    with_loss = store.has_loss
+    vocab = max(int(store.identity["model"].get("vocab_size") or 0), int(store.tokens.max()) + 1)
+    layers = {
+        layer: _Layer(layer, site, saes[layer], store.d[site], vocab, with_loss) for layer, site in sites.items()
+    }
+    train_count = torch.zeros(vocab, dtype=torch.int64)  # [vocab] tokens per id, shared by all layers
+    test_count = torch.zeros(vocab, dtype=torch.int64)
+    for batch in store.iter_batches(list(sites.values()), batch_tokens=batch_tokens, drop_last_position=True):
+        train = is_train(batch.context, batch.position, split_seed, train_fraction)
+        train_count += torch.bincount(batch.token[train], minlength=vocab)
+        test_count += torch.bincount(batch.token[~train], minlength=vocab)
+        loss = batch.loss if with_loss else None
+        if with_loss and loss is None:
+            raise StoreError(f"Store {store.root} says it holds per-token loss but a shard has none.")
+        for layer, acc in layers.items():
+            acc.update(batch.acts[sites[layer]], batch.token, loss, train)
+
+    names = [p for p in PREDICTORS if with_loss or p != "model_loss"]
+    r2: dict[str, list[float]] = {p: [] for p in names}
+    fvu: list[float] = []
+    l0: list[float] = []
+    unseen = 0
+    for acc in layers.values():
+        for name in names:
+            if name == "token_identity":
+                value, unseen = acc.token_identity_r2(train_count, test_count)
+            else:
+                value = acc.regression_r2(name)
+            r2[name].append(value)
+        f, mean_l0 = acc.quality()
+        fvu.append(f)
+        l0.append(mean_l0)
+
+    n_train, n_test = int(train_count.sum()), int(test_count.sum())
+    notes = [
+        "Target: the squared error norm ‖x − Sae(x)‖² per token; every R² is on the test split "
+        f"(seed {split_seed}, train fraction {train_fraction}) and every regression has an intercept "
+        f"(float64 Cholesky, relative ridge {DEFAULT_RELATIVE_RIDGE:g}).",
+        "token_identity is held out: per-token-id means over the train tokens predict the test tokens; "
+        f"{unseen} of {n_test} test tokens have ids unseen in train and get the global train mean "
+        "(the paper's Fig 13 version was in-sample).",
+        "The last position of every context is left out for all predictors (it has no next-token loss).",
+    ]
+    if not with_loss:
+        notes.append("model_loss skipped: the store holds no per-token loss (harvest with with_loss=True).")
+    for acc in layers.values():
+        notes.extend(acc.notes)
+    config = {
+        "layers": list(sites),
+        "sites": list(sites.values()),
+        "split_seed": split_seed,
+        "train_fraction": train_fraction,
+        "drop_last_position": True,
+        "store": {
+            "identity_hash": store.manifest["identity_hash"],
+            "model": store.identity["model"].get("name"),
+            "n_contexts": store.n_contexts,
+            "ctx_len": store.ctx_len,
+            "skip_positions": int(store.identity.get("skip_positions", 0)),
+        },
+        "saes": {str(layer): _sae_identity(saes[layer]) for layer in sites},
+    }
+    return LayerBaselinesResult(
+        config_hash=_hash(config),
+        seed=split_seed,
+        config=config,
+        layers=list(sites),
+        sites=list(sites.values()),
+        r2=r2,
+        fvu=fvu,
+        l0=l0,
+        n_train_tokens=n_train,
+        n_test_tokens=n_test,
+        notes=notes,
+    )
+
+
+def _check_layers(layers: Sequence[int]) -> list[int]:
+    out = [int(layer) for layer in layers]
+    if not out:
+        raise ConfigError("Give at least one layer.")
+    if len(set(out)) != len(out) or any(layer < 0 for layer in out):
+        raise ConfigError(f"Layers must be distinct non-negative integers, found {list(layers)}.")
+    return out
+
+
+def train_layer_saes(
+    store: ActivationStore,
+    layers: Sequence[int],
+    *,
+    d_sae: int,
+    k: int,
+    train: TrainConfig,
+    workdir: str | Path,
+    split_seed: int = 0,
+    train_fraction: float = 0.8,
+    kind: Literal["topk", "batchtopk"] = "topk",
+    site_template: str = RESID_SITE,
+) -> dict[int, SAE]:
+    """One SAE per layer on ``site_template`` (resid_post), all trained together by one FamilyTrainer run
+    on the same batches of the train split; the trainer checkpoints in ``workdir`` and resumes from it."""
+    layers = _check_layers(layers)
+    sites = {layer: _layer_site(site_template, layer) for layer in layers}
+    missing = [layer for layer, s in sites.items() if s not in store.sites]
+    if missing:
+        raise StoreError(
+            f"Store {store.root} has no activations for layer(s) {missing}; it holds {store.sites}."
+        )
+    specs = [SAESpec(name=f"layer{layer}", site=sites[layer], d_sae=d_sae, k=k, kind=kind) for layer in layers]
+    trainer = FamilyTrainer(
+        store, specs, train, workdir, split_seed=split_seed, train_fraction=train_fraction
+    )
+    return dict(zip(layers, trainer.train(), strict=True))
+
+
+def _load_or_train(
+    store: ActivationStore,
+    layers: list[int],
+    root: Path,
+    settings: dict[str, Any],
+    train: TrainConfig,
+    log: Log,
+) -> tuple[dict[int, SAE], list[int]]:
+    """Reuse ``root/<L>/`` SAEs (checking they match the settings), train the rest together, save them."""
+    key = _hash({**settings, "store": store.manifest["identity_hash"]})
+    saes: dict[int, SAE] = {}
+    todo: list[int] = []
+    reused: list[int] = []
+    for layer in layers:
+        folder = root / str(layer)
+        if not folder.exists():
+            todo.append(layer)
+            continue
+        sae = load_sae(folder)
+        site = RESID_SITE.format(layer=layer)
+        theirs = sae.cfg.metadata.get(SAE_KEY)
+        if sae.cfg.hook_site not in (None, site) or (theirs is not None and theirs != key):
+            raise ConfigError(
+                f"{folder} holds an SAE trained for {sae.cfg.hook_site!r} with other settings than requested "
+                f"(d_sae={settings['d_sae']}, k={settings['k']}, kind={settings['kind']}, training, split, "
+                "store). Delete the folder to retrain it, or use another output directory."
+            )
+        saes[layer] = sae
+        reused.append(layer)
+    if reused:
+        log(f"layer_baselines: reusing SAEs for layers {reused} from {root}")
+    if todo:
+        workdir = root / f".training-{_hash({'key': key, 'layers': todo})}"
+        log(f"layer_baselines: training SAEs for layers {todo}")
+        trained = train_layer_saes(
+            store,
+            todo,
+            d_sae=settings["d_sae"],
+            k=settings["k"],
+            kind=settings["kind"],
+            train=train,
+            workdir=workdir,
+            split_seed=settings["split_seed"],
+            train_fraction=settings["train_fraction"],
+        )
+        for layer, sae in trained.items():
+            sae.cfg.metadata[SAE_KEY] = key
+            tmp = root / f".saving-{layer}"
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            save_sae(sae, tmp)
+            tmp.rename(root / str(layer))  # a folder appears complete or not at all
+            saes[layer] = sae
+        shutil.rmtree(workdir, ignore_errors=True)  # optimizer state; the saved SAEs are what we keep
+    return saes, reused
+
+
+def run(
+    lm: LoadedLM,
+    text_cfg: TextConfig,
+    layers: Sequence[int],
+    out_dir: str | Path,
+    *,
+    d_sae: int,
+    k: int,
+    kind: Literal["topk", "batchtopk"] = "topk",
+    train: TrainConfig | None = None,
+    harvest_cfg: HarvestConfig | None = None,
+    split_seed: int = 0,
+    train_fraction: float = 0.8,
+    batch_tokens: int = 4096,
+    device: str = "cpu",
+    log: Log | None = None,
+) -> LayerBaselinesResult:
+    """Harvest resid_post of ``layers`` (with loss) into ``out_dir/store_layers``, train one SAE per layer
+    (or reuse ``out_dir/saes_layers/<L>/``), and compute `layer_baselines`; the caller writes the result.
+
+    ``harvest_cfg`` supplies dtype, batch size and shard size (its sites and with_loss are overridden).
+    Resumable: the harvest resumes its shards, the trainer its checkpoint, saved SAEs are reused.
+    """
+    layers = _check_layers(layers)
+    log = log or (lambda _msg: None)
+    out = Path(out_dir)
+    train = train or TrainConfig()
+    sites = [RESID_SITE.format(layer=layer) for layer in layers]
+    hcfg = (harvest_cfg or HarvestConfig()).model_copy(update={"sites": sites, "with_loss": True})
+    contexts = make_contexts(text_cfg, lm.tokenizer, lm.bos_token_id)
+    store = harvest(lm, contexts, text_cfg, hcfg, str(out / STORE_DIR))
+    log(f"layer_baselines: store {store.root} ({store.n_contexts} contexts x {store.ctx_len} tokens)")
+    settings = {
+        "d_sae": d_sae,
+        "k": k,
+        "kind": kind,
+        "train": train.model_dump(),
+        "split_seed": split_seed,
+        "train_fraction": train_fraction,
+    }
+    try:
+        saes, reused = _load_or_train(store, layers, out / SAE_DIR, settings, train, log)
+    except DarkMatterError:
+        raise
+    saes = {layer: sae.to(device) for layer, sae in saes.items()}
+    result = layer_baselines(
+        store, saes, split_seed=split_seed, train_fraction=train_fraction, batch_tokens=batch_tokens
+    )
+    config = {
+        **result.config,
+        "text": text_cfg.model_dump(),
+        "harvest": hcfg.model_dump(),
+        "sae_training": settings,
+    }
+    notes = list(result.notes)
+    if reused:
+        notes.append(f"SAEs for layers {reused} were reused from {out / SAE_DIR}.")
+    if kind == "topk":
+        notes.append("TopK SAEs have an L0 that barely varies per token, so the l0 baseline is near 0 here.")
+    return result.model_copy(update={"config": config, "config_hash": _hash(config), "notes": notes})
