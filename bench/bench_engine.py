@@ -84,7 +84,7 @@ def run_original(store_dir: str, args: argparse.Namespace) -> dict:
     for name, sae in saes.items():
         with torch.no_grad():
             err = x - sae(x)  # materialised [N, d] error matrix, as the original scripts stored
-        sol = torch.linalg.lstsq(xt[train], err[train]).solution
+        sol = torch.linalg.lstsq(xt[train], err[train], rcond=1e-9).solution  # the paper's rcond
         res = err[~train] - xt[~train] @ sol
         xs = x[~train].double()
         out[name] = float(res.double().pow(2).sum() / (xs - xs.mean(0)).pow(2).sum())

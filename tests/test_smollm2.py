@@ -36,7 +36,7 @@ def test_embedded_model_hooks_and_harvest(tmp_path: Path) -> None:
     out = tmp_path / "run"
     assert main(["run", "--preset", "tiny", "--out", str(out), "--quiet"]) == 0
     store = ActivationStore.open(out / "store")
-    assert store.info()["tokens"] == 8 * 64
+    assert store.info()["tokens"] == 16 * 64
     losses = torch.cat([b.loss for b in store.iter_batches(drop_last_position=True) if b.loss is not None])
     mean = float(losses.mean())
     assert 1.5 < mean < 6.0 and math.isfinite(mean)  # a real LM on English text, not noise (ln 49152 = 10.8)

@@ -81,6 +81,25 @@ class FamilyConfig(BaseModel):
         return specs
 
 
+class LayerSweepConfig(BaseModel):
+    """One small SAE per layer for the across-layer experiments (paper Figs 3 and 13)."""
+
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = Field(True, description="Run the layer sweep.")
+    layers: list[int] = Field(default_factory=list, description="Layers; empty means every `stride`-th layer.")
+    stride: int = Field(2, ge=1, description="Layer step when `layers` is empty (the last layer is included).")
+    n_contexts: int = Field(64, ge=1, description="Contexts for the layer store (a subset of the study's text).")
+    d_sae: int = Field(1024, ge=1, description="Latents per layer SAE.")
+    k: int = Field(32, ge=1, description="k of the layer SAEs.")
+    kind: str = Field("batchtopk", description="batchtopk gives a per-token L0 for the L0 baseline; or topk.")
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=4, batch_size=512, lr=1e-3, dead_tokens=5000))
+
+    def resolve(self, n_layers: int) -> list[int]:
+        if self.layers:
+            return sorted(set(self.layers))
+        return sorted(set(range(0, n_layers, self.stride)) | {n_layers - 1})
+
+
 class StudyConfig(BaseModel):
     """A whole study: model, text, harvest and the analysis layer."""
 
@@ -94,6 +113,7 @@ class StudyConfig(BaseModel):
     text: TextConfig = Field(default_factory=TextConfig)
     harvest: HarvestConfig = Field(default_factory=HarvestConfig)
     family: FamilyConfig = Field(default_factory=FamilyConfig)
+    layer_sweep: LayerSweepConfig = Field(default_factory=LayerSweepConfig)
 
     def sites(self) -> list[str]:
         """Sites to harvest: what the trained family reads (or the external SAEs' sites) plus harvest.sites."""
@@ -149,8 +169,10 @@ def _tiny() -> dict[str, Any]:
     """A seconds-long smoke study on the embedded model (used by tests and for trying things out)."""
     cfg = _demo()
     cfg["preset"] = "tiny"
-    cfg["text"].update({"ctx_len": 64, "n_contexts": 8, "skip_positions": 4})
+    cfg["text"].update({"ctx_len": 64, "n_contexts": 16, "skip_positions": 4})
     cfg["harvest"].update({"batch_size": 4, "shard_contexts": 4})
+    cfg["layer_sweep"] = {"layers": [0, 15, 29], "n_contexts": 16, "d_sae": 64, "k": 8,
+                          "train": {"batch_size": 128, "epochs": 1, "lr": 1e-3}}
     cfg["family"] = {"widths": [64, 128], "k": 8, "ks": [4], "width_for_ks": 128,
                      "train": {"batch_size": 128, "epochs": 2, "lr": 1e-3}}
     return cfg

@@ -59,6 +59,20 @@ class FamilyResult(Result):
     train_tokens_per_second: float | None = None
 
 
+class LayerBaselinesWithFigures(Result):
+    """The layer-baselines result plus its figure paths."""
+
+    layers: list[int]
+    sites: list[str]
+    r2: dict[str, list[float]]
+    fvu: list[float]
+    l0: list[float]
+    n_train_tokens: int
+    n_test_tokens: int
+    notes: list[str] = Field(default_factory=list)
+    figures: dict[str, dict[str, str]] = Field(default_factory=dict)
+
+
 def _nan(matrix: list[list[float | None]]) -> Any:
     import numpy as np
 
@@ -309,6 +323,37 @@ class Study:
             self.log(f"engine: {n:<24} FVU {s.fvu:.3f} FVU_nl {s.fvu_nonlinear:.3f} vecR2 {s.vector_r2:.3f} "
                      f"normR2 {s.norm_r2:.3f}")
 
+    def step_layer_baselines(self) -> None:
+        """Figs 3 and 13: one SAE per layer, R² of its squared error norm from five predictors."""
+        from darkmatter.experiments import layer_baselines as lb
+        from darkmatter.report import figures as fg
+
+        sweep = self.cfg.layer_sweep
+        if not sweep.enabled:
+            return
+        key = self.cfg.section_hash("model", "text", "harvest", "layer_sweep", "split_seed", "train_fraction")
+        done = read_result(self.out, "layer_baselines", Result)
+        if done is not None and done.config_hash == key:
+            self.log("layer baselines: up to date")
+            return
+        layers = sweep.resolve(self.lm.identity["n_layers"])
+        text = self.cfg.text.model_copy(update={"n_contexts": min(sweep.n_contexts, self.cfg.text.n_contexts)})
+        kind = "batchtopk" if sweep.kind == "batchtopk" else "topk"
+        res = lb.run(
+            self.lm, text, layers, self.out / "layers", d_sae=sweep.d_sae, k=sweep.k, kind=kind, train=sweep.train,
+            harvest_cfg=self.cfg.harvest.model_copy(update={"sites": []}), split_seed=self.cfg.split_seed,
+            train_fraction=self.cfg.train_fraction, log=self.log,
+        )
+        res.config_hash = key
+        res.seed = self.cfg.seed
+        res.config = {**res.config, "layer_sweep": sweep.model_dump()}
+        figs = fg.plot_layer_baselines(res.layers, res.r2, self.out / "figures")
+        data = res.model_dump()
+        data["figures"] = {"lines": {k: str(v) for k, v in figs.items()}}
+        write_result(self.out, LayerBaselinesWithFigures.model_validate(data))
+        self.log("layer baselines: " + ", ".join(f"L{la} {r:.2f}" for la, r in zip(res.layers, res.r2["activations"],
+                                                                                    strict=True)))
+
     def step_report(self) -> Path:
         from darkmatter.report.html import write_report
 
@@ -327,6 +372,9 @@ class Study:
         t0 = time.perf_counter()
         self.step_error_experiments(store, saes)
         self.timings["error_experiments"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        self.step_layer_baselines()
+        self.timings["layer_baselines"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         self.step_report()
         self.timings["report"] = time.perf_counter() - t0

@@ -70,13 +70,34 @@ class SAEStats:
 
 @dataclass
 class ContextSums:
-    """Per-context sums over test tokens (for bootstraps over contexts)."""
+    """Per-context float64 sums over test tokens (for bootstraps over contexts)."""
 
     n: np.ndarray  # [n_ctx]
     sum_x: np.ndarray  # [n_ctx, d]
     sum_sq_x: np.ndarray  # [n_ctx]
     sse: dict[str, np.ndarray]  # name -> [n_ctx] Σ‖e‖²
     sse_nonlinear: dict[str, np.ndarray]  # name -> [n_ctx] Σ‖NonlinearError‖²
+
+
+class _ContextAccumulator:
+    """Builds ``ContextSums`` with ``index_add_`` on float64 tensors (np.add.at is far slower)."""
+
+    def __init__(self, n_ctx: int, d: int, names: list[str]):
+        z = lambda *shape: torch.zeros(*shape, dtype=torch.float64)  # noqa: E731
+        self.n, self.sum_x, self.sum_sq_x = z(n_ctx), z(n_ctx, d), z(n_ctx)
+        self.sse = {n: z(n_ctx) for n in names}
+        self.sse_nonlinear = {n: z(n_ctx) for n in names}
+
+    def add_x(self, ctx: Tensor, x: Tensor) -> None:
+        x = x.double().cpu()
+        self.n.index_add_(0, ctx, torch.ones(len(ctx), dtype=torch.float64))
+        self.sum_x.index_add_(0, ctx, x)
+        self.sum_sq_x.index_add_(0, ctx, x.pow(2).sum(1))
+
+    def freeze(self) -> ContextSums:
+        return ContextSums(self.n.numpy(), self.sum_x.numpy(), self.sum_sq_x.numpy(),
+                           {k: v.numpy() for k, v in self.sse.items()},
+                           {k: v.numpy() for k, v in self.sse_nonlinear.items()})
 
 
 @dataclass
@@ -157,25 +178,18 @@ def decompose(
     nmse = {n: NMSE(saes[n].cfg.d_in) for n in saes}
     ratio = {n: NormRatio(saes[n].cfg.d_in) for n in saes}
     l0 = {n: L0(saes[n].cfg.d_sae) for n in saes}
-    ctx = {
-        site: ContextSums(np.zeros(n_ctx), np.zeros((n_ctx, d[site])), np.zeros(n_ctx),
-                          {n: np.zeros(n_ctx) for n in names}, {n: np.zeros(n_ctx) for n in names})
-        for site, names in groups.items()
-    }
+    ctx = {site: _ContextAccumulator(n_ctx, d[site], names) for site, names in groups.items()}
     n_train = n_test = 0
     for batch in _batches(store, list(groups), batch_tokens, device):
         train = split(batch.context, batch.position)
         n_train += int(train.sum())
         n_test += int((~train).sum())
-        ctx_test = batch.context[~train].cpu().numpy()
+        ctx_test = batch.context[~train].cpu()
         for site, names in groups.items():
             x = batch.acts[site]
             _check_finite(x, site)
-            x_te = x[~train].double()
             sums = ctx[site]
-            np.add.at(sums.n, ctx_test, 1)
-            np.add.at(sums.sum_x, ctx_test, x_te.cpu().numpy())
-            np.add.at(sums.sum_sq_x, ctx_test, x_te.pow(2).sum(1).cpu().numpy())
+            sums.add_x(ctx_test, x[~train])
             tgt: dict[str, dict[str, Tensor]] = {"train": {}, "test": {}}
             for n in names:
                 sae = saes[n]
@@ -189,7 +203,7 @@ def decompose(
                     nmse[n].update(x[~train], x_hat[~train])
                     ratio[n].update(x[~train], x_hat[~train])
                     l0[n].update_sparse(codes.indices[~train], codes.values[~train])
-                    np.add.at(sums.sse[n], ctx_test, e2[~train, 0].double().cpu().numpy())
+                    sums.sse[n].index_add_(0, ctx_test, e2[~train, 0].double().cpu())
             for part, mask in (("train", train), ("test", ~train)):
                 if bool(mask.any()):
                     mom[(site, part)].update(x[mask], tgt[part])
@@ -226,8 +240,8 @@ def decompose(
             st.l0, st.dead_fraction = l0[n].compute(), l0[n].dead_fraction()
     del mom
     if not second_pass:
-        return Decomposition(stats=stats, contexts=ctx, norm_grams={}, n_train=n_train, n_test=n_test,
-                             probes=probes)
+        return Decomposition(stats=stats, contexts={s: c.freeze() for s, c in ctx.items()}, norm_grams={},
+                             n_train=n_train, n_test=n_test, probes=probes)
 
     # ---------------------------------------------------------------- pass 2
     mom2: dict[tuple[str, str], Moments] = {}
@@ -248,7 +262,7 @@ def decompose(
     try:
         for batch in _batches(store, list(groups), batch_tokens, device):
             train = split(batch.context, batch.position)
-            ctx_test = batch.context[~train].cpu().numpy()
+            ctx_test = batch.context[~train].cpu()
             cols: dict[str, Tensor] = {}
             for site, names in groups.items():
                 x = batch.acts[site]
@@ -270,7 +284,7 @@ def decompose(
                     if bool((~train).any()):
                         cos[n].update(lin[~train], x[~train])
                         fvu2[n].update(x[~train], (x_hat + lin)[~train])
-                        np.add.at(ctx[site].sse_nonlinear[n], ctx_test, sq["nonlinear"][~train, 0].double().cpu().numpy())
+                        ctx[site].sse_nonlinear[n].index_add_(0, ctx_test, sq["nonlinear"][~train, 0].double().cpu())
                         norm_sums[n] += np.array([
                             float(sq["error"][~train].sqrt().sum()), float(sq["linear"][~train].sqrt().sum()),
                             float(sq["nonlinear"][~train].sqrt().sum()),
@@ -309,7 +323,7 @@ def decompose(
             st.mean_error_norm, st.mean_linear_norm, st.mean_nonlinear_norm = (float(v) for v in m)
     return Decomposition(
         stats=stats,
-        contexts=ctx,
+        contexts={s: c.freeze() for s, c in ctx.items()},
         norm_grams={s: NormGram(gram_cols[s], grams[s]["train"], grams[s]["test"]) for s in groups},
         n_train=n_train,
         n_test=n_test,

@@ -28,13 +28,20 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from darkmatter.errors import ConfigError, DarkMatterError, DataError, StoreError
+from darkmatter.errors import ConfigError, DataError, StoreError
 from darkmatter.harvest import HarvestConfig, harvest
 from darkmatter.lm.loading import LoadedLM
 from darkmatter.results import Result
 from darkmatter.sae import SAE, load_sae, save_sae
 from darkmatter.sae.train import FamilyTrainer, SAESpec, TrainConfig
-from darkmatter.stats import CONSTANT_TARGET_TOL, DEFAULT_RELATIVE_RIDGE, Moments, RidgeFit, evaluate, fit_ridge
+from darkmatter.stats import (
+    CONSTANT_TARGET_TOL,
+    DEFAULT_RELATIVE_RIDGE,
+    Moments,
+    RidgeFit,
+    evaluate,
+    fit_ridge,
+)
 from darkmatter.stats.split import is_train
 from darkmatter.store import ActivationStore
 from darkmatter.text import TextConfig, make_contexts
@@ -94,7 +101,7 @@ def _layer_site(site_template: str, layer: int) -> str:
 
 
 class _Layer:
-    """Sums for one layer: train/test moments per regression, per-token-id sums of y for the token baseline."""
+    """One layer's sums: train/test moments per regression and per-token-id sums of y (token baseline)."""
 
     def __init__(self, layer: int, site: str, sae: SAE, d: int, vocab: int, with_loss: bool) -> None:
         self.layer, self.site, self.sae = layer, site, sae
@@ -107,7 +114,7 @@ class _Layer:
         self.ref: Tensor | None = None  # shift for the per-token sums of y (first chunk's mean)
         zeros = lambda: torch.zeros(vocab, dtype=F64, device=self.device)  # noqa: E731
         self.train_sum, self.test_sum, self.test_sumsq = zeros(), zeros(), zeros()
-        self.notes: list[str] = []
+        self.constant_inputs: list[str] = []  # scalar predictors constant on the train tokens
 
     def where(self, what: str) -> str:
         return f"layer {self.layer} ({self.site}), {what}"
@@ -169,13 +176,15 @@ class _Layer:
         spread = float(train.centred_gram()[0, 0])
         if spread > CONSTANT_TARGET_TOL * float(train.gram()[0, 0]):
             return None
-        self.notes.append(
-            f"layer {self.layer}: {name} is constant on the train tokens (value "
-            f"{float(train.mean_x()[0]):.4g}); its prediction is the train mean of the target, R² <= 0."
-        )
+        self.constant_inputs.append(name)
         zero = torch.zeros(1, 1, dtype=F64, device=train.mean_x().device)
         return RidgeFit(
-            weights=zero, bias=train.mean_target("y"), ridge=0.0, ridge_scale=1.0, escalations=0, n_train=train.n
+            weights=zero,
+            bias=train.mean_target("y"),
+            ridge=0.0,
+            ridge_scale=1.0,
+            escalations=0,
+            n_train=train.n,
         )
 
     def token_identity_r2(self, train_count: Tensor, test_count: Tensor) -> tuple[float, int]:
@@ -264,7 +273,8 @@ def layer_baselines(
     with_loss = store.has_loss
     vocab = max(int(store.identity["model"].get("vocab_size") or 0), int(store.tokens.max()) + 1)
     layers = {
-        layer: _Layer(layer, site, saes[layer], store.d[site], vocab, with_loss) for layer, site in sites.items()
+        layer: _Layer(layer, site, saes[layer], store.d[site], vocab, with_loss)
+        for layer, site in sites.items()
     }
     train_count = torch.zeros(vocab, dtype=torch.int64)  # [vocab] tokens per id, shared by all layers
     test_count = torch.zeros(vocab, dtype=torch.int64)
@@ -306,8 +316,13 @@ def layer_baselines(
     ]
     if not with_loss:
         notes.append("model_loss skipped: the store holds no per-token loss (harvest with with_loss=True).")
-    for acc in layers.values():
-        notes.extend(acc.notes)
+    for name in REGRESSIONS:
+        flat = [layer for layer, acc in layers.items() if name in acc.constant_inputs]
+        if flat:
+            notes.append(
+                f"{name} is constant on the train tokens at layer(s) {flat} (as for a TopK SAE's L0): the "
+                "prediction there is the train mean of the target, so R² <= 0."
+            )
     config = {
         "layers": list(sites),
         "sites": list(sites.values()),
@@ -369,7 +384,9 @@ def train_layer_saes(
         raise StoreError(
             f"Store {store.root} has no activations for layer(s) {missing}; it holds {store.sites}."
         )
-    specs = [SAESpec(name=f"layer{layer}", site=sites[layer], d_sae=d_sae, k=k, kind=kind) for layer in layers]
+    specs = [
+        SAESpec(name=f"layer{layer}", site=sites[layer], d_sae=d_sae, k=k, kind=kind) for layer in layers
+    ]
     trainer = FamilyTrainer(
         store, specs, train, workdir, split_seed=split_seed, train_fraction=train_fraction
     )
@@ -456,7 +473,7 @@ def run(
     ``harvest_cfg`` supplies dtype, batch size and shard size (its sites and with_loss are overridden).
     Resumable: the harvest resumes its shards, the trainer its checkpoint, saved SAEs are reused.
     """
-    layers = _check_layers(layers)
+    layers = sorted(_check_layers(layers))  # the store identity lists sites in this order
     log = log or (lambda _msg: None)
     out = Path(out_dir)
     train = train or TrainConfig()
@@ -473,10 +490,7 @@ def run(
         "split_seed": split_seed,
         "train_fraction": train_fraction,
     }
-    try:
-        saes, reused = _load_or_train(store, layers, out / SAE_DIR, settings, train, log)
-    except DarkMatterError:
-        raise
+    saes, reused = _load_or_train(store, layers, out / SAE_DIR, settings, train, log)
     saes = {layer: sae.to(device) for layer, sae in saes.items()}
     result = layer_baselines(
         store, saes, split_seed=split_seed, train_fraction=train_fraction, batch_tokens=batch_tokens
@@ -491,5 +505,8 @@ def run(
     if reused:
         notes.append(f"SAEs for layers {reused} were reused from {out / SAE_DIR}.")
     if kind == "topk":
-        notes.append("TopK SAEs have an L0 that barely varies per token, so the l0 baseline is near 0 here.")
+        notes.append(
+            "TopK SAEs have L0 = k on almost every token, so the l0 baseline says little here (the paper's "
+            "JumpReLU SAEs vary per token); kind='batchtopk' gives a per-token L0."
+        )
     return result.model_copy(update={"config": config, "config_hash": _hash(config), "notes": notes})

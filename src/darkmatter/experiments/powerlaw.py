@@ -43,9 +43,8 @@ _M_MAX = 20.0  # keeps a = A·W̄^m finite for any realistic width
 _A_LO, _A_HI = 1e-12, 1e6  # on A, in units of max|FVU|
 _GRID = np.geomspace(1e-3, _KAPPA_HI, 64)  # κ grid of the profile start
 _RESTART_KAPPA = (1e-2, 20.0)  # range the seeded restarts draw κ from
-_NEGLIGIBLE_DROP = (
-    1e-6  # fitted decline over the measured widths, in units of max|FVU|, below which a fit is flat
-)
+# A fit whose decline over the measured widths is below this (in units of max|FVU|) is flat: not converged.
+_NEGLIGIBLE_DROP = 1e-6
 _TOL = 1e-12
 
 
@@ -208,7 +207,7 @@ class _Problem:
         return self.sw[:, None] * np.stack([np.ones_like(term), term, -m * self.u * term], axis=1)
 
 
-def _problem(widths: Sequence[float], fvu: Sequence[float], weights: Sequence[float] | None) -> _Problem:
+def _problem(widths: ArrayLike, fvu: ArrayLike, weights: ArrayLike | None) -> _Problem:
     W = _vector("widths", widths)
     y = _vector("fvu", fvu)
     if W.shape != y.shape:
@@ -272,9 +271,8 @@ def _profile(p: _Problem, m: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nda
 
 def _starts(p: _Problem, n_restarts: int, seed: int) -> list[np.ndarray]:
     """The profile-grid optimum, then `n_restarts` seeded starts: log-stratified κ, c in [0, min y)."""
-    h = p.h
     lo, hi = p.bounds()
-    m_grid = np.clip(_GRID / h, p.m_lo, p.m_hi)
+    m_grid = np.clip(_GRID / p.h, p.m_lo, p.m_hi)
     sse, c, A = _profile(p, m_grid)
     i = int(np.argmin(sse))
     thetas = [np.array([c[i], math.log(max(A[i], _A_LO)), math.log(m_grid[i])])]
@@ -282,7 +280,7 @@ def _starts(p: _Problem, n_restarts: int, seed: int) -> list[np.ndarray]:
         rng = np.random.default_rng(seed)
         k = n_restarts
         edges = np.linspace(math.log(_RESTART_KAPPA[0]), math.log(_RESTART_KAPPA[1]), k + 1)
-        m0 = np.clip(np.exp(edges[:-1] + rng.random(k) * np.diff(edges)) / h, p.m_lo, p.m_hi)
+        m0 = np.clip(np.exp(edges[:-1] + rng.random(k) * np.diff(edges)) / p.h, p.m_lo, p.m_hi)
         frac = (np.arange(k) + rng.random(k)) / k
         rng.shuffle(frac)
         c0 = frac * max(float(p.y.min()), 0.0)
@@ -308,7 +306,7 @@ def _solve(p: _Problem, starts: list[np.ndarray]) -> tuple[np.ndarray, float, bo
             ftol=_TOL,
             xtol=_TOL,
             gtol=_TOL,
-            max_nfev=400,
+            max_nfev=100,
         )
         sse = float(res.fun @ res.fun)
         if best is None or sse < best[1]:
@@ -331,10 +329,10 @@ def _finish(p: _Problem, theta: np.ndarray, sse: float, success: bool) -> PowerL
 
 
 def fit_power_law(
-    widths: Sequence[float],
-    fvu: Sequence[float],
+    widths: ArrayLike,
+    fvu: ArrayLike,
     *,
-    weights: Sequence[float] | None = None,
+    weights: ArrayLike | None = None,
     n_restarts: int = 16,
     seed: int = 0,
 ) -> PowerLawFit:
@@ -349,9 +347,9 @@ def fit_power_law(
 
 
 def _fit(
-    widths: Sequence[float],
-    fvu: Sequence[float],
-    weights: Sequence[float] | None,
+    widths: ArrayLike,
+    fvu: ArrayLike,
+    weights: ArrayLike | None,
     n_restarts: int,
     seed: int,
     warm: PowerLawFit | None = None,
@@ -502,7 +500,7 @@ def bootstrap_ratio(
 
 
 def bootstrap_power_law(
-    widths: Sequence[float],
+    widths: ArrayLike,
     sse_per_context: np.ndarray,
     sum_x_per_context: np.ndarray,
     sum_sq_x_per_context: np.ndarray,
@@ -511,7 +509,7 @@ def bootstrap_power_law(
     n_boot: int = 200,
     seed: int = 0,
     ci: float = 0.95,
-    weights: Sequence[float] | None = None,
+    weights: ArrayLike | None = None,
     n_restarts: int = 4,
 ) -> PowerLawBootstrap:
     """Fit the power law to the full-data FVUs and refit it to each context resample.
@@ -524,9 +522,10 @@ def bootstrap_power_law(
     _check_config(n_boot, ci)
     sums = (sum_x_per_context, sum_sq_x_per_context, n_per_context)
     sse = np.asarray(sse_per_context, dtype=np.float64)
-    if sse.ndim != 2 or sse.shape[0] != len(widths):
+    n_sae = np.size(widths)
+    if sse.ndim != 2 or sse.shape[0] != n_sae:
         raise DataError(
-            f"bootstrap: sse_per_context must be [n_sae={len(widths)}, n_ctx], found shape {sse.shape}."
+            f"bootstrap: sse_per_context must be [n_sae={n_sae}, n_ctx], found shape {sse.shape}."
         )
     point = bootstrap_fvu(sse, *sums, multiplicities=_full_data(sse.shape[1]))[0]  # [n_sae]
     fit = fit_power_law(widths, point, weights=weights, seed=seed)
@@ -535,7 +534,7 @@ def bootstrap_power_law(
     cam = np.array([[f.c, f.a, f.m] for f in refits])  # [n_boot, 3]
     c, a, m = (BootstrapEstimate.from_samples(v, cam[:, k], ci) for k, v in enumerate((fit.c, fit.a, fit.m)))
     return PowerLawBootstrap(
-        widths=tuple(float(w) for w in widths),
+        widths=tuple(float(w) for w in np.ravel(widths)),
         fit=fit,
         c=c,
         a=a,

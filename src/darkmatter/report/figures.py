@@ -16,10 +16,11 @@ import tempfile
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import matplotlib as mpl
 import numpy as np
+from cycler import cycler
 from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.colors import Colormap, Normalize
@@ -64,7 +65,7 @@ _RC: dict[str, Any] = {
     "legend.frameon": False,
     "axes.spines.top": False,
     "axes.spines.right": False,
-    "axes.prop_cycle": mpl.cycler(color=PALETTE),
+    "axes.prop_cycle": cycler(color=PALETTE),
     "grid.alpha": 0.35,
     "grid.linewidth": 0.5,
     "pdf.fonttype": 42,  # TrueType in the PDF: text stays selectable and editable
@@ -79,7 +80,7 @@ def _styled(fn: F) -> F:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> dict[str, Path]:
-        with mpl.rc_context(_RC):
+        with mpl.rc_context(cast(Any, _RC)):
             return fn(*args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
@@ -199,9 +200,7 @@ def _norm(lo_hi: tuple[float, float] | None) -> Normalize:
 
 
 def _cmap(name: str = SEQ_CMAP) -> Colormap:
-    cmap = colormaps[name].copy()
-    cmap.set_bad("#F2F2F2")
-    return cmap
+    return colormaps[name].with_extremes(bad="#F2F2F2")
 
 
 def _text_colour(cmap: Colormap, norm: Normalize, v: float) -> str:
@@ -211,7 +210,7 @@ def _text_colour(cmap: Colormap, norm: Normalize, v: float) -> str:
 
 def _escape_token(tok: str) -> str:
     """Render a token string literally: no mathtext, visible whitespace and control characters."""
-    out = tok.replace("\\", "\\\\").replace("$", r"\$")
+    out = tok.replace("$", r"\$")  # a lone backslash is literal outside mathtext
     out = out.replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
     out = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in out)
     if out.strip() == "":
@@ -219,14 +218,12 @@ def _escape_token(tok: str) -> str:
     return out
 
 
-def _band(ax: Axes, x: np.ndarray, lo: Any, hi: Any, colour: str, label: str, alpha: float = 0.35) -> None:
-    lo_a = np.broadcast_to(np.asarray(lo, dtype=float), x.shape)
-    hi_a = np.maximum(np.broadcast_to(np.asarray(hi, dtype=float), x.shape), lo_a)  # never negative height
-    ax.fill_between(x, lo_a, hi_a, color=colour, alpha=alpha, linewidth=0, label=label)
-
-
 def _violins(
-    ax: Axes, samples: Sequence[np.ndarray], positions: Sequence[float], colour: str, width: float
+    ax: Axes,
+    samples: Sequence[np.ndarray],
+    positions: Sequence[float] | np.ndarray,
+    colour: str,
+    width: float,
 ) -> None:
     """Violins with a median tick; samples too small for a density become points."""
     for pos, s in zip(positions, samples, strict=True):
@@ -296,7 +293,7 @@ def plot_error_prediction_maps(
             Z = np.full((len(ul), len(uw)), np.nan)
             for (a, b), i in pairs.items():
                 Z[np.searchsorted(ul, b), np.searchsorted(uw, a)] = v[i]
-            levels = np.linspace(norm.vmin, norm.vmax, 13)
+            levels = np.linspace(cast(float, norm.vmin), cast(float, norm.vmax), 13)
             ax.contourf(uw, ul, np.ma.masked_invalid(Z), levels=levels, cmap=cmap, norm=norm, alpha=0.85)
         ax.scatter(
             w[fin],
@@ -336,8 +333,9 @@ def plot_error_prediction_maps(
         if len(w):
             ax.set_xlim(uw.min() / 1.6, uw.max() * 1.6)
             ax.set_ylim(ul.min() / 1.4, ul.max() * 1.4)
-            if len(ul) <= 10:
-                ax.set_yticks(ul, [f"{x:g}" for x in ul])
+            # label the measured L0s themselves unless neighbours would overlap (empirical L0s cluster)
+            if len(ul) <= 10 and (len(ul) < 2 or np.diff(np.log(ul)).min() > np.log(1.25)):
+                ax.set_yticks(ul, [f"{x:.3g}" for x in ul])
                 ax.yaxis.set_minor_locator(NullLocator())
         else:
             _no_data(ax, "no SAE with a positive width and L0")
@@ -376,6 +374,50 @@ def _interp_logx(x: np.ndarray, xp: np.ndarray, fp: np.ndarray) -> np.ndarray | 
         return None
     order = np.argsort(xp[ok])
     return np.interp(np.log(x), np.log(xp[ok][order]), fp[ok][order])
+
+
+_BAND_STYLE = {
+    "absent": (SKY, "Absent features (not yet learned; fit − c)", 0.35),
+    "linear": (ORANGE, "Linear error (dense / not learned linearly; c − FVU$_\\mathrm{nonlinear}$)", 0.35),
+    "linear+absent": (ORANGE, "Linear error + absent features (no fit)", 0.35),
+    "encoder": (PURPLE, "Encoder error (SAE − pursuit FVU$_\\mathrm{nonlinear}$)", 0.6),
+    "nonlinear": (GREEN, "Nonlinear error", 0.3),
+}
+
+
+def decomposition_bands(
+    shape: tuple[int, ...], top: np.ndarray | None, c: float, nl: float, pursuit_nl: np.ndarray | None
+) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """Fig 1's stacked bands as ``(key, lower, upper)`` with ``upper >= lower`` everywhere (NaN = gap).
+
+    ``top`` is the FVU curve (fit, or interpolated data), ``c`` the fitted asymptote (NaN: no fit),
+    ``nl`` the FVU_nonlinear level (NaN: unknown) and ``pursuit_nl`` the pursuit FVU_nonlinear level.
+    Each boundary is clipped into the one above it, so c < FVU_nonlinear gives an empty linear band.
+    """
+    bands: list[tuple[str, np.ndarray, np.ndarray]] = []
+
+    def add(key: str, lo: Any, hi: Any) -> None:
+        lo_a = np.broadcast_to(np.asarray(lo, dtype=float), shape)
+        bands.append((key, lo_a, np.maximum(np.broadcast_to(np.asarray(hi, dtype=float), shape), lo_a)))
+
+    has_fit = math.isfinite(c) and top is not None
+    if not math.isfinite(nl):
+        if has_fit:
+            add("absent", c, top)
+        return bands
+    lo_nl = np.full(shape, nl) if top is None else np.minimum(nl, top)
+    lo_nl = np.where(np.isfinite(lo_nl), lo_nl, nl)
+    if has_fit:
+        lin_top = np.maximum(c, lo_nl)
+        add("absent", lin_top, top)
+        add("linear", lo_nl, lin_top)
+    elif top is not None:
+        add("linear+absent", lo_nl, top)
+    enc_lo = lo_nl if pursuit_nl is None else np.minimum(pursuit_nl, lo_nl)
+    if pursuit_nl is not None:
+        add("encoder", enc_lo, lo_nl)
+    add("nonlinear", 0.0, enc_lo)
+    return bands
 
 
 @_styled
@@ -448,27 +490,15 @@ def plot_scaling_decomposition(
             top = np.where((xs >= w_lo) & inside, top, np.nan)
     p_level = _interp_logx(xs, W, pnl) if pnl is not None else None
 
+    for key, lo, hi in decomposition_bands(xs.shape, top, c, nl, p_level):
+        if not np.nan_to_num(hi - lo).any():  # an empty band (e.g. c < FVU_nonlinear) gets no legend entry
+            continue
+        colour, label, alpha = _BAND_STYLE[key]
+        ax.fill_between(xs, lo, hi, color=colour, alpha=alpha, linewidth=0, label=label)
     if math.isfinite(nl):
-        lo_nl = np.minimum(nl, top) if top is not None else np.full(xs.shape, nl)
-        lo_nl = np.where(np.isfinite(lo_nl), lo_nl, nl)
-        enc_lo = np.minimum(p_level, lo_nl) if p_level is not None else lo_nl
-        if has_fit:
-            lin_top = np.maximum(c, lo_nl)
-            _band(ax, xs, lin_top, top, SKY, "Absent features (not yet learned; fit − c)")
-            lin_label = "Linear error (dense / not learned linearly; c − FVU$_\\mathrm{nonlinear}$)"
-            _band(ax, xs, lo_nl, lin_top, ORANGE, lin_label)
-        elif top is not None:
-            _band(ax, xs, lo_nl, top, ORANGE, "Linear error + absent features (no fit)")
-        if p_level is not None:
-            _band(
-                ax, xs, enc_lo, lo_nl, PURPLE, "Encoder error (SAE − pursuit FVU$_\\mathrm{nonlinear}$)", 0.6
-            )
-        _band(ax, xs, 0.0, enc_lo, GREEN, "Nonlinear error", 0.3)
         ax.axhline(
             nl, color=BLUE, linestyle="-.", linewidth=1, label=f"Mean FVU$_\\mathrm{{nonlinear}}$ ≈ {nl:.3f}"
         )
-    elif has_fit:
-        _band(ax, xs, c, top, SKY, "Absent features (not yet learned; fit − c)")
 
     if has_fit:
         assert top is not None
