@@ -146,3 +146,44 @@ def test_bad_inputs(store, tmp_path: Path) -> None:  # noqa: ANN001
         decompose(small, {"p": planted(0)})
     with pytest.raises(DataError):
         decompose(store, {})
+
+
+class PerfectSAE(PlantedSAE):
+    """Reconstructs exactly: the error is identically zero (a degenerate target)."""
+
+    def reconstruct(self, x: torch.Tensor, *, chunk_size: int | None = None) -> tuple[torch.Tensor, Any]:
+        return x.clone(), SparseCodes(torch.zeros(x.shape[0], 1, dtype=torch.long), torch.ones(x.shape[0], 1))
+
+
+def test_constant_error_is_a_clear_error(store) -> None:  # noqa: ANN001
+    perfect = PerfectSAE.from_tensors(planted(0).cfg, dict(planted(0).named_tensors()))
+    with pytest.raises(DataError, match="constant"):
+        decompose(store, {"perfect": perfect})
+
+
+def test_nan_activations_are_a_clear_error(tmp_path: Path) -> None:
+    base = sparse_features(d=D)
+
+    def with_nan(gen: torch.Generator, n_ctx: int, ctx_len: int) -> dict[str, torch.Tensor]:
+        out = base(gen, n_ctx, ctx_len)
+        out[SITE][0, 3, 1] = float("nan")
+        return out
+
+    bad = synthetic_store(tmp_path / "nan", with_nan, n_contexts=40, ctx_len=32)
+    with pytest.raises(DataError, match="NaN"):
+        decompose(bad, {"p": planted(0)})
+
+
+def test_saes_on_several_sites_are_grouped(tmp_path: Path) -> None:
+    base = sparse_features(d=D)
+
+    def two_sites(gen: torch.Generator, n_ctx: int, ctx_len: int) -> dict[str, torch.Tensor]:
+        x = base(gen, n_ctx, ctx_len)[SITE]
+        return {SITE: x, "blocks.1.hook_resid_post": 2 * x + 1}
+
+    st = synthetic_store(tmp_path / "two", two_sites, n_contexts=40, ctx_len=32)
+    other = planted(1)
+    other.cfg.hook_site = "blocks.1.hook_resid_post"
+    dec = decompose(st, {"a": planted(0), "b": other})
+    assert set(dec.norm_grams) == {SITE, "blocks.1.hook_resid_post"}
+    assert dec.stats["a"].site != dec.stats["b"].site

@@ -257,8 +257,7 @@ class Study:
                   "config": {"family": fam.model_dump(), "layer": cfg.layer, "split_seed": cfg.split_seed,
                              "train_fraction": cfg.train_fraction}}
 
-        def paths(d: dict[str, Path]) -> dict[str, str]:
-            return {k: str(v) for k, v in d.items()}
+        paths = self._rel
 
         # Figs 1-3
         fit, nl_mean, nl_ci = ex.error_prediction(dec, width_sweep, k_sweep, main_site, seed=cfg.seed)
@@ -323,6 +322,10 @@ class Study:
             self.log(f"engine: {n:<24} FVU {s.fvu:.3f} FVU_nl {s.fvu_nonlinear:.3f} vecR2 {s.vector_r2:.3f} "
                      f"normR2 {s.norm_r2:.3f}")
 
+    def _rel(self, files: dict[str, Path]) -> dict[str, str]:
+        """Figure paths relative to the output directory (results stay valid if it moves)."""
+        return {k: str(Path(v).resolve().relative_to(self.out.resolve())) for k, v in files.items()}
+
     def step_layer_baselines(self) -> None:
         """Figs 3 and 13: one SAE per layer, R² of its squared error norm from five predictors."""
         from darkmatter.experiments import layer_baselines as lb
@@ -349,7 +352,7 @@ class Study:
         res.config = {**res.config, "layer_sweep": sweep.model_dump()}
         figs = fg.plot_layer_baselines(res.layers, res.r2, self.out / "figures")
         data = res.model_dump()
-        data["figures"] = {"lines": {k: str(v) for k, v in figs.items()}}
+        data["figures"] = {"lines": self._rel(figs)}
         write_result(self.out, LayerBaselinesWithFigures.model_validate(data))
         self.log("layer baselines: " + ", ".join(f"L{la} {r:.2f}" for la, r in zip(res.layers, res.r2["activations"],
                                                                                     strict=True)))

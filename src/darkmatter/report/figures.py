@@ -174,12 +174,12 @@ def _fmt_width(w: float) -> str:
     return f"{w / 1e6:.2g}M"
 
 
-def _log2_width_axis(ax: Axes, axis: str = "x") -> None:
-    """Log base-2 axis for numbers of latents with k/M tick labels and no minor ticks."""
+def _log2_axis(ax: Axes, axis: str = "x", fmt: Callable[[float], str] = _fmt_width) -> None:
+    """Log base-2 axis with plain tick labels (default: latent counts as 16k / 1M) and no minor ticks."""
     a = ax.xaxis if axis == "x" else ax.yaxis
     (ax.set_xscale if axis == "x" else ax.set_yscale)("log", base=2)
     a.set_major_locator(LogLocator(base=2, numticks=9))
-    a.set_major_formatter(FuncFormatter(lambda v, _: _fmt_width(v)))
+    a.set_major_formatter(FuncFormatter(lambda v, _: fmt(v)))
     a.set_minor_locator(NullLocator())
 
 
@@ -328,8 +328,8 @@ def plot_error_prediction_maps(
             )
         fig.colorbar(mpl.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label=cbar_label, shrink=0.9)
         _style_axes(ax, title, "SAE width (number of latents)", "L0 (mean active latents per token)", "both")
-        _log2_width_axis(ax, "x")
-        ax.set_yscale("log")
+        _log2_axis(ax, "x")
+        _log2_axis(ax, "y", lambda v: f"{v:.3g}")
         if len(w):
             ax.set_xlim(uw.min() / 1.6, uw.max() * 1.6)
             ax.set_ylim(ul.min() / 1.4, ul.max() * 1.4)
@@ -546,7 +546,7 @@ def plot_scaling_decomposition(
             label="Pursuit FVU$_\\mathrm{nonlinear}$",
         )
 
-    _log2_width_axis(ax, "x")
+    _log2_axis(ax, "x")
     ax.set_xlim(xs[0], xs[-1])
     tops = [y, ynl, np.array([nl])]
     if py is not None:
@@ -915,7 +915,7 @@ def plot_training_curves(
     rng = _finite_range(*all_y)
     pos = np.concatenate(all_y)[np.concatenate(all_y) > 0] if all_y else np.array([])
     if pos.size and pos.max() / pos.min() > 10:
-        ax.set_yscale("log")
+        _log2_axis(ax, "y", lambda v: f"{v:.3g}")
     _style_axes(ax, "Training curves: FVU against training step", "Training step", "FVU (fraction)", "both")
     if curves:
         ax.legend(loc="upper right")
