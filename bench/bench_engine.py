@@ -31,15 +31,26 @@ def make_store(root: Path, tokens: int, d: int) -> None:
 
     ctx_len, shard = 256, 16
     n_ctx = tokens // ctx_len
-    identity = {"model": {"name": "bench"}, "sites": [SITE], "d": {SITE: d}, "dtype": "fp32", "ctx_len": ctx_len,
-                "n_contexts": n_ctx, "skip_positions": 0, "with_loss": False, "shard_contexts": shard}
+    identity = {
+        "model": {"name": "bench"},
+        "sites": [SITE],
+        "d": {SITE: d},
+        "dtype": "fp32",
+        "ctx_len": ctx_len,
+        "n_contexts": n_ctx,
+        "skip_positions": 0,
+        "with_loss": False,
+        "shard_contexts": shard,
+    }
     store = ActivationStore.create_or_resume(root, identity, np.zeros((n_ctx, ctx_len), dtype=np.int32))
     g = torch.Generator().manual_seed(0)
     basis = torch.randn(2 * d, d, generator=g) / d**0.5
     for i in range(store.n_shards):
         a, b = store.shard_range(i)
         codes = torch.rand(b - a, ctx_len, 2 * d, generator=g).pow(6) * 4
-        store.write_shard(i, {SITE: (codes @ basis + 0.1 * torch.randn(b - a, ctx_len, d, generator=g)).contiguous()})
+        store.write_shard(
+            i, {SITE: (codes @ basis + 0.1 * torch.randn(b - a, ctx_len, d, generator=g)).contiguous()}
+        )
 
 
 def make_saes(n: int, d: int, width: int, k: int) -> dict:
@@ -51,8 +62,12 @@ def make_saes(n: int, d: int, width: int, k: int) -> dict:
         w_dec = torch.randn(width, d, generator=g)
         w_dec /= w_dec.norm(dim=1, keepdim=True)
         cfg = SAEConfig(d_in=d, d_sae=width, activation="topk", k=k, hook_site=SITE)
-        tensors = {"W_enc": w_dec.T.contiguous() * 0.5, "b_enc": torch.zeros(width), "W_dec": w_dec,
-                   "b_dec": torch.zeros(d)}
+        tensors = {
+            "W_enc": w_dec.T.contiguous() * 0.5,
+            "b_enc": torch.zeros(width),
+            "W_dec": w_dec,
+            "b_dec": torch.zeros(d),
+        }
         saes[f"sae{i}"] = SAE.from_tensors(cfg, tensors)
     return saes
 
@@ -65,7 +80,10 @@ def run_engine(store_dir: str, args: argparse.Namespace) -> dict:
     saes = make_saes(args.saes, args.d, args.width, args.k)
     t0 = time.perf_counter()
     dec = decompose(store, saes, second_pass=False)
-    return {"seconds": time.perf_counter() - t0, "fvu_nonlinear": {n: s.fvu_nonlinear for n, s in dec.stats.items()}}
+    return {
+        "seconds": time.perf_counter() - t0,
+        "fvu_nonlinear": {n: s.fvu_nonlinear for n, s in dec.stats.items()},
+    }
 
 
 def run_original(store_dir: str, args: argparse.Namespace) -> dict:
@@ -92,11 +110,25 @@ def run_original(store_dir: str, args: argparse.Namespace) -> dict:
     return {"seconds": time.perf_counter() - t0, "fvu_nonlinear": out}
 
 
+def run_engine_full(store_dir: str, args: argparse.Namespace) -> dict:
+    """Both passes with the per-token table: what ``darkmatter run`` does."""
+    from darkmatter.experiments.decomposition import decompose
+    from darkmatter.store import ActivationStore
+
+    store = ActivationStore.open(store_dir)
+    saes = make_saes(args.saes, args.d, args.width, args.k)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        decompose(store, saes, table_path=Path(tmp) / "tokens.parquet")
+    return {"seconds": time.perf_counter() - t0, "fvu_nonlinear": {}}
+
+
 def child(kind: str, store_dir: str, args: argparse.Namespace) -> None:
     import darkmatter.experiments.decomposition  # noqa: F401  (imports counted in the base RSS)
 
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    res = run_engine(store_dir, args) if kind == "engine" else run_original(store_dir, args)
+    runner = {"engine": run_engine, "original": run_original, "engine_full": run_engine_full}[kind]
+    res = runner(store_dir, args)
     res["peak_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     res["base_kb"] = base
     print(json.dumps(res))
@@ -111,30 +143,64 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--child", default="")
     ap.add_argument("--store", default="")
+    ap.add_argument("--skip-comparison", action="store_true", help="Only the memory-scaling part.")
     args = ap.parse_args()
     if args.child:
         child(args.child, args.store, args)
         return
     with tempfile.TemporaryDirectory() as tmp:
         make_store(Path(tmp) / "store", args.tokens, args.d)
-        res = {}
-        for kind in ("original", "engine"):
-            cmd = [sys.executable, __file__, "--child", kind, "--store", str(Path(tmp) / "store"),
-                   "--tokens", str(args.tokens), "--d", str(args.d), "--saes", str(args.saes),
-                   "--width", str(args.width), "--k", str(args.k)]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
-            res[kind] = json.loads(out)
-    o, e = res["original"], res["engine"]
-    diff = max(abs(o["fvu_nonlinear"][n] - e["fvu_nonlinear"][n]) for n in o["fvu_nonlinear"])
-    print(f"{args.tokens} tokens x d {args.d}, {args.saes} TopK SAEs (w={args.width}, k={args.k})")
-    print(f"FVU_nonlinear: engine {[round(v, 6) for v in e['fvu_nonlinear'].values()]}")
-    print(f"max |FVU_nonlinear engine - original| = {diff:.2e}  (target <= 1e-5)")
-    print(f"time: original {o['seconds']:.1f}s, engine {e['seconds']:.1f}s, "
-          f"speed-up {o['seconds'] / e['seconds']:.2f}x (target >= 2x)")
-    po, pe = o["peak_kb"] / 1024, e["peak_kb"] / 1024
-    bo, be = (o["peak_kb"] - o["base_kb"]) / 1024, (e["peak_kb"] - e["base_kb"]) / 1024
-    print(f"peak RSS: original {po:,.0f} MiB, engine {pe:,.0f} MiB, ratio {po / pe:.1f}x; above the "
-          f"post-import base: {bo:,.0f} vs {be:,.0f} MiB, ratio {bo / max(be, 1):.1f}x (target >= 10x)")
+        make_store(Path(tmp) / "small", args.tokens // 10, args.d)
+
+        def launch(kind: str, store: str) -> dict:
+            cmd = [
+                sys.executable,
+                __file__,
+                "--child",
+                kind,
+                "--store",
+                str(Path(tmp) / store),
+                "--tokens",
+                str(args.tokens),
+                "--d",
+                str(args.d),
+                "--saes",
+                str(args.saes),
+                "--width",
+                str(args.width),
+                "--k",
+                str(args.k),
+            ]
+            out = (
+                subprocess.run(cmd, capture_output=True, text=True, check=True)
+                .stdout.strip()
+                .splitlines()[-1]
+            )
+            return json.loads(out)
+
+        print(f"{args.tokens} tokens x d {args.d}, {args.saes} TopK SAEs (w={args.width}, k={args.k})")
+        if not args.skip_comparison:
+            o, e = launch("original", "store"), launch("engine", "store")
+            diff = max(abs(o["fvu_nonlinear"][n] - e["fvu_nonlinear"][n]) for n in o["fvu_nonlinear"])
+            print(f"FVU_nonlinear: engine {[round(v, 6) for v in e['fvu_nonlinear'].values()]}")
+            print(f"max |FVU_nonlinear engine - original| = {diff:.2e}  (target <= 1e-5)")
+            print(
+                f"time: original {o['seconds']:.1f}s, engine {e['seconds']:.1f}s, "
+                f"speed-up {o['seconds'] / e['seconds']:.2f}x (target >= 2x)"
+            )
+            po, pe = o["peak_kb"] / 1024, e["peak_kb"] / 1024
+            bo, be = (o["peak_kb"] - o["base_kb"]) / 1024, (e["peak_kb"] - e["base_kb"]) / 1024
+            print(
+                f"peak RSS: original {po:,.0f} MiB, engine {pe:,.0f} MiB, ratio {po / pe:.1f}x; above the "
+                f"post-import base: {bo:,.0f} vs {be:,.0f} MiB, ratio {bo / max(be, 1):.1f}x (target >= 10x)"
+            )
+        small, big = launch("engine_full", "small"), launch("engine_full", "store")
+        ps, pb = small["peak_kb"] / 1024, big["peak_kb"] / 1024
+        print(
+            f"full two-pass engine with per-token table: {args.tokens // 10} tokens {small['seconds']:.1f}s "
+            f"peak {ps:,.0f} MiB; {args.tokens} tokens {big['seconds']:.1f}s peak {pb:,.0f} MiB; "
+            f"memory ratio 10x/1x {pb / ps:.3f} (target <= 1.10)"
+        )
 
 
 if __name__ == "__main__":

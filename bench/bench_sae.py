@@ -33,12 +33,21 @@ def gemm_peak(n: int = 2048, repeats: int = 5) -> float:
     return 2 * n**3 / best / 1e9
 
 
-def synthetic_store(root: Path, d: int, n_contexts: int, ctx_len: int):  # noqa: ANN201
+def synthetic_store(root: Path, d: int, n_contexts: int, ctx_len: int):
     from darkmatter.store import ActivationStore
 
     site = "blocks.0.hook_resid_post"
-    identity = {"model": {"name": "bench"}, "sites": [site], "d": {site: d}, "dtype": "fp32", "ctx_len": ctx_len,
-                "n_contexts": n_contexts, "skip_positions": 0, "with_loss": False, "shard_contexts": 16}
+    identity = {
+        "model": {"name": "bench"},
+        "sites": [site],
+        "d": {site: d},
+        "dtype": "fp32",
+        "ctx_len": ctx_len,
+        "n_contexts": n_contexts,
+        "skip_positions": 0,
+        "with_loss": False,
+        "shard_contexts": 16,
+    }
     tokens = np.zeros((n_contexts, ctx_len), dtype=np.int32)
     store = ActivationStore.create_or_resume(root, identity, tokens)
     g = torch.Generator().manual_seed(0)
@@ -82,8 +91,12 @@ def bench_inference(d: int, width: int, k: int, batch: int, repeats: int) -> tup
 
     g = torch.Generator().manual_seed(0)
     cfg = SAEConfig(d_in=d, d_sae=width, activation="topk", k=k)
-    tensors = {"W_enc": torch.randn(d, width, generator=g) / d**0.5, "b_enc": torch.zeros(width),
-               "W_dec": torch.randn(width, d, generator=g) / d**0.5, "b_dec": torch.zeros(d)}
+    tensors = {
+        "W_enc": torch.randn(d, width, generator=g) / d**0.5,
+        "b_enc": torch.zeros(width),
+        "W_dec": torch.randn(width, d, generator=g) / d**0.5,
+        "b_dec": torch.zeros(d),
+    }
     sae = SAE.from_tensors(cfg, tensors)
     x = torch.randn(batch, d, generator=g)
     sae.reconstruct(x)
@@ -107,12 +120,16 @@ def main() -> None:
     peak = gemm_peak()
     print(f"fp32 GEMM peak (2048^3, {torch.get_num_threads()} threads): {peak:,.1f} GFLOP/s")
     tps, gf = bench_training(args.d, args.width, args.k, args.batch, args.steps)
-    print(f"train  d={args.d} w={args.width} k={args.k} batch={args.batch}: {tps:,.0f} tok/s, "
-          f"{gf:,.1f} GFLOP/s = {gf / peak:.1%} of peak (target >= 40%)")
+    print(
+        f"train  d={args.d} w={args.width} k={args.k} batch={args.batch}: {tps:,.0f} tok/s, "
+        f"{gf:,.1f} GFLOP/s = {gf / peak:.1%} of peak (target >= 40%)"
+    )
     peak2 = gemm_peak()
     tps, gf = bench_inference(args.d, args.infer_width, args.k, 4096, 5)
-    print(f"encode+decode d={args.d} w={args.infer_width} k={args.k}: {tps:,.0f} tok/s, "
-          f"{gf:,.1f} GFLOP/s = {gf / max(peak, peak2):.1%} of peak")
+    print(
+        f"encode+decode d={args.d} w={args.infer_width} k={args.k}: {tps:,.0f} tok/s, "
+        f"{gf:,.1f} GFLOP/s = {gf / max(peak, peak2):.1%} of peak"
+    )
 
 
 if __name__ == "__main__":

@@ -24,8 +24,9 @@ def sparse_features(d: int = 16, n_features: int = 64, active: int = 3, seed: in
         n = n_ctx * ctx_len
         idx = torch.stack([torch.randperm(n_features, generator=gen)[:active] for _ in range(n)])
         mags = torch.rand(n, active, generator=gen) * 3 + 0.5
-        x = torch.zeros(n, d).index_add_(0, torch.arange(n).repeat_interleave(active), (mags.reshape(-1, 1) *
-                                                                                      dirs[idx.reshape(-1)]))
+        x = torch.zeros(n, d).index_add_(
+            0, torch.arange(n).repeat_interleave(active), (mags.reshape(-1, 1) * dirs[idx.reshape(-1)])
+        )
         x += offset + 0.01 * torch.randn(n, d, generator=gen)
         return {"blocks.0.hook_resid_post": x.reshape(n_ctx, ctx_len, d)}
 
@@ -33,8 +34,15 @@ def sparse_features(d: int = 16, n_features: int = 64, active: int = 3, seed: in
 
 
 def synthetic_store(
-    path: Path, make: Generator, *, n_contexts: int = 40, ctx_len: int = 32, shard_contexts: int = 8,
-    skip_positions: int = 0, seed: int = 0, with_loss: bool = False,
+    path: Path,
+    make: Generator,
+    *,
+    n_contexts: int = 40,
+    ctx_len: int = 32,
+    shard_contexts: int = 8,
+    skip_positions: int = 0,
+    seed: int = 0,
+    with_loss: bool = False,
 ) -> ActivationStore:
     """A complete store whose shards hold ``make``'s tensors (sites inferred from its keys)."""
     gen = torch.Generator().manual_seed(seed)

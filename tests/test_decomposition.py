@@ -9,12 +9,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from synthetic import sparse_features, synthetic_store
 
 from darkmatter.errors import DataError, ShapeError, StoreError
 from darkmatter.experiments.decomposition import decompose, ols_from_gram
 from darkmatter.sae.model import SAE, SAEConfig, SparseCodes
 from darkmatter.stats.split import is_train
+from synthetic import sparse_features, synthetic_store
 
 SITE = "blocks.0.hook_resid_post"
 D = 12
@@ -42,8 +42,12 @@ class PlantedSAE(SAE):
 def planted(seed: int = 0, lin_scale: float = 0.3, amp: float = 0.3) -> PlantedSAE:
     g = torch.Generator().manual_seed(seed)
     cfg = SAEConfig(d_in=D, d_sae=4, activation="topk", k=2, hook_site=SITE)
-    tensors = {"W_enc": torch.randn(D, 4, generator=g), "b_enc": torch.zeros(4), "W_dec": torch.randn(4, D, generator=g),
-               "b_dec": torch.zeros(D)}
+    tensors = {
+        "W_enc": torch.randn(D, 4, generator=g),
+        "b_enc": torch.zeros(4),
+        "W_dec": torch.randn(4, D, generator=g),
+        "b_dec": torch.zeros(D),
+    }
     sae = PlantedSAE.from_tensors(cfg, tensors)
     sae.A = lin_scale * torch.randn(D, D, generator=g) / D**0.5
     sae.c = torch.randn(D, generator=g)
@@ -53,12 +57,14 @@ def planted(seed: int = 0, lin_scale: float = 0.3, amp: float = 0.3) -> PlantedS
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+def store(tmp_path_factory: pytest.TempPathFactory):
     path = tmp_path_factory.mktemp("dec") / "store"
-    return synthetic_store(path, sparse_features(d=D, n_features=40, active=3), n_contexts=60, ctx_len=32, with_loss=True)
+    return synthetic_store(
+        path, sparse_features(d=D, n_features=40, active=3), n_contexts=60, ctx_len=32, with_loss=True
+    )
 
 
-def _all_rows(store) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
+def _all_rows(store) -> tuple[torch.Tensor, torch.Tensor]:
     rows = list(store.iter_batches([SITE], batch_tokens=10**6))
     x = torch.cat([b.acts[SITE] for b in rows]).double()
     train = torch.cat([is_train(b.context, b.position, 0, 0.8) for b in rows])
@@ -70,7 +76,7 @@ def _fvu(x: torch.Tensor, x_hat: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_recovers_planted_linear_share(store, seed: int) -> None:  # noqa: ANN001
+def test_recovers_planted_linear_share(store, seed: int) -> None:
     sae = planted(seed)
     dec = decompose(store, {"p": sae})
     st = dec.stats["p"]
@@ -84,7 +90,7 @@ def test_recovers_planted_linear_share(store, seed: int) -> None:  # noqa: ANN00
     assert abs(st.fvu_nonlinear - st.fvu_nonlinear_pass2) < 1e-5  # moments agree with explicit residuals
 
 
-def test_matches_explicit_batch_regression(store, tmp_path: Path) -> None:  # noqa: ANN001
+def test_matches_explicit_batch_regression(store, tmp_path: Path) -> None:
     sae = planted(3, amp=0.5)
     dec = decompose(store, {"p": sae}, table_path=tmp_path / "tokens.parquet", batch_tokens=333)
     st = dec.stats["p"]
@@ -114,7 +120,7 @@ def test_matches_explicit_batch_regression(store, tmp_path: Path) -> None:  # no
     assert not list(tmp_path.glob(".*.tmp"))
 
 
-def test_per_token_scaling_from_grams(store) -> None:  # noqa: ANN001
+def test_per_token_scaling_from_grams(store) -> None:
     small, big = planted(4, amp=0.2), planted(4, amp=0.2)
     big.A = big.A * 0.5
     dec = decompose(store, {"small": small, "big": big})
@@ -131,14 +137,20 @@ def test_per_token_scaling_from_grams(store) -> None:  # noqa: ANN001
     assert abs(r2 - ref) < 1e-6  # per-token errors are float32 in the engine
 
 
-def test_bad_inputs(store, tmp_path: Path) -> None:  # noqa: ANN001
+def test_bad_inputs(store, tmp_path: Path) -> None:
     sae = planted(0)
     sae.cfg.hook_site = "blocks.5.hook_mlp_out"
     with pytest.raises(StoreError, match="lacks"):
         decompose(store, {"p": sae})
-    wide = SAE.from_tensors(SAEConfig(d_in=D + 1, d_sae=4, activation="topk", k=1, hook_site=SITE),
-                            {"W_enc": torch.randn(D + 1, 4), "b_enc": torch.zeros(4), "W_dec": torch.randn(4, D + 1),
-                             "b_dec": torch.zeros(D + 1)})
+    wide = SAE.from_tensors(
+        SAEConfig(d_in=D + 1, d_sae=4, activation="topk", k=1, hook_site=SITE),
+        {
+            "W_enc": torch.randn(D + 1, 4),
+            "b_enc": torch.zeros(4),
+            "W_dec": torch.randn(4, D + 1),
+            "b_dec": torch.zeros(D + 1),
+        },
+    )
     with pytest.raises(ShapeError):
         decompose(store, {"w": wide})
     small = synthetic_store(tmp_path / "small", sparse_features(d=D), n_contexts=1, ctx_len=8)
@@ -155,7 +167,7 @@ class PerfectSAE(PlantedSAE):
         return x.clone(), SparseCodes(torch.zeros(x.shape[0], 1, dtype=torch.long), torch.ones(x.shape[0], 1))
 
 
-def test_constant_error_is_a_clear_error(store) -> None:  # noqa: ANN001
+def test_constant_error_is_a_clear_error(store) -> None:
     perfect = PerfectSAE.from_tensors(planted(0).cfg, dict(planted(0).named_tensors()))
     with pytest.raises(DataError, match="constant"):
         decompose(store, {"perfect": perfect})

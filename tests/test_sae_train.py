@@ -9,28 +9,35 @@ from pathlib import Path
 
 import pytest
 import torch
-from synthetic import sparse_features, synthetic_store
 
 from darkmatter.errors import ConfigError, DataError, StoreError
 from darkmatter.sae.quality import evaluate_saes
 from darkmatter.sae.train import FamilyTrainer, SAESpec, TrainConfig
+from synthetic import sparse_features, synthetic_store
 
 SITE = "blocks.0.hook_resid_post"
 
 
 def _cfg(**kw: object) -> TrainConfig:
-    base = {"epochs": 6, "batch_size": 128, "lr": 2e-3, "dead_tokens": 1000, "checkpoint_every": 7, "aux_k": 8}
+    base = {
+        "epochs": 6,
+        "batch_size": 128,
+        "lr": 2e-3,
+        "dead_tokens": 1000,
+        "checkpoint_every": 7,
+        "aux_k": 8,
+    }
     base.update(kw)
     return TrainConfig(**base)  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+def store(tmp_path_factory: pytest.TempPathFactory):
     path = tmp_path_factory.mktemp("syn") / "store"
     return synthetic_store(path, sparse_features(d=12, n_features=24, active=2), n_contexts=48, ctx_len=32)
 
 
-def test_quality_improves_with_width_and_k(store, tmp_path: Path) -> None:  # noqa: ANN001
+def test_quality_improves_with_width_and_k(store, tmp_path: Path) -> None:
     pairs = [(4, 2), (8, 2), (16, 2), (16, 1), (16, 4)]  # 24 planted features: every width is short of them
     specs = [SAESpec(name=f"w{w}.k{k}", site=SITE, d_sae=w, k=k) for w, k in pairs]
     saes = FamilyTrainer(store, specs, _cfg(), tmp_path / "t").train()
@@ -43,7 +50,7 @@ def test_quality_improves_with_width_and_k(store, tmp_path: Path) -> None:  # no
     assert q["w16.k4"]["l0"] <= 4.0
 
 
-def test_export_folds_input_scale_and_keeps_unit_decoder(store, tmp_path: Path) -> None:  # noqa: ANN001
+def test_export_folds_input_scale_and_keeps_unit_decoder(store, tmp_path: Path) -> None:
     spec = SAESpec(name="s", site=SITE, d_sae=16, k=2)
     trainer = FamilyTrainer(store, [spec], _cfg(epochs=1), tmp_path / "t")
     (sae,) = trainer.train()
@@ -57,7 +64,7 @@ def test_export_folds_input_scale_and_keeps_unit_decoder(store, tmp_path: Path) 
     torch.testing.assert_close((sae.W_dec * s).norm(dim=1), torch.ones(16), rtol=1e-5, atol=1e-5)
 
 
-def test_batchtopk_has_inference_threshold(store, tmp_path: Path) -> None:  # noqa: ANN001
+def test_batchtopk_has_inference_threshold(store, tmp_path: Path) -> None:
     spec = SAESpec(name="b", site=SITE, d_sae=24, k=2, kind="batchtopk")
     (sae,) = FamilyTrainer(store, [spec], _cfg(epochs=3), tmp_path / "t").train()
     assert sae.cfg.activation == "batchtopk" and sae.threshold is not None and float(sae.threshold[0]) > 0
@@ -86,11 +93,13 @@ RESUME = textwrap.dedent(
 )
 
 
-def test_resume_after_sigkill_reaches_identical_weights(store, tmp_path: Path) -> None:  # noqa: ANN001
+def test_resume_after_sigkill_reaches_identical_weights(store, tmp_path: Path) -> None:
     specs = [SAESpec(name="a", site=SITE, d_sae=16, k=2), SAESpec(name="b", site=SITE, d_sae=8, k=1)]
     ref = FamilyTrainer(store, specs, _cfg(epochs=3), tmp_path / "ref").train()
     work = tmp_path / "killed"
-    script = RESUME.format(tests=str(Path(__file__).parent), kill_at=17, store=str(store.root), work=str(work))
+    script = RESUME.format(
+        tests=str(Path(__file__).parent), kill_at=17, store=str(store.root), work=str(work)
+    )
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=300)
     assert proc.returncode == -9, proc.stderr.decode()[-2000:]
     assert (work / "checkpoint.pt").is_file()
@@ -101,11 +110,13 @@ def test_resume_after_sigkill_reaches_identical_weights(store, tmp_path: Path) -
             torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=0, atol=0)
 
 
-def test_bad_family_input(store, tmp_path: Path) -> None:  # noqa: ANN001
+def test_bad_family_input(store, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="exceeds d_sae"):
         FamilyTrainer(store, [SAESpec(name="x", site=SITE, d_sae=4, k=8)], _cfg(), tmp_path)
     with pytest.raises(StoreError, match="lacks"):
-        FamilyTrainer(store, [SAESpec(name="x", site="blocks.3.hook_mlp_out", d_sae=4, k=1)], _cfg(), tmp_path)
+        FamilyTrainer(
+            store, [SAESpec(name="x", site="blocks.3.hook_mlp_out", d_sae=4, k=1)], _cfg(), tmp_path
+        )
     with pytest.raises(ConfigError, match="unique"):
         FamilyTrainer(store, [SAESpec(name="x", site=SITE, d_sae=4, k=1)] * 2, _cfg(), tmp_path)
     with pytest.raises(DataError, match="fewer than one batch"):
@@ -116,7 +127,7 @@ def test_bad_family_input(store, tmp_path: Path) -> None:  # noqa: ANN001
         FamilyTrainer(store, [SAESpec(name="x", site=SITE, d_sae=4, k=1)], _cfg(), tmp_path / "c").train()
 
 
-def test_checkpoint_of_another_family_is_not_resumed(store, tmp_path: Path) -> None:  # noqa: ANN001
+def test_checkpoint_of_another_family_is_not_resumed(store, tmp_path: Path) -> None:
     work = tmp_path / "w"
     FamilyTrainer(store, [SAESpec(name="x", site=SITE, d_sae=8, k=1)], _cfg(epochs=1), work).train()
     other = [SAESpec(name="x", site=SITE, d_sae=16, k=2)]

@@ -224,6 +224,15 @@ def main(argv: list[str] | None = None) -> int:
         else:
             typer.echo(f"darkmatter: error: {exc}", err=True)
         return 3
+    except Exception as exc:
+        if os.environ.get("DARKMATTER_DEBUG") == "1":
+            raise
+        typer.echo(
+            f"darkmatter: internal error: {type(exc).__name__}: {exc}. Finished steps are kept; rerun with "
+            "DARKMATTER_DEBUG=1 for the traceback and report it.",
+            err=True,
+        )
+        return 1
     return 0
 
 

@@ -54,11 +54,15 @@ class FamilyConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     kind: str = Field("topk", description="topk or batchtopk for trained SAEs.")
-    widths: list[int] = Field(default_factory=lambda: [512, 1024, 2048, 4096], description="Width sweep at k.")
+    widths: list[int] = Field(
+        default_factory=lambda: [512, 1024, 2048, 4096], description="Width sweep at k."
+    )
     k: int = Field(32, ge=1, description="k of the width sweep.")
     ks: list[int] = Field(default_factory=lambda: [8, 16, 64], description="Extra k values at width_for_ks.")
     width_for_ks: int = Field(2048, ge=1, description="Width of the k sweep and of the auxiliary SAEs.")
-    aux_sites: bool = Field(True, description="Also train SAEs on layer L-1 resid_post, L mlp_out, L attn_out.")
+    aux_sites: bool = Field(
+        True, description="Also train SAEs on layer L-1 resid_post, L mlp_out, L attn_out."
+    )
     train: TrainConfig = Field(default_factory=TrainConfig)
     external: list[ExternalSAE] = Field(default_factory=list, description="Load these instead of training.")
 
@@ -71,13 +75,19 @@ class FamilyConfig(BaseModel):
             if p not in seen:
                 seen.append(p)
         kind = "topk" if self.kind == "topk" else "batchtopk"
-        specs = [SAESpec(name=f"L{layer}.resid.w{w}.k{k}", site=main, d_sae=w, k=k, kind=kind) for w, k in seen]
+        specs = [
+            SAESpec(name=f"L{layer}.resid.w{w}.k{k}", site=main, d_sae=w, k=k, kind=kind) for w, k in seen
+        ]
         if self.aux_sites:
             w, k = self.width_for_ks, self.k
-            aux = [(f"L{layer - 1}.resid", f"blocks.{layer - 1}.hook_resid_post"),
-                   (f"L{layer}.mlp", f"blocks.{layer}.hook_mlp_out"),
-                   (f"L{layer}.attn", f"blocks.{layer}.hook_attn_out")]
-            specs += [SAESpec(name=f"{n}.w{w}.k{k}", site=s, d_sae=w, k=k, kind=kind) for n, s in aux if layer > 0]
+            aux = [
+                (f"L{layer - 1}.resid", f"blocks.{layer - 1}.hook_resid_post"),
+                (f"L{layer}.mlp", f"blocks.{layer}.hook_mlp_out"),
+                (f"L{layer}.attn", f"blocks.{layer}.hook_attn_out"),
+            ]
+            specs += [
+                SAESpec(name=f"{n}.w{w}.k{k}", site=s, d_sae=w, k=k, kind=kind) for n, s in aux if layer > 0
+            ]
         return specs
 
 
@@ -86,13 +96,21 @@ class LayerSweepConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     enabled: bool = Field(True, description="Run the layer sweep.")
-    layers: list[int] = Field(default_factory=list, description="Layers; empty means every `stride`-th layer.")
-    stride: int = Field(2, ge=1, description="Layer step when `layers` is empty (the last layer is included).")
-    n_contexts: int = Field(64, ge=1, description="Contexts for the layer store (a subset of the study's text).")
+    layers: list[int] = Field(
+        default_factory=list, description="Layers; empty means every `stride`-th layer."
+    )
+    stride: int = Field(
+        2, ge=1, description="Layer step when `layers` is empty (the last layer is included)."
+    )
+    n_contexts: int = Field(
+        64, ge=1, description="Contexts for the layer store (a subset of the study's text)."
+    )
     d_sae: int = Field(1024, ge=1, description="Latents per layer SAE.")
     k: int = Field(32, ge=1, description="k of the layer SAEs.")
     kind: str = Field("batchtopk", description="batchtopk gives a per-token L0 for the L0 baseline; or topk.")
-    train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=4, batch_size=512, lr=1e-3, dead_tokens=5000))
+    train: TrainConfig = Field(
+        default_factory=lambda: TrainConfig(epochs=4, batch_size=512, lr=1e-3, dead_tokens=5000)
+    )
 
     def resolve(self, n_layers: int) -> list[int]:
         if self.layers:
@@ -116,7 +134,7 @@ class StudyConfig(BaseModel):
     layer_sweep: LayerSweepConfig = Field(default_factory=LayerSweepConfig)
 
     def sites(self) -> list[str]:
-        """Sites to harvest: what the trained family reads (or the external SAEs' sites) plus harvest.sites."""
+        """Sites to harvest: what the family reads (or the external SAEs' sites) plus harvest.sites."""
         needed: list[str] = []
         if self.family.external:
             needed += [e.site for e in self.family.external if e.site]
@@ -171,10 +189,20 @@ def _tiny() -> dict[str, Any]:
     cfg["preset"] = "tiny"
     cfg["text"].update({"ctx_len": 64, "n_contexts": 16, "skip_positions": 4})
     cfg["harvest"].update({"batch_size": 4, "shard_contexts": 4})
-    cfg["layer_sweep"] = {"layers": [0, 15, 29], "n_contexts": 16, "d_sae": 64, "k": 8,
-                          "train": {"batch_size": 128, "epochs": 1, "lr": 1e-3}}
-    cfg["family"] = {"widths": [64, 128], "k": 8, "ks": [4], "width_for_ks": 128,
-                     "train": {"batch_size": 128, "epochs": 2, "lr": 1e-3}}
+    cfg["layer_sweep"] = {
+        "layers": [0, 15, 29],
+        "n_contexts": 16,
+        "d_sae": 64,
+        "k": 8,
+        "train": {"batch_size": 128, "epochs": 1, "lr": 1e-3},
+    }
+    cfg["family"] = {
+        "widths": [64, 128],
+        "k": 8,
+        "ks": [4],
+        "width_for_ks": 128,
+        "train": {"batch_size": 128, "epochs": 2, "lr": 1e-3},
+    }
     return cfg
 
 

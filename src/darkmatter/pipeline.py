@@ -10,9 +10,9 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from darkmatter.config import StudyConfig
+from darkmatter.errors import ShapeError
 from darkmatter.harvest import Progress, harvest
 from darkmatter.lm.loading import LoadedLM, load_lm
-from darkmatter.errors import ShapeError
 from darkmatter.results import Result, read_result, write_result
 from darkmatter.sae import SAE, load_sae, save_sae
 from darkmatter.sae.quality import evaluate_saes
@@ -134,9 +134,7 @@ class Study:
             if bar is not None:
                 bar(done_tok, total, tps)
 
-        store = harvest(
-            self.lm, contexts, self.cfg.text, hcfg, str(store_dir(self.out)), progress=report
-        )
+        store = harvest(self.lm, contexts, self.cfg.text, hcfg, str(store_dir(self.out)), progress=report)
         seconds = time.perf_counter() - t0
         write_result(
             self.out,
@@ -174,20 +172,26 @@ class Study:
         if fam.external:
             saes = {}
             for ext in fam.external:
-                sae = load_sae(ext.path, format=ext.format, hookpoint=ext.hookpoint, online=self.cfg.model.online)
+                sae = load_sae(
+                    ext.path, format=ext.format, hookpoint=ext.hookpoint, online=self.cfg.model.online
+                )
                 if ext.site:
                     sae.cfg.hook_site = ext.site
                 if sae.cfg.hook_site not in store.sites:
                     raise ShapeError(
-                        f"SAE {ext.name!r} reads {sae.cfg.hook_site!r}, which the store lacks ({store.sites}); set "
-                        "its 'site' or add the site to harvest.sites."
+                        f"SAE {ext.name!r} reads {sae.cfg.hook_site!r}, which the store lacks "
+                        f"({store.sites}); set its 'site' or add the site to harvest.sites."
                     )
                 saes[ext.name] = sae
                 records_src[ext.name] = ext.path
         else:
             trainer = FamilyTrainer(
-                store, fam.specs(self.cfg.layer), fam.train, self.out / "saes" / ".training",
-                split_seed=self.cfg.split_seed, train_fraction=self.cfg.train_fraction,
+                store,
+                fam.specs(self.cfg.layer),
+                fam.train,
+                self.out / "saes" / ".training",
+                split_seed=self.cfg.split_seed,
+                train_fraction=self.cfg.train_fraction,
             )
             bar = self.progress("train SAEs")
             rates: list[float] = []
@@ -211,11 +215,19 @@ class Study:
         )
         records = [
             SAERecord(
-                name=n, site=str(s.cfg.hook_site), d_in=s.cfg.d_in, d_sae=s.cfg.d_sae, k=s.cfg.k,
-                activation=s.cfg.activation, path=records_src[n],
+                name=n,
+                site=str(s.cfg.hook_site),
+                d_in=s.cfg.d_in,
+                d_sae=s.cfg.d_sae,
+                k=s.cfg.k,
+                activation=s.cfg.activation,
+                path=records_src[n],
                 source="trained" if not fam.external else s.cfg.source_format,
-                fvu=quality[n]["fvu"], nmse=quality[n]["nmse"], l0=quality[n]["l0"],
-                dead_fraction=quality[n]["dead_fraction"], eval_tokens=int(quality[n]["tokens"]),
+                fvu=quality[n]["fvu"],
+                nmse=quality[n]["nmse"],
+                l0=quality[n]["l0"],
+                dead_fraction=quality[n]["dead_fraction"],
+                eval_tokens=int(quality[n]["tokens"]),
                 history=[] if fam.external else histories[n],
             )
             for n, s in saes.items()
@@ -223,10 +235,18 @@ class Study:
         write_result(
             self.out,
             FamilyResult(
-                experiment="sae_family", config_hash=key, seed=self.cfg.seed,
-                config={"family": fam.model_dump(), "layer": self.cfg.layer, "split_seed": self.cfg.split_seed,
-                        "train_fraction": self.cfg.train_fraction},
-                saes=records, train_seconds=train_seconds, train_tokens_per_second=rate,
+                experiment="sae_family",
+                config_hash=key,
+                seed=self.cfg.seed,
+                config={
+                    "family": fam.model_dump(),
+                    "layer": self.cfg.layer,
+                    "split_seed": self.cfg.split_seed,
+                    "train_fraction": self.cfg.train_fraction,
+                },
+                saes=records,
+                train_seconds=train_seconds,
+                train_tokens_per_second=rate,
             ),
         )
         for r in records:
@@ -251,11 +271,20 @@ class Study:
             saes, main_site, None if fam.external else fam.k, None if fam.external else fam.width_for_ks
         )
         table = self.out / "tables" / "tokens.parquet"
-        dec = decompose(store, saes, split_seed=cfg.split_seed, train_fraction=cfg.train_fraction, table_path=table)
+        dec = decompose(
+            store, saes, split_seed=cfg.split_seed, train_fraction=cfg.train_fraction, table_path=table
+        )
         figdir = self.out / "figures"
-        common = {"config_hash": key, "seed": cfg.seed,
-                  "config": {"family": fam.model_dump(), "layer": cfg.layer, "split_seed": cfg.split_seed,
-                             "train_fraction": cfg.train_fraction}}
+        common = {
+            "config_hash": key,
+            "seed": cfg.seed,
+            "config": {
+                "family": fam.model_dump(),
+                "layer": cfg.layer,
+                "split_seed": cfg.split_seed,
+                "train_fraction": cfg.train_fraction,
+            },
+        }
 
         paths = self._rel
 
@@ -265,19 +294,48 @@ class Study:
         figs: dict[str, dict[str, str]] = {}
         grid = [n for n in dict.fromkeys(width_sweep + k_sweep)]
         if grid:
-            figs["maps"] = paths(fg.plot_error_prediction_maps(
-                [st[n].d_sae for n in grid], [st[n].l0 for n in grid], [st[n].norm_r2 for n in grid],
-                [st[n].vector_r2 for n in grid], [st[n].fvu_nonlinear for n in grid], figdir))
+            figs["maps"] = paths(
+                fg.plot_error_prediction_maps(
+                    [st[n].d_sae for n in grid],
+                    [st[n].l0 for n in grid],
+                    [st[n].norm_r2 for n in grid],
+                    [st[n].vector_r2 for n in grid],
+                    [st[n].fvu_nonlinear for n in grid],
+                    figdir,
+                )
+            )
         if width_sweep and nl_mean is not None:
-            fit_params = {k: fit[k]["estimate"] for k in ("c", "a", "m")} if fit else None
-            fit_ci = {k: {"low": fit[k]["ci_low"], "high": fit[k]["ci_high"]} for k in ("c", "a", "m")} if fit else None
-            figs["scaling"] = paths(fg.plot_scaling_decomposition(
-                [st[n].d_sae for n in width_sweep], [st[n].fvu for n in width_sweep],
-                [st[n].fvu_nonlinear for n in width_sweep], fit_params, fit_ci, nl_mean, figdir))
-        write_result(self.out, ex.ErrorPredictionResult(
-            experiment="error_prediction", **common, saes=[st[n].to_dict() for n in saes],
-            width_sweep=width_sweep, k_sweep=k_sweep, power_law=fit, fvu_nonlinear_mean=nl_mean,
-            fvu_nonlinear_ci=nl_ci, n_train=dec.n_train, n_test=dec.n_test, figures=figs))
+            fit_params = {k: fit[k]["point"] for k in ("c", "a", "m")} if fit else None
+            fit_ci = (
+                {k: {"low": fit[k]["low"], "high": fit[k]["high"]} for k in ("c", "a", "m")} if fit else None
+            )
+            figs["scaling"] = paths(
+                fg.plot_scaling_decomposition(
+                    [st[n].d_sae for n in width_sweep],
+                    [st[n].fvu for n in width_sweep],
+                    [st[n].fvu_nonlinear for n in width_sweep],
+                    fit_params,
+                    fit_ci,
+                    nl_mean,
+                    figdir,
+                )
+            )
+        write_result(
+            self.out,
+            ex.ErrorPredictionResult(
+                experiment="error_prediction",
+                **common,
+                saes=[st[n].to_dict() for n in saes],
+                width_sweep=width_sweep,
+                k_sweep=k_sweep,
+                power_law=fit,
+                fvu_nonlinear_mean=nl_mean,
+                fvu_nonlinear_ci=nl_ci,
+                n_train=dec.n_train,
+                n_test=dec.n_test,
+                figures=figs,
+            ),
+        )
 
         # Figs 4, 5, 12, 16
         pt = ex.per_token(dec, width_sweep, main_site)
@@ -286,41 +344,93 @@ class Study:
         figs = {}
         if len(width_sweep) >= 2:
             labels = [f"{st[n].d_sae}" for n in width_sweep]
-            figs["r2"] = paths(fg.plot_per_token_matrix(labels, _nan(pt["r2"]), figdir, stem="per_token_r2",
-                                                        title="R² of predicting the larger SAE's per-token ‖e‖²"))
-            figs["gain"] = paths(fg.plot_per_token_matrix(
-                labels, _nan(pt["nonlinear_gain"]), figdir, stem="per_token_nonlinear_gain",
-                title="% less unexplained variance with ‖NonlinearError‖² added", cmap_label="%"))
+            figs["r2"] = paths(
+                fg.plot_per_token_matrix(
+                    labels,
+                    _nan(pt["r2"]),
+                    figdir,
+                    stem="per_token_r2",
+                    title="R² of predicting the larger SAE's per-token ‖e‖²",
+                )
+            )
+            figs["gain"] = paths(
+                fg.plot_per_token_matrix(
+                    labels,
+                    _nan(pt["nonlinear_gain"]),
+                    figdir,
+                    stem="per_token_nonlinear_gain",
+                    title="% less unexplained variance with ‖NonlinearError‖² added",
+                    cmap_label="%",
+                )
+            )
         if width_sweep:
-            figs["trace"] = paths(fg.plot_token_trace(
-                trace["tokens"], {f"{st[n].d_sae} latents": v for n, v in zip(width_sweep, trace["error_norm"].values(),
-                                                                                 strict=True)}, figdir))
-            figs["norms"] = paths(fg.plot_linear_vs_nonlinear_norms(
-                [st[n].d_sae for n in width_sweep], samples["linear"], samples["nonlinear"], figdir))
-        write_result(self.out, ex.PerTokenResult(
-            experiment="per_token", **common, names=width_sweep, widths=[st[n].d_sae for n in width_sweep], **pt,
-            trace=trace, mean_linear_norm=[st[n].mean_linear_norm for n in width_sweep],
-            mean_nonlinear_norm=[st[n].mean_nonlinear_norm for n in width_sweep], figures=figs))
+            figs["trace"] = paths(
+                fg.plot_token_trace(
+                    trace["tokens"],
+                    {
+                        f"{st[n].d_sae} latents": v
+                        for n, v in zip(width_sweep, trace["error_norm"].values(), strict=True)
+                    },
+                    figdir,
+                )
+            )
+            figs["norms"] = paths(
+                fg.plot_linear_vs_nonlinear_norms(
+                    [st[n].d_sae for n in width_sweep], samples["linear"], samples["nonlinear"], figdir
+                )
+            )
+        write_result(
+            self.out,
+            ex.PerTokenResult(
+                experiment="per_token",
+                **common,
+                names=width_sweep,
+                widths=[st[n].d_sae for n in width_sweep],
+                **pt,
+                trace=trace,
+                mean_linear_norm=[st[n].mean_linear_norm for n in width_sweep],
+                mean_nonlinear_norm=[st[n].mean_nonlinear_norm for n in width_sweep],
+                figures=figs,
+            ),
+        )
 
         # Fig 6
         quantities = list(next(iter(st.values())).norm_test)
         r2 = {n: st[n].norm_test for n in saes}
-        figs = {"violins": paths(fg.plot_norm_prediction_violins(
-            quantities, {q: [r2[n][q] for n in saes] for q in quantities}, figdir))}
-        write_result(self.out, ex.NormPredictionResult(
-            experiment="norm_prediction", **common, quantities=quantities, r2=r2, figures=figs))
+        figs = {
+            "violins": paths(
+                fg.plot_norm_prediction_violins(
+                    quantities, {q: [r2[n][q] for n in saes] for q in quantities}, figdir
+                )
+            )
+        }
+        write_result(
+            self.out,
+            ex.NormPredictionResult(
+                experiment="norm_prediction", **common, quantities=quantities, r2=r2, figures=figs
+            ),
+        )
 
         # Fig 14 on the widest SAE of the width sweep
         target = width_sweep[-1] if width_sweep else next(iter(saes))
-        pl = ex.probe_latents(store, saes[target], split_seed=cfg.split_seed, train_fraction=cfg.train_fraction)
-        figs = {"scatter": paths(fg.plot_probe_vs_latents(pl["probe_dot"], pl["mean_active"], figdir,
-                                                           corr=pl["correlation"]))}
-        write_result(self.out, ex.ProbeLatentsResult(experiment="probe_latents", **common, sae=target, **pl,
-                                                     figures=figs))
+        pl = ex.probe_latents(
+            store, saes[target], split_seed=cfg.split_seed, train_fraction=cfg.train_fraction
+        )
+        figs = {
+            "scatter": paths(
+                fg.plot_probe_vs_latents(pl["probe_dot"], pl["mean_active"], figdir, corr=pl["correlation"])
+            )
+        }
+        write_result(
+            self.out,
+            ex.ProbeLatentsResult(experiment="probe_latents", **common, sae=target, **pl, figures=figs),
+        )
         for n in width_sweep + [n for n in k_sweep if n not in width_sweep]:
             s = st[n]
-            self.log(f"engine: {n:<24} FVU {s.fvu:.3f} FVU_nl {s.fvu_nonlinear:.3f} vecR2 {s.vector_r2:.3f} "
-                     f"normR2 {s.norm_r2:.3f}")
+            self.log(
+                f"engine: {n:<24} FVU {s.fvu:.3f} FVU_nl {s.fvu_nonlinear:.3f} vecR2 {s.vector_r2:.3f} "
+                f"normR2 {s.norm_r2:.3f}"
+            )
 
     def _rel(self, files: dict[str, Path]) -> dict[str, str]:
         """Figure paths relative to the output directory (results stay valid if it moves)."""
@@ -340,12 +450,23 @@ class Study:
             self.log("layer baselines: up to date")
             return
         layers = sweep.resolve(self.lm.identity["n_layers"])
-        text = self.cfg.text.model_copy(update={"n_contexts": min(sweep.n_contexts, self.cfg.text.n_contexts)})
+        text = self.cfg.text.model_copy(
+            update={"n_contexts": min(sweep.n_contexts, self.cfg.text.n_contexts)}
+        )
         kind = "batchtopk" if sweep.kind == "batchtopk" else "topk"
         res = lb.run(
-            self.lm, text, layers, self.out / "layers", d_sae=sweep.d_sae, k=sweep.k, kind=kind, train=sweep.train,
-            harvest_cfg=self.cfg.harvest.model_copy(update={"sites": []}), split_seed=self.cfg.split_seed,
-            train_fraction=self.cfg.train_fraction, log=self.log,
+            self.lm,
+            text,
+            layers,
+            self.out / "layers",
+            d_sae=sweep.d_sae,
+            k=sweep.k,
+            kind=kind,
+            train=sweep.train,
+            harvest_cfg=self.cfg.harvest.model_copy(update={"sites": []}),
+            split_seed=self.cfg.split_seed,
+            train_fraction=self.cfg.train_fraction,
+            log=self.log,
         )
         res.config_hash = key
         res.seed = self.cfg.seed
@@ -354,8 +475,10 @@ class Study:
         data = res.model_dump()
         data["figures"] = {"lines": self._rel(figs)}
         write_result(self.out, LayerBaselinesWithFigures.model_validate(data))
-        self.log("layer baselines: " + ", ".join(f"L{la} {r:.2f}" for la, r in zip(res.layers, res.r2["activations"],
-                                                                                    strict=True)))
+        self.log(
+            "layer baselines: "
+            + ", ".join(f"L{la} {r:.2f}" for la, r in zip(res.layers, res.r2["activations"], strict=True))
+        )
 
     def step_report(self) -> Path:
         from darkmatter.report.html import write_report

@@ -95,9 +95,13 @@ class _ContextAccumulator:
         self.sum_sq_x.index_add_(0, ctx, x.pow(2).sum(1))
 
     def freeze(self) -> ContextSums:
-        return ContextSums(self.n.numpy(), self.sum_x.numpy(), self.sum_sq_x.numpy(),
-                           {k: v.numpy() for k, v in self.sse.items()},
-                           {k: v.numpy() for k, v in self.sse_nonlinear.items()})
+        return ContextSums(
+            self.n.numpy(),
+            self.sum_x.numpy(),
+            self.sum_sq_x.numpy(),
+            {k: v.numpy() for k, v in self.sse.items()},
+            {k: v.numpy() for k, v in self.sse_nonlinear.items()},
+        )
 
 
 @dataclass
@@ -127,7 +131,9 @@ def _group_by_site(saes: Mapping[str, SAE], store: ActivationStore) -> dict[str,
     for name, sae in saes.items():
         site = sae.cfg.hook_site
         if site is None or site not in store.sites:
-            raise StoreError(f"SAE {name!r} reads site {site!r}, which the store lacks (it has {store.sites}).")
+            raise StoreError(
+                f"SAE {name!r} reads site {site!r}, which the store lacks (it has {store.sites})."
+            )
         sae.check_input_width(store.d[site], site)
         groups.setdefault(site, []).append(name)
     return groups
@@ -235,13 +241,22 @@ def decompose(
             st.norm_r2_plain = evaluate(fit_ridge(tr, f"{n}:en", bias=True), te, f"{n}:en").r2
             f = fits[f"{n}:e"]
             assert f.bias is not None
-            probes[n] = (f.weights.to(device=device, dtype=torch.float32), f.bias.to(device=device, dtype=torch.float32))
+            probes[n] = (
+                f.weights.to(device=device, dtype=torch.float32),
+                f.bias.to(device=device, dtype=torch.float32),
+            )
             st.fvu, st.nmse, st.norm_ratio = fvu[n].compute(), nmse[n].compute(), ratio[n].compute()
             st.l0, st.dead_fraction = l0[n].compute(), l0[n].dead_fraction()
     del mom
     if not second_pass:
-        return Decomposition(stats=stats, contexts={s: c.freeze() for s, c in ctx.items()}, norm_grams={},
-                             n_train=n_train, n_test=n_test, probes=probes)
+        return Decomposition(
+            stats=stats,
+            contexts={s: c.freeze() for s, c in ctx.items()},
+            norm_grams={},
+            n_train=n_train,
+            n_test=n_test,
+            probes=probes,
+        )
 
     # ---------------------------------------------------------------- pass 2
     mom2: dict[tuple[str, str], Moments] = {}
@@ -284,11 +299,16 @@ def decompose(
                     if bool((~train).any()):
                         cos[n].update(lin[~train], x[~train])
                         fvu2[n].update(x[~train], (x_hat + lin)[~train])
-                        ctx[site].sse_nonlinear[n].index_add_(0, ctx_test, sq["nonlinear"][~train, 0].double().cpu())
-                        norm_sums[n] += np.array([
-                            float(sq["error"][~train].sqrt().sum()), float(sq["linear"][~train].sqrt().sum()),
-                            float(sq["nonlinear"][~train].sqrt().sum()),
-                        ])
+                        ctx[site].sse_nonlinear[n].index_add_(
+                            0, ctx_test, sq["nonlinear"][~train, 0].double().cpu()
+                        )
+                        norm_sums[n] += np.array(
+                            [
+                                float(sq["error"][~train].sqrt().sum()),
+                                float(sq["linear"][~train].sqrt().sum()),
+                                float(sq["nonlinear"][~train].sqrt().sum()),
+                            ]
+                        )
                     zcols.append((sq["error"], sq["nonlinear"]))
                     cols[f"{n}:l0"] = (codes.values != 0).sum(-1).to(torch.float32)
                     cols[f"{n}:error_norm"] = sq["error"][:, 0].sqrt().float()
@@ -315,7 +335,8 @@ def decompose(
         for n in names:
             st = stats[n]
             st.norm_test = {"x": x_fit} | {
-                q: evaluate(fit_ridge(tr, f"{n}:{q}", bias=True), te, f"{n}:{q}").r2 for q in NORM_TEST_QUANTITIES[1:]
+                q: evaluate(fit_ridge(tr, f"{n}:{q}", bias=True), te, f"{n}:{q}").r2
+                for q in NORM_TEST_QUANTITIES[1:]
             }
             st.cos_linear_x = cos[n].compute()
             st.fvu_nonlinear_pass2 = fvu2[n].compute()
@@ -346,10 +367,18 @@ class _TableWriter:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = self.path.with_name(f".{self.path.name}.tmp")
-        fields = [pa.field("context", pa.int32()), pa.field("position", pa.int32()), pa.field("token", pa.int32()),
-                  pa.field("split", pa.string()), pa.field("loss", pa.float32())]
+        fields = [
+            pa.field("context", pa.int32()),
+            pa.field("position", pa.int32()),
+            pa.field("token", pa.int32()),
+            pa.field("split", pa.string()),
+            pa.field("loss", pa.float32()),
+        ]
         for n in names:
-            fields += [pa.field(f"{n}:{c}", pa.float32()) for c in ("l0", "error_norm", "linear_norm", "nonlinear_norm")]
+            fields += [
+                pa.field(f"{n}:{c}", pa.float32())
+                for c in ("l0", "error_norm", "linear_norm", "nonlinear_norm")
+            ]
         self.schema = pa.schema(fields)
         self.pa = pa
         self.writer = pq.ParquetWriter(str(self.tmp), self.schema, compression="zstd")
@@ -358,7 +387,11 @@ class _TableWriter:
     def write(self, batch: Any, train: Tensor, cols: dict[str, Tensor]) -> None:
         pa = self.pa
         n = len(batch)
-        loss = batch.loss.cpu().numpy().astype(np.float32) if batch.loss is not None else np.full(n, np.nan, np.float32)
+        loss = (
+            batch.loss.cpu().numpy().astype(np.float32)
+            if batch.loss is not None
+            else np.full(n, np.nan, np.float32)
+        )
         arrays = [
             pa.array(batch.context.cpu().numpy().astype(np.int32)),
             pa.array(batch.position.cpu().numpy().astype(np.int32)),

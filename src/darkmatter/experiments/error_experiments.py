@@ -35,7 +35,9 @@ class ErrorPredictionResult(Result):
     saes: list[dict[str, Any]] = Field(description="Per-SAE statistics (see SAEStats), held-out tokens.")
     width_sweep: list[str] = Field(description="SAE names of the width sweep at fixed k, by width.")
     k_sweep: list[str] = Field(description="SAE names of the k sweep at fixed width, by L0.")
-    power_law: dict[str, Any] | None = Field(None, description="Fit of FVU(W) = c + a W^-m with bootstrap CIs.")
+    power_law: dict[str, Any] | None = Field(
+        None, description="Fit of FVU(W) = c + a W^-m with bootstrap CIs."
+    )
     fvu_nonlinear_mean: float | None = Field(None, description="Mean FVU_nonlinear over the width sweep.")
     fvu_nonlinear_ci: list[float] | None = Field(None, description="Bootstrap CI of that mean.")
     n_train: int
@@ -50,7 +52,9 @@ class PerTokenResult(Result):
     widths: list[int]
     r2: list[list[float | None]] = Field(description="R² of ‖e_j‖² from c·‖e_i‖² (row i < column j).")
     r2_intercept: list[list[float | None]] = Field(description="Same with an intercept.")
-    r2_plain: list[list[float | None]] = Field(description="Unsquared norms with intercept (the code's variant).")
+    r2_plain: list[list[float | None]] = Field(
+        description="Unsquared norms with intercept (the code's variant)."
+    )
     nonlinear_gain: list[list[float | None]] = Field(
         description="Percent reduction of unexplained variance when ‖NonlinearError_i‖² is added (App. E)."
     )
@@ -88,13 +92,21 @@ def family_roles(
     to all main-site SAEs by width and by k."""
     main = {n: s for n, s in saes.items() if s.cfg.hook_site == main_site}
     ws = sorted((n for n, s in main.items() if k is None or s.cfg.k == k), key=lambda n: main[n].cfg.d_sae)
-    ks = sorted((n for n, s in main.items() if width is None or s.cfg.d_sae == width),
-                key=lambda n: (main[n].cfg.k or 0, n))
+    ks = sorted(
+        (n for n, s in main.items() if width is None or s.cfg.d_sae == width),
+        key=lambda n: (main[n].cfg.k or 0, n),
+    )
     return ws, ks
 
 
 def error_prediction(
-    dec: Decomposition, width_sweep: list[str], k_sweep: list[str], main_site: str, *, seed: int, n_boot: int = 200
+    dec: Decomposition,
+    width_sweep: list[str],
+    k_sweep: list[str],
+    main_site: str,
+    *,
+    seed: int,
+    n_boot: int = 200,
 ) -> tuple[dict[str, Any] | None, float | None, list[float] | None]:
     """Power-law fit over the width sweep with a bootstrap over contexts, and the FVU_nonlinear level."""
     from darkmatter.experiments import powerlaw
@@ -106,8 +118,9 @@ def error_prediction(
     keep = ctx.n > 0
     args = (ctx.sum_x[keep], ctx.sum_sq_x[keep], ctx.n[keep])
     nl_mean = float(np.mean([st[n].fvu_nonlinear for n in width_sweep]))
-    nl_boot = powerlaw.bootstrap_fvu(np.stack([ctx.sse_nonlinear[n][keep] for n in width_sweep]), *args,
-                                     n_boot=n_boot, seed=seed)
+    nl_boot = powerlaw.bootstrap_fvu(
+        np.stack([ctx.sse_nonlinear[n][keep] for n in width_sweep]), *args, n_boot=n_boot, seed=seed
+    )
     lo, hi = np.percentile(nl_boot.mean(axis=1), [2.5, 97.5])
     widths = [st[n].d_sae for n in width_sweep]
     fit: dict[str, Any] | None = None
@@ -122,8 +135,9 @@ def per_token(dec: Decomposition, names: list[str], main_site: str) -> dict[str,
     g = dec.norm_grams[main_site]
     col = {c: i for i, c in enumerate(g.columns)}
     n = len(names)
-    out: dict[str, list[list[float | None]]] = {k: [[None] * n for _ in range(n)]
-                                                 for k in ("r2", "r2_intercept", "r2_plain", "nonlinear_gain")}
+    out: dict[str, list[list[float | None]]] = {
+        k: [[None] * n for _ in range(n)] for k in ("r2", "r2_intercept", "r2_plain", "nonlinear_gain")
+    }
     for i, a in enumerate(names):
         for j, b in enumerate(names):
             if j <= i:
@@ -132,7 +146,9 @@ def per_token(dec: Decomposition, names: list[str], main_site: str) -> dict[str,
             out["r2"][i][j] = ols_from_gram(g.train, g.test, [col[f"{a}:e2"]], y, intercept=False)[1]
             _, r2i, ss1 = ols_from_gram(g.train, g.test, [col[f"{a}:e2"]], y, intercept=True)
             out["r2_intercept"][i][j] = r2i
-            out["r2_plain"][i][j] = ols_from_gram(g.train, g.test, [col[f"{a}:en"]], col[f"{b}:en"], intercept=True)[1]
+            out["r2_plain"][i][j] = ols_from_gram(
+                g.train, g.test, [col[f"{a}:en"]], col[f"{b}:en"], intercept=True
+            )[1]
             _, _, ss2 = ols_from_gram(g.train, g.test, [col[f"{a}:e2"], col[f"{a}:nl2"]], y, intercept=True)
             out["nonlinear_gain"][i][j] = 100.0 * (ss1 - ss2) / ss1 if ss1 > 0 else None
     return out
@@ -156,11 +172,15 @@ def token_trace(
         "context": first,
         "positions": np.asarray(t.column("position"))[order].tolist(),
         "tokens": [decode(int(tok)) for tok in tokens],
-        "error_norm": {n: np.asarray(t.column(f"{n}:error_norm"))[order].astype(float).tolist() for n in names},
+        "error_norm": {
+            n: np.asarray(t.column(f"{n}:error_norm"))[order].astype(float).tolist() for n in names
+        },
     }
 
 
-def norm_samples(table: Path, names: list[str], *, max_rows: int = 4000, seed: int = 0) -> dict[str, list[list[float]]]:
+def norm_samples(
+    table: Path, names: list[str], *, max_rows: int = 4000, seed: int = 0
+) -> dict[str, list[list[float]]]:
     """Per-token linear and nonlinear error norms (a seeded sample of test tokens) for the Fig 12 violins."""
     import pyarrow.parquet as pq
 
@@ -171,7 +191,9 @@ def norm_samples(table: Path, names: list[str], *, max_rows: int = 4000, seed: i
     pick = np.sort(rng.choice(test, size=min(max_rows, len(test)), replace=False))
     return {
         "linear": [np.asarray(t.column(f"{n}:linear_norm"))[pick].astype(float).tolist() for n in names],
-        "nonlinear": [np.asarray(t.column(f"{n}:nonlinear_norm"))[pick].astype(float).tolist() for n in names],
+        "nonlinear": [
+            np.asarray(t.column(f"{n}:nonlinear_norm"))[pick].astype(float).tolist() for n in names
+        ],
     }
 
 

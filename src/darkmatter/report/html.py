@@ -78,9 +78,12 @@ def _family_section(out: Path, res: dict[str, Any]) -> str:
         f"<td>{r['k']}</td><td>{r['fvu']:.4f}</td><td>{r['l0']:.1f}</td><td>{r['dead_fraction']:.1%}</td></tr>"
         for r in res["saes"]
     )
-    note = (f"Trained in {res['train_seconds']:.0f} s." if res.get("train_seconds") else "")
-    return ("<h2>The SAE family</h2>" + _p("Reconstruction quality on held-out (test-split) tokens. " + note)
-            + f"<table>{head}{rows}</table>")
+    note = f"Trained in {res['train_seconds']:.0f} s." if res.get("train_seconds") else ""
+    return (
+        "<h2>The SAE family</h2>"
+        + _p("Reconstruction quality on held-out (test-split) tokens. " + note)
+        + f"<table>{head}{rows}</table>"
+    )
 
 
 def _error_prediction_section(out: Path, res: dict[str, Any]) -> str:
@@ -92,25 +95,37 @@ def _error_prediction_section(out: Path, res: dict[str, Any]) -> str:
         f"<td>{saes[n]['norm_r2']:.3f}</td><td>{saes[n]['cos_linear_x']:.2f}</td><td>{saes[n]['norm_ratio']:.3f}</td></tr>"
         for n in dict.fromkeys(ws + res["k_sweep"])
     )
-    head = ("<tr><th>SAE</th><th>latents</th><th>L0</th><th>FVU</th><th>FVU_nonlinear</th><th>vector R²</th>"
-            "<th>norm R²</th><th>cos(b*x, x)</th><th>‖Sae(x)‖/‖x‖</th></tr>")
+    head = (
+        "<tr><th>SAE</th><th>latents</th><th>L0</th><th>FVU</th><th>FVU_nonlinear</th><th>vector R²</th>"
+        "<th>norm R²</th><th>cos(b*x, x)</th><th>‖Sae(x)‖/‖x‖</th></tr>"
+    )
     vec = [saes[n]["vector_r2"] for n in saes]
     nrm = [saes[n]["norm_r2"] for n in saes]
-    text = (f"A linear map of x predicts {min(vec):.0%}–{max(vec):.0%} of the SAE error vector (R² averaged over "
-            f"dimensions; paper: 15–72%, \"about half\") and {min(nrm):.0%}–{max(nrm):.0%} of its squared norm "
-            "(paper: 70–95%). FVU_nonlinear is the FVU left after adding the linear prediction to Sae(x).")
+    text = (
+        f"A linear map of x predicts {min(vec):.0%}–{max(vec):.0%} of the SAE error vector (R² averaged over "
+        f'dimensions; paper: 15–72%, "about half") and {min(nrm):.0%}–{max(nrm):.0%} of its squared norm '
+        "(paper: 70–95%). FVU_nonlinear is the FVU left after adding the linear prediction to Sae(x)."
+    )
     law = res.get("power_law")
     if law:
         c, a, m = (law[k] for k in ("c", "a", "m"))
-        text += (f" Over the width sweep FVU(W) ≈ {c['point']:.3f} + {a['point']:.3g}·W^−{m['point']:.3f} "
-                 f"(95% bootstrap CI of c: {c['low']:.3f}–{c['high']:.3f}); paper, Gemma 2 9B layer 20: "
-                 "0.186 + 2.708·W^−0.317.")
+        text += (
+            f" Over the width sweep FVU(W) ≈ {c['point']:.3f} + {a['point']:.3g}·W^−{m['point']:.3f} "
+            f"(95% bootstrap CI of c: {c['low']:.3f}–{c['high']:.3f}); paper, Gemma 2 9B layer 20: "
+            "0.186 + 2.708·W^−0.317."
+        )
     if res.get("fvu_nonlinear_mean") is not None:
         lo, hi = res["fvu_nonlinear_ci"]
-        text += (f" Mean FVU_nonlinear over widths: {res['fvu_nonlinear_mean']:.3f} (CI {lo:.3f}–{hi:.3f}; "
-                 "paper: ≈0.122, flat in width).")
-    return ("<h2>Predicting SAE error (Figs 1–3)</h2>" + _p(text) + f"<table>{head}{rows}</table>"
-            + _figures(out, res))
+        text += (
+            f" Mean FVU_nonlinear over widths: {res['fvu_nonlinear_mean']:.3f} (CI {lo:.3f}–{hi:.3f}; "
+            "paper: ≈0.122, flat in width)."
+        )
+    return (
+        "<h2>Predicting SAE error (Figs 1–3)</h2>"
+        + _p(text)
+        + f"<table>{head}{rows}</table>"
+        + _figures(out, res)
+    )
 
 
 def _per_token_section(out: Path, res: dict[str, Any]) -> str:
@@ -120,47 +135,76 @@ def _per_token_section(out: Path, res: dict[str, Any]) -> str:
     if r2:
         text += f"Held-out R² ranges {min(r2):.2f}–{max(r2):.2f} (paper: ≥ 0.78, adjacent widths 0.95–0.97). "
     if gain:
-        text += (f"Adding the smaller SAE's nonlinear-error norm removes up to {max(gain):.1f}% of the unexplained "
-                 "variance (paper: up to about 5–6.5%).")
+        text += (
+            "Adding the smaller SAE's nonlinear-error norm as a second regressor changes the held-out "
+            f"unexplained variance by {min(gain):+.1f}% to {max(gain):+.1f}% (paper: reductions of up to about "
+            "5–6.5%)."
+        )
     return "<h2>Per-token scaling (Figs 4, 5, 12, 16)</h2>" + _p(text) + _figures(out, res)
 
 
 def _norm_prediction_section(out: Path, res: dict[str, Any]) -> str:
-    paper = {"x": "0.98–0.99", "sae": "0.93–0.99", "error": "0.85–0.96", "linear": "0.93–0.97",
-             "nonlinear": "0.80–0.95"}
+    paper = {
+        "x": "0.98–0.99",
+        "sae": "0.93–0.99",
+        "error": "0.85–0.96",
+        "linear": "0.93–0.97",
+        "nonlinear": "0.80–0.95",
+    }
     rows = []
     for q in res["quantities"]:
         vals = [v[q] for v in res["r2"].values()]
-        rows.append(f"<tr><td>{html.escape(q)}</td><td>{min(vals):.3f}–{max(vals):.3f}</td>"
-                    f"<td>{paper.get(q, '')}</td></tr>")
+        rows.append(
+            f"<tr><td>{html.escape(q)}</td><td>{min(vals):.3f}–{max(vals):.3f}</td>"
+            f"<td>{paper.get(q, '')}</td></tr>"
+        )
     head = "<tr><th>‖q‖² for q =</th><th>R² here (over SAEs)</th><th>paper (typical)</th></tr>"
-    text = ("How well x predicts the squared norm of each component. The paper finds the nonlinear error the "
-            "least predictable, so it is not a sparse sum of linear features of x.")
-    return ("<h2>Norm-prediction test (Fig 6)</h2>" + _p(text) + f"<table>{head}{''.join(rows)}</table>"
-            + _figures(out, res))
+    text = (
+        "How well x predicts the squared norm of each component. The paper finds the nonlinear error the "
+        "least predictable, so it is not a sparse sum of linear features of x."
+    )
+    return (
+        "<h2>Norm-prediction test (Fig 6)</h2>"
+        + _p(text)
+        + f"<table>{head}{''.join(rows)}</table>"
+        + _figures(out, res)
+    )
 
 
 def _probe_section(out: Path, res: dict[str, Any]) -> str:
-    text = (f"SAE {html.escape(res['sae'])}: a probe from Sae(x) − b_dec to its squared norm reaches held-out R² "
-            f"{res['probe_r2']:.3f}; its dot product with each unit decoder direction correlates r = "
-            f"{res['correlation']:.2f} with E[w²]/E[w] of that latent when active over {res['n_latents']} latents "
-            "(the App. C.1 prediction; the paper shows the two lining up).")
+    text = (
+        f"SAE {html.escape(res['sae'])}: a probe from Sae(x) − b_dec to its squared norm reaches held-out R² "
+        f"{res['probe_r2']:.3f}; its dot product with each unit decoder direction correlates r = "
+        f"{res['correlation']:.2f} with E[w²]/E[w] of that latent when active, over {res['n_latents']} "
+        "latents "
+        "(the App. C.1 prediction; the paper shows the two lining up)."
+    )
     return "<h2>Norm probe vs latent activations (Fig 14)</h2>" + _p(text) + _figures(out, res)
 
 
 def _layer_section(out: Path, res: dict[str, Any]) -> str:
-    head = "<tr><th>layer</th>" + "".join(f"<th>{html.escape(k)}</th>" for k in res["r2"]) + "<th>FVU</th></tr>"
+    head = (
+        "<tr><th>layer</th>" + "".join(f"<th>{html.escape(k)}</th>" for k in res["r2"]) + "<th>FVU</th></tr>"
+    )
     rows = "".join(
-        f"<tr><td>{la}</td>" + "".join(f"<td>{res['r2'][k][i]:.3f}</td>" for k in res["r2"])
+        f"<tr><td>{la}</td>"
+        + "".join(f"<td>{res['r2'][k][i]:.3f}</td>" for k in res["r2"])
         + f"<td>{res['fvu'][i]:.3f}</td></tr>"
         for i, la in enumerate(res["layers"])
     )
-    text = ("R² of predicting each layer's SAE squared error norm (held out). Paper (Gemma 2 9B): activations "
-            "0.61 at layer 0 then 0.88–0.95; token identity 0.98 at layer 0 falling to ≈0.22; L0 up to ≈0.87; "
-            "activation norm 0.15–0.57; model loss ≈0.")
+    text = (
+        "R² of predicting each layer's SAE squared error norm (held out). Paper (Gemma 2 9B): activations "
+        "0.61 at layer 0 then 0.88–0.95; token identity 0.98 at layer 0 falling to ≈0.22; L0 up to ≈0.87; "
+        "activation norm 0.15–0.57; model loss ≈0."
+    )
     notes = "".join(f"<li>{html.escape(n)}</li>" for n in res.get("notes", []))
-    return ("<h2>Error-norm baselines across layers (Figs 3, 13)</h2>" + _p(text) + f"<table>{head}{rows}</table>"
-            + (f"<ul class='note'>{notes}</ul>" if notes else "") + _figures(out, res))
+    return (
+        "<h2>Error-norm baselines across layers (Figs 3, 13)</h2>"
+        + _p(text)
+        + f"<table>{head}{rows}</table>"
+        + (f"<ul class='note'>{notes}</ul>" if notes else "")
+        + _figures(out, res)
+    )
 
 
 SECTIONS = {
@@ -172,7 +216,6 @@ SECTIONS = {
     "probe_latents": _probe_section,
     "layer_baselines": _layer_section,
 }
-
 
 
 def render(out: str | Path) -> str:

@@ -135,7 +135,7 @@ class FamilyTrainer:
                 "harvest more text or lower the batch size."
             )
         self.steps_per_epoch = self.n_train // cfg.batch_size
-        self.total_steps = max(1, int(round(cfg.epochs * self.steps_per_epoch)))
+        self.total_steps = max(1, round(cfg.epochs * self.steps_per_epoch))
         self.step = 0
         self.scale: dict[str, float] = {}
         self.members: list[_Member] = []
@@ -314,8 +314,12 @@ class FamilyTrainer:
     def signature(self) -> str:
         """Identifies what a checkpoint was trained on and how; only a matching checkpoint is resumed."""
         blob = json.dumps(
-            {"specs": [sp.model_dump() for sp in self.specs], "train": self.cfg.model_dump(),
-             "store": self.store.manifest["identity_hash"], "split": [self.split_seed, self.train_fraction]},
+            {
+                "specs": [sp.model_dump() for sp in self.specs],
+                "train": self.cfg.model_dump(),
+                "store": self.store.manifest["identity_hash"],
+                "split": [self.split_seed, self.train_fraction],
+            },
             sort_keys=True,
         )
         return hashlib.sha256(blob.encode()).hexdigest()

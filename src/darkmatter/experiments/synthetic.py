@@ -1,0 +1,598 @@
+"""App. B.2 / C.3 synthetic test of the error decomposition (Table 1, Fig 15) and the App. D negative control.
+
+Real activations x are replaced by x′ = Sae(x) = W_decᵀc + b_dec, a sparse sum of realistic latents with
+known coefficients. Masking the fraction p of latents with the least activation mass gives an SAE that
+"did not learn" them, r_p = decode(codes ⊙ mask_p). Noise on the input stands in for Dense(x′), noise on
+the reconstruction for Introduced(x′):
+
+    x̃ = x′ + σ_act·s·ε₁,   r = r_p + σ_rec·s·ε₂,   e = x̃ − r,   ε₁, ε₂ ~ N(0, I_d).
+
+The linear error probe b* (with bias) is fitted on the train split and scored on the test split:
+FVU_rec = FVU(x̃, r), FVU_lin = FVU(x̃, r + b*x̃). At 0% ablation the estimated Dense = FVU_rec − FVU_lin and
+the estimated Introduced = FVU_lin. Table 1 correlates them with σ_act and σ_rec over the 5×5 grid; the
+paper reports 0.9842 / 0.1417 (σ_act) and 0.0988 / 0.9036 (σ_rec).
+
+All settings come from one pass. ε₁, ε₂ are drawn once per token and shared by every setting, so with
+D_p = x′ − r_p every setting's input and error are fixed combinations of four blocks:
+x̃ = x′ + αε₁ and e = D_p + αε₁ − βε₂ (α = σ_act·s, β = σ_rec·s). One streaming `Moments` per split of
+[x′, ε₁] against the targets ε₂, D_0..D_P (plus Σ D_p·ε₂ per dimension) therefore holds every Gram, cross
+moment and target variance that any setting needs. Per distinct σ_act, the probe for each block is fitted
+once (one Cholesky) and, since the ridge solve is linear in the target, a setting's probe is the same
+combination of the block probes. Each setting is then scored exactly from its test moments with the
+house `evaluate`. Memory is O(d²·(P + 3)) for the sums plus one [N, d] float32 tensor.
+
+Choices, and where they differ from the original script (paper-experiments.md §12):
+- The SAE re-encodes the clean x′ (the paper's code and text: Sae(x′)), so the noiseless, unablated
+  reconstruction keeps the SAE's re-encoding error FVU(x′, Sae(x′)), reported as ``fvu_floor``. The
+  script computed that number and ignored it. ``reencode=False`` decodes the codes that generated x′
+  instead, as an ideal encoder would, so the floor is exactly 0.
+- ε₁, ε₂ are seeded and shared by all settings and ablations; the script drew fresh unseeded noise per
+  run. The distribution per setting is the same, and the curves lose their Monte-Carlo jitter.
+- Scale s: the paper multiplied N(0, 1) by σ directly on Gemma-2-9B activations. Here the default is
+  s = rms over dimensions of x′'s per-dimension std, divided by 4. Noise at level σ then adds σ²/16 of x′'s
+  variance: 6% at level 1, so (1, 0.6) gives an FVU of ~0.09, like the paper's Fig 15 (ylim 0–0.16).
+  Level 4 equals x′'s own variance, so the grid runs from noiseless to SNR 1. ``scale`` overrides this.
+- The probe has a bias (the paper's text) and is scored on held-out tokens. The script fitted without a
+  bias and scored in-sample on all 50k rows.
+- FVU subtracts the per-dimension mean (the project's ``fvu``). The script subtracted one global scalar.
+- b_dec stays in x′ and in every reconstruction, so ablating every latent leaves b_dec, not 0. The
+  per-dimension centring and the probe's bias cancel it from every number.
+- Latents are ranked by mean activation × decoder-row norm over all N tokens of x's codes. For
+  unit-norm decoders such as Gemma Scope's this is the paper's mean activation. ⌊d_sae·p⌋ latents are
+  masked; the codes are masked after encoding, as in the script, so TopK does not reselect.
+- App. D control: x′ = Σ_i w_i g_i over n = 25·d random Gaussian directions g_i ~ N(0, I/d) (the paper
+  used 100k in R^4000). Direction i is drawn with probability ∝ (i+1)^-exponent, Poisson(L0) draws per
+  token (L0 defaults to the SAE's mean L0 on x), and weights are U(0.5, 1.5). The "SAE" only masks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, Field
+
+from darkmatter.errors import ConfigError, DataError, StoreError
+from darkmatter.results import Result
+from darkmatter.sae.model import SAE, SparseCodes
+from darkmatter.stats import CONSTANT_TARGET_TOL, Moments, RidgeFit, evaluate, fit_ridge_many, fvu_with_prediction
+from darkmatter.stats.split import is_train
+from darkmatter.store import ActivationStore, identity_hash
+
+Tensor = torch.Tensor
+F64 = torch.float64
+Decode = Callable[[SparseCodes], Tensor]
+
+EXPERIMENT = "synthetic_simulation"
+CHUNK = 4096
+"""Tokens per chunk of the pass; the noise is drawn chunk by chunk, so it is part of the seeded stream."""
+SCALE_DIVISOR = 4.0
+"""Default s = rms per-dimension std of x′ / SCALE_DIVISOR (see the module docstring)."""
+CONTROL_DIRECTIONS_PER_DIM = 25
+CURVED_ABOVE = 0.5
+"""A curve counts as "curved" when the quadratic term makes up more than this share of its fitted change."""
+FIG15_SETTINGS = ((0.0, 0.0), (1.0, 0.6), (0.6, 1.0), (2.0, 2.0))
+PAPER_TABLE1 = [[0.9842, 0.1417], [0.0988, 0.9036]]
+TABLE1_ROWS = ["sigma_act (noise on x')", "sigma_rec (noise on Sae(x'))"]
+TABLE1_COLS = ["estimated Dense = FVU_rec - FVU_lin", "estimated Introduced = FVU_lin"]
+
+
+class SimulationOutcome(BaseModel):
+    """One simulated data set: FVUs for every setting and ablation, Table 1 and the Fig 15 curve shapes."""
+
+    scale: float = Field(description="s: noise level σ adds σ·s·N(0, I) (x′ units).")
+    x_rms_std: float = Field(description="rms over dimensions of x′'s per-dimension std (all N tokens).")
+    l0: float = Field(description="Mean number of active latents per token in the codes that build x′.")
+    fvu_floor: float = Field(description="FVU_rec with no noise and no ablation (re-encoding error of x′).")
+    grid: list[dict[str, float]] = Field(
+        description="One row per (sigma_act, sigma_rec, ablation): n_ablated, fvu_rec, fvu_lin (test split)."
+    )
+    table1: list[list[float]] = Field(
+        description="Pearson r over the level×level grid at 0% ablation; rows table1_rows, columns table1_cols."
+    )
+    table1_rows: list[str] = Field(default_factory=lambda: list(TABLE1_ROWS))
+    table1_cols: list[str] = Field(default_factory=lambda: list(TABLE1_COLS))
+    diagonal_ok: bool = Field(description="min(diagonal of table1) > max |off-diagonal|.")
+    curves: list[dict[str, Any]] = Field(
+        description="Fig 15: FVU_rec and FVU_lin against the ablated fraction for a few noise settings, each "
+        "with the shape of a quadratic fit (see `curve_shape`)."
+    )
+
+
+class RandomControl(SimulationOutcome):
+    """App. D: the same test on random data, where the decomposition is expected to fail."""
+
+    n_directions: int = Field(description="Random Gaussian directions the data are built from.")
+    exponent: float = Field(description="Direction i is drawn with probability ∝ (i+1)^-exponent.")
+    expected_l0: float = Field(description="Mean number of draws per token (Poisson).")
+
+
+class SyntheticResult(Result, SimulationOutcome):
+    """Table 1 and Fig 15 of the paper (App. B.2 / C.3) on x′ = Sae(x), and the App. D random control."""
+
+    experiment: str = Field(EXPERIMENT, description="Experiment name; also the JSON file name.")
+    sae: dict[str, Any] = Field(description="Identity of the SAE whose latents build x′.")
+    n_tokens: int = Field(description="Tokens simulated (the first n_tokens the store yields).")
+    n_train: int = Field(description="Tokens every probe is fitted on.")
+    n_test: int = Field(description="Tokens every FVU is measured on.")
+    reencode: bool = Field(description="True: the SAE re-encodes x′ (paper); False: x′'s own codes are decoded.")
+    table1_paper: list[list[float]] = Field(default_factory=lambda: [list(r) for r in PAPER_TABLE1])
+    random_control: RandomControl | None = Field(None, description="App. D control, when requested.")
+    notes: list[str] = Field(default_factory=list, description="Choices and degenerate cases, in words.")
+
+
+# --------------------------------------------------------------------------- data sources
+
+
+class _SAESource:
+    """x′ = Sae(x) from a stored [N, d] tensor: x′ itself when re-encoding, else the original x."""
+
+    def __init__(self, sae: SAE, enc_in: Tensor, reencode: bool) -> None:
+        self.sae, self.enc_in, self.reencode = sae, enc_in, reencode
+
+    def chunk(self, a: int, b: int) -> tuple[Tensor, SparseCodes, Decode]:
+        inp = self.enc_in[a:b].to(self.sae.device)
+        stats = self.sae.input_stats(inp)
+        codes = self.sae.encode_sparse(inp)
+
+        def decode(c: SparseCodes) -> Tensor:
+            return self.sae.decode_sparse(c, stats=stats).float()
+
+        return (inp.float() if self.reencode else decode(codes)), codes, decode
+
+
+class _RandomSource:
+    """App. D data: sparse power-law sums of random Gaussian directions; the decoder is the directions."""
+
+    def __init__(self, directions: Tensor, codes: SparseCodes) -> None:
+        self.directions, self.codes = directions, codes
+        self.x = torch.cat([self._decode(self._slice(a, a + CHUNK)) for a in range(0, len(codes.indices), CHUNK)])
+
+    def _slice(self, a: int, b: int) -> SparseCodes:
+        return SparseCodes(self.codes.indices[a:b], self.codes.values[a:b])
+
+    def _decode(self, c: SparseCodes) -> Tensor:
+        return F.embedding_bag(c.indices, self.directions, per_sample_weights=c.values, mode="sum")
+
+    def chunk(self, a: int, b: int) -> tuple[Tensor, SparseCodes, Decode]:
+        return self.x[a:b], self._slice(a, b), self._decode
+
+
+def _random_source(
+    n: int, d: int, *, n_directions: int, l0: float, exponent: float, seed: int, device: torch.device
+) -> tuple[_RandomSource, Tensor]:
+    """The control data and the mass of each direction (mean weight × norm over the N tokens)."""
+    g = torch.Generator().manual_seed(seed)
+    directions = torch.randn(n_directions, d, generator=g) / math.sqrt(d)
+    probs = torch.arange(1, n_directions + 1, dtype=F64).pow(-exponent)
+    k_max = int(math.ceil(l0 + 6 * math.sqrt(l0))) + 1
+    parts_i, parts_v = [], []
+    for a in range(0, n, CHUNK):
+        m = min(CHUNK, n - a)
+        idx = torch.multinomial(probs, m * k_max, replacement=True, generator=g).view(m, k_max)
+        count = torch.poisson(torch.full((m, 1), float(l0), dtype=F64), generator=g)
+        keep = torch.arange(k_max)[None, :] < count
+        vals = (torch.rand(m, k_max, generator=g) + 0.5) * keep
+        parts_i.append(idx.masked_fill(~keep, 0))
+        parts_v.append(vals.float())
+    codes = SparseCodes(torch.cat(parts_i).to(device), torch.cat(parts_v).to(device))
+    directions = directions.to(device)
+    mass = torch.zeros(n_directions, dtype=F64, device=device)
+    mass.index_add_(0, codes.indices.reshape(-1), codes.values.reshape(-1).to(F64))
+    return _RandomSource(directions, codes), mass / n * directions.norm(dim=1).to(F64)
+
+
+def _noise_chunks(seed: int, n: int, d: int) -> Iterator[tuple[Tensor, Tensor]]:
+    """(ε₁, ε₂) [chunk, d] float32 for consecutive CHUNK-token chunks, drawn on the CPU (device-independent)."""
+    g = torch.Generator().manual_seed(seed)
+    for a in range(0, n, CHUNK):
+        m = min(CHUNK, n - a)
+        yield torch.randn(m, d, generator=g), torch.randn(m, d, generator=g)
+
+
+def _masked(codes: SparseCodes, keep: Tensor) -> SparseCodes:
+    return SparseCodes(codes.indices, codes.values * keep[codes.indices].to(codes.values.dtype))
+
+
+def _keeps(mass: Tensor, ablations: Sequence[float]) -> tuple[list[Tensor], list[int]]:
+    """Per ablation fraction, a bool mask of kept latents (the ⌊n·p⌋ lowest-mass ones are dropped)."""
+    n = mass.numel()
+    order = torch.sort(mass.cpu(), stable=True).indices.to(mass.device)
+    keeps, counts = [], []
+    for p in ablations:
+        k = math.floor(n * p + 1e-9)
+        keep = torch.ones(n, dtype=torch.bool, device=mass.device)
+        keep[order[:k]] = False
+        keeps.append(keep)
+        counts.append(k)
+    return keeps, counts
+
+
+# --------------------------------------------------------------------------- the pass and the algebra
+
+
+@dataclass
+class _Split:
+    """Centred sums of one split over the blocks x′ ("a"), ε₁ ("n1"), ε₂ ("n2") and D_p ("d{p}").
+
+    ``cross_a[k]``/``cross_n[k]`` are Σ(x′ − x̄′)(T_k − T̄_k)ᵀ and Σ(ε₁ − ε̄₁)(T_k − T̄_k)ᵀ [d, d];
+    ``ss[k]`` the per-dimension Σ(T_k − T̄_k)²; ``cov_n2[k]`` the per-dimension Σ(D_p − D̄_p)(ε₂ − ε̄₂).
+    """
+
+    n: int
+    mean_a: Tensor
+    gaa: Tensor
+    mean: dict[str, Tensor]
+    ss: dict[str, Tensor]
+    cross_a: dict[str, Tensor]
+    cross_n: dict[str, Tensor]
+    cov_n2: dict[str, Tensor]
+
+    @classmethod
+    def from_sums(cls, m: Moments, dots: dict[str, Tensor]) -> _Split:
+        d = m.d_x // 2
+        mean_l, g = m.mean_x(), m.centred_gram()
+        names = list(m.target_dims)
+        mean = {k: m.mean_target(k) for k in names} | {"n1": mean_l[d:]}
+        ss = {k: m.target_ss_tot(k) for k in names} | {"n1": g[d:, d:].diagonal().clamp_min(0)}
+        cross = {k: m.centred_cross(k) for k in names}
+        cov = {k: v - m.n * mean[k] * mean["n2"] for k, v in dots.items()}
+        return cls(
+            n=m.n,
+            mean_a=mean_l[:d],
+            gaa=g[:d, :d],
+            mean=mean,
+            ss=ss,
+            cross_a={k: c[:d] for k, c in cross.items()} | {"n1": g[:d, d:]},
+            cross_n={k: c[d:] for k, c in cross.items()} | {"n1": g[d:, d:]},
+            cov_n2=cov,
+        )
+
+    def inputs(self, alpha: float) -> tuple[Tensor, Tensor]:
+        """Mean [d] and centred Gram [d, d] of x̃ = x′ + αε₁."""
+        gan = self.cross_a["n1"]
+        return self.mean_a + alpha * self.mean["n1"], self.gaa + alpha * (gan + gan.T) + alpha**2 * self.cross_n["n1"]
+
+    def _cov(self, k: str, j: str) -> Tensor:
+        """Per-dimension centred Σ(T_k − T̄_k)(T_j − T̄_j)."""
+        if k == j:
+            return self.ss[k]
+        if "n1" in (k, j):
+            return self.cross_n[j if k == "n1" else k].diagonal()
+        return self.cov_n2[j if k == "n2" else k]
+
+    def target(self, coef: dict[str, float], alpha: float) -> tuple[Tensor, Tensor, Tensor]:
+        """Mean [d], centred per-dimension SS [d] and centred cross with x̃ [d, d] of y = Σ coef_k·T_k."""
+        items = list(coef.items())
+        mean = sum(c * self.mean[k] for k, c in items)
+        cross = sum(c * (self.cross_a[k] + alpha * self.cross_n[k]) for k, c in items)
+        ss = sum(ci * cj * self._cov(ki, kj) for ki, ci in items for kj, cj in items)
+        return mean, torch.as_tensor(ss).clamp_min(0), cross  # type: ignore[return-value]
+
+
+def _moments(n: int, mean_x: Tensor, gram: Tensor, targets: dict[str, tuple[Tensor, Tensor, Tensor]]) -> Moments:
+    """A `Moments` holding given centred sums (reference = the mean, so every shifted sum is 0)."""
+    m = Moments(mean_x.numel(), {k: v[0].numel() for k, v in targets.items()}, device=gram.device)
+    state = {"n": torch.tensor(n), "x.ref": mean_x, "x.sum": torch.zeros_like(mean_x), "x.gram": gram}
+    for k, (mean, ss, cross) in targets.items():
+        state |= {f"y.{k}.ref": mean, f"y.{k}.sum": torch.zeros_like(mean), f"y.{k}.sumsq": ss, f"y.{k}.cross": cross}
+    m.load_state_dict(state)
+    return m
+
+
+def _combine(fits: dict[str, RidgeFit], coef: dict[str, float]) -> RidgeFit:
+    """The probe of Σ coef_k·T_k: the ridge solve with a shared Gram is linear in the target."""
+    first = fits[next(iter(coef))]
+    weights = sum(c * fits[k].weights for k, c in coef.items())
+    bias = sum(c * fits[k].bias for k, c in coef.items())  # type: ignore[misc]
+    return replace(first, weights=weights, bias=bias)  # type: ignore[arg-type]
+
+
+def _accumulate(
+    source: _SAESource | _RandomSource, n: int, d: int, train: Tensor, keeps: list[Tensor], seed: int
+) -> tuple[_Split, _Split]:
+    """One pass: train/test `Moments` of [x′, ε₁] against ε₂ and D_p = x′ − r_p, plus Σ D_p·ε₂."""
+    names = [f"d{i}" for i in range(len(keeps))]
+    mom = {part: Moments(2 * d, {"n2": d, **dict.fromkeys(names, d)}) for part in ("train", "test")}
+    dots = {part: {k: torch.zeros(d, dtype=F64) for k in names} for part in ("train", "test")}
+    noise = _noise_chunks(seed, n, d)
+    for a in range(0, n, CHUNK):
+        b = min(a + CHUNK, n)
+        x, codes, decode = source.chunk(a, b)
+        e1, e2 = (t.to(x.device) for t in next(noise))
+        ds = [x - decode(_masked(codes, keep)) for keep in keeps]
+        lhs = torch.cat([x, e1], 1)
+        tr = train[a:b].to(x.device)
+        for part, mask in (("train", tr), ("test", ~tr)):
+            if not bool(mask.any()):
+                continue
+            mom[part].update(lhs[mask], {"n2": e2[mask], **{k: t[mask] for k, t in zip(names, ds, strict=True)}})
+            e2m = e2[mask].to(F64)
+            for k, t in zip(names, ds, strict=True):
+                dots[part][k] += (t[mask].to(F64) * e2m).sum(0).to(dots[part][k].device)
+    out = []
+    for part in ("train", "test"):
+        device = mom[part].device
+        out.append(_Split.from_sums(mom[part], {k: v.to(device) for k, v in dots[part].items()}))
+    return out[0], out[1]
+
+
+def _score(
+    tr: _Split, te: _Split, scale: float, settings: list[tuple[float, float]], n_ablations: int
+) -> dict[tuple[float, float, int], tuple[float, float]]:
+    """(FVU_rec, FVU_lin) on the test split for every setting and ablation index."""
+    blocks = ["n1", "n2", *(f"d{i}" for i in range(n_ablations))]
+    out: dict[tuple[float, float, int], tuple[float, float]] = {}
+    for sa in dict.fromkeys(s for s, _ in settings):
+        alpha = sa * scale
+        fits = fit_ridge_many(
+            _moments(tr.n, *tr.inputs(alpha), {k: tr.target({k: 1.0}, alpha) for k in blocks}), bias=True
+        )
+        coefs = {
+            (sr, i): {f"d{i}": 1.0, "n1": alpha, "n2": -sr * scale}
+            for sr in dict.fromkeys(r for s, r in settings if s == sa)
+            for i in range(n_ablations)
+        }
+        targets = {f"e{j}": te.target(c, alpha) for j, c in enumerate(coefs.values())}
+        m_te = _moments(te.n, *te.inputs(alpha), targets)
+        var_x = m_te.total_variance_x()
+        for j, ((sr, i), coef) in enumerate(coefs.items()):
+            mean, ss, _ = targets[f"e{j}"]
+            sum_sq = ss + te.n * mean * mean
+            fvu_rec = float(sum_sq.sum()) / var_x
+            if bool((ss <= CONSTANT_TARGET_TOL * sum_sq).all()):
+                fvu_lin = fvu_rec  # e is constant (no noise, no ablation, exact codes): nothing to predict
+            else:
+                fvu_lin = fvu_with_prediction(evaluate(_combine(fits, coef), m_te, f"e{j}"), var_x)
+            out[(sa, sr, i)] = (fvu_rec, fvu_lin)
+    return out
+
+
+# --------------------------------------------------------------------------- summaries
+
+
+def _pearson(a: Sequence[float], b: Sequence[float]) -> float:
+    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    x, y = x - x.mean(), y - y.mean()
+    den = math.sqrt(float((x * x).sum() * (y * y).sum()))
+    return float((x * y).sum() / den) if den > 0 else float("nan")
+
+
+def curve_shape(ablation: Sequence[float], fvu: Sequence[float]) -> dict[str, float | str]:
+    """Quadratic fit f ≈ c0 + c1·q + c2·q² with q = p − p_min, and how curved it is.
+
+    ``curvature_ratio`` = |c2|Q² / (|c1|Q + |c2|Q²) over the range Q: 0 for a line, 1 for a parabola
+    with its vertex at p_min, 0.5 for one with its vertex mid-range. ``linear_r2`` is the R² of a
+    straight line. A curve whose fitted change is below 1e-9 (relative) counts as linear.
+    """
+    p, f = np.asarray(ablation, dtype=np.float64), np.asarray(fvu, dtype=np.float64)
+    q = p - p.min()
+    span = float(q.max())
+    c2, c1, c0 = (float(v) for v in np.polyfit(q, f, 2))
+    bend, slope = abs(c2) * span**2, abs(c1) * span
+    tiny = 1e-9 * (1.0 + float(np.abs(f).mean()))
+    ratio = bend / (bend + slope) if bend + slope > tiny else 0.0
+    line = np.polyval(np.polyfit(q, f, 1), q)
+    ss_tot = float(((f - f.mean()) ** 2).sum())
+    r2 = 1 - float(((f - line) ** 2).sum()) / ss_tot if ss_tot > 0 else float("nan")
+    verdict = "curved" if ratio > CURVED_ABOVE else "linear"
+    return {"c0": c0, "c1": c1, "c2": c2, "curvature_ratio": ratio, "linear_r2": r2, "shape": verdict}
+
+
+def _summarise(
+    scores: dict[tuple[float, float, int], tuple[float, float]],
+    settings: list[tuple[float, float]],
+    ablations: list[float],
+    counts: list[int],
+    levels: list[float],
+) -> dict[str, Any]:
+    grid = [
+        {"sigma_act": sa, "sigma_rec": sr, "ablation": p, "n_ablated": float(c),
+         "fvu_rec": scores[(sa, sr, i)][0], "fvu_lin": scores[(sa, sr, i)][1]}
+        for sa, sr in settings
+        for i, (p, c) in enumerate(zip(ablations, counts, strict=True))
+    ]
+    i0 = ablations.index(0.0)
+    pairs = [(sa, sr) for sa in levels for sr in levels]
+    fr = [scores[(sa, sr, i0)] for sa, sr in pairs]
+    dense, intro = [a - b for a, b in fr], [b for _, b in fr]
+    noise = ([sa for sa, _ in pairs], [sr for _, sr in pairs])
+    table = [[_pearson(v, dense), _pearson(v, intro)] for v in noise]
+    off = max(abs(table[0][1]), abs(table[1][0]))
+    ok = bool(min(table[0][0], table[1][1]) > off)  # False when any entry is NaN
+    curves = []
+    for sa, sr in FIG15_SETTINGS:
+        if (sa, sr) not in settings:
+            continue
+        rec = [scores[(sa, sr, i)][0] for i in range(len(ablations))]
+        lin = [scores[(sa, sr, i)][1] for i in range(len(ablations))]
+        curve: dict[str, Any] = {"sigma_act": sa, "sigma_rec": sr, "ablation": list(ablations),
+                                 "fvu_rec": rec, "fvu_lin": lin}
+        if len(ablations) >= 3:
+            rise = rec[-1] - rec[0]
+            curve["shape_rec"] = curve_shape(ablations, rec)
+            curve["shape_lin"] = curve_shape(ablations, lin)
+            # share of the variance removed by ablation that the probe does not win back
+            curve["unrecovered_share"] = (lin[-1] - lin[0]) / rise if rise > 0 else float("nan")
+        curves.append(curve)
+    return {"grid": grid, "table1": table, "diagonal_ok": ok, "curves": curves,
+            "fvu_floor": scores[(0.0, 0.0, i0)][0] if (0.0, 0.0) in settings else float("nan")}
+
+
+def _rms_std(x: Tensor) -> float:
+    """sqrt(mean over dimensions of the per-dimension variance) of x [N, d], in float64 chunks."""
+    ref = x[: min(len(x), CHUNK)].to(F64).mean(0)
+    s = torch.zeros_like(ref)
+    s2 = torch.zeros_like(ref)
+    for a in range(0, len(x), CHUNK):
+        c = x[a : a + CHUNK].to(F64) - ref
+        s += c.sum(0)
+        s2 += (c * c).sum(0)
+    n = len(x)
+    return math.sqrt(float(((s2 - s * s / n) / n).clamp_min(0).mean()))
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def _check(
+    ablations: Sequence[float], levels: Sequence[float], extra: Sequence[tuple[float, float]], n_tokens: int,
+    train_fraction: float, scale: float | None,
+) -> tuple[list[float], list[float], list[tuple[float, float]]]:
+    abl = sorted({float(p) for p in ablations})
+    if not abl or abl[0] != 0.0 or abl[-1] >= 1.0:
+        raise ConfigError(
+            f"synthetic_simulation: ablations must lie in [0, 1) and include 0 (Table 1 is read at 0% "
+            f"ablation); found {list(ablations)}"
+        )
+    lev = list(dict.fromkeys(float(v) for v in levels))
+    if len(lev) < 2 or min(lev) < 0:
+        raise ConfigError(
+            f"synthetic_simulation: levels needs at least two distinct values >= 0 for Table 1's "
+            f"correlations; found {list(levels)}"
+        )
+    ext = [(float(a), float(b)) for a, b in extra]
+    if any(a < 0 or b < 0 for a, b in ext):
+        raise ConfigError(f"synthetic_simulation: noise levels must be >= 0; found extra={list(extra)}")
+    if n_tokens < 2:
+        raise ConfigError(f"synthetic_simulation: n_tokens must be >= 2, found {n_tokens}")
+    if not 0.0 < train_fraction < 1.0:
+        raise ConfigError(f"synthetic_simulation: train_fraction must be in (0, 1), found {train_fraction}")
+    if scale is not None and not (math.isfinite(scale) and scale > 0):
+        raise ConfigError(f"synthetic_simulation: scale must be a finite number > 0, found {scale}")
+    settings = list(dict.fromkeys([*ext, *((a, b) for a in lev for b in lev)]))
+    return abl, lev, settings
+
+
+def _read(
+    store: ActivationStore, sae: SAE, n_tokens: int, reencode: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor, float, float]:
+    """First n_tokens of the SAE's site: (what the pass encodes [N, d], context, position, latent mass,
+    mean L0 on x, rms std of x′)."""
+    site = sae.cfg.hook_site
+    if site is None or site not in store.sites:
+        raise StoreError(f"The SAE reads site {site!r}, which the store lacks (it has {store.sites}).")
+    sae.check_input_width(store.d[site], site)
+    enc, ctx, pos = [], [], []
+    mass = torch.zeros(sae.cfg.d_sae, dtype=F64, device=sae.device)
+    l0, got = 0.0, 0
+    x_prime = []
+    for batch in store.iter_batches([site], batch_tokens=CHUNK):
+        take = min(len(batch), n_tokens - got)
+        x = batch.acts[site][:take]
+        if not bool(torch.isfinite(x).all()):
+            raise DataError(f"The store holds NaN or inf activations at {site}; re-harvest in fp32.")
+        x_hat, codes = sae.reconstruct(x.to(device=sae.device, dtype=sae.dtype))
+        mass.index_add_(0, codes.indices.reshape(-1), codes.values.reshape(-1).to(F64))
+        l0 += float(codes.l0().sum())
+        x_hat = x_hat.float().cpu()
+        enc.append(x_hat if reencode else x.float().cpu())
+        if not reencode:
+            x_prime.append(x_hat)
+        ctx.append(batch.context[:take].cpu())
+        pos.append(batch.position[:take].cpu())
+        got += take
+        if got >= n_tokens:
+            break
+    if got == 0:
+        raise DataError(f"The store yields no tokens at {site}; harvest some contexts first.")
+    enc_in = torch.cat(enc)
+    rms = _rms_std(enc_in if reencode else torch.cat(x_prime))
+    mass = mass / got * sae.W_dec.detach().to(F64).norm(dim=1)
+    return enc_in, torch.cat(ctx), torch.cat(pos), mass, l0 / got, rms
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def synthetic_simulation(
+    store: ActivationStore,
+    sae: SAE,
+    *,
+    n_tokens: int = 50_000,
+    ablations: Sequence[float] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5),
+    levels: Sequence[float] = (0.0, 1.0, 2.0, 3.0, 4.0),
+    extra: Sequence[tuple[float, float]] = ((1.0, 0.6), (0.6, 1.0)),
+    scale: float | None = None,
+    split_seed: int = 0,
+    train_fraction: float = 0.8,
+    seed: int = 0,
+    random_control: bool = True,
+    reencode: bool = True,
+    control_l0: float | None = None,
+    control_exponent: float = 1.0,
+) -> SyntheticResult:
+    """Run the synthetic decomposition test on the first ``n_tokens`` tokens at the SAE's site.
+
+    Settings are ``extra`` then the ``levels``×``levels`` grid of (σ_act, σ_rec), each at every ablation
+    fraction. ``scale`` defaults to the rms per-dimension std of x′ / 4. ``seed`` drives the noise (and,
+    offset, the control's data); ``split_seed`` the train/test hash. ``control_l0`` defaults to the SAE's
+    mean L0 on x. See the module docstring for every choice.
+    """
+    abl, lev, settings = _check(ablations, levels, extra, n_tokens, train_fraction, scale)
+    enc_in, ctx, pos, mass, l0, rms = _read(store, sae, n_tokens, reencode)
+    n, d = enc_in.shape
+    train = is_train(ctx, pos, split_seed, train_fraction)
+    n_train, n_test = int(train.sum()), int((~train).sum())
+    if n_train <= d + 1 or n_test < 2:
+        raise DataError(
+            f"synthetic_simulation: {n} tokens split into {n_train} train and {n_test} test; the probe "
+            f"needs more than {d + 1} train and at least 2 test tokens. Raise n_tokens or harvest more."
+        )
+    notes: list[str] = []
+    if n < n_tokens:
+        notes.append(f"The store holds {n} tokens at the site, fewer than the {n_tokens} requested; all are used.")
+    keeps, counts = _keeps(mass, abl)
+    s = scale if scale is not None else rms / SCALE_DIVISOR
+    if not s > 0:
+        raise DataError("synthetic_simulation: x′ = Sae(x) is constant over the tokens; pass scale explicitly.")
+    with torch.no_grad():
+        tr, te = _accumulate(_SAESource(sae, enc_in, reencode), n, d, train, keeps, seed)
+        main = _summarise(_score(tr, te, s, settings, len(abl)), settings, abl, counts, lev)
+        control = None
+        if random_control:
+            n_dir = CONTROL_DIRECTIONS_PER_DIM * d
+            c_l0 = float(control_l0) if control_l0 is not None else max(l0, 1.0)
+            src, c_mass = _random_source(
+                n, d, n_directions=n_dir, l0=c_l0, exponent=control_exponent, seed=seed + 0x9E3779B9,
+                device=sae.device,
+            )
+            c_rms = _rms_std(src.x)
+            c_scale = c_rms / SCALE_DIVISOR if scale is None else s
+            c_keeps, c_counts = _keeps(c_mass, abl)
+            ctr, cte = _accumulate(src, n, d, train, c_keeps, seed)
+            c_sum = _summarise(_score(ctr, cte, c_scale, settings, len(abl)), settings, abl, c_counts, lev)
+            c_l0_measured = float((src.codes.values != 0).sum()) / n
+            control = RandomControl(
+                scale=c_scale, x_rms_std=c_rms, l0=c_l0_measured, n_directions=n_dir,
+                exponent=control_exponent, expected_l0=c_l0, **c_sum,
+            )
+    if main["fvu_floor"] > 1e-3:
+        notes.append(
+            f"With no noise and no ablation FVU_rec = {main['fvu_floor']:.4g}: the SAE does not reproduce "
+            "x′ = Sae(x) exactly when it re-encodes it; this floor is part of every FVU_rec and FVU_lin."
+        )
+    if not main["diagonal_ok"]:
+        notes.append("Table 1's diagonal does not dominate: the estimates do not separate the two noises here.")
+    c = sae.cfg
+    sae_id = {"d_in": c.d_in, "d_sae": c.d_sae, "activation": c.activation, "k": c.k, "hook_site": c.hook_site,
+              "model_name": c.model_name, "source_format": c.source_format}
+    config = {
+        "n_tokens": n_tokens, "ablations": abl, "levels": lev, "extra": [[float(a), float(b)] for a, b in extra],
+        "scale": scale, "split_seed": split_seed, "train_fraction": train_fraction, "random_control": random_control,
+        "reencode": reencode, "control_l0": control_l0, "control_exponent": control_exponent, "sae": sae_id,
+        "store": identity_hash(store.identity),
+    }
+    return SyntheticResult(
+        config_hash=_hash(config), seed=seed, config=config, sae=sae_id, n_tokens=n, n_train=n_train,
+        n_test=n_test, reencode=reencode, scale=s, x_rms_std=rms, l0=l0, random_control=control, notes=notes,
+        **main,
+    )
