@@ -127,4 +127,9 @@ def tiny_study_overrides(model_dir: Path, corpus: Path) -> list[str]:
         "family.width_for_ks=32",
         "family.train.batch_size=64",
         "family.train.epochs=1",
+        "layer_sweep.layers=[0,2]",
+        "layer_sweep.d_sae=16",
+        "layer_sweep.k=2",
+        "layer_sweep.train.batch_size=64",
+        "layer_sweep.train.epochs=1",
     ]

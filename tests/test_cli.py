@@ -25,7 +25,15 @@ def test_run_writes_store_results_and_report(
     assert (out / "report.html").is_file() and (out / "store" / "manifest.json").is_file()
     res = json.loads((out / "results" / "harvest.json").read_text())
     assert res["store"]["tokens"] == 12 * 32 and res["store"]["complete"]
-    assert "Activations" in (out / "report.html").read_text()
+    report = (out / "report.html").read_text()
+    for section in ("Activations", "The SAE family", "Predicting SAE error", "Per-token scaling",
+                    "Norm-prediction test", "Norm probe", "across layers"):
+        assert section in report
+    for name in ("sae_family", "error_prediction", "per_token", "norm_prediction", "probe_latents",
+                 "layer_baselines"):
+        assert json.loads((out / "results" / f"{name}.json").read_text())["experiment"] == name
+    assert report.count("<img") >= 8
+    assert (out / "tables" / "tokens.parquet").is_file()
     stamp = (out / "store" / "manifest.json").stat().st_mtime_ns
     assert main(args) == 0  # second run skips the finished harvest
     assert (out / "store" / "manifest.json").stat().st_mtime_ns == stamp

@@ -51,7 +51,7 @@ import hashlib
 import json
 import math
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -62,7 +62,7 @@ from pydantic import BaseModel, Field
 from darkmatter.errors import ConfigError, DataError, StoreError
 from darkmatter.results import Result
 from darkmatter.sae.model import SAE, SparseCodes
-from darkmatter.stats import CONSTANT_TARGET_TOL, Moments, RidgeFit, evaluate, fit_ridge_many, fvu_with_prediction
+from darkmatter.stats import Moments, RidgeFit, fit_ridge_many
 from darkmatter.stats.split import is_train
 from darkmatter.store import ActivationStore, identity_hash
 
@@ -260,39 +260,55 @@ class _Split:
         gan = self.cross_a["n1"]
         return self.mean_a + alpha * self.mean["n1"], self.gaa + alpha * (gan + gan.T) + alpha**2 * self.cross_n["n1"]
 
-    def _cov(self, k: str, j: str) -> Tensor:
-        """Per-dimension centred Σ(T_k − T̄_k)(T_j − T̄_j)."""
+    def cov(self, k: str, j: str) -> Tensor:
+        """Per-dimension centred Σ(T_k − T̄_k)(T_j − T̄_j) for blocks k, j (at most one of them a D_p)."""
         if k == j:
             return self.ss[k]
         if "n1" in (k, j):
             return self.cross_n[j if k == "n1" else k].diagonal()
         return self.cov_n2[j if k == "n2" else k]
 
-    def target(self, coef: dict[str, float], alpha: float) -> tuple[Tensor, Tensor, Tensor]:
-        """Mean [d], centred per-dimension SS [d] and centred cross with x̃ [d, d] of y = Σ coef_k·T_k."""
-        items = list(coef.items())
-        mean = sum(c * self.mean[k] for k, c in items)
-        cross = sum(c * (self.cross_a[k] + alpha * self.cross_n[k]) for k, c in items)
-        ss = sum(ci * cj * self._cov(ki, kj) for ki, ci in items for kj, cj in items)
-        return mean, torch.as_tensor(ss).clamp_min(0), cross  # type: ignore[return-value]
+    def cross_x(self, k: str, alpha: float) -> Tensor:
+        """Centred Σ(x̃ − x̄̃)(T_k − T̄_k)ᵀ [d, d] for x̃ = x′ + αε₁."""
+        return self.cross_a[k] + alpha * self.cross_n[k]
 
 
-def _moments(n: int, mean_x: Tensor, gram: Tensor, targets: dict[str, tuple[Tensor, Tensor, Tensor]]) -> Moments:
-    """A `Moments` holding given centred sums (reference = the mean, so every shifted sum is 0)."""
-    m = Moments(mean_x.numel(), {k: v[0].numel() for k, v in targets.items()}, device=gram.device)
-    state = {"n": torch.tensor(n), "x.ref": mean_x, "x.sum": torch.zeros_like(mean_x), "x.gram": gram}
-    for k, (mean, ss, cross) in targets.items():
-        state |= {f"y.{k}.ref": mean, f"y.{k}.sum": torch.zeros_like(mean), f"y.{k}.sumsq": ss, f"y.{k}.cross": cross}
+def _fit_blocks(tr: _Split, alpha: float, blocks: list[str]) -> dict[str, RidgeFit]:
+    """The probe of every block target on x̃ (one Cholesky), with the house ridge policy."""
+    mean_x, gram = tr.inputs(alpha)
+    m = Moments(gram.shape[0], dict.fromkeys(blocks, gram.shape[0]), device=gram.device)
+    state = {"n": torch.tensor(tr.n), "x.ref": mean_x, "x.sum": torch.zeros_like(mean_x), "x.gram": gram}
+    for k in blocks:  # reference = the mean, so every shifted sum is 0 and the sums are the centred ones
+        state |= {f"y.{k}.ref": tr.mean[k], f"y.{k}.sum": torch.zeros_like(mean_x),
+                  f"y.{k}.sumsq": tr.ss[k], f"y.{k}.cross": tr.cross_x(k, alpha)}
     m.load_state_dict(state)
-    return m
+    return fit_ridge_many(m, bias=True)
 
 
-def _combine(fits: dict[str, RidgeFit], coef: dict[str, float]) -> RidgeFit:
-    """The probe of Σ coef_k·T_k: the ridge solve with a shared Gram is linear in the target."""
-    first = fits[next(iter(coef))]
-    weights = sum(c * fits[k].weights for k, c in coef.items())
-    bias = sum(c * fits[k].bias for k, c in coef.items())  # type: ignore[misc]
-    return replace(first, weights=weights, bias=bias)  # type: ignore[arg-type]
+def _pair_sums(
+    te: _Split, alpha: float, fits: dict[str, RidgeFit], blocks: list[str]
+) -> tuple[dict[tuple[str, str], float], dict[tuple[str, str], float], float]:
+    """Test-split Σ_t⟨T_k, T_l⟩ and Σ_t⟨res_k, res_l⟩ for block pairs, and Σ_t‖x̃ − x̄̃‖².
+
+    res_k = T_k − x̃W_k − b_k. A setting's error and probe are the same combination Σ c_k·(block), so its
+    SS_res is Σ_kl c_k c_l ⟨res_k, res_l⟩: `evaluate`'s per-dimension formula summed over dimensions.
+    """
+    mean_x, gram = te.inputs(alpha)
+    w = {k: fits[k].weights for k in blocks}
+    c = {k: te.cross_x(k, alpha) for k in blocks}
+    gw = {k: gram @ w[k] for k in blocks}
+    off = {k: te.mean[k] - mean_x @ w[k] - fits[k].bias for k in blocks}  # type: ignore[operator]
+    raw: dict[tuple[str, str], float] = {}
+    res: dict[tuple[str, str], float] = {}
+    for i, k in enumerate(blocks):
+        for j in blocks[i:]:
+            if k.startswith("d") and j.startswith("d") and k != j:
+                continue
+            cov = te.cov(k, j).sum()
+            raw[(k, j)] = raw[(j, k)] = float(cov + te.n * (te.mean[k] * te.mean[j]).sum())
+            quad = (w[k] * gw[j]).sum() - (w[k] * c[j]).sum() - (c[k] * w[j]).sum()
+            res[(k, j)] = res[(j, k)] = float(cov + quad + te.n * (off[k] * off[j]).sum())
+    return raw, res, float(gram.diagonal().sum())
 
 
 def _accumulate(
@@ -332,26 +348,17 @@ def _score(
     out: dict[tuple[float, float, int], tuple[float, float]] = {}
     for sa in dict.fromkeys(s for s, _ in settings):
         alpha = sa * scale
-        fits = fit_ridge_many(
-            _moments(tr.n, *tr.inputs(alpha), {k: tr.target({k: 1.0}, alpha) for k in blocks}), bias=True
-        )
-        coefs = {
-            (sr, i): {f"d{i}": 1.0, "n1": alpha, "n2": -sr * scale}
-            for sr in dict.fromkeys(r for s, r in settings if s == sa)
-            for i in range(n_ablations)
-        }
-        targets = {f"e{j}": te.target(c, alpha) for j, c in enumerate(coefs.values())}
-        m_te = _moments(te.n, *te.inputs(alpha), targets)
-        var_x = m_te.total_variance_x()
-        for j, ((sr, i), coef) in enumerate(coefs.items()):
-            mean, ss, _ = targets[f"e{j}"]
-            sum_sq = ss + te.n * mean * mean
-            fvu_rec = float(sum_sq.sum()) / var_x
-            if bool((ss <= CONSTANT_TARGET_TOL * sum_sq).all()):
-                fvu_lin = fvu_rec  # e is constant (no noise, no ablation, exact codes): nothing to predict
-            else:
-                fvu_lin = fvu_with_prediction(evaluate(_combine(fits, coef), m_te, f"e{j}"), var_x)
-            out[(sa, sr, i)] = (fvu_rec, fvu_lin)
+        raw, res, var_x = _pair_sums(te, alpha, _fit_blocks(tr, alpha, blocks), blocks)
+        if not var_x > 0:
+            raise DataError(f"synthetic_simulation: the test inputs are constant at sigma_act={sa}.")
+        for sr in dict.fromkeys(r for s, r in settings if s == sa):
+            for i in range(n_ablations):
+                coef = {f"d{i}": 1.0, "n1": alpha, "n2": -sr * scale}
+
+                def form(q: dict[tuple[str, str], float], coef: dict[str, float] = coef) -> float:
+                    return max(sum(a * b * q[(k, j)] for k, a in coef.items() for j, b in coef.items()), 0.0)
+
+                out[(sa, sr, i)] = (form(raw) / var_x, form(res) / var_x)
     return out
 
 

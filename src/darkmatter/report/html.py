@@ -137,8 +137,8 @@ def _per_token_section(out: Path, res: dict[str, Any]) -> str:
     if gain:
         text += (
             "Adding the smaller SAE's nonlinear-error norm as a second regressor changes the held-out "
-            f"unexplained variance by {min(gain):+.1f}% to {max(gain):+.1f}% (paper: reductions of up to about "
-            "5–6.5%)."
+            f"unexplained variance by {min(gain):+.1f}% to {max(gain):+.1f}% (paper: reductions up to "
+            "about 5–6.5%)."
         )
     return "<h2>Per-token scaling (Figs 4, 5, 12, 16)</h2>" + _p(text) + _figures(out, res)
 

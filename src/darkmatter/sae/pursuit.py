@@ -25,6 +25,8 @@ products ``r @ W_dec.T`` of one iteration. ``pursuit_dense`` is the plain dense 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -66,19 +68,30 @@ def _budgets(sae: SAE, x2d: Tensor, budget: Tensor | None, lead: tuple[int, ...]
     flat = budget.reshape(-1).to(device=sae.device, dtype=torch.long)
     if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) > sae.cfg.d_sae):
         raise ConfigError(
-            f"budget entries must lie in [0, d_sae={sae.cfg.d_sae}], got [{int(flat.min())}, {int(flat.max())}]."
+            f"budget entries must lie in [0, d_sae={sae.cfg.d_sae}], "
+            f"got values from {int(flat.min())} to {int(flat.max())}."
         )
     return flat
 
 
-def _dictionary(sae: SAE, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-    """``(D [d_sae, d_in], 1/||d_j|| [d_sae], penalty [d_sae])``; penalty is -inf for zero-norm atoms, else 0."""
+@dataclass(frozen=True)
+class _Atoms:
+    """The dictionary in the compute dtype, and what selection needs from it."""
+
+    D: Tensor  # [d_sae, d_in] decoder rows
+    inv_norm: Tensor  # [d_sae] 1 / ||d_j||, 0 for zero-norm atoms
+    penalty: Tensor | None  # [d_sae] -inf at zero-norm atoms, 0 elsewhere; None when there are none
+    coarse: Tensor | None  # [d_sae, d_in] bfloat16 unit-norm rows for screened selection
+
+
+def _atoms(sae: SAE, dtype: torch.dtype, screen: bool) -> _Atoms:
     D = sae.W_dec.detach().to(dtype).contiguous()
     norms = D.norm(dim=1)
     dead = norms == 0
     inv_norm = torch.where(dead, torch.zeros_like(norms), 1.0 / norms.clamp_min(torch.finfo(dtype).tiny))
-    penalty = torch.zeros_like(norms).masked_fill_(dead, -math.inf)
-    return D, inv_norm, penalty
+    penalty = torch.zeros_like(norms).masked_fill_(dead, -math.inf) if bool(dead.any()) else None
+    coarse = (D * inv_norm.unsqueeze(1)).to(torch.bfloat16) if screen else None
+    return _Atoms(D=D, inv_norm=inv_norm, penalty=penalty, coarse=coarse)
 
 
 def _spans(n: int, chunk_size: int | None) -> list[tuple[int, int]]:
@@ -97,76 +110,117 @@ def _line_step(r: Tensor, c: Tensor) -> Tensor:
 
 # ---------------------------------------------------------------------------------------------- sparse
 
+_CANDIDATES = 16  # atoms re-scored exactly per token by screened selection
+# Bound on |bf16 score - exact score| / ||r|| for unit-norm atoms: input rounding 2u + bf16 output rounding u
+# (u = 2^-8) plus fp32 accumulation, times Cauchy-Schwarz, is about 3.1u; 8u leaves room for backends that
+# reduce partial sums in bf16 (cuBLAS split-K).
+_SCREEN_MARGIN = 2.0**-5
 
-def _combine(idx: Tensor, D: Tensor, weights: Tensor, width: int) -> Tensor:
-    """``sum_l weights[:, l] * D[idx[:, l]]`` -> ``[n, width]`` (no dense coefficient tensor)."""
-    if idx.shape[1] == 0:
-        return weights.new_zeros((idx.shape[0], width))
-    return F.embedding_bag(idx, D, per_sample_weights=weights, mode="sum")
+
+def _mask_support(score: Tensor, old_idx: Tensor, active: Tensor) -> None:
+    """Set ``score [m, d_sae]`` to -inf at the atoms already in each token's support (in place)."""
+    rows, slots = active.nonzero(as_tuple=True)
+    score[rows, old_idx[rows, slots]] = -math.inf
 
 
-def _pursue_sparse(
-    r0: Tensor, budget: Tensor, D: Tensor, inv_norm: Tensor, penalty: Tensor
-) -> tuple[Tensor, Tensor]:
-    """Sparse-support gradient pursuit of targets ``r0 [n, d_in]`` -> ``(indices, values) [n, max budget]``."""
+def _select_exact(r: Tensor, atoms: _Atoms, old_idx: Tensor, active: Tensor) -> tuple[Tensor, Tensor]:
+    """``(best score, atom) [m]``: largest ``<r, d_j> / ||d_j||`` outside the support, full precision."""
+    score = (r @ atoms.D.T).mul_(atoms.inv_norm)  # [m, d_sae]: the only wide tensor
+    if atoms.penalty is not None:
+        score.add_(atoms.penalty)
+    _mask_support(score, old_idx, active)
+    best, new = score.max(dim=1)
+    return best, new
+
+
+def _select_screened(r: Tensor, atoms: _Atoms, old_idx: Tensor, active: Tensor) -> tuple[Tensor, Tensor, int]:
+    """Same result as ``_select_exact`` from a bf16 matmul: re-score the top candidates exactly, and fall
+    back to full precision for tokens where the error bound cannot rule out an atom outside them.
+    Returns ``(best, atom, number of fallback tokens)``."""
+    assert atoms.coarse is not None
+    approx = r.to(torch.bfloat16) @ atoms.coarse.T  # [m, d_sae]
+    if atoms.penalty is not None:
+        approx.add_(atoms.penalty.to(torch.bfloat16))
+    _mask_support(approx, old_idx, active)
+    top, cand = approx.topk(min(_CANDIDATES, approx.shape[1]), dim=1)  # [m, C]
+    del approx
+    exact = torch.bmm(atoms.D[cand], r.unsqueeze(2)).squeeze(2).mul_(atoms.inv_norm[cand])
+    exact.masked_fill_(top == -math.inf, -math.inf)
+    best, pick = exact.max(dim=1)
+    new = cand.gather(1, pick.unsqueeze(1)).squeeze(1)
+    floor = top[:, -1].to(r.dtype)  # every non-candidate scores at most floor + margin
+    ok = (floor == -math.inf) | (best > floor + _SCREEN_MARGIN * r.norm(dim=1))
+    redo = (~ok).nonzero().squeeze(1)
+    if redo.numel():
+        best[redo], new[redo] = _select_exact(r[redo], atoms, old_idx[redo], active[redo])
+    return best, new, int(redo.numel())
+
+
+def _pursue_sparse(r0: Tensor, budget: Tensor, atoms: _Atoms, screen: bool) -> tuple[Tensor, Tensor]:
+    """Gradient pursuit of targets ``r0 [n, d_in]`` -> ``(indices, values) [n, max budget]``.
+
+    Tokens are sorted by budget so the ones still iterating are always a prefix; ``rows [n, L, d_in]`` holds
+    the gathered decoder rows of each token's slots.
+    """
     n, d_in = r0.shape
-    steps = int(budget.max()) if n else 0
+    order = torch.argsort(budget, descending=True, stable=True)
+    budget = budget[order]
+    steps = int(budget[0]) if n else 0
+    live = (budget.unsqueeze(0) > torch.arange(steps, device=budget.device).unsqueeze(1)).sum(1).tolist()
+    s = r0[order]
+    r = s.clone()
     idx = torch.zeros((n, steps), dtype=torch.long, device=r0.device)
     val = r0.new_zeros((n, steps))
-    r = r0.clone()
-    every = torch.arange(n, device=r0.device)
-    for t in range(steps):
-        live = every if int(budget.min()) > t else (budget > t).nonzero().squeeze(1)
-        whole = live.shape[0] == n
-        rl, s0 = (r, r0) if whole else (r[live], r0[live])
-        idx_l = idx[:, : t + 1] if whole else idx[live, : t + 1]  # slot t is filled below
-        val_l = val[:, : t + 1] if whole else val[live, : t + 1]
-        old_idx, active = idx_l[:, :t], val_l[:, :t] != 0
-
-        g = rl @ D.T  # [m, d_sae]: the only wide tensor
-        g_old = g.gather(1, old_idx)  # [m, t] gradient at the previous slots
-        score = g.mul_(inv_norm).add_(penalty)
-        score.scatter_add_(1, old_idx, torch.zeros_like(g_old).masked_fill_(active, -math.inf))
-        best, new = score.max(dim=1)
-        del g, score
-        valid = best > -math.inf
-        g_new = torch.where(valid, (rl * D[new]).sum(dim=1), torch.zeros_like(best))
-
-        idx_l = torch.cat([old_idx, new.unsqueeze(1)], dim=1)
-        g_s = torch.cat([g_old.masked_fill_(~active, 0.0), g_new.unsqueeze(1)], dim=1)  # [m, t + 1]
-        c = _combine(idx_l, D, g_s, d_in)
-        coef = (val_l + _line_step(rl, c).unsqueeze(1) * g_s).clamp_min_(0.0)
-        r_new = s0 - _combine(idx_l, D, coef, d_in)
-        if whole:
-            idx[:, t] = new
-            val[:, : t + 1] = coef
-            r = r_new
+    rows = r0.new_zeros((n, steps, d_in))
+    for t, m in enumerate(live):
+        rl, old_idx, active = r[:m], idx[:m, :t], val[:m, :t] != 0
+        if screen:
+            best, new, fallbacks = _select_screened(rl, atoms, old_idx, active)
+            screen = 2 * fallbacks <= m  # hard data: screening no longer pays for itself
         else:
-            idx[live, t] = new
-            val[live, : t + 1] = coef
-            r[live] = r_new
-    return idx.masked_fill_(val == 0, 0), val
+            best, new = _select_exact(rl, atoms, old_idx, active)
+        idx[:m, t] = new
+        rows[:m, t] = atoms.D[new]
+        R = rows[:m, : t + 1]
+        support = torch.cat([active, (best > -math.inf).unsqueeze(1)], dim=1)  # [m, t + 1]
+        g = torch.bmm(R, rl.unsqueeze(2)).squeeze(2).masked_fill_(~support, 0.0)  # gradient on the support
+        c = torch.bmm(g.unsqueeze(1), R).squeeze(1)
+        coef = (val[:m, : t + 1] + _line_step(rl, c).unsqueeze(1) * g).clamp_min_(0.0)
+        val[:m, : t + 1] = coef
+        r[:m] = s[:m] - torch.bmm(coef.unsqueeze(1), R).squeeze(1)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(n, device=order.device)
+    val = val[inverse]
+    return idx[inverse].masked_fill_(val == 0, 0), val
 
 
 @torch.no_grad()
 def gradient_pursuit(
-    sae: SAE, x: Tensor, *, budget: Tensor | None = None, chunk_size: int | None = None
+    sae: SAE,
+    x: Tensor,
+    *,
+    budget: Tensor | None = None,
+    chunk_size: int | None = None,
+    screen: bool = True,
 ) -> SparseCodes:
-    """Non-negative gradient-pursuit codes of ``x [..., d_in]`` over ``sae.W_dec`` as ``SparseCodes [..., m]``.
+    """Non-negative gradient-pursuit codes of ``x [..., d_in]`` over ``sae.W_dec``, ``SparseCodes [..., m]``.
 
     ``budget [...]`` (integers) caps each token's iterations and so its L0; by default it is the token's L0
-    under ``sae``'s encoder. ``m`` is the largest budget; values come back in the SAE's dtype. ``chunk_size``
-    (tokens) bounds the one ``[chunk, d_sae]`` tensor alive per iteration.
+    under ``sae``'s encoder. ``m`` is the largest budget; values come back in the SAE's dtype. Per token chunk
+    (``chunk_size`` tokens) the largest tensors are one ``[chunk, d_sae]`` score matrix per iteration and the
+    gathered rows ``[chunk, m, d_in]``. ``screen`` picks atoms from a bf16 matmul whose winners are verified
+    in full precision (same selection as ``screen=False``, which runs the full-precision matmul; faster where
+    bf16 matmuls are, e.g. CUDA and CPUs with AVX512-BF16/AMX).
     """
     x2d, lead = _flat(sae, x)
     budgets = None if budget is None else _budgets(sae, x2d, budget, lead)
     cd = compute_dtype(sae)
-    D, inv_norm, penalty = _dictionary(sae, cd)
+    atoms = _atoms(sae, cd, screen)
     parts = [(x2d.new_zeros((0, 0), dtype=torch.long), x2d.new_zeros((0, 0), dtype=cd))]
     for i, j in _spans(x2d.shape[0], chunk_size):
         xc = x2d[i:j]
         bc = _budgets(sae, xc, None, ()) if budgets is None else budgets[i:j]
-        parts.append(_pursue_sparse(_target(sae, xc, sae.input_stats(xc), cd), bc, D, inv_norm, penalty))
+        parts.append(_pursue_sparse(_target(sae, xc, sae.input_stats(xc), cd), bc, atoms, screen))
     m = max(p[0].shape[1] for p in parts)
     indices = torch.cat([F.pad(p[0], (0, m - p[0].shape[1])) for p in parts])
     values = torch.cat([F.pad(p[1], (0, m - p[1].shape[1])) for p in parts]).to(sae.dtype)
@@ -175,10 +229,15 @@ def gradient_pursuit(
 
 @torch.no_grad()
 def pursuit_reconstruct(
-    sae: SAE, x: Tensor, *, budget: Tensor | None = None, chunk_size: int | None = None
+    sae: SAE,
+    x: Tensor,
+    *,
+    budget: Tensor | None = None,
+    chunk_size: int | None = None,
+    screen: bool = True,
 ) -> tuple[Tensor, SparseCodes]:
-    """``(x_hat [..., d_in], codes)``: the pursuit codes decoded by the SAE (``b_dec``, scale, normalization)."""
-    codes = gradient_pursuit(sae, x, budget=budget, chunk_size=chunk_size)
+    """``(x_hat [..., d_in], codes)``: pursuit codes decoded by the SAE (``b_dec``, scale, normalization)."""
+    codes = gradient_pursuit(sae, x, budget=budget, chunk_size=chunk_size, screen=screen)
     return sae.decode_sparse(codes, stats=sae.input_stats(x)), codes
 
 
@@ -194,7 +253,9 @@ def pursuit_dense(sae: SAE, x: Tensor, *, budget: Tensor | None = None) -> Tenso
     x2d, lead = _flat(sae, x)
     budgets = _budgets(sae, x2d, budget, lead)
     cd = compute_dtype(sae)
-    D, inv_norm, penalty = _dictionary(sae, cd)
+    atoms = _atoms(sae, cd, screen=False)
+    D = atoms.D
+    penalty = atoms.penalty if atoms.penalty is not None else torch.zeros_like(atoms.inv_norm)
     s = _target(sae, x2d, sae.input_stats(x2d), cd)  # [n, d_in]
     n = s.shape[0]
     w = s.new_zeros((n, sae.cfg.d_sae))
@@ -203,7 +264,7 @@ def pursuit_dense(sae: SAE, x: Tensor, *, budget: Tensor | None = None) -> Tenso
         r = s - w @ D
         g = r @ D.T
         in_support = w != 0
-        score = (g * inv_norm + penalty).masked_fill(in_support, -math.inf)
+        score = (g * atoms.inv_norm + penalty).masked_fill(in_support, -math.inf)
         best, new = score.max(dim=1)
         in_support[rows, new] |= best > -math.inf
         g_s = torch.where(in_support, g, torch.zeros_like(g))
