@@ -6,7 +6,7 @@ Engine: ``decompose(..., second_pass=False)``: one streaming pass, float64 momen
 Both use the same SAEs and the same train/test split. Each variant runs in its own subprocess so peak
 RSS is its own. Prints the FVU_nonlinear difference, the speed ratio and the peak-memory ratios.
 
-    python bench/bench_engine.py [--tokens 200000] [--d 576] [--saes 4] [--width 2048] [--k 32]
+    python bench/bench_engine.py [--tokens 200000] [--d 576] [--widths 512 1024 2048 4096] [--k 32]
 """
 
 from __future__ import annotations
@@ -53,11 +53,11 @@ def make_store(root: Path, tokens: int, d: int) -> None:
         )
 
 
-def make_saes(n: int, d: int, width: int, k: int) -> dict:
+def make_saes(widths: list[int], d: int, k: int) -> dict:
     from darkmatter.sae.model import SAE, SAEConfig
 
     saes = {}
-    for i in range(n):
+    for i, width in enumerate(widths):
         g = torch.Generator().manual_seed(100 + i)
         w_dec = torch.randn(width, d, generator=g)
         w_dec /= w_dec.norm(dim=1, keepdim=True)
@@ -68,7 +68,7 @@ def make_saes(n: int, d: int, width: int, k: int) -> dict:
             "W_dec": w_dec,
             "b_dec": torch.zeros(d),
         }
-        saes[f"sae{i}"] = SAE.from_tensors(cfg, tensors)
+        saes[f"w{width}"] = SAE.from_tensors(cfg, tensors)
     return saes
 
 
@@ -77,7 +77,7 @@ def run_engine(store_dir: str, args: argparse.Namespace) -> dict:
     from darkmatter.store import ActivationStore
 
     store = ActivationStore.open(store_dir)
-    saes = make_saes(args.saes, args.d, args.width, args.k)
+    saes = make_saes(args.widths, args.d, args.k)
     t0 = time.perf_counter()
     dec = decompose(store, saes, second_pass=False)
     return {
@@ -91,7 +91,7 @@ def run_original(store_dir: str, args: argparse.Namespace) -> dict:
     from darkmatter.store import ActivationStore
 
     store = ActivationStore.open(store_dir)
-    saes = make_saes(args.saes, args.d, args.width, args.k)
+    saes = make_saes(args.widths, args.d, args.k)
     t0 = time.perf_counter()
     rows = list(store.iter_batches([SITE], batch_tokens=1 << 30))
     x = torch.cat([b.acts[SITE] for b in rows])
@@ -116,7 +116,7 @@ def run_engine_full(store_dir: str, args: argparse.Namespace) -> dict:
     from darkmatter.store import ActivationStore
 
     store = ActivationStore.open(store_dir)
-    saes = make_saes(args.saes, args.d, args.width, args.k)
+    saes = make_saes(args.widths, args.d, args.k)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         decompose(store, saes, table_path=Path(tmp) / "tokens.parquet")
@@ -138,8 +138,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=200_000)
     ap.add_argument("--d", type=int, default=576)
-    ap.add_argument("--saes", type=int, default=4)
-    ap.add_argument("--width", type=int, default=2048)
+    ap.add_argument(
+        "--widths", type=int, nargs="+", default=[512, 1024, 2048, 4096], help="The demo's sweep."
+    )
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--child", default="")
     ap.add_argument("--store", default="")
@@ -164,10 +165,8 @@ def main() -> None:
                 str(args.tokens),
                 "--d",
                 str(args.d),
-                "--saes",
-                str(args.saes),
-                "--width",
-                str(args.width),
+                "--widths",
+                *map(str, args.widths),
                 "--k",
                 str(args.k),
             ]
@@ -178,7 +177,9 @@ def main() -> None:
             )
             return json.loads(out)
 
-        print(f"{args.tokens} tokens x d {args.d}, {args.saes} TopK SAEs (w={args.width}, k={args.k})")
+        print(
+            f"{args.tokens} tokens x d {args.d}, TopK SAEs of widths {args.widths}, k={args.k}"
+        )
         if not args.skip_comparison:
             o, e = launch("original", "store"), launch("engine", "store")
             diff = max(abs(o["fvu_nonlinear"][n] - e["fvu_nonlinear"][n]) for n in o["fvu_nonlinear"])

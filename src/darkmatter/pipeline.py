@@ -79,6 +79,23 @@ def _nan(matrix: list[list[float | None]]) -> Any:
     return np.array([[np.nan if v is None else v for v in row] for row in matrix], dtype=float)
 
 
+def save_probe(path: Path, weights: Any, bias: Any) -> None:
+    """Write an error probe b* (LinearError(x) = x @ weights + bias) atomically as safetensors."""
+    from safetensors.torch import save as st_save
+
+    from darkmatter.store import atomic_write_bytes
+
+    atomic_write_bytes(path, st_save({"weights": weights.contiguous().cpu(), "bias": bias.contiguous().cpu()}))
+
+
+def load_probe(path: Path) -> tuple[Any, Any]:
+    """(weights [d, d], bias [d]) of a saved error probe."""
+    from safetensors.torch import load_file
+
+    t = load_file(str(path))
+    return t["weights"], t["bias"]
+
+
 def store_dir(out: str | Path) -> Path:
     return Path(out) / "store"
 
@@ -274,6 +291,8 @@ class Study:
         dec = decompose(
             store, saes, split_seed=cfg.split_seed, train_fraction=cfg.train_fraction, table_path=table
         )
+        for name, (w, b) in dec.probes.items():
+            save_probe(self.out / "probes" / f"{name}.safetensors", w, b)
         figdir = self.out / "figures"
         common = {
             "config_hash": key,

@@ -1,24 +1,23 @@
 """Inference-time gradient pursuit over a frozen SAE decoder (Smith 2024; the paper's §6.1 experiment).
 
-For each token the pursuit fits non-negative coefficients ``w`` so that ``w @ W_dec`` approximates the target
-``r0 = x' - b_dec``, where ``x'`` is the SAE's own transformed input (per-token ``normalize``, then
-``* input_scale``, exactly as the encoder sees it; ``b_dec`` is always subtracted because the decoder always adds
-it back). A token's budget is its L0 under the SAE's encoder, so the pursuit uses the SAE's sparsity token by
-token. Each iteration, for tokens whose budget is not yet spent:
+Per token, non-negative coefficients ``w`` are fitted so that ``w @ W_dec`` approximates ``r0 = x' - b_dec``,
+where ``x'`` is the SAE's own encoder input before the ``b_dec`` shift (per-token ``normalize``, then
+``* input_scale``). ``b_dec`` is subtracted whatever ``apply_b_dec_to_input`` says, because the decoder always
+adds it back. A token's budget is its L0 under the SAE's encoder. For tokens with budget left, each iteration:
 
-1. select the atom not in the support with the largest ``<r, d_j> / ||d_j||`` (zero-norm atoms never);
-2. gradient on the support ``S`` (old support plus the new atom): ``g_j = <r, d_j>``;
-3. exact line search along it: ``c = sum_S g_j d_j``, ``step = <r, c> / ||c||^2`` (0 when ``c = 0``);
-4. ``w_S += step * g_S``, clamp to ``>= 0`` (clamped atoms leave the support), recompute ``r = r0 - w @ D``.
+1. selects the atom outside the support with the largest ``<r, d_j> / ||d_j||`` (never a zero-norm atom);
+2. takes the gradient on the support ``S`` (old support plus the new atom), ``g_j = <r, d_j>``;
+3. line-searches exactly along it: ``c = sum_S g_j d_j``, ``step = <r, c> / ||c||^2`` (0 when ``c = 0``);
+4. sets ``w_S += step * g_S``, clamps at 0 (clamped atoms leave the support), and recomputes ``r = r0 - w D``.
 
-Choices against the original script (paper-experiments.md §8): selection excludes atoms already in the support
-and divides by the atom norm (identical to the script's signed argmax when decoder rows are unit norm, and
-invariant to rescaling atoms otherwise); ``c = 0`` gives step 0 instead of NaN. The support therefore grows by at
-most one atom per iteration and never exceeds the budget. The result is unchanged by ``fold_input_scale()``
-(the scale cancels in selection, gradient and step), so any ``input_scale`` and ``normalize`` are supported.
+Differences from the original script (paper-experiments.md §8): selection skips atoms already in the support
+and divides by the atom norm (the same as the script's signed argmax when decoder rows have unit norm); and
+``c = 0`` gives step 0 rather than NaN. The support grows by at most one atom per iteration, so it never
+exceeds the budget. ``input_scale`` cancels in selection, gradient and step, so the codes do not change under
+``fold_input_scale()``. Every ``normalize`` mode is supported.
 
-``gradient_pursuit`` keeps per-token ``(indices, values) [n, L]``; its only ``[n, d_sae]`` tensor is the inner
-products ``r @ W_dec.T`` of one iteration. ``pursuit_dense`` is the plain dense reference used by tests and
+``gradient_pursuit`` keeps per-token ``(indices, values) [n, L]``. Its only ``[n, d_sae]`` tensor is one
+iteration's score matrix. ``pursuit_dense`` is the plain dense reference used by the tests and by
 ``bench/bench_pursuit.py``. Both accumulate in float32 (float64 for float64 SAEs) on the SAE's device.
 """
 
@@ -34,13 +33,20 @@ from torch import Tensor
 from darkmatter.errors import ConfigError, ShapeError
 from darkmatter.sae.model import SAE, InputStats, SparseCodes
 
+_CANDIDATES = 8  # atoms per token that screened selection re-scores in full precision
+# Bound on |bf16 score - exact score| / ||r|| for unit-norm atoms. Input rounding (2u) plus bf16 output
+# rounding (u), with u = 2^-8, plus fp32 accumulation, through Cauchy-Schwarz, is about 3.1u. 8u leaves room
+# for backends that reduce partial sums in bf16 (cuBLAS split-K).
+_SCREEN_MARGIN = 2.0**-5
 
-def compute_dtype(sae: SAE) -> torch.dtype:
-    """float32, or float64 for a float64 SAE: half-precision SAEs are pursued in float32."""
+
+def _compute_dtype(sae: SAE) -> torch.dtype:
+    """float32, or float64 for a float64 SAE. Half-precision SAEs are pursued in float32."""
     return torch.promote_types(sae.dtype, torch.float32)
 
 
 def _flat(sae: SAE, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
+    """``x [..., d_in]`` -> ``([n, d_in]`` on the SAE's device and dtype, lead shape ``[...])``."""
     d_in = sae.cfg.d_in
     if x.ndim == 0 or x.shape[-1] != d_in:
         raise ShapeError(f"Pursuit input must have last dimension d_in={d_in}, got shape {tuple(x.shape)}.")
@@ -48,7 +54,7 @@ def _flat(sae: SAE, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
 
 
 def _target(sae: SAE, x2d: Tensor, stats: InputStats | None, dtype: torch.dtype) -> Tensor:
-    """``r0 = x' - b_dec [n, d_in]`` with ``x'`` transformed as the SAE's encoder input, in ``dtype``."""
+    """``r0 = x' - b_dec [n, d_in]`` in ``dtype``; ``x'`` is transformed exactly as the encoder does it."""
     x = x2d.to(dtype)
     if stats is not None:
         x = (x - stats.shift.to(dtype)) / stats.scale.to(dtype)
@@ -57,10 +63,8 @@ def _target(sae: SAE, x2d: Tensor, stats: InputStats | None, dtype: torch.dtype)
     return x - sae.b_dec.to(dtype)
 
 
-def _budgets(sae: SAE, x2d: Tensor, budget: Tensor | None, lead: tuple[int, ...]) -> Tensor:
-    """Per-token iteration budgets ``[n]`` int64: the encoder's L0 unless given."""
-    if budget is None:
-        return sae.encode_sparse(x2d).l0()
+def _given_budget(sae: SAE, budget: Tensor, lead: tuple[int, ...]) -> Tensor:
+    """Check a caller's per-token budget ``[...]`` and flatten it to ``[n]`` int64."""
     if budget.is_floating_point() or budget.is_complex() or budget.dtype == torch.bool:
         raise ConfigError(f"budget must be an integer tensor of per-token L0s, got dtype {budget.dtype}.")
     if tuple(budget.shape) != lead:
@@ -74,6 +78,18 @@ def _budgets(sae: SAE, x2d: Tensor, budget: Tensor | None, lead: tuple[int, ...]
     return flat
 
 
+def _budgets(sae: SAE, x2d: Tensor, budget: Tensor | None, lead: tuple[int, ...]) -> Tensor:
+    """Per-token budgets ``[n]`` int64: the caller's, or else the encoder's L0."""
+    return sae.encode_sparse(x2d).l0() if budget is None else _given_budget(sae, budget, lead)
+
+
+def _spans(n: int, chunk_size: int | None) -> list[tuple[int, int]]:
+    if chunk_size is not None and chunk_size <= 0:
+        raise ConfigError(f"chunk_size must be a positive number of tokens, got {chunk_size}.")
+    step = n if chunk_size is None else min(chunk_size, n)
+    return [(i, min(i + step, n)) for i in range(0, n, step)] if n else []
+
+
 @dataclass(frozen=True)
 class _Atoms:
     """The dictionary in the compute dtype, and what selection needs from it."""
@@ -81,7 +97,7 @@ class _Atoms:
     D: Tensor  # [d_sae, d_in] decoder rows
     inv_norm: Tensor  # [d_sae] 1 / ||d_j||, 0 for zero-norm atoms
     penalty: Tensor | None  # [d_sae] -inf at zero-norm atoms, 0 elsewhere; None when there are none
-    coarse: Tensor | None  # [d_sae, d_in] bfloat16 unit-norm rows for screened selection
+    coarse: Tensor | None  # [d_sae, d_in] bf16 unit-norm rows for screened selection
 
 
 def _atoms(sae: SAE, dtype: torch.dtype, screen: bool) -> _Atoms:
@@ -94,13 +110,6 @@ def _atoms(sae: SAE, dtype: torch.dtype, screen: bool) -> _Atoms:
     return _Atoms(D=D, inv_norm=inv_norm, penalty=penalty, coarse=coarse)
 
 
-def _spans(n: int, chunk_size: int | None) -> list[tuple[int, int]]:
-    if chunk_size is not None and chunk_size <= 0:
-        raise ConfigError(f"chunk_size must be a positive number of tokens, got {chunk_size}.")
-    step = n if chunk_size is None else min(chunk_size, n)
-    return [(i, min(i + step, n)) for i in range(0, n, step)] if n else []
-
-
 def _line_step(r: Tensor, c: Tensor) -> Tensor:
     """Exact line-search step ``<r, c> / ||c||^2`` per row ``[n]``, 0 where ``c = 0``."""
     cc = (c * c).sum(dim=1)
@@ -110,22 +119,16 @@ def _line_step(r: Tensor, c: Tensor) -> Tensor:
 
 # ---------------------------------------------------------------------------------------------- sparse
 
-_CANDIDATES = 16  # atoms re-scored exactly per token by screened selection
-# Bound on |bf16 score - exact score| / ||r|| for unit-norm atoms: input rounding 2u + bf16 output rounding u
-# (u = 2^-8) plus fp32 accumulation, times Cauchy-Schwarz, is about 3.1u; 8u leaves room for backends that
-# reduce partial sums in bf16 (cuBLAS split-K).
-_SCREEN_MARGIN = 2.0**-5
-
 
 def _mask_support(score: Tensor, old_idx: Tensor, active: Tensor) -> None:
-    """Set ``score [m, d_sae]`` to -inf at the atoms already in each token's support (in place)."""
+    """Set ``score [m, d_sae]`` to -inf, in place, at the atoms already in each token's support."""
     rows, slots = active.nonzero(as_tuple=True)
     score[rows, old_idx[rows, slots]] = -math.inf
 
 
 def _select_exact(r: Tensor, atoms: _Atoms, old_idx: Tensor, active: Tensor) -> tuple[Tensor, Tensor]:
-    """``(best score, atom) [m]``: largest ``<r, d_j> / ||d_j||`` outside the support, full precision."""
-    score = (r @ atoms.D.T).mul_(atoms.inv_norm)  # [m, d_sae]: the only wide tensor
+    """``(best score, atom) [m]``: the largest ``<r, d_j> / ||d_j||`` outside the support (full precision)."""
+    score = (r @ atoms.D.T).mul_(atoms.inv_norm)  # [m, d_sae]
     if atoms.penalty is not None:
         score.add_(atoms.penalty)
     _mask_support(score, old_idx, active)
@@ -134,9 +137,11 @@ def _select_exact(r: Tensor, atoms: _Atoms, old_idx: Tensor, active: Tensor) -> 
 
 
 def _select_screened(r: Tensor, atoms: _Atoms, old_idx: Tensor, active: Tensor) -> tuple[Tensor, Tensor, int]:
-    """Same result as ``_select_exact`` from a bf16 matmul: re-score the top candidates exactly, and fall
-    back to full precision for tokens where the error bound cannot rule out an atom outside them.
-    Returns ``(best, atom, number of fallback tokens)``."""
+    """``_select_exact``'s choice at the cost of a bf16 matmul: ``(best, atom, number of fallback tokens)``.
+
+    The top ``_CANDIDATES`` bf16 scores are re-scored in full precision. A token falls back to
+    ``_select_exact`` unless the error bound proves that no atom outside its candidates can beat the winner.
+    """
     assert atoms.coarse is not None
     approx = r.to(torch.bfloat16) @ atoms.coarse.T  # [m, d_sae]
     if atoms.penalty is not None:
@@ -144,23 +149,23 @@ def _select_screened(r: Tensor, atoms: _Atoms, old_idx: Tensor, active: Tensor) 
     _mask_support(approx, old_idx, active)
     top, cand = approx.topk(min(_CANDIDATES, approx.shape[1]), dim=1)  # [m, C]
     del approx
-    exact = torch.bmm(atoms.D[cand], r.unsqueeze(2)).squeeze(2).mul_(atoms.inv_norm[cand])
+    exact = torch.bmm(F.embedding(cand, atoms.D), r.unsqueeze(2)).squeeze(2).mul_(atoms.inv_norm[cand])
     exact.masked_fill_(top == -math.inf, -math.inf)
     best, pick = exact.max(dim=1)
     new = cand.gather(1, pick.unsqueeze(1)).squeeze(1)
-    floor = top[:, -1].to(r.dtype)  # every non-candidate scores at most floor + margin
-    ok = (floor == -math.inf) | (best > floor + _SCREEN_MARGIN * r.norm(dim=1))
-    redo = (~ok).nonzero().squeeze(1)
+    floor = top[:, -1].to(r.dtype)  # no atom outside the candidates scores above floor + margin
+    proven = (floor == -math.inf) | (best > floor + _SCREEN_MARGIN * r.norm(dim=1))
+    redo = (~proven).nonzero().squeeze(1)
     if redo.numel():
         best[redo], new[redo] = _select_exact(r[redo], atoms, old_idx[redo], active[redo])
     return best, new, int(redo.numel())
 
 
 def _pursue_sparse(r0: Tensor, budget: Tensor, atoms: _Atoms, screen: bool) -> tuple[Tensor, Tensor]:
-    """Gradient pursuit of targets ``r0 [n, d_in]`` -> ``(indices, values) [n, max budget]``.
+    """Gradient pursuit of the targets ``r0 [n, d_in]``, giving ``(indices, values) [n, max budget]``.
 
-    Tokens are sorted by budget so the ones still iterating are always a prefix; ``rows [n, L, d_in]`` holds
-    the gathered decoder rows of each token's slots.
+    Tokens are sorted by budget, so the ones still iterating always form a prefix. ``rows [n, L, d_in]``
+    holds the decoder rows gathered for each token's slots.
     """
     n, d_in = r0.shape
     order = torch.argsort(budget, descending=True, stable=True)
@@ -170,20 +175,20 @@ def _pursue_sparse(r0: Tensor, budget: Tensor, atoms: _Atoms, screen: bool) -> t
     s = r0[order]
     r = s.clone()
     idx = torch.zeros((n, steps), dtype=torch.long, device=r0.device)
-    val = r0.new_zeros((n, steps))
-    rows = r0.new_zeros((n, steps, d_in))
+    val = r0.new_zeros((n, steps))  # 0 = slot not in the support
+    rows = r0.new_empty((n, steps, d_in))
     for t, m in enumerate(live):
         rl, old_idx, active = r[:m], idx[:m, :t], val[:m, :t] != 0
         if screen:
             best, new, fallbacks = _select_screened(rl, atoms, old_idx, active)
-            screen = 2 * fallbacks <= m  # hard data: screening no longer pays for itself
+            screen = 2 * fallbacks <= m  # too many fallbacks: screening no longer pays for itself
         else:
             best, new = _select_exact(rl, atoms, old_idx, active)
         idx[:m, t] = new
         rows[:m, t] = atoms.D[new]
         R = rows[:m, : t + 1]
         support = torch.cat([active, (best > -math.inf).unsqueeze(1)], dim=1)  # [m, t + 1]
-        g = torch.bmm(R, rl.unsqueeze(2)).squeeze(2).masked_fill_(~support, 0.0)  # gradient on the support
+        g = torch.bmm(R, rl.unsqueeze(2)).squeeze(2).masked_fill_(~support, 0.0)
         c = torch.bmm(g.unsqueeze(1), R).squeeze(1)
         coef = (val[:m, : t + 1] + _line_step(rl, c).unsqueeze(1) * g).clamp_min_(0.0)
         val[:m, : t + 1] = coef
@@ -203,23 +208,25 @@ def gradient_pursuit(
     chunk_size: int | None = None,
     screen: bool = True,
 ) -> SparseCodes:
-    """Non-negative gradient-pursuit codes of ``x [..., d_in]`` over ``sae.W_dec``, ``SparseCodes [..., m]``.
+    """Non-negative gradient-pursuit codes of ``x [..., d_in]`` over ``sae.W_dec``: ``SparseCodes [..., m]``.
 
-    ``budget [...]`` (integers) caps each token's iterations and so its L0; by default it is the token's L0
-    under ``sae``'s encoder. ``m`` is the largest budget; values come back in the SAE's dtype. Per token chunk
-    (``chunk_size`` tokens) the largest tensors are one ``[chunk, d_sae]`` score matrix per iteration and the
-    gathered rows ``[chunk, m, d_in]``. ``screen`` picks atoms from a bf16 matmul whose winners are verified
-    in full precision (same selection as ``screen=False``, which runs the full-precision matmul; faster where
-    bf16 matmuls are, e.g. CUDA and CPUs with AVX512-BF16/AMX).
+    ``budget [...]`` (integers) caps each token's iterations, and with them its L0. It defaults to the
+    token's L0 under ``sae``'s encoder. ``m`` is the largest budget. Values come back in the SAE's dtype. For
+    each chunk of ``chunk_size`` tokens, the largest tensors are one ``[chunk, d_sae]`` score matrix per
+    iteration and the gathered rows ``[chunk, m, d_in]``.
+
+    With ``screen``, the atom is chosen from a bf16 matmul and checked in full precision. The choice is the
+    same as with ``screen=False``, which runs the full-precision matmul. Screening is faster wherever bf16
+    matmuls are: CUDA, and CPUs with AVX512-BF16 or AMX.
     """
     x2d, lead = _flat(sae, x)
-    budgets = None if budget is None else _budgets(sae, x2d, budget, lead)
-    cd = compute_dtype(sae)
+    budgets = None if budget is None else _given_budget(sae, budget, lead)
+    cd = _compute_dtype(sae)
     atoms = _atoms(sae, cd, screen)
     parts = [(x2d.new_zeros((0, 0), dtype=torch.long), x2d.new_zeros((0, 0), dtype=cd))]
     for i, j in _spans(x2d.shape[0], chunk_size):
         xc = x2d[i:j]
-        bc = _budgets(sae, xc, None, ()) if budgets is None else budgets[i:j]
+        bc = sae.encode_sparse(xc).l0() if budgets is None else budgets[i:j]
         parts.append(_pursue_sparse(_target(sae, xc, sae.input_stats(xc), cd), bc, atoms, screen))
     m = max(p[0].shape[1] for p in parts)
     indices = torch.cat([F.pad(p[0], (0, m - p[0].shape[1])) for p in parts])
@@ -246,17 +253,16 @@ def pursuit_reconstruct(
 
 @torch.no_grad()
 def pursuit_dense(sae: SAE, x: Tensor, *, budget: Tensor | None = None) -> Tensor:
-    """Reference: the same pursuit with dense ``[n, d_sae]`` coefficients; returns codes ``[..., d_sae]``.
+    """Reference: the same pursuit with dense ``[n, d_sae]`` coefficients. Returns codes ``[..., d_sae]``.
 
-    Written to be obviously right, not fast: three ``[n, d_sae]`` matmuls per iteration.
+    Written to be obviously right, not fast: three ``[n, d_in] x [d_in, d_sae]`` matmuls per iteration.
     """
     x2d, lead = _flat(sae, x)
     budgets = _budgets(sae, x2d, budget, lead)
-    cd = compute_dtype(sae)
-    atoms = _atoms(sae, cd, screen=False)
+    atoms = _atoms(sae, _compute_dtype(sae), screen=False)
     D = atoms.D
     penalty = atoms.penalty if atoms.penalty is not None else torch.zeros_like(atoms.inv_norm)
-    s = _target(sae, x2d, sae.input_stats(x2d), cd)  # [n, d_in]
+    s = _target(sae, x2d, sae.input_stats(x2d), D.dtype)  # [n, d_in]
     n = s.shape[0]
     w = s.new_zeros((n, sae.cfg.d_sae))
     rows = torch.arange(n, device=s.device)
@@ -281,23 +287,21 @@ def pursuit_dense(sae: SAE, x: Tensor, *, budget: Tensor | None = None) -> Tenso
 class PursuitSAE(SAE):
     """An SAE whose ``reconstruct`` (and ``forward``) runs gradient pursuit at the encoder's per-token L0.
 
-    ``encode``/``encode_sparse`` stay the SAE's encoder (they set the budget). Drop-in for engines that call
-    ``cfg``, ``dtype``, ``check_input_width`` and ``reconstruct``, e.g. ``decompose(store, {name: pursuit})``.
+    ``encode`` and ``encode_sparse`` remain the SAE's encoder, which sets the budget. It is a drop-in for
+    engines that use ``cfg``, ``dtype``, ``check_input_width`` and ``reconstruct``, such as
+    ``decompose(store, {name: PursuitSAE.from_sae(sae)})``.
     """
 
     @classmethod
     def from_sae(cls, sae: SAE) -> PursuitSAE:
-        """Wrap ``sae``'s tensors (shared, not copied) and config."""
+        """Wrap ``sae``'s config and tensors. The tensors are shared, not copied."""
         wrapped = cls.from_tensors(sae.cfg, dict(sae.named_tensors()), validate=False)
         assert isinstance(wrapped, PursuitSAE)
         return wrapped
 
     def reconstruct(self, x: Tensor, *, chunk_size: int | None = None) -> tuple[Tensor, SparseCodes]:
-        """``(x_hat [..., d_in], codes)`` from gradient pursuit with the encoder's L0 per token."""
+        """``(x_hat [..., d_in], codes)`` from gradient pursuit at each token's encoder L0."""
         return pursuit_reconstruct(self, x, chunk_size=chunk_size)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", reconstruct=gradient_pursuit"
-
-
-__all__ = ["PursuitSAE", "compute_dtype", "gradient_pursuit", "pursuit_dense", "pursuit_reconstruct"]
