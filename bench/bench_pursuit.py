@@ -12,7 +12,10 @@ alternate chunk by chunk so that load from other processes affects all of them a
 Per iteration, the dense reference does three ``[n, d_in] x [d_in, d_sae]`` matmuls. The sparse path does one
 (bf16 when screened) plus work that grows with the support, not with d_sae.
 
-    python bench/bench_pursuit.py [--d 576] [--width 16384] [--tokens 2048] [--k 32] [--active 32]
+    python bench/bench_pursuit.py [--d 576] [--width 16384] [--tokens 2048] [--k 32] [--threads 1]
+
+On a shared machine, many small kernels suffer more than a few large ones when other processes compete for
+the cores (each parallel region waits for a descheduled thread); ``--threads 1`` gives steadier ratios.
 """
 
 from __future__ import annotations
@@ -74,7 +77,10 @@ def main() -> None:
     ap.add_argument("--active", type=int, default=32, help="decoder rows planted per token")
     ap.add_argument("--noise", type=float, default=0.05)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     sae, x = make_workload(args.d, args.width, args.k, args.tokens, args.active, args.noise)
     sae, x = sae.to(args.device), x.to(args.device)
     sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)

@@ -30,7 +30,7 @@ def test_run_writes_store_results_and_report(
                     "Norm-prediction test", "Norm probe", "across layers"):
         assert section in report
     for name in ("sae_family", "error_prediction", "per_token", "norm_prediction", "probe_latents",
-                 "layer_baselines"):
+                 "layer_baselines", "synthetic_simulation"):
         assert json.loads((out / "results" / f"{name}.json").read_text())["experiment"] == name
     assert report.count("<img") >= 8
     assert (out / "tables" / "tokens.parquet").is_file()

@@ -118,6 +118,15 @@ class LayerSweepConfig(BaseModel):
         return sorted(set(range(0, n_layers, self.stride)) | {n_layers - 1})
 
 
+class SyntheticConfig(BaseModel):
+    """The synthetic simulation (paper Table 1, Fig 15, App. D)."""
+
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = Field(True, description="Run the synthetic simulation.")
+    sae: str | None = Field(None, description="SAE name; default: the k-sweep width at the family's k.")
+    n_tokens: int = Field(20_000, ge=100, description="Tokens of x' = Sae(x) to simulate with.")
+
+
 class StudyConfig(BaseModel):
     """A whole study: model, text, harvest and the analysis layer."""
 
@@ -132,6 +141,7 @@ class StudyConfig(BaseModel):
     harvest: HarvestConfig = Field(default_factory=HarvestConfig)
     family: FamilyConfig = Field(default_factory=FamilyConfig)
     layer_sweep: LayerSweepConfig = Field(default_factory=LayerSweepConfig)
+    synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
 
     def sites(self) -> list[str]:
         """Sites to harvest: what the family reads (or the external SAEs' sites) plus harvest.sites."""

@@ -10,7 +10,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from darkmatter.config import StudyConfig
-from darkmatter.errors import ShapeError
+from darkmatter.errors import ConfigError, ShapeError
 from darkmatter.harvest import Progress, harvest
 from darkmatter.lm.loading import LoadedLM, load_lm
 from darkmatter.results import Result, read_result, write_result
@@ -57,6 +57,13 @@ class FamilyResult(Result):
     saes: list[SAERecord]
     train_seconds: float = 0.0
     train_tokens_per_second: float | None = None
+
+
+class SyntheticWithFigures(Result):
+    """The synthetic-simulation result (free-form fields) plus its figure paths."""
+
+    model_config = {"extra": "allow"}
+    figures: dict[str, dict[str, str]] = Field(default_factory=dict)
 
 
 class LayerBaselinesWithFigures(Result):
@@ -499,6 +506,50 @@ class Study:
             + ", ".join(f"L{la} {r:.2f}" for la, r in zip(res.layers, res.r2["activations"], strict=True))
         )
 
+    def step_synthetic(self, store: ActivationStore, saes: dict[str, SAE]) -> None:
+        """Table 1, Fig 15 and the App. D random control on one SAE of the family."""
+        from darkmatter.experiments.synthetic import synthetic_simulation
+        from darkmatter.report import figures as fg
+
+        syn = self.cfg.synthetic
+        if not syn.enabled:
+            return
+        key = self.family_hash() + ":" + self.cfg.section_hash("synthetic")
+        done = read_result(self.out, "synthetic_simulation", Result)
+        if done is not None and done.config_hash == key:
+            self.log("synthetic simulation: up to date")
+            return
+        fam = self.cfg.family
+        name = syn.sae
+        if name is None:
+            main = f"blocks.{self.cfg.layer}.hook_resid_post"
+            candidates = [n for n, s in saes.items() if s.cfg.hook_site == main]
+            preferred = [n for n in candidates if saes[n].cfg.d_sae == fam.width_for_ks and saes[n].cfg.k == fam.k]
+            name = (preferred or candidates or list(saes))[0]
+        if name not in saes:
+            raise ConfigError(f"synthetic.sae {name!r} is not in the family ({', '.join(saes)}).")
+        res = synthetic_simulation(
+            store, saes[name], n_tokens=syn.n_tokens, split_seed=self.cfg.split_seed,
+            train_fraction=self.cfg.train_fraction, seed=self.cfg.seed,
+        )
+        res.config_hash, res.seed = key, self.cfg.seed
+        figs: dict[str, dict[str, str]] = {}
+        curves: dict[str, list[float]] = {}
+        ablation: list[float] = []
+        for c in res.curves:
+            label = f"σ_act={c['sigma_act']:g}, σ_rec={c['sigma_rec']:g}"
+            ablation = c["ablation"]
+            curves[f"{label}: SAE"] = c["fvu_rec"]
+            curves[f"{label}: SAE + error prediction"] = c["fvu_lin"]
+        if curves:
+            figs["curves"] = self._rel(fg.plot_synthetic_simulation(ablation, curves, self.out / "figures"))
+        data = res.model_dump()
+        data["figures"] = figs
+        data["sae_name"] = name
+        write_result(self.out, SyntheticWithFigures.model_validate(data))
+        t = res.table1
+        self.log(f"synthetic simulation ({name}): Table 1 {t}; diagonal dominant: {res.diagonal_ok}")
+
     def step_report(self) -> Path:
         from darkmatter.report.html import write_report
 
@@ -520,6 +571,9 @@ class Study:
         t0 = time.perf_counter()
         self.step_layer_baselines()
         self.timings["layer_baselines"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        self.step_synthetic(store, saes)
+        self.timings["synthetic"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         self.step_report()
         self.timings["report"] = time.perf_counter() - t0

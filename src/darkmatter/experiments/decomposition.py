@@ -162,8 +162,12 @@ def decompose(
     device: str = "cpu",
     table_path: Path | None = None,
     second_pass: bool = True,
+    contexts: np.ndarray | None = None,
 ) -> Decomposition:
-    """Run both passes for every SAE (``second_pass=False``: probes and FVU_nonlinear only)."""
+    """Run both passes for every SAE (``second_pass=False``: probes and FVU_nonlinear only).
+
+    ``contexts`` restricts everything to a subset of context indices (for costly reconstructions).
+    """
     if not saes:
         raise DataError("decompose needs at least one SAE.")
     groups = _group_by_site(saes, store)
@@ -186,7 +190,7 @@ def decompose(
     l0 = {n: L0(saes[n].cfg.d_sae) for n in saes}
     ctx = {site: _ContextAccumulator(n_ctx, d[site], names) for site, names in groups.items()}
     n_train = n_test = 0
-    for batch in _batches(store, list(groups), batch_tokens, device):
+    for batch in _batches(store, list(groups), batch_tokens, device, contexts):
         train = split(batch.context, batch.position)
         n_train += int(train.sum())
         n_test += int((~train).sum())
@@ -275,7 +279,7 @@ def decompose(
     writer = _TableWriter(table_path, list(saes)) if table_path is not None else None
     completed = False
     try:
-        for batch in _batches(store, list(groups), batch_tokens, device):
+        for batch in _batches(store, list(groups), batch_tokens, device, contexts):
             train = split(batch.context, batch.position)
             ctx_test = batch.context[~train].cpu()
             cols: dict[str, Tensor] = {}
@@ -353,8 +357,10 @@ def decompose(
     )
 
 
-def _batches(store: ActivationStore, sites: list[str], batch_tokens: int, device: str) -> Iterator[Any]:
-    yield from store.iter_batches(sites, batch_tokens=batch_tokens, device=device)
+def _batches(
+    store: ActivationStore, sites: list[str], batch_tokens: int, device: str, contexts: np.ndarray | None
+) -> Iterator[Any]:
+    yield from store.iter_batches(sites, batch_tokens=batch_tokens, device=device, contexts=contexts)
 
 
 class _TableWriter:

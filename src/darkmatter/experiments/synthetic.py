@@ -89,7 +89,10 @@ CONTROL_DIRECTIONS_PER_DIM = 25
 CURVED_ABOVE = 0.5
 """A curve counts as "curved" when the quadratic term is more than this share of its fitted change."""
 FLAT_BELOW = 0.25
-"""FVU_lin counts as "flat" in p when it leaves less than this share of the ablated variance unrecovered."""
+"""FVU_lin counts as "flat" in p when it leaves less than this share of the ablated variance unrecovered.
+
+The paper's App. D contrast: with real SAE latents the probe wins back the absent features (flat); with
+random directions it cannot, and FVU_lin rises with FVU_rec."""
 FIG15_SETTINGS = ((0.0, 0.0), (1.0, 0.6), (0.6, 1.0), (2.0, 2.0))
 PAPER_TABLE1 = [[0.9842, 0.1417], [0.0988, 0.9036]]
 TABLE1_ROWS = ["sigma_act (noise on x')", "sigma_rec (noise on Sae(x'))"]
@@ -118,7 +121,7 @@ class SimulationOutcome(BaseModel):
     curves: list[dict[str, Any]] = Field(
         description="Fig 15: FVU_rec and FVU_lin against the ablated fraction for a few noise settings, with "
         "quadratic-fit shapes (`curve_shape`), the share of the ablated variance FVU_lin does not win back, "
-        "and lin_verdict (flat / linear / curved)."
+        "and lin_verdict: flat, or rising / falling (linear / curved)."
     )
 
 
@@ -432,11 +435,17 @@ def _curve(
         shape_lin = curve_shape(ablations, lin)
         # the share of the variance removed by ablation that the probe does not win back
         share = (lin[-1] - lin[0]) / rise if rise > 0 else float("nan")
+        if not math.isfinite(share):
+            verdict = shape_lin["shape"]
+        elif abs(share) < FLAT_BELOW:
+            verdict = "flat"
+        else:
+            verdict = f"{'rising' if share > 0 else 'falling'} ({shape_lin['shape']})"
         curve |= {
             "shape_rec": curve_shape(ablations, rec),
             "shape_lin": shape_lin,
             "unrecovered_share": share,
-            "lin_verdict": "flat" if abs(share) < FLAT_BELOW else shape_lin["shape"],
+            "lin_verdict": verdict,
         }
     return curve
 

@@ -207,6 +207,30 @@ def _layer_section(out: Path, res: dict[str, Any]) -> str:
     )
 
 
+def _synthetic_section(out: Path, res: dict[str, Any]) -> str:
+    t, paper = res.get("table1"), res.get("table1_paper")
+
+    def cell(v: Any) -> str:
+        return "—" if v is None else f"{v:.3f}"
+
+    rows = ""
+    if t:
+        labels = ["activation noise σ_act", "reconstruction noise σ_rec"]
+        rows = "".join(
+            f"<tr><td>{labels[i]}</td><td>{cell(t[i][0])}</td><td>{cell(t[i][1])}</td>"
+            + (f"<td>{cell(paper[i][0])} / {cell(paper[i][1])}</td>" if paper else "") + "</tr>"
+            for i in range(2)
+        )
+    head = ("<tr><th>correlation over the 25 settings</th><th>est. Dense (linear)</th>"
+            "<th>est. Introduced (nonlinear)</th>" + ("<th>paper</th>" if paper else "") + "</tr>")
+    text = (f"x′ = Sae(x) for {res.get('n_tokens')} tokens of SAE {html.escape(str(res.get('sae_name')))}, with "
+            "Gaussian noise added to the input (Dense) and to the reconstruction (Introduced). The estimated "
+            "linear error tracks the input noise and the estimated nonlinear error the reconstruction noise "
+            f"when the diagonal dominates: {'yes' if res.get('diagonal_ok') else 'no'}.")
+    return ("<h2>Synthetic simulation (Table 1, Fig 15, App. D)</h2>" + _p(text)
+            + (f"<table>{head}{rows}</table>" if rows else "") + _figures(out, res))
+
+
 SECTIONS = {
     "harvest": lambda out, res: _harvest_section(res),
     "sae_family": _family_section,
@@ -215,6 +239,7 @@ SECTIONS = {
     "norm_prediction": _norm_prediction_section,
     "probe_latents": _probe_section,
     "layer_baselines": _layer_section,
+    "synthetic_simulation": _synthetic_section,
 }
 
 

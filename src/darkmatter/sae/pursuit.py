@@ -33,6 +33,7 @@ from torch import Tensor
 from darkmatter.errors import ConfigError, ShapeError
 from darkmatter.sae.model import SAE, InputStats, SparseCodes
 
+_DEFAULT_CHUNK = 1024  # tokens pursued together when the caller gives no chunk_size
 _CANDIDATES = 8  # atoms per token that screened selection re-scores in full precision
 # Bound on |bf16 score - exact score| / ||r|| for unit-norm atoms. Input rounding (2u) plus bf16 output
 # rounding (u), with u = 2^-8, plus fp32 accumulation, through Cauchy-Schwarz, is about 3.1u. 8u leaves room
@@ -83,11 +84,10 @@ def _budgets(sae: SAE, x2d: Tensor, budget: Tensor | None, lead: tuple[int, ...]
     return sae.encode_sparse(x2d).l0() if budget is None else _given_budget(sae, budget, lead)
 
 
-def _spans(n: int, chunk_size: int | None) -> list[tuple[int, int]]:
-    if chunk_size is not None and chunk_size <= 0:
+def _spans(n: int, chunk_size: int) -> list[tuple[int, int]]:
+    if chunk_size <= 0:
         raise ConfigError(f"chunk_size must be a positive number of tokens, got {chunk_size}.")
-    step = n if chunk_size is None else min(chunk_size, n)
-    return [(i, min(i + step, n)) for i in range(0, n, step)] if n else []
+    return [(i, min(i + chunk_size, n)) for i in range(0, n, chunk_size)]
 
 
 @dataclass(frozen=True)
@@ -112,9 +112,8 @@ def _atoms(sae: SAE, dtype: torch.dtype, screen: bool) -> _Atoms:
 
 def _line_step(r: Tensor, c: Tensor) -> Tensor:
     """Exact line-search step ``<r, c> / ||c||^2`` per row ``[n]``, 0 where ``c = 0``."""
-    cc = (c * c).sum(dim=1)
-    rc = (r * c).sum(dim=1)
-    return torch.where(cc > 0, rc / cc.clamp_min(torch.finfo(cc.dtype).tiny), torch.zeros_like(cc))
+    cc = torch.linalg.vecdot(c, c)
+    return torch.where(cc > 0, torch.linalg.vecdot(r, c) / cc, 0.0)  # the 0/0 branch is discarded
 
 
 # ---------------------------------------------------------------------------------------------- sparse
@@ -211,9 +210,9 @@ def gradient_pursuit(
     """Non-negative gradient-pursuit codes of ``x [..., d_in]`` over ``sae.W_dec``: ``SparseCodes [..., m]``.
 
     ``budget [...]`` (integers) caps each token's iterations, and with them its L0. It defaults to the
-    token's L0 under ``sae``'s encoder. ``m`` is the largest budget. Values come back in the SAE's dtype. For
-    each chunk of ``chunk_size`` tokens, the largest tensors are one ``[chunk, d_sae]`` score matrix per
-    iteration and the gathered rows ``[chunk, m, d_in]``.
+    token's L0 under ``sae``'s encoder. ``m`` is the largest budget. Values come back in the SAE's dtype.
+    Tokens are pursued in chunks of ``chunk_size`` (default 1024). Per chunk, the largest tensors are one
+    ``[chunk, d_sae]`` score matrix per iteration and the gathered decoder rows ``[chunk, m, d_in]``.
 
     With ``screen``, the atom is chosen from a bf16 matmul and checked in full precision. The choice is the
     same as with ``screen=False``, which runs the full-precision matmul. Screening is faster wherever bf16
@@ -224,7 +223,7 @@ def gradient_pursuit(
     cd = _compute_dtype(sae)
     atoms = _atoms(sae, cd, screen)
     parts = [(x2d.new_zeros((0, 0), dtype=torch.long), x2d.new_zeros((0, 0), dtype=cd))]
-    for i, j in _spans(x2d.shape[0], chunk_size):
+    for i, j in _spans(x2d.shape[0], _DEFAULT_CHUNK if chunk_size is None else chunk_size):
         xc = x2d[i:j]
         bc = sae.encode_sparse(xc).l0() if budgets is None else budgets[i:j]
         parts.append(_pursue_sparse(_target(sae, xc, sae.input_stats(xc), cd), bc, atoms, screen))
