@@ -127,6 +127,14 @@ class SyntheticConfig(BaseModel):
     n_tokens: int = Field(20_000, ge=100, description="Tokens of x' = Sae(x) to simulate with.")
 
 
+class PursuitConfig(BaseModel):
+    """Gradient pursuit over the width sweep's decoders (paper §6.1, Figs 1 and 10a)."""
+
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = Field(True, description="Run gradient pursuit.")
+    n_contexts: int = Field(32, ge=1, description="Contexts (from the start of the store) pursued; pursuit is costly.")
+
+
 class StudyConfig(BaseModel):
     """A whole study: model, text, harvest and the analysis layer."""
 
@@ -142,6 +150,7 @@ class StudyConfig(BaseModel):
     family: FamilyConfig = Field(default_factory=FamilyConfig)
     layer_sweep: LayerSweepConfig = Field(default_factory=LayerSweepConfig)
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
+    pursuit: PursuitConfig = Field(default_factory=PursuitConfig)
 
     def sites(self) -> list[str]:
         """Sites to harvest: what the family reads (or the external SAEs' sites) plus harvest.sites."""

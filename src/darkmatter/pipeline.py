@@ -59,6 +59,15 @@ class FamilyResult(Result):
     train_tokens_per_second: float | None = None
 
 
+class PursuitResult(Result):
+    """Gradient pursuit on the width sweep, measured on the same tokens as the plain SAEs."""
+
+    saes: list[dict[str, Any]] = Field(description="Per width: FVU and FVU_nonlinear with and without pursuit.")
+    n_contexts: int
+    n_test: int
+    figures: dict[str, dict[str, str]] = Field(default_factory=dict)
+
+
 class SyntheticWithFigures(Result):
     """The synthetic-simulation result (free-form fields) plus its figure paths."""
 
@@ -550,6 +559,52 @@ class Study:
         t = res.table1
         self.log(f"synthetic simulation ({name}): Table 1 {t}; diagonal dominant: {res.diagonal_ok}")
 
+    def step_pursuit(self, store: ActivationStore, saes: dict[str, SAE]) -> None:
+        """Pursuit FVU, its own linear-error prediction, and the encoder-error band, per width."""
+        import numpy as np
+
+        from darkmatter.experiments import error_experiments as ex
+        from darkmatter.experiments.decomposition import decompose
+        from darkmatter.report import figures as fg
+        from darkmatter.sae.pursuit import PursuitSAE
+
+        cfg = self.cfg.pursuit
+        if not cfg.enabled:
+            return
+        key = self.family_hash() + ":" + self.cfg.section_hash("pursuit")
+        done = read_result(self.out, "pursuit", Result)
+        if done is not None and done.config_hash == key:
+            self.log("pursuit: up to date")
+            return
+        fam = self.cfg.family
+        main_site = f"blocks.{self.cfg.layer}.hook_resid_post"
+        width_sweep, _ = ex.family_roles(saes, main_site, None if fam.external else fam.k, None)
+        if not width_sweep:
+            return
+        contexts = np.arange(min(cfg.n_contexts, store.n_contexts))
+        both = {n: saes[n] for n in width_sweep} | {f"{n}+pursuit": PursuitSAE.from_sae(saes[n]) for n in width_sweep}
+        dec = decompose(store, both, split_seed=self.cfg.split_seed, train_fraction=self.cfg.train_fraction,
+                        second_pass=False, contexts=contexts)
+        st = dec.stats
+        rows = [
+            {"name": n, "d_sae": st[n].d_sae, "fvu": st[n].fvu, "fvu_nonlinear": st[n].fvu_nonlinear,
+             "pursuit_fvu": st[f"{n}+pursuit"].fvu, "pursuit_fvu_nonlinear": st[f"{n}+pursuit"].fvu_nonlinear,
+             "pursuit_l0": st[f"{n}+pursuit"].l0, "encoder_error": st[n].fvu_nonlinear - st[f"{n}+pursuit"].fvu_nonlinear}
+            for n in width_sweep
+        ]
+        figs = {"scaling": self._rel(fg.plot_scaling_decomposition(
+            [r["d_sae"] for r in rows], [r["fvu"] for r in rows], [r["fvu_nonlinear"] for r in rows], None, None,
+            float(np.mean([r["fvu_nonlinear"] for r in rows])), self.out / "figures", stem="scaling_pursuit",
+            pursuit_fvu=[r["pursuit_fvu"] for r in rows],
+            pursuit_nonlinear=[r["pursuit_fvu_nonlinear"] for r in rows]))}
+        write_result(self.out, PursuitResult(
+            experiment="pursuit", config_hash=key, seed=self.cfg.seed,
+            config={"pursuit": cfg.model_dump(), "family": fam.model_dump()}, saes=rows,
+            n_contexts=len(contexts), n_test=dec.n_test, figures=figs))
+        for r in rows:
+            self.log(f"pursuit: {r['name']:<22} FVU {r['fvu']:.3f} -> {r['pursuit_fvu']:.3f}; FVU_nl "
+                     f"{r['fvu_nonlinear']:.3f} -> {r['pursuit_fvu_nonlinear']:.3f}")
+
     def step_report(self) -> Path:
         from darkmatter.report.html import write_report
 
@@ -574,6 +629,9 @@ class Study:
         t0 = time.perf_counter()
         self.step_synthetic(store, saes)
         self.timings["synthetic"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        self.step_pursuit(store, saes)
+        self.timings["pursuit"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         self.step_report()
         self.timings["report"] = time.perf_counter() - t0

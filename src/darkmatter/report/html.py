@@ -231,6 +231,21 @@ def _synthetic_section(out: Path, res: dict[str, Any]) -> str:
             + (f"<table>{head}{rows}</table>" if rows else "") + _figures(out, res))
 
 
+def _pursuit_section(out: Path, res: dict[str, Any]) -> str:
+    head = ("<tr><th>SAE</th><th>FVU</th><th>pursuit FVU</th><th>FVU_nonlinear</th><th>pursuit FVU_nonlinear</th>"
+            "<th>encoder error</th></tr>")
+    rows = "".join(
+        f"<tr><td>{html.escape(r['name'])}</td><td>{r['fvu']:.4f}</td><td>{r['pursuit_fvu']:.4f}</td>"
+        f"<td>{r['fvu_nonlinear']:.4f}</td><td>{r['pursuit_fvu_nonlinear']:.4f}</td><td>{r['encoder_error']:.4f}</td></tr>"
+        for r in res["saes"]
+    )
+    text = (f"Gradient pursuit over each SAE's decoder with each token's own L0 as budget, on {res['n_contexts']} "
+            "contexts. The paper finds pursuit lowers total FVU by 3–5% but barely moves FVU_nonlinear "
+            "(0.122 → ≈0.117): a thin \"encoder error\" band.")
+    return ("<h2>Gradient pursuit (Figs 1, 10a)</h2>" + _p(text) + f"<table>{head}{rows}</table>"
+            + _figures(out, res))
+
+
 SECTIONS = {
     "harvest": lambda out, res: _harvest_section(res),
     "sae_family": _family_section,
@@ -240,6 +255,7 @@ SECTIONS = {
     "probe_latents": _probe_section,
     "layer_baselines": _layer_section,
     "synthetic_simulation": _synthetic_section,
+    "pursuit": _pursuit_section,
 }
 
 
