@@ -177,9 +177,7 @@ def main() -> None:
             )
             return json.loads(out)
 
-        print(
-            f"{args.tokens} tokens x d {args.d}, TopK SAEs of widths {args.widths}, k={args.k}"
-        )
+        print(f"{args.tokens} tokens x d {args.d}, TopK SAEs of widths {args.widths}, k={args.k}")
         if not args.skip_comparison:
             o, e = launch("original", "store"), launch("engine", "store")
             diff = max(abs(o["fvu_nonlinear"][n] - e["fvu_nonlinear"][n]) for n in o["fvu_nonlinear"])

@@ -26,11 +26,26 @@ def test_run_writes_store_results_and_report(
     res = json.loads((out / "results" / "harvest.json").read_text())
     assert res["store"]["tokens"] == 12 * 32 and res["store"]["complete"]
     report = (out / "report.html").read_text()
-    for section in ("Activations", "The SAE family", "Predicting SAE error", "Per-token scaling",
-                    "Norm-prediction test", "Norm probe", "across layers"):
+    for section in (
+        "Activations",
+        "The SAE family",
+        "Predicting SAE error",
+        "Per-token scaling",
+        "Norm-prediction test",
+        "Norm probe",
+        "across layers",
+    ):
         assert section in report
-    for name in ("sae_family", "error_prediction", "per_token", "norm_prediction", "probe_latents",
-                 "layer_baselines", "synthetic_simulation"):
+    for name in (
+        "sae_family",
+        "error_prediction",
+        "per_token",
+        "norm_prediction",
+        "probe_latents",
+        "layer_baselines",
+        "synthetic_simulation",
+        "pursuit",
+    ):
         assert json.loads((out / "results" / f"{name}.json").read_text())["experiment"] == name
     assert report.count("<img") >= 8
     assert (out / "tables" / "tokens.parquet").is_file()

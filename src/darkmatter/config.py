@@ -132,7 +132,9 @@ class PursuitConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     enabled: bool = Field(True, description="Run gradient pursuit.")
-    n_contexts: int = Field(32, ge=1, description="Contexts (from the start of the store) pursued; pursuit is costly.")
+    n_contexts: int = Field(
+        32, ge=1, description="Contexts (from the start of the store) pursued; pursuit is costly."
+    )
 
 
 class StudyConfig(BaseModel):

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from darkmatter.config import StudyConfig
 from darkmatter.errors import ConfigError, ShapeError
@@ -62,7 +62,9 @@ class FamilyResult(Result):
 class PursuitResult(Result):
     """Gradient pursuit on the width sweep, measured on the same tokens as the plain SAEs."""
 
-    saes: list[dict[str, Any]] = Field(description="Per width: FVU and FVU_nonlinear with and without pursuit.")
+    saes: list[dict[str, Any]] = Field(
+        description="Per width: FVU and FVU_nonlinear with and without pursuit."
+    )
     n_contexts: int
     n_test: int
     figures: dict[str, dict[str, str]] = Field(default_factory=dict)
@@ -71,7 +73,7 @@ class PursuitResult(Result):
 class SyntheticWithFigures(Result):
     """The synthetic-simulation result (free-form fields) plus its figure paths."""
 
-    model_config = {"extra": "allow"}
+    model_config = ConfigDict(extra="allow")
     figures: dict[str, dict[str, str]] = Field(default_factory=dict)
 
 
@@ -101,7 +103,9 @@ def save_probe(path: Path, weights: Any, bias: Any) -> None:
 
     from darkmatter.store import atomic_write_bytes
 
-    atomic_write_bytes(path, st_save({"weights": weights.contiguous().cpu(), "bias": bias.contiguous().cpu()}))
+    atomic_write_bytes(
+        path, st_save({"weights": weights.contiguous().cpu(), "bias": bias.contiguous().cpu()})
+    )
 
 
 def load_probe(path: Path) -> tuple[Any, Any]:
@@ -533,13 +537,19 @@ class Study:
         if name is None:
             main = f"blocks.{self.cfg.layer}.hook_resid_post"
             candidates = [n for n, s in saes.items() if s.cfg.hook_site == main]
-            preferred = [n for n in candidates if saes[n].cfg.d_sae == fam.width_for_ks and saes[n].cfg.k == fam.k]
+            preferred = [
+                n for n in candidates if saes[n].cfg.d_sae == fam.width_for_ks and saes[n].cfg.k == fam.k
+            ]
             name = (preferred or candidates or list(saes))[0]
         if name not in saes:
             raise ConfigError(f"synthetic.sae {name!r} is not in the family ({', '.join(saes)}).")
         res = synthetic_simulation(
-            store, saes[name], n_tokens=syn.n_tokens, split_seed=self.cfg.split_seed,
-            train_fraction=self.cfg.train_fraction, seed=self.cfg.seed,
+            store,
+            saes[name],
+            n_tokens=syn.n_tokens,
+            split_seed=self.cfg.split_seed,
+            train_fraction=self.cfg.train_fraction,
+            seed=self.cfg.seed,
         )
         res.config_hash, res.seed = key, self.cfg.seed
         figs: dict[str, dict[str, str]] = {}
@@ -582,28 +592,65 @@ class Study:
         if not width_sweep:
             return
         contexts = np.arange(min(cfg.n_contexts, store.n_contexts))
-        both = {n: saes[n] for n in width_sweep} | {f"{n}+pursuit": PursuitSAE.from_sae(saes[n]) for n in width_sweep}
-        dec = decompose(store, both, split_seed=self.cfg.split_seed, train_fraction=self.cfg.train_fraction,
-                        second_pass=False, contexts=contexts)
+        both = {n: saes[n] for n in width_sweep} | {
+            f"{n}+pursuit": PursuitSAE.from_sae(saes[n]) for n in width_sweep
+        }
+        dec = decompose(
+            store,
+            both,
+            split_seed=self.cfg.split_seed,
+            train_fraction=self.cfg.train_fraction,
+            second_pass=False,
+            contexts=contexts,
+        )
         st = dec.stats
         rows = [
-            {"name": n, "d_sae": st[n].d_sae, "fvu": st[n].fvu, "fvu_nonlinear": st[n].fvu_nonlinear,
-             "pursuit_fvu": st[f"{n}+pursuit"].fvu, "pursuit_fvu_nonlinear": st[f"{n}+pursuit"].fvu_nonlinear,
-             "pursuit_l0": st[f"{n}+pursuit"].l0, "encoder_error": st[n].fvu_nonlinear - st[f"{n}+pursuit"].fvu_nonlinear}
+            {
+                "name": n,
+                "d_sae": st[n].d_sae,
+                "fvu": st[n].fvu,
+                "fvu_nonlinear": st[n].fvu_nonlinear,
+                "pursuit_fvu": st[f"{n}+pursuit"].fvu,
+                "pursuit_fvu_nonlinear": st[f"{n}+pursuit"].fvu_nonlinear,
+                "pursuit_l0": st[f"{n}+pursuit"].l0,
+                "encoder_error": st[n].fvu_nonlinear - st[f"{n}+pursuit"].fvu_nonlinear,
+            }
             for n in width_sweep
         ]
-        figs = {"scaling": self._rel(fg.plot_scaling_decomposition(
-            [r["d_sae"] for r in rows], [r["fvu"] for r in rows], [r["fvu_nonlinear"] for r in rows], None, None,
-            float(np.mean([r["fvu_nonlinear"] for r in rows])), self.out / "figures", stem="scaling_pursuit",
-            pursuit_fvu=[r["pursuit_fvu"] for r in rows],
-            pursuit_nonlinear=[r["pursuit_fvu_nonlinear"] for r in rows]))}
-        write_result(self.out, PursuitResult(
-            experiment="pursuit", config_hash=key, seed=self.cfg.seed,
-            config={"pursuit": cfg.model_dump(), "family": fam.model_dump()}, saes=rows,
-            n_contexts=len(contexts), n_test=dec.n_test, figures=figs))
+        figs = {
+            "scaling": self._rel(
+                fg.plot_scaling_decomposition(
+                    [r["d_sae"] for r in rows],
+                    [r["fvu"] for r in rows],
+                    [r["fvu_nonlinear"] for r in rows],
+                    None,
+                    None,
+                    float(np.mean([r["fvu_nonlinear"] for r in rows])),
+                    self.out / "figures",
+                    stem="scaling_pursuit",
+                    pursuit_fvu=[r["pursuit_fvu"] for r in rows],
+                    pursuit_nonlinear=[r["pursuit_fvu_nonlinear"] for r in rows],
+                )
+            )
+        }
+        write_result(
+            self.out,
+            PursuitResult(
+                experiment="pursuit",
+                config_hash=key,
+                seed=self.cfg.seed,
+                config={"pursuit": cfg.model_dump(), "family": fam.model_dump()},
+                saes=rows,
+                n_contexts=len(contexts),
+                n_test=dec.n_test,
+                figures=figs,
+            ),
+        )
         for r in rows:
-            self.log(f"pursuit: {r['name']:<22} FVU {r['fvu']:.3f} -> {r['pursuit_fvu']:.3f}; FVU_nl "
-                     f"{r['fvu_nonlinear']:.3f} -> {r['pursuit_fvu_nonlinear']:.3f}")
+            self.log(
+                f"pursuit: {r['name']:<22} FVU {r['fvu']:.3f} -> {r['pursuit_fvu']:.3f}; FVU_nl "
+                f"{r['fvu_nonlinear']:.3f} -> {r['pursuit_fvu_nonlinear']:.3f}"
+            )
 
     def step_report(self) -> Path:
         from darkmatter.report.html import write_report

@@ -218,32 +218,49 @@ def _synthetic_section(out: Path, res: dict[str, Any]) -> str:
         labels = ["activation noise σ_act", "reconstruction noise σ_rec"]
         rows = "".join(
             f"<tr><td>{labels[i]}</td><td>{cell(t[i][0])}</td><td>{cell(t[i][1])}</td>"
-            + (f"<td>{cell(paper[i][0])} / {cell(paper[i][1])}</td>" if paper else "") + "</tr>"
+            + (f"<td>{cell(paper[i][0])} / {cell(paper[i][1])}</td>" if paper else "")
+            + "</tr>"
             for i in range(2)
         )
-    head = ("<tr><th>correlation over the 25 settings</th><th>est. Dense (linear)</th>"
-            "<th>est. Introduced (nonlinear)</th>" + ("<th>paper</th>" if paper else "") + "</tr>")
-    text = (f"x′ = Sae(x) for {res.get('n_tokens')} tokens of SAE {html.escape(str(res.get('sae_name')))}, with "
-            "Gaussian noise added to the input (Dense) and to the reconstruction (Introduced). The estimated "
-            "linear error tracks the input noise and the estimated nonlinear error the reconstruction noise "
-            f"when the diagonal dominates: {'yes' if res.get('diagonal_ok') else 'no'}.")
-    return ("<h2>Synthetic simulation (Table 1, Fig 15, App. D)</h2>" + _p(text)
-            + (f"<table>{head}{rows}</table>" if rows else "") + _figures(out, res))
+    head = (
+        "<tr><th>correlation over the 25 settings</th><th>est. Dense (linear)</th>"
+        "<th>est. Introduced (nonlinear)</th>" + ("<th>paper</th>" if paper else "") + "</tr>"
+    )
+    text = (
+        f"x′ = Sae(x) for {res.get('n_tokens')} tokens of SAE {html.escape(str(res.get('sae_name')))}, with "
+        "Gaussian noise added to the input (Dense) and to the reconstruction (Introduced). The estimated "
+        "linear error tracks the input noise and the estimated nonlinear error the reconstruction noise "
+        f"when the diagonal dominates: {'yes' if res.get('diagonal_ok') else 'no'}."
+    )
+    return (
+        "<h2>Synthetic simulation (Table 1, Fig 15, App. D)</h2>"
+        + _p(text)
+        + (f"<table>{head}{rows}</table>" if rows else "")
+        + _figures(out, res)
+    )
 
 
 def _pursuit_section(out: Path, res: dict[str, Any]) -> str:
-    head = ("<tr><th>SAE</th><th>FVU</th><th>pursuit FVU</th><th>FVU_nonlinear</th><th>pursuit FVU_nonlinear</th>"
-            "<th>encoder error</th></tr>")
+    head = (
+        "<tr><th>SAE</th><th>FVU</th><th>pursuit FVU</th><th>FVU_nonlinear</th><th>pursuit FVU_nonlinear</th>"
+        "<th>encoder error</th></tr>"
+    )
     rows = "".join(
         f"<tr><td>{html.escape(r['name'])}</td><td>{r['fvu']:.4f}</td><td>{r['pursuit_fvu']:.4f}</td>"
         f"<td>{r['fvu_nonlinear']:.4f}</td><td>{r['pursuit_fvu_nonlinear']:.4f}</td><td>{r['encoder_error']:.4f}</td></tr>"
         for r in res["saes"]
     )
-    text = (f"Gradient pursuit over each SAE's decoder with each token's own L0 as budget, on {res['n_contexts']} "
-            "contexts. The paper finds pursuit lowers total FVU by 3–5% but barely moves FVU_nonlinear "
-            "(0.122 → ≈0.117): a thin \"encoder error\" band.")
-    return ("<h2>Gradient pursuit (Figs 1, 10a)</h2>" + _p(text) + f"<table>{head}{rows}</table>"
-            + _figures(out, res))
+    text = (
+        "Gradient pursuit over each SAE's decoder with each token's own L0 as budget, on "
+        f"{res['n_contexts']} contexts. The paper finds pursuit lowers total FVU by 3–5% but barely moves FVU_nonlinear "
+        '(0.122 → ≈0.117): a thin "encoder error" band.'
+    )
+    return (
+        "<h2>Gradient pursuit (Figs 1, 10a)</h2>"
+        + _p(text)
+        + f"<table>{head}{rows}</table>"
+        + _figures(out, res)
+    )
 
 
 SECTIONS = {
