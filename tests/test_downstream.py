@@ -100,9 +100,7 @@ def result(model: torch.nn.Module) -> tuple[DownstreamResult, dict[str, SAE], di
     saes = {"topk": topk_sae(), "identity": identity_sae()}
     probes = {n: fitted_probe(model, s) for n, s in saes.items()}
     mean = site_acts(model, contexts(4, 24, seed=7), SITE).mean(0)
-    res = downstream_ce(
-        model, contexts(), saes, probes, start=START, batch_size=2, mean_acts={SITE: mean}
-    )
+    res = downstream_ce(model, contexts(), saes, probes, start=START, batch_size=2, mean_acts={SITE: mean})
     return res, saes, probes
 
 
@@ -156,7 +154,9 @@ def test_shares_match_explicit_on_scored_positions(model, result) -> None:
     se, sl, sn = (float(t.pow(2).sum()) for t in (e, lin, nl))
     assert r.variance_share_linear == pytest.approx(1 - sn / se, rel=1e-4)
     assert r.variance_share_nonlinear == pytest.approx(1 - sl / se, rel=1e-4)
-    assert r.norm_share_linear == pytest.approx(float(lin.norm(dim=1).mean() / e.norm(dim=1).mean()), rel=1e-5)
+    assert r.norm_share_linear == pytest.approx(
+        float(lin.norm(dim=1).mean() / e.norm(dim=1).mean()), rel=1e-5
+    )
     var_x = float((x - x.mean(0)).pow(2).sum())
     assert r.fvu_sae == pytest.approx(se / var_x, rel=1e-5)
 
@@ -192,7 +192,10 @@ def test_replayed_prefix_is_bit_exact(arch: str) -> None:
         assert calls == [0, 1, 2]  # hooks still fire on replayed layers
         after = m(input_ids=ids).logits  # forward restored
     assert torch.equal(clean, after)
-    assert all("forward" not in layer.__dict__ for layer in (m.base_model.h if arch == "gpt2" else m.base_model.layers))
+    assert all(
+        "forward" not in layer.__dict__
+        for layer in (m.base_model.h if arch == "gpt2" else m.base_model.layers)
+    )
 
 
 def test_ce_scores_hand_values() -> None:
@@ -234,7 +237,13 @@ def test_component_shares_planted() -> None:
 def test_both_batches_limits_the_check(model) -> None:
     sae = topk_sae()
     res = downstream_ce(
-        model, contexts(), {"s": sae}, {"s": fitted_probe(model, sae)}, start=START, batch_size=2, both_batches=1
+        model,
+        contexts(),
+        {"s": sae},
+        {"s": fitted_probe(model, sae)},
+        start=START,
+        batch_size=2,
+        both_batches=1,
     )
     r = res.saes["s"]
     assert r.both_scored_tokens == 2 * (24 - START - 1) < res.scored_tokens

@@ -25,9 +25,9 @@ from darkmatter.lm.hooks import capture, splice
 from darkmatter.sae.model import SAE, SAEConfig
 from darkmatter.stats import is_train
 from darkmatter.store import ActivationStore
+from synthetic import synthetic_store
 
 from conftest import tiny_model
-from synthetic import synthetic_store
 
 D = 12
 PREV, ATTN, MLP, RESID = (
@@ -189,19 +189,25 @@ LM_D = 64
 
 
 def random_joint_map(target: SAE, regs: dict[str, SAE], scale: float = 0.05) -> JointMap:
-    blocks = [(n, str(s.cfg.hook_site), LM_D) for n, s in regs.items()] + [(SELF, str(target.cfg.hook_site), LM_D)]
+    blocks = [(n, str(s.cfg.hook_site), LM_D) for n, s in regs.items()] + [
+        (SELF, str(target.cfg.hook_site), LM_D)
+    ]
     g = torch.Generator().manual_seed(5)
     return JointMap(
-        str(target.cfg.hook_site), blocks, torch.randn(LM_D * len(blocks), LM_D, generator=g) * scale, torch.zeros(LM_D)
+        str(target.cfg.hook_site),
+        blocks,
+        torch.randn(LM_D * len(blocks), LM_D, generator=g) * scale,
+        torch.zeros(LM_D),
     )
 
 
 def test_downstream_ce_with_joint() -> None:
     model = tiny_model("llama")
     target = topk_sae(RESID, 0, d_in=LM_D, width=128, k=8)
-    regs = {n: topk_sae(s, i + 1, d_in=LM_D, width=128, k=8) for i, (n, s) in enumerate(
-        [("prev", PREV), ("attn", ATTN), ("mlp", MLP)]
-    )}
+    regs = {
+        n: topk_sae(s, i + 1, d_in=LM_D, width=128, k=8)
+        for i, (n, s) in enumerate([("prev", PREV), ("attn", ATTN), ("mlp", MLP)])
+    }
     jm = random_joint_map(target, regs)
     toks = np.random.default_rng(0).integers(2, 60, size=(5, 24))
     probe = (torch.randn(LM_D, LM_D, generator=torch.Generator().manual_seed(1)) * 0.05, torch.zeros(LM_D))
@@ -239,7 +245,9 @@ def relu_sae(d: int, site: str) -> SAE:
     """Sae(x) = relu(x), so SaeError = min(x, 0): its |x| part is invisible to a linear probe."""
     cfg = SAEConfig(d_in=d, d_sae=d, activation="relu", hook_site=site, apply_b_dec_to_input=False)
     eye = torch.eye(d)
-    return SAE.from_tensors(cfg, {"W_enc": eye, "b_enc": torch.zeros(d), "W_dec": eye, "b_dec": torch.zeros(d)})
+    return SAE.from_tensors(
+        cfg, {"W_enc": eye, "b_enc": torch.zeros(d), "W_dec": eye, "b_dec": torch.zeros(d)}
+    )
 
 
 def test_mlp_probe_finds_planted_nonlinear_error(tmp_path: Path) -> None:
@@ -254,7 +262,14 @@ def test_mlp_probe_finds_planted_nonlinear_error(tmp_path: Path) -> None:
     x = rows[RESID]
     sol = lstsq(x[train], (x - torch.relu(x))[train])
     probe = (sol[:-1].float(), sol[-1].float())
-    kw = {"hidden": 32, "epochs": 12, "lr": 1e-2, "minibatch": 64, "split_seed": SEED, "train_fraction": FRACTION}
+    kw = {
+        "hidden": 32,
+        "epochs": 12,
+        "lr": 1e-2,
+        "minibatch": 64,
+        "split_seed": SEED,
+        "train_fraction": FRACTION,
+    }
     out = mlp_probe(store, sae, probe, **kw)
     assert out["n_train"] == int(train.sum()) and out["n_test"] == int((~train).sum())
     assert out["probe_r2_error_mean_over_dims"] < 0.8  # the linear probe misses |x|/2

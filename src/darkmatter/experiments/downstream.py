@@ -461,7 +461,9 @@ def run_splices(
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, found {batch_size}.")
     if model.training:
-        raise ConfigError("The model is in training mode (dropout would make passes differ); call model.eval().")
+        raise ConfigError(
+            "The model is in training mode (dropout would make passes differ); call model.eval()."
+        )
     device = next(model.parameters()).device
     n, ctx_len = tokens.shape
     n_pred = ctx_len - start - 1

@@ -252,8 +252,8 @@ def _pursuit_section(out: Path, res: dict[str, Any]) -> str:
     )
     text = (
         "Gradient pursuit over each SAE's decoder with each token's own L0 as budget, on "
-        f"{res['n_contexts']} contexts. The paper finds pursuit lowers total FVU by 3–5% but barely moves FVU_nonlinear "
-        '(0.122 → ≈0.117): a thin "encoder error" band.'
+        f"{res['n_contexts']} contexts. The paper finds pursuit lowers total FVU by 3–5% but barely moves "
+        'FVU_nonlinear (0.122 → ≈0.117): a thin "encoder error" band.'
     )
     return (
         "<h2>Gradient pursuit (Figs 1, 10a)</h2>"
