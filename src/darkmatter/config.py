@@ -137,6 +137,16 @@ class PursuitConfig(BaseModel):
     )
 
 
+class NonlinearConfig(BaseModel):
+    """Downstream CE (Figs 8/9), earlier-layer predictors (Figs 9b/10b) and an MLP probe on the error."""
+
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = Field(True, description="Run these experiments.")
+    ce_contexts: int = Field(8, ge=1, description="Held-out contexts (never harvested) for the CE splices.")
+    mlp_hidden: int = Field(256, ge=1, description="Hidden width of the MLP probe.")
+    mlp_epochs: int = Field(4, ge=1, description="Epochs of the MLP probe over the train split.")
+
+
 class StudyConfig(BaseModel):
     """A whole study: model, text, harvest and the analysis layer."""
 
@@ -153,6 +163,7 @@ class StudyConfig(BaseModel):
     layer_sweep: LayerSweepConfig = Field(default_factory=LayerSweepConfig)
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
     pursuit: PursuitConfig = Field(default_factory=PursuitConfig)
+    nonlinear: NonlinearConfig = Field(default_factory=NonlinearConfig)
 
     def sites(self) -> list[str]:
         """Sites to harvest: what the family reads (or the external SAEs' sites) plus harvest.sites."""

@@ -10,7 +10,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from darkmatter.config import StudyConfig
-from darkmatter.errors import ConfigError, ShapeError
+from darkmatter.errors import ConfigError, DataError, ShapeError
 from darkmatter.harvest import Progress, harvest
 from darkmatter.lm.loading import LoadedLM, load_lm
 from darkmatter.results import Result, read_result, write_result
@@ -57,6 +57,13 @@ class FamilyResult(Result):
     saes: list[SAERecord]
     train_seconds: float = 0.0
     train_tokens_per_second: float | None = None
+
+
+class WithFigures(Result):
+    """A result with free-form fields (from an experiment module) plus its figure paths."""
+
+    model_config = ConfigDict(extra="allow")
+    figures: dict[str, dict[str, str]] = Field(default_factory=dict)
 
 
 class PursuitResult(Result):
@@ -299,7 +306,8 @@ class Study:
         key = self.family_hash() + ":engine-v1"
         names = ("error_prediction", "per_token", "norm_prediction", "probe_latents")
         done = [read_result(self.out, n, Result) for n in names]
-        if all(r is not None and r.config_hash == key for r in done):
+        probes_ok = all((self.out / "probes" / f"{n}.safetensors").is_file() for n in saes)
+        if probes_ok and all(r is not None and r.config_hash == key for r in done):
             self.log("error experiments: up to date")
             return
         cfg, fam = self.cfg, self.cfg.family
@@ -652,6 +660,154 @@ class Study:
                 f"{r['fvu_nonlinear']:.3f} -> {r['pursuit_fvu_nonlinear']:.3f}"
             )
 
+    def step_nonlinear(self, store: ActivationStore, saes: dict[str, SAE]) -> None:
+        """Downstream CE on held-out contexts, earlier-layer predictors with the joint map, the MLP probe."""
+        from darkmatter.experiments import error_experiments as ex
+        from darkmatter.experiments.downstream import downstream_ce
+        from darkmatter.experiments.earlier_layers import (
+            downstream_ce_with_joint,
+            earlier_layer_predictors,
+            mlp_probe,
+        )
+        from darkmatter.report import figures as fg
+        from darkmatter.text import make_contexts
+
+        cfg, nl, fam = self.cfg, self.cfg.nonlinear, self.cfg.family
+        if not nl.enabled:
+            return
+        key = self.family_hash() + ":" + cfg.section_hash("nonlinear")
+        if all(
+            (r := read_result(self.out, n, Result)) is not None and r.config_hash == key
+            for n in ("downstream_ce", "earlier_layers")
+        ):
+            self.log("nonlinear-error experiments: up to date")
+            return
+        layer = cfg.layer
+        main_site = f"blocks.{layer}.hook_resid_post"
+        width_sweep, _ = ex.family_roles(saes, main_site, None if fam.external else fam.k, None)
+        probes = {n: load_probe(self.out / "probes" / f"{n}.safetensors") for n in width_sweep}
+        # Held out: the same seeded window order continues past the harvested contexts.
+        text = cfg.text.model_copy(update={"n_contexts": cfg.text.n_contexts + nl.ce_contexts})
+        tokens = make_contexts(text, self.lm.tokenizer, self.lm.bos_token_id).tokens[cfg.text.n_contexts :]
+        start = cfg.text.skip_positions
+        figdir = self.out / "figures"
+        ce = downstream_ce(
+            self.lm,
+            tokens,
+            {n: saes[n] for n in width_sweep},
+            probes,
+            start=start,
+            both_batches=1,
+            seed=cfg.seed,
+        )
+        ce.config_hash, ce.seed = key, cfg.seed
+        rows = ce.saes
+        figs = {
+            "bars": self._rel(
+                fg.plot_ce_recovered(
+                    [f"{saes[n].cfg.d_sae}" for n in width_sweep],
+                    [100 * (rows[n].ce_recovered_linear or 0) for n in width_sweep],
+                    [100 * (rows[n].ce_recovered_nonlinear or 0) for n in width_sweep],
+                    [100 * rows[n].variance_share_linear for n in width_sweep],
+                    [100 * rows[n].variance_share_nonlinear for n in width_sweep],
+                    [100 * rows[n].norm_share_linear for n in width_sweep],
+                    [100 * rows[n].norm_share_nonlinear for n in width_sweep],
+                    figdir,
+                )
+            )
+        }
+        data = ce.model_dump()
+        data["figures"] = figs
+        write_result(self.out, WithFigures.model_validate(data))
+        self.log(
+            "downstream CE: "
+            + ", ".join(
+                f"{n} lin {rows[n].ce_recovered_linear:.2f} nonlin {rows[n].ce_recovered_nonlinear:.2f}"
+                for n in width_sweep
+                if rows[n].ce_recovered_linear is not None
+            )
+        )
+
+        target = next(
+            (
+                n
+                for n in saes
+                if saes[n].cfg.hook_site == main_site
+                and saes[n].cfg.d_sae == fam.width_for_ks
+                and saes[n].cfg.k == fam.k
+            ),
+            width_sweep[0],
+        )
+        regressors = {
+            n: s
+            for n, s in saes.items()
+            if s.cfg.hook_site
+            in {
+                f"blocks.{layer - 1}.hook_resid_post",
+                f"blocks.{layer}.hook_mlp_out",
+                f"blocks.{layer}.hook_attn_out",
+            }
+        }
+        probe = load_probe(self.out / "probes" / f"{target}.safetensors")
+        extra: dict[str, Any] = {"target": target}
+        el = None
+        if regressors:
+            try:
+                el = earlier_layer_predictors(
+                    store,
+                    saes[target],
+                    probe,
+                    regressors,
+                    split_seed=cfg.split_seed,
+                    train_fraction=cfg.train_fraction,
+                )
+            except (
+                DataError
+            ) as exc:  # e.g. too few tokens for the joint regression: say so, keep the run going
+                extra["skipped"] = str(exc)
+                self.log(f"earlier layers: skipped ({exc})")
+        if el is not None:
+            joint_ce = downstream_ce_with_joint(
+                self.lm, tokens, saes[target], regressors, el.joint_map, start=start, probe=probe
+            )
+            extra["joint_ce"] = joint_ce.model_dump()
+            el_data = el.model_dump()
+            figs = {
+                "bars": self._rel(
+                    fg.plot_earlier_layer_r2(
+                        el.regressors, {t: [el.r2[r][t] for r in el.regressors] for t in el.targets}, figdir
+                    )
+                )
+            }
+        else:
+            el_data = {
+                "experiment": "earlier_layers",
+                "regressors": [],
+                "notes": [extra.get("skipped", "no regressor SAEs in the family")],
+            }
+            figs = {}
+        try:
+            extra["mlp_probe"] = mlp_probe(
+                store,
+                saes[target],
+                probe,
+                hidden=nl.mlp_hidden,
+                epochs=nl.mlp_epochs,
+                split_seed=cfg.split_seed,
+                train_fraction=cfg.train_fraction,
+                seed=cfg.seed,
+            )
+        except DataError as exc:
+            extra["mlp_probe"] = {"skipped": str(exc)}
+            self.log(f"MLP probe: skipped ({exc})")
+        el_data |= extra | {"figures": figs, "config_hash": key, "seed": cfg.seed}
+        write_result(self.out, WithFigures.model_validate(el_data))
+        self.log(
+            f"earlier layers ({target}): joint R² on NonlinearError "
+            f"{el_data.get('r2', {}).get('joint', {}).get('nonlinear', float('nan')):.3f}; MLP probe R² on "
+            f"NonlinearError {extra['mlp_probe'].get('r2_nonlinear_mean_over_dims', float('nan')):.3f}"
+        )
+
     def step_report(self) -> Path:
         from darkmatter.report.html import write_report
 
@@ -679,6 +835,9 @@ class Study:
         t0 = time.perf_counter()
         self.step_pursuit(store, saes)
         self.timings["pursuit"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        self.step_nonlinear(store, saes)
+        self.timings["nonlinear"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         self.step_report()
         self.timings["report"] = time.perf_counter() - t0

@@ -263,6 +263,78 @@ def _pursuit_section(out: Path, res: dict[str, Any]) -> str:
     )
 
 
+def _downstream_section(out: Path, res: dict[str, Any]) -> str:
+    head = (
+        "<tr><th>SAE</th><th>CE clean → Sae(x)</th><th>CE recovered: linear / nonlinear</th>"
+        "<th>variance share</th><th>norm share</th><th>CE loss score</th></tr>"
+    )
+
+    def pct(v: Any) -> str:
+        return "—" if v is None else f"{100 * v:.0f}%"
+
+    rows = "".join(
+        f"<tr><td>{html.escape(n)}</td><td>{res['clean_ce']:.3f} → {r['ce']['sae']:.3f}</td>"
+        f"<td>{pct(r['ce_recovered_linear'])} / {pct(r['ce_recovered_nonlinear'])}</td>"
+        f"<td>{pct(r['variance_share_linear'])} / {pct(r['variance_share_nonlinear'])}</td>"
+        f"<td>{pct(r['norm_share_linear'])} / {pct(r['norm_share_nonlinear'])}</td><td>{pct(r['ce_loss_score'])}</td></tr>"
+        for n, r in res["saes"].items()
+    )
+    text = (
+        f"Splicing Sae(x) plus one error component at positions ≥ {res['start']} of {res['n_contexts']} held-out "
+        "contexts (never harvested). CE recovered = (L_sae − L_component)/(L_sae − L_clean). Paper (Gemma 2 9B): "
+        "both components recover CE roughly in proportion to their size, linear slightly more, summing past "
+        "100%. Splicing Sae(x) + both components reproduces the clean CE (checked on every run)."
+    )
+    return (
+        "<h2>Downstream cross-entropy (Figs 8, 9)</h2>"
+        + _p(text)
+        + f"<table>{head}{rows}</table>"
+        + _figures(out, res)
+    )
+
+
+def _earlier_section(out: Path, res: dict[str, Any]) -> str:
+    if not res.get("regressors"):
+        return "<h2>Earlier-layer predictors (Figs 9b, 10b)</h2>" + _p(
+            html.escape("; ".join(res.get("notes", [])))
+        )
+    head = "<tr><th>regressor</th><th>NonlinearError</th><th>SaeError</th><th>LinearError</th><th>paper</th></tr>"
+    raw = res.get("paper_r2", {})
+
+    def paper_key(name: str) -> str:
+        if name == "self":
+            return "residual"
+        for part, key in ((".mlp", "MLP"), (".attn", "attention"), (".resid", "prev residual")):
+            if part in name:
+                return key
+        return name
+
+    paper = {r: raw[paper_key(r)] for r in res["regressors"] if paper_key(r) in raw}
+    rows = "".join(
+        f"<tr><td>{html.escape(r)}</td>"
+        + "".join(f"<td>{res['r2'][r][t]:.3f}</td>" for t in ("nonlinear", "error", "linear"))
+        + f"<td>{' / '.join(f'{paper[r][t]:.2f}' for t in ('nonlinear', 'error', 'linear')) if r in paper else ''}</td></tr>"
+        for r in res["regressors"]
+    )
+    mlp = res.get("mlp_probe", {})
+    text = (
+        f"R² (mean over dimensions, held out) of the error components of {html.escape(res.get('target', ''))} "
+        "regressed on other SAEs' reconstructions; 'joint' uses all of them (beyond the paper). With the joint map "
+        f"FVU goes from {res['fvu_sae']:.3f} (Sae(x)) to {res['fvu_with'].get('joint', float('nan')):.3f}."
+    )
+    if "r2_nonlinear_mean_over_dims" in mlp:
+        text += (
+            f" An MLP probe on top of the linear probe explains {mlp['r2_nonlinear_mean_over_dims']:.1%} of the "
+            "nonlinear error (mean-over-dims R²)."
+        )
+    return (
+        "<h2>Earlier-layer predictors (Figs 9b, 10b)</h2>"
+        + _p(text)
+        + f"<table>{head}{rows}</table>"
+        + _figures(out, res)
+    )
+
+
 SECTIONS = {
     "harvest": lambda out, res: _harvest_section(res),
     "sae_family": _family_section,
@@ -273,6 +345,8 @@ SECTIONS = {
     "layer_baselines": _layer_section,
     "synthetic_simulation": _synthetic_section,
     "pursuit": _pursuit_section,
+    "downstream_ce": _downstream_section,
+    "earlier_layers": _earlier_section,
 }
 
 
