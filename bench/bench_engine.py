@@ -145,6 +145,9 @@ def main() -> None:
     ap.add_argument("--child", default="")
     ap.add_argument("--store", default="")
     ap.add_argument("--skip-comparison", action="store_true", help="Only the memory-scaling part.")
+    ap.add_argument(
+        "--skip-memory", action="store_true", help="Only the comparison with the original approach."
+    )
     args = ap.parse_args()
     if args.child:
         child(args.child, args.store, args)
@@ -193,6 +196,8 @@ def main() -> None:
                 f"peak RSS: original {po:,.0f} MiB, engine {pe:,.0f} MiB, ratio {po / pe:.1f}x; above the "
                 f"post-import base: {bo:,.0f} vs {be:,.0f} MiB, ratio {bo / max(be, 1):.1f}x (target >= 10x)"
             )
+        if args.skip_memory:
+            return
         small, big = launch("engine_full", "small"), launch("engine_full", "store")
         ps, pb = small["peak_kb"] / 1024, big["peak_kb"] / 1024
         print(
