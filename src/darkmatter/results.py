@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 from datetime import datetime, timezone
@@ -37,6 +38,25 @@ class Result(BaseModel):
     seed: int = Field(0, description="Seed used.")
     config: dict[str, Any] = Field(default_factory=dict, description="The config sections used.")
     provenance: Provenance = Field(default_factory=Provenance)
+
+
+def config_hash(obj: Any) -> str:
+    """Short sha256 of a JSON-able config."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def sae_identity(sae: Any) -> dict[str, Any]:
+    """What identifies an SAE in a result's config."""
+    c = sae.cfg
+    return {
+        "d_in": c.d_in,
+        "d_sae": c.d_sae,
+        "activation": c.activation,
+        "k": c.k,
+        "hook_site": c.hook_site,
+        "model_name": c.model_name,
+        "source_format": c.source_format,
+    }
 
 
 def results_dir(out: str | Path) -> Path:

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-import json
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -54,7 +53,7 @@ from darkmatter.errors import ConfigError, DataError, HookSiteError, ShapeError
 from darkmatter.lm.hooks import capture, splice
 from darkmatter.lm.loading import LoadedLM
 from darkmatter.lm.sites import Site, decoder_layers, validate_sites
-from darkmatter.results import Result
+from darkmatter.results import Result, config_hash, sae_identity
 from darkmatter.sae.model import SAE
 from darkmatter.stats import FVU
 
@@ -194,25 +193,6 @@ class ComponentShares:
             "mean_linear_norm": lin,
             "mean_nonlinear_norm": nl,
         }
-
-
-def config_hash(obj: Any) -> str:
-    """Short sha256 of a JSON-able config."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def sae_identity(sae: SAE) -> dict[str, Any]:
-    """What identifies an SAE in a result's config."""
-    c = sae.cfg
-    return {
-        "d_in": c.d_in,
-        "d_sae": c.d_sae,
-        "activation": c.activation,
-        "k": c.k,
-        "hook_site": c.hook_site,
-        "model_name": c.model_name,
-        "source_format": c.source_format,
-    }
 
 
 # --------------------------------------------------------------------------- input checks

@@ -18,8 +18,6 @@ is left out for all predictors (it has no next-token loss), so they are all scor
 
 from __future__ import annotations
 
-import hashlib
-import json
 import shutil
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -31,7 +29,7 @@ from pydantic import Field
 from darkmatter.errors import ConfigError, DataError, StoreError
 from darkmatter.harvest import HarvestConfig, harvest
 from darkmatter.lm.loading import LoadedLM
-from darkmatter.results import Result
+from darkmatter.results import Result, config_hash, sae_identity
 from darkmatter.sae import SAE, load_sae, save_sae
 from darkmatter.sae.train import FamilyTrainer, SAESpec, TrainConfig
 from darkmatter.stats import (
@@ -76,22 +74,8 @@ class LayerBaselinesResult(Result):
     notes: list[str] = Field(default_factory=list, description="Choices and degenerate cases, in words.")
 
 
-def _hash(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def _sae_identity(sae: SAE) -> dict[str, Any]:
-    c = sae.cfg
-    return {
-        "d_in": c.d_in,
-        "d_sae": c.d_sae,
-        "activation": c.activation,
-        "k": c.k,
-        "hook_site": c.hook_site,
-        "model_name": c.model_name,
-        "source_format": c.source_format,
-        "key": c.metadata.get(SAE_KEY),
-    }
+    return {**sae_identity(sae), "key": sae.cfg.metadata.get(SAE_KEY)}
 
 
 def _layer_site(site_template: str, layer: int) -> str:
@@ -339,7 +323,7 @@ def layer_baselines(
         "saes": {str(layer): _sae_identity(saes[layer]) for layer in sites},
     }
     return LayerBaselinesResult(
-        config_hash=_hash(config),
+        config_hash=config_hash(config),
         seed=split_seed,
         config=config,
         layers=list(sites),
@@ -402,7 +386,7 @@ def _load_or_train(
     log: Log,
 ) -> tuple[dict[int, SAE], list[int]]:
     """Reuse ``root/<L>/`` SAEs (checking they match the settings), train the rest together, save them."""
-    key = _hash({**settings, "store": store.manifest["identity_hash"]})
+    key = config_hash({**settings, "store": store.manifest["identity_hash"]})
     saes: dict[int, SAE] = {}
     todo: list[int] = []
     reused: list[int] = []
@@ -425,7 +409,7 @@ def _load_or_train(
     if reused:
         log(f"layer_baselines: reusing SAEs for layers {reused} from {root}")
     if todo:
-        workdir = root / f".training-{_hash({'key': key, 'layers': todo})}"
+        workdir = root / f".training-{config_hash({'key': key, 'layers': todo})}"
         log(f"layer_baselines: training SAEs for layers {todo}")
         trained = train_layer_saes(
             store,
@@ -509,4 +493,4 @@ def run(
             "TopK SAEs have L0 = k on almost every token, so the l0 baseline says little here (the paper's "
             "JumpReLU SAEs vary per token); kind='batchtopk' gives a per-token L0."
         )
-    return result.model_copy(update={"config": config, "config_hash": _hash(config), "notes": notes})
+    return result.model_copy(update={"config": config, "config_hash": config_hash(config), "notes": notes})
