@@ -59,6 +59,17 @@ def sae_identity(sae: Any) -> dict[str, Any]:
     }
 
 
+def store_summary(store: Any) -> dict[str, Any]:
+    """What identifies the activation store a result was computed from."""
+    return {
+        "identity_hash": store.manifest["identity_hash"],
+        "model": store.identity["model"].get("name"),
+        "n_contexts": store.n_contexts,
+        "ctx_len": store.ctx_len,
+        "skip_positions": int(store.identity.get("skip_positions", 0)),
+    }
+
+
 def results_dir(out: str | Path) -> Path:
     return Path(out) / "results"
 

@@ -46,7 +46,7 @@ from darkmatter.experiments.downstream import (
     site_order,
 )
 from darkmatter.lm.loading import LoadedLM
-from darkmatter.results import Result
+from darkmatter.results import Result, store_summary
 from darkmatter.sae.model import SAE
 from darkmatter.stats import (
     CONSTANT_TARGET_TOL,
@@ -337,13 +337,7 @@ def earlier_layer_predictors(
     config = {
         "split_seed": split_seed,
         "train_fraction": train_fraction,
-        "store": {
-            "identity_hash": store.manifest["identity_hash"],
-            "model": store.identity["model"].get("name"),
-            "n_contexts": store.n_contexts,
-            "ctx_len": store.ctx_len,
-            "skip_positions": int(store.identity.get("skip_positions", 0)),
-        },
+        "store": store_summary(store),
         "target": sae_identity(target_sae),
         "regressors": {n: sae_identity(s) for n, s in regressor_saes.items()},
         "probe_sha": config_hash([float(w.double().sum()), float(b.double().sum())]),

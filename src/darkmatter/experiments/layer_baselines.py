@@ -29,7 +29,7 @@ from pydantic import Field
 from darkmatter.errors import ConfigError, DataError, StoreError
 from darkmatter.harvest import HarvestConfig, harvest
 from darkmatter.lm.loading import LoadedLM
-from darkmatter.results import Result, config_hash, sae_identity
+from darkmatter.results import Result, config_hash, sae_identity, store_summary
 from darkmatter.sae import SAE, load_sae, save_sae
 from darkmatter.sae.train import FamilyTrainer, SAESpec, TrainConfig
 from darkmatter.stats import (
@@ -313,13 +313,7 @@ def layer_baselines(
         "split_seed": split_seed,
         "train_fraction": train_fraction,
         "drop_last_position": True,
-        "store": {
-            "identity_hash": store.manifest["identity_hash"],
-            "model": store.identity["model"].get("name"),
-            "n_contexts": store.n_contexts,
-            "ctx_len": store.ctx_len,
-            "skip_positions": int(store.identity.get("skip_positions", 0)),
-        },
+        "store": store_summary(store),
         "saes": {str(layer): _sae_identity(saes[layer]) for layer in sites},
     }
     return LayerBaselinesResult(
