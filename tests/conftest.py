@@ -132,4 +132,13 @@ def tiny_study_overrides(model_dir: Path, corpus: Path) -> list[str]:
         "layer_sweep.k=2",
         "layer_sweep.train.batch_size=64",
         "layer_sweep.train.epochs=1",
+        "error_saes.train.batch_size=64",
+        "error_saes.train.epochs=1",
+        f"error_saes.interp.local_model={model_dir}",
+        "error_saes.interp.n_latents=2",
+        "error_saes.interp.min_activations=1",
+        "error_saes.interp.window=8",
+        "error_saes.interp.n_examples_explain=3",
+        "error_saes.interp.n_per_decile=1",
+        "error_saes.interp.n_negatives=2",
     ]

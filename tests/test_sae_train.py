@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from darkmatter.errors import ConfigError, DataError, StoreError
+from darkmatter.errors import ConfigError, DataError, ShapeError, StoreError
 from darkmatter.sae.quality import evaluate_saes
-from darkmatter.sae.train import FamilyTrainer, SAESpec, TrainConfig
+from darkmatter.sae.train import DerivedInput, FamilyTrainer, SAESpec, TrainConfig
 from synthetic import sparse_features, synthetic_store
 
 SITE = "blocks.0.hook_resid_post"
@@ -135,3 +135,66 @@ def test_checkpoint_of_another_family_is_not_resumed(store, tmp_path: Path) -> N
     fresh = FamilyTrainer(store, other, _cfg(epochs=1), tmp_path / "fresh").train()[0]
     assert sae.cfg.d_sae == 16
     torch.testing.assert_close(sae.W_dec, fresh.W_dec, rtol=0, atol=0)
+
+
+def _double(x: torch.Tensor) -> torch.Tensor:
+    return 2 * x
+
+
+def test_derived_input_is_what_the_sae_trains_on(store, tmp_path: Path) -> None:
+    """Training on 2x is training on x with half the input scale: the folded SAE is exactly rescaled."""
+    derived = {"double": DerivedInput(SITE, _double, "double")}
+    plain_tr = FamilyTrainer(
+        store, [SAESpec(name="s", site=SITE, d_sae=16, k=2)], _cfg(epochs=2), tmp_path / "p"
+    )
+    twice_tr = FamilyTrainer(
+        store,
+        [SAESpec(name="s", site="double", d_sae=16, k=2)],
+        _cfg(epochs=2),
+        tmp_path / "d",
+        derived=derived,
+    )
+    (plain,), (twice,) = plain_tr.train(), twice_tr.train()
+    assert twice_tr.scale["double"] == pytest.approx(plain_tr.scale[SITE] / 2, rel=1e-12)
+    torch.testing.assert_close(twice.W_dec, 2 * plain.W_dec, rtol=1e-6, atol=0)
+    torch.testing.assert_close(twice.b_dec, 2 * plain.b_dec, rtol=1e-6, atol=0)
+    torch.testing.assert_close(twice.W_enc, plain.W_enc / 2, rtol=1e-6, atol=0)
+    torch.testing.assert_close(twice.b_enc, plain.b_enc, rtol=1e-6, atol=0)
+    assert twice.cfg.hook_site == SITE
+    assert (
+        twice.cfg.metadata["derived_input"] == "double" and twice.cfg.metadata["derived_identity"] == "double"
+    )
+    curve = twice_tr.members[0].history
+    assert [p["step"] for p in curve][:2] == [0.0, 10.0] and curve[-1]["step"] == twice_tr.total_steps - 1
+    assert all(p["l0"] == 2.0 for p in curve)  # TopK keeps k positive latents on this data
+    assert curve[0]["fvu"] > curve[-1]["fvu"]
+
+
+def test_derived_identity_enters_the_signature(store, tmp_path: Path) -> None:
+    spec = [SAESpec(name="s", site="double", d_sae=8, k=1)]
+
+    def sig(identity: str) -> str:
+        derived = {"double": DerivedInput(SITE, _double, identity)}
+        return FamilyTrainer(store, spec, _cfg(), tmp_path, derived=derived).signature
+
+    plain = FamilyTrainer(store, [SAESpec(name="s", site=SITE, d_sae=8, k=1)], _cfg(), tmp_path).signature
+    assert sig("a") == sig("a") != sig("b")
+    assert plain not in (sig("a"), sig("b"))
+
+
+def test_bad_derived_input(store, tmp_path: Path) -> None:
+    spec = [SAESpec(name="s", site="d", d_sae=8, k=1)]
+    with pytest.raises(ConfigError, match="name of a stored site"):
+        FamilyTrainer(store, spec, _cfg(), tmp_path, derived={SITE: DerivedInput(SITE, _double, "x")})
+    with pytest.raises(StoreError, match="lacks"):
+        FamilyTrainer(
+            store, spec, _cfg(), tmp_path, derived={"d": DerivedInput("blocks.9.hook_mlp_out", _double, "x")}
+        )
+    with pytest.raises(StoreError, match="not a derived input"):
+        FamilyTrainer(store, spec, _cfg(), tmp_path, derived={"e": DerivedInput(SITE, _double, "x")})
+    with pytest.raises(ShapeError, match="must map"):
+        bad = {"d": DerivedInput(SITE, lambda x: x[:-1], "x")}
+        FamilyTrainer(store, spec, _cfg(), tmp_path / "a", derived=bad).train()
+    with pytest.raises(DataError, match="NaN"):
+        nan = {"d": DerivedInput(SITE, lambda x: x / 0 - x / 0, "x")}
+        FamilyTrainer(store, spec, _cfg(), tmp_path / "b", derived=nan).train()

@@ -25,7 +25,7 @@ import torch
 
 from darkmatter.errors import DataError, StoreError
 from darkmatter.sae.model import SAE
-from darkmatter.stats import FVU, L0, NMSE, Cosine, Moments, NormRatio, evaluate, fit_ridge, fit_ridge_many
+from darkmatter.stats import L0, Cosine, Moments, evaluate, fit_ridge, fit_ridge_many
 from darkmatter.stats import fvu_with_prediction as fvu_with_pred
 from darkmatter.stats.split import is_train
 from darkmatter.store import ActivationStore
@@ -88,11 +88,11 @@ class _ContextAccumulator:
         self.sse = {n: z(n_ctx) for n in names}
         self.sse_nonlinear = {n: z(n_ctx) for n in names}
 
-    def add_x(self, ctx: Tensor, x: Tensor) -> None:
-        x = x.double().cpu()
+    def add_x(self, ctx: Tensor, x: Tensor, x2: Tensor) -> None:
+        """x [n, d] and its squared norms x2 [n] of test tokens in contexts ``ctx``."""
         self.n.index_add_(0, ctx, torch.ones(len(ctx), dtype=torch.float64))
-        self.sum_x.index_add_(0, ctx, x)
-        self.sum_sq_x.index_add_(0, ctx, x.pow(2).sum(1))
+        self.sum_x.index_add_(0, ctx, x.double().cpu())
+        self.sum_sq_x.index_add_(0, ctx, x2.double().cpu())
 
     def freeze(self) -> ContextSums:
         return ContextSums(
@@ -177,6 +177,9 @@ def decompose(
     n_ctx = store.n_contexts
 
     # ---------------------------------------------------------------- pass 1
+    # Rows of each batch are ordered train-first, so every split is a view (no masked copies), and each
+    # site's x, errors and norms go into one float64 buffer that feeds both splits' moments: one GEMM
+    # per chunk and split for the Gram and every SAE's cross products.
     mom: dict[tuple[str, str], Moments] = {}
     for site, names in groups.items():
         targets: dict[str, int] = {}
@@ -184,39 +187,43 @@ def decompose(
             targets.update({f"{n}:e": d[site], f"{n}:e2": 1, f"{n}:en": 1})
         for part in ("train", "test"):
             mom[(site, part)] = Moments(d[site], targets)
-    fvu = {n: FVU(saes[n].cfg.d_in) for n in saes}
-    nmse = {n: NMSE(saes[n].cfg.d_in) for n in saes}
-    ratio = {n: NormRatio(saes[n].cfg.d_in) for n in saes}
-    l0 = {n: L0(saes[n].cfg.d_sae) for n in saes}
+    held = {n: _HeldOut(saes[n].cfg.d_sae) for n in saes}
     ctx = {site: _ContextAccumulator(n_ctx, d[site], names) for site, names in groups.items()}
     n_train = n_test = 0
     for batch in _batches(store, list(groups), batch_tokens, device, contexts):
-        train = split(batch.context, batch.position)
-        n_train += int(train.sum())
-        n_test += int((~train).sum())
-        ctx_test = batch.context[~train].cpu()
+        order, n_tr = _train_first(split(batch.context, batch.position))
+        n_train += n_tr
+        n_test += len(order) - n_tr
+        ctx_test = batch.context[order[n_tr:]].cpu()
         for site, names in groups.items():
-            x = batch.acts[site]
+            x = batch.acts[site][order]
             _check_finite(x, site)
-            sums = ctx[site]
-            sums.add_x(ctx_test, x[~train])
-            tgt: dict[str, dict[str, Tensor]] = {"train": {}, "test": {}}
+            lay = mom[(site, "train")].packed_layout
+            buf = torch.empty(len(x), mom[(site, "train")].packed_width, dtype=torch.float64, device=x.device)
+            xd = buf[:, lay["x"]]
+            xd.copy_(x)
+            x_norm = torch.linalg.vector_norm(xd, dim=1)
+            ctx[site].add_x(ctx_test, xd[n_tr:], x_norm[n_tr:].square())
             for n in names:
                 sae = saes[n]
-                x_hat, codes = sae.reconstruct(x.to(sae.dtype))
-                e = x - x_hat.to(x.dtype)
-                e2 = e.pow(2).sum(1, keepdim=True)
-                for part, mask in (("train", train), ("test", ~train)):
-                    tgt[part].update({f"{n}:e": e[mask], f"{n}:e2": e2[mask], f"{n}:en": e2[mask].sqrt()})
-                if bool((~train).any()):
-                    fvu[n].update(x[~train], x_hat[~train])
-                    nmse[n].update(x[~train], x_hat[~train])
-                    ratio[n].update(x[~train], x_hat[~train])
-                    l0[n].update_sparse(codes.indices[~train], codes.values[~train])
-                    sums.sse[n].index_add_(0, ctx_test, e2[~train, 0].double().cpu())
-            for part, mask in (("train", train), ("test", ~train)):
-                if bool(mask.any()):
-                    mom[(site, part)].update(x[mask], tgt[part])
+                x_hat, codes = sae.reconstruct(x.to(sae.dtype), chunk_size=RECONSTRUCT_CHUNK)
+                e = buf[:, lay[f"{n}:e"]]
+                e.copy_(x_hat)
+                torch.sub(xd, e, out=e)
+                en = torch.linalg.vector_norm(e, dim=1, keepdim=True)
+                buf[:, lay[f"{n}:en"]] = en
+                buf[:, lay[f"{n}:e2"]] = en.square()
+                e2_test = buf[n_tr:, lay[f"{n}:e2"]][:, 0]
+                held[n].update(
+                    e2_test,
+                    x_norm[n_tr:],
+                    torch.linalg.vector_norm(x_hat[n_tr:], dim=1, dtype=torch.float64),
+                    codes.indices[n_tr:],
+                    codes.values[n_tr:],
+                )
+                ctx[site].sse[n].index_add_(0, ctx_test, e2_test.cpu())
+            mom[(site, "train")].update_packed(buf[:n_tr])
+            mom[(site, "test")].update_packed(buf[n_tr:])
     if n_train <= max(d.values()) + 1 or n_test < 2:
         raise DataError(
             f"The split has {n_train} train and {n_test} test tokens; the regressions need more than "
@@ -228,6 +235,8 @@ def decompose(
     for site, names in groups.items():
         tr, te = mom[(site, "train")], mom[(site, "test")]
         var_x = te.total_variance_x()
+        if not var_x > 0:
+            raise DataError(f"x at {site} is constant over the {te.n} test tokens; FVU is undefined.")
         fits = fit_ridge_many(tr, [f"{n}:e" for n in names], bias=True)
         fits_nb = fit_ridge_many(tr, [f"{n}:e" for n in names], bias=False)
         for n in names:
@@ -249,8 +258,9 @@ def decompose(
                 f.weights.to(device=device, dtype=torch.float32),
                 f.bias.to(device=device, dtype=torch.float32),
             )
-            st.fvu, st.nmse, st.norm_ratio = fvu[n].compute(), nmse[n].compute(), ratio[n].compute()
-            st.l0, st.dead_fraction = l0[n].compute(), l0[n].dead_fraction()
+            h = held[n]
+            st.fvu, st.nmse, st.norm_ratio = h.sse / var_x, h.nmse_sum / h.n, h.ratio_sum / h.n
+            st.l0, st.dead_fraction = h.l0.compute(), h.l0.dead_fraction()
     del mom
     if not second_pass:
         return Decomposition(
@@ -274,23 +284,26 @@ def decompose(
         size = len(gram_cols[site]) + 1
         grams[site] = {"train": np.zeros((size, size)), "test": np.zeros((size, size))}
     cos = {n: Cosine(saes[n].cfg.d_in) for n in saes}
-    fvu2 = {n: FVU(saes[n].cfg.d_in) for n in saes}
+    sse_nl = dict.fromkeys(saes, 0.0)
     norm_sums = {n: np.zeros(3) for n in saes}
     writer = _TableWriter(table_path, list(saes)) if table_path is not None else None
     completed = False
     try:
         for batch in _batches(store, list(groups), batch_tokens, device, contexts):
-            train = split(batch.context, batch.position)
-            ctx_test = batch.context[~train].cpu()
+            order, n_tr = _train_first(split(batch.context, batch.position))
+            ctx_test = batch.context[order[n_tr:]].cpu()
             cols: dict[str, Tensor] = {}
             for site, names in groups.items():
-                x = batch.acts[site]
-                x2 = x.pow(2).sum(1, keepdim=True)
-                tgt: dict[str, dict[str, Tensor]] = {"train": {"x2": x2[train]}, "test": {"x2": x2[~train]}}
+                x = batch.acts[site][order]
+                lay = mom2[(site, "train")].packed_layout
+                buf = torch.empty(len(x), mom2[(site, "train")].packed_width, dtype=torch.float64)
+                buf = buf.to(x.device)
+                buf[:, lay["x"]].copy_(x)
+                buf[:, lay["x2"]] = x.pow(2).sum(1, keepdim=True)
                 zcols = []
                 for n in names:
                     sae = saes[n]
-                    x_hat, codes = sae.reconstruct(x.to(sae.dtype))
+                    x_hat, codes = sae.reconstruct(x.to(sae.dtype), chunk_size=RECONSTRUCT_CHUNK)
                     x_hat = x_hat.to(x.dtype)
                     e = x - x_hat
                     w, b = probes[n]
@@ -298,20 +311,15 @@ def decompose(
                     nl = e - lin
                     q = {"sae": x_hat, "error": e, "linear": lin, "nonlinear": nl}
                     sq = {k: v.pow(2).sum(1, keepdim=True) for k, v in q.items()}
-                    for part, mask in (("train", train), ("test", ~train)):
-                        tgt[part].update({f"{n}:{k}": sq[k][mask] for k in sq})
-                    if bool((~train).any()):
-                        cos[n].update(lin[~train], x[~train])
-                        fvu2[n].update(x[~train], (x_hat + lin)[~train])
-                        ctx[site].sse_nonlinear[n].index_add_(
-                            0, ctx_test, sq["nonlinear"][~train, 0].double().cpu()
-                        )
+                    for k, v in sq.items():
+                        buf[:, lay[f"{n}:{k}"]] = v
+                    if n_tr < len(x):
+                        cos[n].update(lin[n_tr:], x[n_tr:])
+                        nl2_test = sq["nonlinear"][n_tr:, 0].double().cpu()
+                        sse_nl[n] += float(nl2_test.sum())
+                        ctx[site].sse_nonlinear[n].index_add_(0, ctx_test, nl2_test)
                         norm_sums[n] += np.array(
-                            [
-                                float(sq["error"][~train].sqrt().sum()),
-                                float(sq["linear"][~train].sqrt().sum()),
-                                float(sq["nonlinear"][~train].sqrt().sum()),
-                            ]
+                            [float(sq[k][n_tr:].sqrt().sum()) for k in ("error", "linear", "nonlinear")]
                         )
                     zcols.append((sq["error"], sq["nonlinear"]))
                     cols[f"{n}:l0"] = (codes.values != 0).sum(-1).to(torch.float32)
@@ -321,13 +329,15 @@ def decompose(
                 e2s = torch.cat([z[0] for z in zcols], 1)
                 nl2s = torch.cat([z[1] for z in zcols], 1)
                 z = torch.cat([e2s, nl2s, e2s.sqrt(), nl2s.sqrt(), torch.ones_like(e2s[:, :1])], 1).double()
-                for part, mask in (("train", train), ("test", ~train)):
-                    zm = z[mask]
+                for part, rows in (("train", slice(0, n_tr)), ("test", slice(n_tr, None))):
+                    zm = z[rows]
                     grams[site][part] += (zm.T @ zm).cpu().numpy()
-                    if bool(mask.any()):
-                        mom2[(site, part)].update(x[mask], tgt[part])
+                    mom2[(site, part)].update_packed(buf[rows])
             if writer is not None:
-                writer.write(batch, train, cols)
+                inverse = torch.argsort(order)
+                train = torch.zeros(len(order), dtype=torch.bool, device=order.device)
+                train[:n_tr] = True
+                writer.write(batch, train[inverse], {k: v[inverse] for k, v in cols.items()})
         completed = True
     finally:
         if writer is not None:
@@ -336,6 +346,7 @@ def decompose(
     for site, names in groups.items():
         tr, te = mom2[(site, "train")], mom2[(site, "test")]
         x_fit = evaluate(fit_ridge(tr, "x2", bias=True), te, "x2").r2
+        var_x = te.total_variance_x()
         for n in names:
             st = stats[n]
             st.norm_test = {"x": x_fit} | {
@@ -343,7 +354,7 @@ def decompose(
                 for q in NORM_TEST_QUANTITIES[1:]
             }
             st.cos_linear_x = cos[n].compute()
-            st.fvu_nonlinear_pass2 = fvu2[n].compute()
+            st.fvu_nonlinear_pass2 = sse_nl[n] / var_x
             m = norm_sums[n] / max(n_test, 1)
             st.mean_error_norm, st.mean_linear_norm, st.mean_nonlinear_norm = (float(v) for v in m)
     return Decomposition(
@@ -355,6 +366,41 @@ def decompose(
         probes=probes,
         table=table_path,
     )
+
+
+RECONSTRUCT_CHUNK = 1024
+"""Tokens per SAE encode inside a batch: keeps the [tokens, d_sae] pre-activations small and reused."""
+
+
+def _train_first(train: Tensor) -> tuple[Tensor, int]:
+    """A row order that puts the train tokens first (stable), and how many there are."""
+    order = torch.argsort((~train).to(torch.uint8), stable=True)
+    return order, int(train.sum())
+
+
+class _HeldOut:
+    """Held-out reconstruction metrics from per-token norms, with the definitions of
+    ``darkmatter.stats.metrics`` (FVU, NMSE, NormRatio, L0): one norm per token and SAE, no [n, d] copies."""
+
+    def __init__(self, d_sae: int):
+        self.sse = self.nmse_sum = self.ratio_sum = 0.0
+        self.n = 0
+        self.l0 = L0(d_sae)
+
+    def update(self, e2: Tensor, x_norm: Tensor, x_hat_norm: Tensor, indices: Tensor, values: Tensor) -> None:
+        if len(e2) == 0:
+            return
+        x2 = x_norm.square()
+        if bool((x2 == 0).any()):
+            raise DataError(
+                f"{int((x2 == 0).sum())} test token(s) have ‖x‖ = 0, so the normalised error is undefined; "
+                "drop those tokens (for example BOS or padding) before evaluating."
+            )
+        self.sse += float(e2.sum())
+        self.nmse_sum += float((e2 / x2).sum())
+        self.ratio_sum += float((x_hat_norm.to(x_norm.device) / x_norm).sum())
+        self.n += len(e2)
+        self.l0.update_sparse(indices, values)
 
 
 def _batches(

@@ -230,8 +230,8 @@ class SAE(nn.Module):
         sae.cfg = cfg
         for name in expected:
             value = tensors[name].detach().to(device=device, dtype=target)
-            if name == "W_dec":
-                value = value.contiguous()  # gathered row-wise by decode_sparse
+            if name in ("W_enc", "W_dec"):
+                value = value.contiguous()  # W_dec rows are gathered by decode_sparse
             sae.register_parameter(name, nn.Parameter(value, requires_grad=False))
         if "threshold" not in expected:
             sae.register_parameter("threshold", None)
@@ -414,7 +414,14 @@ class SAE(nn.Module):
 
     def _pre(self, x2d: Tensor) -> Tensor:
         """Pre-activations ``[n, d_sae]`` of flattened inputs ``[n, d_in]``."""
-        return torch.addmm(self.b_enc, self._transform_in(x2d, self._stats(x2d)), self.W_enc)
+        stats = self._stats(x2d)
+        if stats is None:
+            # (s·x − b_dec)W + b_enc as s·(xW) + (b_enc − b_dec·W): no [n, d_in] copy of the input
+            bias = self.b_enc
+            if self.cfg.apply_b_dec_to_input:
+                bias = torch.addmm(self.b_enc, self.b_dec[None], self.W_enc.contiguous(), alpha=-1.0)[0]
+            return torch.addmm(bias, x2d, self.W_enc, alpha=self.cfg.input_scale)
+        return torch.addmm(self.b_enc, self._transform_in(x2d, stats), self.W_enc)
 
     def encode_sparse(self, x: Tensor, *, chunk_size: int | None = None) -> SparseCodes:
         """Active latents of ``x [..., d_in]`` as ``SparseCodes`` ``[..., m]``.
@@ -544,6 +551,8 @@ def _pack(codes: Tensor) -> tuple[Tensor, Tensor]:
 
 def _pad_cat(parts: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
     """Concatenate per-chunk ``[n_i, m_i]`` codes, padding every chunk to the largest ``m``."""
+    if len(parts) == 1:
+        return parts[0]
     m = max(idx.shape[1] for idx, _ in parts)
     padded = [(F.pad(idx, (0, m - idx.shape[1])), F.pad(val, (0, m - val.shape[1]))) for idx, val in parts]
     return torch.cat([p[0] for p in padded]), torch.cat([p[1] for p in padded])

@@ -10,6 +10,8 @@ Recipe (Gao et al. 2024 and Bussmann et al. 2024, as used by sparsify and SAELen
 - everything seeded; a checkpoint every ``checkpoint_every`` steps makes a killed run resume to the same
   weights it would have reached without the kill.
 Training uses the train split of tokens (``darkmatter.stats.split``); quality is reported on the test split.
+An SAE can also read a *derived input*: a function of a stored site computed on the fly for every loaded
+shard (for example another SAE's error), named by its own identity so checkpoints never mix inputs.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -28,12 +30,13 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from darkmatter.errors import ConfigError, DataError, StoreError
+from darkmatter.errors import ConfigError, DataError, ShapeError, StoreError
 from darkmatter.sae.model import SAE, SAEConfig
 from darkmatter.stats.split import is_train
 from darkmatter.store import ActivationStore, atomic_write_bytes
 
 Tensor = torch.Tensor
+DERIVE_CHUNK = 4096  # rows per call of a derived input's function (bounds its working memory)
 
 
 class SAESpec(BaseModel):
@@ -41,7 +44,7 @@ class SAESpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     name: str = Field(description="Unique name, also the folder name.")
-    site: str = Field(description="Hook site it reads, e.g. blocks.15.hook_resid_post.")
+    site: str = Field(description="Hook site it reads, e.g. blocks.15.hook_resid_post, or a derived input.")
     d_sae: int = Field(ge=1, description="Number of latents.")
     k: int = Field(ge=1, description="Active latents per token (TopK) or on average (BatchTopK).")
     kind: Literal["topk", "batchtopk"] = Field("topk", description="Sparsity mechanism.")
@@ -64,6 +67,19 @@ class TrainConfig(BaseModel):
     device: str = Field("cpu", description="Training device.")
 
 
+@dataclass(frozen=True)
+class DerivedInput:
+    """An SAE input computed from a stored site: ``fn(x [n, d]) -> [n, d']``, run in float32 without grad.
+
+    ``identity`` must change whenever ``fn`` would (it enters the checkpoint signature); the exported SAE's
+    ``hook_site`` is ``source`` and its metadata names the derived input and its identity.
+    """
+
+    source: str
+    fn: Callable[[Tensor], Tensor]
+    identity: str
+
+
 @dataclass
 class _Member:
     """Trainable state of one SAE in the family."""
@@ -77,7 +93,7 @@ class _Member:
     lr: float
     since_fired: Tensor  # [d_sae] tokens since each latent last fired
     threshold: Tensor  # scalar running BatchTopK inference threshold (EMA)
-    history: list[dict[str, float]] = field(default_factory=list)
+    history: list[dict[str, float]] = field(default_factory=list)  # step, fvu, l0, aux, dead_fraction
 
     def params(self) -> list[Tensor]:
         return [self.W_enc, self.b_enc, self.W_dec, self.b_dec]
@@ -110,16 +126,26 @@ class FamilyTrainer:
         *,
         split_seed: int = 0,
         train_fraction: float = 0.8,
+        derived: Mapping[str, DerivedInput] | None = None,
     ):
         if not specs:
             raise ConfigError("An SAE family needs at least one SAE spec.")
         names = [s.name for s in specs]
         if len(set(names)) != len(names):
             raise ConfigError(f"SAE names must be unique, got {names}.")
-        for s in specs:
-            if s.site not in store.sites:
+        derived = dict(derived or {})
+        for name, d in derived.items():
+            if name in store.sites:
+                raise ConfigError(f"Derived input {name!r} has the name of a stored site; rename it.")
+            if d.source not in store.sites:
                 raise StoreError(
-                    f"SAE {s.name!r} reads {s.site}, which the store lacks (it has {store.sites})."
+                    f"Derived input {name!r} reads {d.source}, which the store lacks (it has {store.sites})."
+                )
+        for s in specs:
+            if s.site not in store.sites and s.site not in derived:
+                raise StoreError(
+                    f"SAE {s.name!r} reads {s.site}, which the store lacks (it has {store.sites})"
+                    + (f" and which is not a derived input ({sorted(derived)})." if derived else ".")
                 )
             if s.k > s.d_sae:
                 raise ConfigError(f"SAE {s.name!r}: k={s.k} exceeds d_sae={s.d_sae}.")
@@ -127,7 +153,9 @@ class FamilyTrainer:
         self.split_seed, self.train_fraction = split_seed, train_fraction
         self.workdir = Path(workdir)
         self.device = torch.device(cfg.device)
-        self.sites = sorted({s.site for s in specs})
+        self.sites = sorted({s.site for s in specs})  # the inputs SAEs read: stored sites or derived names
+        self.derived = {n: derived[n] for n in self.sites if n in derived}
+        self._load_sites = sorted({self.derived[n].source if n in self.derived else n for n in self.sites})
         self.n_train = self._count_train_tokens()
         if self.n_train < cfg.batch_size:
             raise DataError(
@@ -164,14 +192,18 @@ class FamilyTrainer:
             rows = [
                 b
                 for b in self.store.iter_batches(
-                    self.sites, contexts=np.arange(start, stop), batch_tokens=spc * 4096
+                    self._load_sites, contexts=np.arange(start, stop), batch_tokens=spc * 4096
                 )
             ]
-            parts = {s: torch.cat([b.acts[s] for b in rows]) for s in self.sites}
+            loaded = {s: torch.cat([b.acts[s] for b in rows]) for s in self._load_sites}
             keep = self._train_mask(
                 torch.cat([b.context for b in rows]), torch.cat([b.position for b in rows])
             )
-            parts = {s: v[keep] for s, v in parts.items()}
+            loaded = {s: v[keep] for s, v in loaded.items()}
+            parts = {
+                s: self._derive(s, loaded[self.derived[s].source]) if s in self.derived else loaded[s]
+                for s in self.sites
+            }
             buf = parts if buf is None else {s: torch.cat([buf[s], parts[s]]) for s in self.sites}
             perm = torch.randperm(len(buf[self.sites[0]]), generator=gen)
             buf = {s: v[perm] for s, v in buf.items()}
@@ -179,6 +211,25 @@ class FamilyTrainer:
             for i in range(n_full):
                 yield {s: v[i * bs : (i + 1) * bs] for s, v in buf.items()}
             buf = {s: v[n_full * bs :] for s, v in buf.items()}
+
+    @torch.no_grad()
+    def _derive(self, name: str, x: Tensor) -> Tensor:
+        """Derived input ``name`` of source rows ``x [n, d]``, computed ``DERIVE_CHUNK`` rows at a time."""
+        fn = self.derived[name].fn
+        out = []
+        for i in range(0, max(len(x), 1), DERIVE_CHUNK):
+            chunk = x[i : i + DERIVE_CHUNK].float()
+            y = fn(chunk)
+            if y.ndim != 2 or y.shape[0] != chunk.shape[0]:
+                raise ShapeError(
+                    f"Derived input {name!r} must map [n, d] rows to [n, d'] rows, but it mapped "
+                    f"{tuple(chunk.shape)} to {tuple(y.shape)}."
+                )
+            y = y.to("cpu", torch.float32)
+            if not bool(torch.isfinite(y).all()):
+                raise DataError(f"Derived input {name!r} has NaN or infinite values; check its source.")
+            out.append(y)
+        return torch.cat(out)
 
     def batches(self) -> Iterator[dict[str, Tensor]]:
         """The whole run's batch sequence (deterministic); resuming skips what was already consumed."""
@@ -303,6 +354,7 @@ class FamilyTrainer:
                     {
                         "step": float(self.step),
                         "fvu": float(loss.detach()),
+                        "l0": float((vals > 0).sum()) / x.shape[0],
                         "aux": float(aux.detach()),
                         "dead_fraction": n_dead / m.spec.d_sae,
                     }
@@ -313,15 +365,15 @@ class FamilyTrainer:
     @property
     def signature(self) -> str:
         """Identifies what a checkpoint was trained on and how; only a matching checkpoint is resumed."""
-        blob = json.dumps(
-            {
-                "specs": [sp.model_dump() for sp in self.specs],
-                "train": self.cfg.model_dump(),
-                "store": self.store.manifest["identity_hash"],
-                "split": [self.split_seed, self.train_fraction],
-            },
-            sort_keys=True,
-        )
+        fields: dict[str, Any] = {
+            "specs": [sp.model_dump() for sp in self.specs],
+            "train": self.cfg.model_dump(),
+            "store": self.store.manifest["identity_hash"],
+            "split": [self.split_seed, self.train_fraction],
+        }
+        if self.derived:
+            fields["derived"] = {n: [d.source, d.identity] for n, d in self.derived.items()}
+        blob = json.dumps(fields, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()
 
     @property
@@ -404,6 +456,8 @@ class FamilyTrainer:
     def export(self, m: _Member) -> SAE:
         """The trained SAE in canonical form with the input scale folded into the weights."""
         spec = m.spec
+        derived = self.derived.get(spec.site)
+        extra = {"derived_input": spec.site, "derived_identity": derived.identity} if derived else {}
         cfg = SAEConfig(
             d_in=m.W_enc.shape[0],
             d_sae=spec.d_sae,
@@ -411,7 +465,7 @@ class FamilyTrainer:
             k=spec.k,
             apply_b_dec_to_input=True,
             input_scale=self.scale[spec.site],
-            hook_site=spec.site,
+            hook_site=derived.source if derived else spec.site,
             model_name=self.store.identity["model"]["name"],
             source_format="darkmatter",
             metadata={
@@ -419,6 +473,7 @@ class FamilyTrainer:
                 "train_steps": self.step,
                 "train_tokens": self.step * self.cfg.batch_size,
                 "batchtopk_threshold_scaled": float(m.threshold),
+                **extra,
             },
         )
         tensors = {

@@ -171,18 +171,44 @@ class Moments:
             keys += [f"y.{name}.ref", f"y.{name}.sum", f"y.{name}.sumsq", f"y.{name}.cross"]
         return keys
 
-    def _zeros(self, device: torch.device) -> dict[str, Tensor]:
-        d = self._d_x
-        state = {
-            "x.ref": torch.zeros(d, dtype=F64, device=device),
-            "x.sum": torch.zeros(d, dtype=F64, device=device),
-            "x.gram": torch.zeros(d, d, dtype=F64, device=device),
-        }
+    @property
+    def packed_layout(self) -> dict[str, slice]:
+        """Column slices of x and of each target in the packed buffer `update_packed` takes."""
+        out = {"x": slice(0, self._d_x)}
+        a = self._d_x
         for name, dy in self._dims.items():
-            state[f"y.{name}.ref"] = torch.zeros(dy, dtype=F64, device=device)
-            state[f"y.{name}.sum"] = torch.zeros(dy, dtype=F64, device=device)
-            state[f"y.{name}.sumsq"] = torch.zeros(dy, dtype=F64, device=device)
-            state[f"y.{name}.cross"] = torch.zeros(d, dy, dtype=F64, device=device)
+            out[name] = slice(a, a + dy)
+            a += dy
+        return out
+
+    @property
+    def packed_width(self) -> int:
+        """Columns of the packed buffer: d_x plus every target's d_y."""
+        return self._d_x + sum(self._dims.values())
+
+    def _zeros(self, device: torch.device) -> dict[str, Tensor]:
+        """Zero sums; targets live in packed tensors (the per-target entries are views into them)."""
+        d, width = self._d_x, self.packed_width
+        ref = torch.zeros(width, dtype=F64, device=device)
+        total = torch.zeros(width, dtype=F64, device=device)
+        sumsq = torch.zeros(width - d, dtype=F64, device=device)
+        gemm = torch.zeros(d, width, dtype=F64, device=device)  # [Σxxᵀ | Σxyᵀ ...]
+        state = {
+            "x.ref": ref[:d],
+            "x.sum": total[:d],
+            "x.gram": gemm[:, :d],
+            "_ref": ref,
+            "_sum": total,
+            "_sumsq": sumsq,
+            "_gemm": gemm,
+        }
+        for name, cols in self.packed_layout.items():
+            if name == "x":
+                continue
+            state[f"y.{name}.ref"] = ref[cols]
+            state[f"y.{name}.sum"] = total[cols]
+            state[f"y.{name}.sumsq"] = sumsq[cols.start - d : cols.stop - d]
+            state[f"y.{name}.cross"] = gemm[:, cols]
         return state
 
     def _state_on(self, device: torch.device) -> dict[str, Tensor]:
@@ -190,20 +216,21 @@ class Moments:
             self._state = self._zeros(self._device or device)
         return self._state
 
-    def _mm(self, a: Tensor, b: Tensor) -> Tensor:
-        """aᵀb for [tokens, ·] chunks, in the GEMM dtype, returned as float64."""
-        if self._gemm_dtype == F64:
-            return a.T @ b
-        return (a.to(self._gemm_dtype).T @ b.to(self._gemm_dtype)).to(F64)
+    def _adopt(self, values: Mapping[str, Tensor], device: torch.device) -> None:
+        """Replace the sums by ``values`` (per-target keys), keeping the packed storage."""
+        state = self._zeros(device)
+        for k in self._keys():
+            state[k].copy_(values[k])
+        self._state = state
 
     # ----------------------------------------------------------------- streaming
 
     def update(self, x: Tensor, targets: Mapping[str, Tensor] | None = None) -> None:
         """Add a chunk: x [tokens, d_x] and, for every declared target, y [tokens, d_y] (same tokens)."""
-        self._chunks += 1
         x = as_rows("x", x, self._d_x)
         given = dict(targets or {})
         if set(given) != set(self._dims):
+            self._chunks += 1
             missing = sorted(set(self._dims) - set(given))
             unknown = sorted(set(given) - set(self._dims))
             raise ConfigError(
@@ -212,35 +239,53 @@ class Moments:
             )
         n = x.shape[0]
         ys = {name: as_rows(f"target {name!r}", given[name], d, n) for name, d in self._dims.items()}
+        device = self.device or x.device
+        buf = torch.empty(n, self.packed_width, dtype=F64, device=device)
+        for name, cols in self.packed_layout.items():
+            buf[:, cols].copy_(x if name == "x" else ys[name])
+        self.update_packed(buf)
+
+    def update_packed(self, buf: Tensor) -> None:
+        """Add a chunk given as one float64 buffer [tokens, packed_width]: x, then the targets in declared
+        order (see `packed_layout`). The buffer is overwritten (shifted in place); callers that build the
+        buffer themselves save a copy per chunk. Products are one GEMM for the Gram and every cross term."""
+        self._chunks += 1
+        width = self.packed_width
+        if buf.ndim != 2 or buf.shape[1] != width or buf.dtype != F64:
+            raise ShapeError(
+                f"Moments.update_packed: expected a float64 [tokens, {width}] buffer, found "
+                f"{buf.dtype} {list(buf.shape)}"
+            )
+        n = buf.shape[0]
         if n == 0:
             return
-        state = self._state_on(x.device)
-        device = state["x.ref"].device
-        xf = x.to(device=device, dtype=F64)
-        yfs = {name: y.to(device=device, dtype=F64) for name, y in ys.items()}
+        state = self._state_on(buf.device)
+        if buf.device != state["_ref"].device:
+            buf = buf.to(state["_ref"].device)
+        d = self._d_x
+        ones = torch.ones(n, dtype=F64, device=buf.device)
         # Column sums both seed the reference and catch NaN/inf with one host sync.
-        col_x = xf.sum(0)
-        col_y = {name: yf.sum(0) for name, yf in yfs.items()}
-        if not bool(torch.isfinite(torch.cat([col_x, *col_y.values()])).all()):
-            if not bool(torch.isfinite(col_x).all()):
-                raise_nonfinite("x", x, self._chunks)
-            for name, c in col_y.items():
-                if not bool(torch.isfinite(c).all()):
-                    raise_nonfinite(f"target {name!r}", ys[name], self._chunks)
-        first = self._n == 0
-        if first:
-            state["x.ref"].copy_(col_x / n)
-            for name in self._dims:
-                state[f"y.{name}.ref"].copy_(col_y[name] / n)
-        xs = xf - state["x.ref"]
-        xs_gemm = xs if self._gemm_dtype == F64 else xs.to(self._gemm_dtype)
-        state["x.sum"] += xs.sum(0)
-        state["x.gram"] += self._mm(xs_gemm, xs_gemm)
-        for name, yf in yfs.items():
-            ysh = yf - state[f"y.{name}.ref"]
-            state[f"y.{name}.sum"] += ysh.sum(0)
-            state[f"y.{name}.sumsq"] += (ysh * ysh).sum(0)
-            state[f"y.{name}.cross"] += self._mm(xs_gemm, ysh)
+        col = ones @ buf
+        if not bool(torch.isfinite(col).all()):
+            for name, cols in self.packed_layout.items():
+                if not bool(torch.isfinite(col[cols]).all()):
+                    label = "x" if name == "x" else f"target {name!r}"
+                    raise_nonfinite(label, buf[:, cols], self._chunks)
+        if self._n == 0:
+            state["_ref"].copy_(col / n)
+        buf.sub_(state["_ref"])
+        state["_sum"] += ones @ buf
+        if width > d:
+            y = buf[:, d:]
+            step = max(1, (1 << 20) // (width - d))  # row blocks keep the squares' temporary small
+            for a in range(0, n, step):
+                blk = y[a : a + step]
+                state["_sumsq"] += (blk * blk).sum(0)
+        xs = buf[:, :d]
+        if self._gemm_dtype == F64:
+            state["_gemm"].addmm_(xs.T, buf)
+        else:
+            state["_gemm"] += (xs.to(self._gemm_dtype).T @ buf.to(self._gemm_dtype)).to(F64)
         self._n += n
 
     def _rebased(self, state: dict[str, Tensor], n: int, ref: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -284,8 +329,7 @@ class Moments:
         if other._n == 0 or other._state is None:
             return self
         if self._n == 0 or self._state is None:
-            device = self.device or other._state["x.ref"].device
-            self._state = {k: v.to(device=device, copy=True) for k, v in other._state.items()}
+            self._adopt(other._state, self.device or other._state["x.ref"].device)
             self._n = other._n
             return self
         device = self._state["x.ref"].device
@@ -300,7 +344,7 @@ class Moments:
     def state_dict(self) -> dict[str, Tensor]:
         """The sums as a flat dict of tensors (`n` an int64 scalar), e.g. for checkpoints or collectives."""
         state = self._state_on(self._device or torch.device("cpu"))
-        out = {k: v.clone() for k, v in state.items()}
+        out = {k: state[k].clone() for k in self._keys()}
         out["n"] = torch.tensor(self._n, dtype=torch.int64)
         return out
 
@@ -313,13 +357,14 @@ class Moments:
                 f"unknown {sorted(set(state) - expected)}"
             )
         template = self._zeros(torch.device("cpu"))
-        for k, t in template.items():
+        for k in self._keys():
+            t = template[k]
             if tuple(state[k].shape) != tuple(t.shape):
                 raise ShapeError(
                     f"Moments.load_state_dict: {k} has shape {list(state[k].shape)}, expected {list(t.shape)}"
                 )
         device = self._device or state["x.ref"].device
-        self._state = {k: state[k].to(device=device, dtype=F64, copy=True) for k in template}
+        self._adopt({k: state[k].to(dtype=F64) for k in self._keys()}, device)
         self._n = int(state["n"])
 
     def all_reduce_(self, group: object | None = None) -> Moments:
@@ -343,8 +388,9 @@ class Moments:
             size = refs[k].numel()
             new_refs[k] = common[offset : offset + size]
             offset += size
-        self._state = self._rebased(state, self._n, new_refs)
-        all_reduce_sum_([v for k, v in self._state.items() if not k.endswith(".ref")], group)
+        self._adopt(self._rebased(state, self._n, new_refs), state["_ref"].device)
+        assert self._state is not None
+        all_reduce_sum_([self._state[k] for k in ("_sum", "_sumsq", "_gemm")], group)
         self._n = total
         return self
 
