@@ -51,20 +51,21 @@ def _progress_factory(quiet: bool) -> Any:
 
     bars: dict[str, Any] = {}
 
-    def factory(name: str) -> Any:
+    def factory(name: str, unit: str = "tok") -> Any:
         def update(done: int, total: int, rate: float) -> None:
             bar = bars.get(name)
-            if bar is None:
+            if bar is None or bar.total != total:
                 bar = bars[name] = tqdm(
                     total=total,
                     desc=name,
-                    unit="tok",
-                    unit_scale=True,
+                    unit=unit,
+                    unit_scale=unit == "tok",
                     file=sys.stderr,
                     bar_format=BAR_FORMAT,
                 )
             bar.n = done
-            bar.set_postfix_str(f"{rate:,.0f} tok/s", refresh=False)
+            speed = f"{rate:,.0f} {unit}/s" if rate >= 10 else f"{rate:.2f} {unit}/s"
+            bar.set_postfix_str(speed, refresh=False)
             bar.refresh()
             if done >= total:
                 bar.close()
@@ -101,10 +102,22 @@ def run(
     _quiet_libraries()
     cfg = _resolve(preset, config, set_, online)
     study = Study(cfg, out, log=(lambda _m: None) if quiet else _log, progress=_progress_factory(quiet))
-    report = study.run()
+    try:
+        report = study.run()
+    finally:
+        if not quiet and study.timings:
+            _log(_summary_table(study.summary()))
     if not quiet:
-        _log("step times: " + ", ".join(f"{k} {v:.1f}s" for k, v in study.timings.items()))
         _log(f"done: {report}")
+
+
+def _summary_table(rows: list[tuple[str, str, float, str]]) -> str:
+    """The end-of-run table: step, status, seconds and headline numbers."""
+    w = max(len(r[0]) for r in rows)
+    lines = [f"{'step':<{w}}  {'status':<10}  {'seconds':>8}  headline"]
+    lines += [f"{n:<{w}}  {st:<10}  {sec:8.1f}  {head}" for n, st, sec, head in rows]
+    lines.append(f"{'total':<{w}}  {'':<10}  {sum(r[2] for r in rows):8.1f}")
+    return "\n".join(lines)
 
 
 @app.command()
@@ -121,6 +134,7 @@ def harvest(
 
     _quiet_libraries()
     cfg = _resolve(preset, config, set_, online)
+    cfg.require_local()
     Study(
         cfg, out, log=(lambda _m: None) if quiet else _log, progress=_progress_factory(quiet)
     ).step_harvest()

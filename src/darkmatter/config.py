@@ -2,17 +2,32 @@
 
 A study is fully described by a ``StudyConfig``; every step's output records the hash of the part of the
 config it depends on, so ``darkmatter run`` can skip finished steps and redo changed ones.
+
+Presets: ``demo`` and ``tiny`` (embedded model, trained family); ``paper-gemma-2-2b``, ``paper-gemma-2-9b``
+and ``llama-scope-8b`` (hub model, Pile text and a loaded SAE family, sized for one GPU).
+
+Local copies: every hub id of a preset can be replaced by a local copy without editing code.
+- ``--set model.name=DIR``: a local Hugging Face model folder (config.json, weights, tokenizer).
+- ``--set text.source=PATH``: a .jsonl file (one ``{"text": ...}`` per line; .jsonl.gz and .jsonl.zst too), a
+  folder of them, or plain text (see ``darkmatter.text``).
+- ``--set family.external_root=DIR``: an external SAE ``owner/repo:sub/folder`` is read from
+  ``DIR/repo/sub/folder`` (the layout of a hub download of the repo into ``DIR/repo``).
+- ``--set family.external_paths.NAME=PATH``: one SAE, by name, from anywhere; wins over the root.
+- ``--set 'family.external_only=["NAME", ...]'``: load only some of the SAEs (e.g. leave out the widest).
+``darkmatter config show --preset NAME --set ...`` prints the resolved paths. Offline (no ``--online``), a
+study that still names something to download stops with an error that lists it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from darkmatter.errors import ConfigError
 from darkmatter.harvest import HarvestConfig
@@ -49,6 +64,9 @@ class ExternalSAE(BaseModel):
     site: str | None = Field(None, description="Hook site; overrides what the SAE's config says.")
 
 
+_HUB_SUBFOLDER = re.compile(r"^[A-Za-z0-9][\w.-]*/(?P<repo>[\w.-]+):(?P<sub>.+)$")
+
+
 class FamilyConfig(BaseModel):
     """The SAE family under study: trained here (default) or loaded (``external``)."""
 
@@ -64,7 +82,42 @@ class FamilyConfig(BaseModel):
         True, description="Also train SAEs on layer L-1 resid_post, L mlp_out, L attn_out."
     )
     train: TrainConfig = Field(default_factory=TrainConfig)
-    external: list[ExternalSAE] = Field(default_factory=list, description="Load these instead of training.")
+    external: list[ExternalSAE] = Field(
+        default_factory=list,
+        description="Load these instead of training; the width sweep is the first SAE of each width at "
+        "the study's layer (resid_post), in list order.",
+    )
+    external_root: str | None = Field(
+        None,
+        description="Local folder holding hub SAEs as <repo name>/<subfolder>: every external path "
+        "'owner/repo:subfolder' is read from <external_root>/repo/subfolder instead.",
+    )
+    external_paths: dict[str, str] = Field(
+        default_factory=dict, description="External SAE name -> local path; wins over external_root."
+    )
+    external_only: list[str] = Field(
+        default_factory=list, description="Keep only these external SAEs (by name); empty keeps all."
+    )
+
+    @model_validator(mode="after")
+    def _localize_external(self) -> FamilyConfig:
+        """Apply ``external_only``, ``external_paths`` and ``external_root`` to ``external`` (idempotent)."""
+        names = [e.name for e in self.external]
+        if len(set(names)) != len(names):
+            raise ValueError(f"external SAE names must be unique, found {names}")
+        kept = self.external_only or names
+        paths = {n: p for n, p in self.external_paths.items() if not self.external_only or n in kept}
+        for option, wanted in (("external_only", self.external_only), ("external_paths", paths)):
+            unknown = [n for n in wanted if n not in names]
+            if unknown:
+                raise ValueError(f"{option} names {unknown} are not external SAEs; known: {names}")
+        self.external = [e for e in self.external if e.name in kept]
+        for e in self.external:
+            if e.name in paths:
+                e.path = paths[e.name]
+            elif self.external_root and (m := _HUB_SUBFOLDER.match(e.path)):
+                e.path = str(Path(self.external_root).expanduser() / m.group("repo") / m.group("sub"))
+        return self
 
     def specs(self, layer: int) -> list[SAESpec]:
         """The trained family: a width sweep at ``k``, a k sweep at ``width_for_ks``, auxiliary sites."""
@@ -147,6 +200,51 @@ class NonlinearConfig(BaseModel):
     mlp_epochs: int = Field(4, ge=1, description="Epochs of the MLP probe over the train split.")
 
 
+class InterpConfig(BaseModel):
+    """Auto-interpretability of the error-component SAEs' latents (paper Fig 8)."""
+
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = Field(True, description="Explain and score latents.")
+    judge: str = Field(
+        "local",
+        description="'local' (an in-process model), 'endpoint' (OpenAI-compatible chat API) or 'none'.",
+    )
+    local_model: str = Field(
+        "embedded", description="Judge model for 'local': 'embedded' (SmolLM2-135M-Instruct) or a folder."
+    )
+    endpoint_url: str | None = Field(
+        None, description="Base URL for 'endpoint', e.g. http://127.0.0.1:8000/v1."
+    )
+    endpoint_model: str | None = Field(None, description="Model name the endpoint serves.")
+    timeout: float = Field(120.0, gt=0, description="Seconds per endpoint request.")
+    retries: int = Field(3, ge=0, description="Endpoint retries before giving up.")
+    n_latents: int = Field(8, ge=1, description="Latents scored per error SAE (chosen at random, seeded).")
+    latents: list[int] = Field(default_factory=list, description="Score these latents instead of a sample.")
+    min_activations: int = Field(20, ge=1, description="Skip latents active on fewer tokens.")
+    window: int = Field(24, ge=2, description="Tokens per example window.")
+    n_examples_explain: int = Field(10, ge=1, description="Top examples shown to the explainer.")
+    n_per_decile: int = Field(2, ge=1, description="Test examples per activation decile.")
+    n_negatives: int = Field(10, ge=1, description="Non-activating test examples per latent.")
+    batch_size: int = Field(4, ge=1, description="Examples per detection prompt.")
+
+
+class ErrorSAEsConfig(BaseModel):
+    """TopK SAEs trained on LinearError and NonlinearError of one SAE (paper Figs 7/8)."""
+
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = Field(True, description="Train the error-component SAEs.")
+    sae: str | None = Field(None, description="SAE whose error is split; default: as for the synthetic step.")
+    components: list[str] = Field(
+        default_factory=lambda: ["linear", "nonlinear"], description="linear, nonlinear and/or error."
+    )
+    d_sae: int | None = Field(None, ge=1, description="Width; default: the chosen SAE's width.")
+    k: int | None = Field(None, ge=1, description="k; default: the chosen SAE's k (or the family's k).")
+    train: TrainConfig = Field(
+        default_factory=lambda: TrainConfig(epochs=4, batch_size=512, lr=1e-3, dead_tokens=5000)
+    )
+    interp: InterpConfig = Field(default_factory=InterpConfig)
+
+
 class StudyConfig(BaseModel):
     """A whole study: model, text, harvest and the analysis layer."""
 
@@ -164,6 +262,7 @@ class StudyConfig(BaseModel):
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
     pursuit: PursuitConfig = Field(default_factory=PursuitConfig)
     nonlinear: NonlinearConfig = Field(default_factory=NonlinearConfig)
+    error_saes: ErrorSAEsConfig = Field(default_factory=ErrorSAEsConfig)
 
     def sites(self) -> list[str]:
         """Sites to harvest: what the family reads (or the external SAEs' sites) plus harvest.sites."""
@@ -174,6 +273,39 @@ class StudyConfig(BaseModel):
             needed += [s.site for s in self.family.specs(self.layer)]
         needed += self.harvest.sites
         return list(dict.fromkeys(needed))
+
+    def missing_locally(self) -> list[str]:
+        """What this study would have to download: a hub model, an ``hf:`` text source, hub SAEs."""
+        from darkmatter.lm.loading import EMBEDDED_NAMES
+
+        missing: list[str] = []
+        name = self.model.name
+        if name.lower() not in EMBEDDED_NAMES and not Path(name).expanduser().exists():
+            missing.append(f"model.name {name!r}")
+        if self.text.source.startswith("hf:"):
+            missing.append(f"text.source {self.text.source!r}")
+        saes = [e for e in self.family.external if not Path(e.path).expanduser().exists()]
+        if saes:
+            missing.append(
+                f"{len(saes)} of family.external ({', '.join(repr(e.path) for e in saes[:2])}"
+                + (", ...)" if len(saes) > 2 else ")")
+            )
+        return missing
+
+    def require_local(self) -> None:
+        """Offline (no ``model.online`` and no DARKMATTER_ONLINE=1), fail early on anything not on disk."""
+        from darkmatter.lm.loading import network_allowed
+
+        missing = self.missing_locally()
+        if not missing or self.model.online or network_allowed():
+            return
+        raise ConfigError(
+            f"Study {self.preset!r} needs files that are not on disk, and the network is off: "
+            f"{'; '.join(missing)}. Pass "
+            "--online to download them, or point at local copies: --set model.name=DIR, --set "
+            "text.source=FILE_OR_DIR (.jsonl or .txt), --set family.external_root=DIR (holding "
+            "<repo name>/<subfolder> folders) or --set family.external_paths.NAME=DIR."
+        )
 
     def section_hash(self, *sections: str) -> str:
         """Hash of the named sections (for step skipping)."""
@@ -238,7 +370,227 @@ def _tiny() -> dict[str, Any]:
     return cfg
 
 
-PRESETS = {"demo": _demo, "tiny": _tiny}
+# --------------------------------------------------------------------------- paper presets
+
+PILE = "hf:monology/pile-uncopyrighted"
+
+# Gemma Scope residual-stream SAEs per width whose published average_l0 is closest to 60 (ties: the lower),
+# as the paper picks them (§3.2/§3.5): width label -> average_l0 of the hub folder.
+GEMMA_2_9B_L20_RES = {"16k": 58, "32k": 57, "65k": 55, "131k": 62, "262k": 64, "524k": 48, "1m": 57}
+GEMMA_2_2B_L12_RES = {"16k": 41, "32k": 76, "65k": 72, "131k": 67, "262k": 67, "524k": 65, "1m": 58}
+
+
+def _paper_text() -> dict[str, Any]:
+    """The paper's token set (§1.2): 300 Pile documents of at least 1024 tokens in seed-42 shuffled stream
+    order, each truncated to 1024 tokens with BOS; the first 200 positions are left out of analyses."""
+    return {
+        "source": PILE,
+        "ctx_len": 1024,
+        "n_contexts": 300,
+        "skip_positions": 200,
+        "packing": "truncate",
+        "bos": "auto",
+        "seed": 42,
+        "shuffle_buffer": 10_000,
+        "hf_split": "train",
+        "text_field": "text",
+    }
+
+
+def _gemma_scope(size: str, site: str, layer: int, width: str, l0: int, name: str = "") -> dict[str, Any]:
+    """One Gemma Scope (Gemma 2, pretrained) SAE from ``google/gemma-scope-{size}-pt-{site}``."""
+    hook = {"res": "hook_resid_post", "mlp": "hook_mlp_out"}[site]
+    return {
+        "name": name or f"L{layer}-{site}-{width}",
+        "path": f"google/gemma-scope-{size}-pt-{site}:layer_{layer}/width_{width}/average_l0_{l0}",
+        "format": "gemma_scope",
+        "site": f"blocks.{layer}.{hook}",
+    }
+
+
+def _llama_scope(site: str, layer: int, expansion: str) -> dict[str, Any]:
+    """One Llama Scope (Llama-3.1-8B base) SAE; 8x = 32k latents, 32x = 128k latents."""
+    letter, hook = {
+        "res": ("R", "hook_resid_post"),
+        "mlp": ("M", "hook_mlp_out"),
+        "attn": ("A", "hook_attn_out"),
+    }[site]
+    width = {"8x": "32k", "32x": "128k"}[expansion]
+    return {
+        "name": f"L{layer}-{site}-{width}",
+        "path": f"fnlp/Llama3_1-8B-Base-LX{letter}-{expansion}:Llama3_1-8B-Base-L{layer}{letter}-{expansion}",
+        "format": "llama_scope",
+        "site": f"blocks.{layer}.{hook}",
+    }
+
+
+def _paper_study(
+    preset: str,
+    model: str,
+    dtype: str,
+    layer: int,
+    external: list[dict[str, Any]],
+    *,
+    single_sae: str,
+    error_sae_width: int,
+    layer_stride: int,
+    harvest_batch: int,
+) -> dict[str, Any]:
+    """A GPU-sized study of an external SAE family on the paper's token set; ``single_sae`` is the SAE of
+    the synthetic simulation and of the error-component SAEs (TopK k = 32 of ``error_sae_width``, §6.2)."""
+    return {
+        "preset": preset,
+        "seed": 0,
+        "layer": layer,
+        "model": {"name": model, "device": "cuda", "dtype": dtype},
+        "text": _paper_text(),
+        "harvest": {"dtype": "fp32", "with_loss": True, "batch_size": harvest_batch, "shard_contexts": 20},
+        "family": {"external": external},
+        "layer_sweep": {
+            "stride": layer_stride,
+            "n_contexts": 64,
+            "d_sae": 8192,
+            "k": 64,
+            "kind": "batchtopk",
+            "train": {
+                "epochs": 16,
+                "batch_size": 2048,
+                "lr": 1e-3,
+                "dead_tokens": 50_000,
+                "device": "cuda",
+            },
+        },
+        "synthetic": {"sae": single_sae, "n_tokens": 50_000},
+        "pursuit": {"n_contexts": 32},
+        "nonlinear": {"ce_contexts": 32, "mlp_hidden": 1024, "mlp_epochs": 8},
+        "error_saes": {
+            "sae": single_sae,
+            "d_sae": error_sae_width,
+            "k": 32,
+            "train": {"epochs": 16, "batch_size": 4096, "lr": 2e-4, "device": "cuda"},
+        },
+    }
+
+
+def _paper_gemma_2_9b() -> dict[str, Any]:
+    """The paper's main study: Gemma 2 9B layer 20 with Gemma Scope residual SAEs, 16k to 1M latents.
+
+    Family (``google/gemma-scope-9b-pt-*``, loaded, not trained):
+    - width sweep ``L20-res-{16k,32k,65k,131k,262k,524k,1m}``: ``res:layer_20/width_W/average_l0_N`` with
+      N the published L0 closest to 60 (58, 57, 55, 62, 64, 48, 57); the 16k one is the target of the
+      earlier-layer predictors and the MLP probe, the 1m one of the norm-probe experiment (Fig 14);
+    - earlier-layer predictors (Fig 10b): ``L19-res-16k`` (L0 67) and ``L20-mlp-16k`` (mlp, L0 41). Gemma
+      Scope's attention SAEs read ``attn.hook_z`` (per-head outputs before W_O), which the store does not
+      harvest, so the attention predictor is skipped;
+    - ``L20-res-16k-l0_68``: the SAE of the synthetic simulation (16k, L0 closest to 100, as in the paper)
+      and of the error-component SAEs (57,344 latents = 16 x d_model, k = 32, as the paper's §6.2).
+    Text: 300 x 1024 tokens of Pile (uncopyrighted), streamed with ``--online``; 200 positions skipped.
+    The model runs in bf16 on CUDA; activations are stored in fp32 (about 13 GB for the three sites).
+    The across-layer baselines (Fig 13) use small BatchTopK SAEs trained here on every 4th layer.
+
+    Local copies (see the module docstring): ``--set model.name=GEMMA_2_9B_DIR --set text.source=PILE.jsonl
+    --set family.external_root=ROOT`` with ``ROOT/gemma-scope-9b-pt-res/layer_20/width_16k/average_l0_58/
+    params.npz`` and so on (``ROOT/gemma-scope-9b-pt-mlp/...`` for the mlp SAE).
+    """
+    res = [_gemma_scope("9b", "res", 20, w, l0) for w, l0 in GEMMA_2_9B_L20_RES.items()]
+    extra = [
+        _gemma_scope("9b", "res", 19, "16k", 67),
+        _gemma_scope("9b", "mlp", 20, "16k", 41),
+        _gemma_scope("9b", "res", 20, "16k", 68, name="L20-res-16k-l0_68"),
+    ]
+    return _paper_study(
+        "paper-gemma-2-9b",
+        "google/gemma-2-9b",
+        "bf16",
+        20,
+        res + extra,
+        single_sae="L20-res-16k-l0_68",
+        error_sae_width=16 * 3584,
+        layer_stride=4,
+        harvest_batch=4,
+    )
+
+
+def _paper_gemma_2_2b() -> dict[str, Any]:
+    """The paper's Gemma 2 2B study: layer 12 with Gemma Scope residual SAEs, 16k to 1M latents.
+
+    Family (``google/gemma-scope-2b-pt-*``, loaded, not trained):
+    - width sweep ``L12-res-{16k,32k,65k,131k,262k,524k,1m}``: ``res:layer_12/width_W/average_l0_N`` with
+      N the published L0 closest to 60 (41, 76, 72, 67, 67, 65, 58); the 16k one is the target of the
+      earlier-layer predictors and the MLP probe, the 1m one of the norm-probe experiment (Fig 14);
+    - earlier-layer predictors (Fig 10b): ``L11-res-16k`` (L0 41) and ``L12-mlp-16k`` (mlp, L0 44); the
+      attention predictor is skipped (Gemma Scope's attention SAEs read ``attn.hook_z``, not harvested);
+    - ``L12-res-16k-l0_82``: the SAE of the synthetic simulation (16k, L0 closest to 100) and of the
+      error-component SAEs (36,864 latents, k = 32: the paper's Fig 8 setting).
+    Text: 300 x 1024 tokens of Pile (uncopyrighted), streamed with ``--online``; 200 positions skipped.
+    The model runs in fp32 on CUDA; the across-layer baselines use SAEs trained here on every 2nd layer.
+
+    Local copies (see the module docstring): ``--set model.name=GEMMA_2_2B_DIR --set text.source=PILE.jsonl
+    --set family.external_root=ROOT`` with ``ROOT/gemma-scope-2b-pt-res/layer_12/width_16k/average_l0_41/
+    params.npz`` and so on (``ROOT/gemma-scope-2b-pt-mlp/...`` for the mlp SAE).
+    """
+    res = [_gemma_scope("2b", "res", 12, w, l0) for w, l0 in GEMMA_2_2B_L12_RES.items()]
+    extra = [
+        _gemma_scope("2b", "res", 11, "16k", 41),
+        _gemma_scope("2b", "mlp", 12, "16k", 44),
+        _gemma_scope("2b", "res", 12, "16k", 82, name="L12-res-16k-l0_82"),
+    ]
+    return _paper_study(
+        "paper-gemma-2-2b",
+        "google/gemma-2-2b",
+        "fp32",
+        12,
+        res + extra,
+        single_sae="L12-res-16k-l0_82",
+        error_sae_width=16 * 2304,
+        layer_stride=2,
+        harvest_batch=4,
+    )
+
+
+def _llama_scope_8b() -> dict[str, Any]:
+    """Llama-3.1-8B (base) layer 15 with Llama Scope SAEs, on the paper's Pile token set.
+
+    Family (``fnlp/Llama3_1-8B-Base-LX{R,M,A}-{8x,32x}``, loaded, not trained; TopK-trained with k = 50,
+    served as JumpReLU):
+    - width sweep ``L15-res-32k`` (8x) and ``L15-res-128k`` (32x), folders ``Llama3_1-8B-Base-L15R-{8x,32x}``;
+      two widths, so the power-law fit is skipped; the 32k one is the target of the single-SAE experiments
+      (error-component SAEs: 65,536 latents, k = 32);
+    - earlier-layer predictors (Fig 10b): ``L14-res-32k``, ``L15-mlp-32k`` and ``L15-attn-32k`` (Llama
+      Scope's attention SAEs read ``hook_attn_out``, so all three predictors run).
+    The model runs in bf16 on CUDA; the across-layer baselines use SAEs trained here on every 4th layer.
+
+    Local copies (see the module docstring): ``--set model.name=LLAMA_DIR --set text.source=PILE.jsonl
+    --set family.external_root=ROOT`` with ``ROOT/Llama3_1-8B-Base-LXR-8x/Llama3_1-8B-Base-L15R-8x/
+    {hyperparams.json,checkpoints/final.safetensors}`` and so on.
+    """
+    external = [
+        _llama_scope("res", 15, "8x"),
+        _llama_scope("res", 15, "32x"),
+        _llama_scope("res", 14, "8x"),
+        _llama_scope("mlp", 15, "8x"),
+        _llama_scope("attn", 15, "8x"),
+    ]
+    return _paper_study(
+        "llama-scope-8b",
+        "meta-llama/Llama-3.1-8B",
+        "bf16",
+        15,
+        external,
+        single_sae="L15-res-32k",
+        error_sae_width=16 * 4096,
+        layer_stride=4,
+        harvest_batch=8,
+    )
+
+
+PRESETS = {
+    "demo": _demo,
+    "tiny": _tiny,
+    "paper-gemma-2-2b": _paper_gemma_2_2b,
+    "paper-gemma-2-9b": _paper_gemma_2_9b,
+    "llama-scope-8b": _llama_scope_8b,
+}
 
 
 def _deep_update(base: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:

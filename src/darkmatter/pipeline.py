@@ -21,7 +21,7 @@ from darkmatter.store import ActivationStore
 from darkmatter.text import make_contexts
 
 Log = Callable[[str], None]
-ProgressFactory = Callable[[str], Progress | None]
+ProgressFactory = Callable[..., Progress | None]  # (name, unit='tok') -> callback
 
 
 class HarvestResult(Result):
@@ -140,10 +140,19 @@ class Study:
     ):
         self.cfg = cfg
         self.out = Path(out)
-        self.log = log
-        self.progress = progress or (lambda _name: None)
+        self._log = log
+        self.progress: ProgressFactory = progress or (lambda *_args: None)
         self._lm: LoadedLM | None = None
         self.timings: dict[str, float] = {}
+        self.status: dict[str, str] = {}
+        self._step = ""
+        self.deferred_errors: list[Exception] = []
+
+    def log(self, message: str) -> None:
+        """Log a step message; a step that says it is up to date is marked so in the summary."""
+        if ": up to date" in message and self._step:
+            self.status[self._step] = "up to date"
+        self._log(message)
 
     @property
     def lm(self) -> LoadedLM:
@@ -202,32 +211,43 @@ class Study:
     def family_hash(self) -> str:
         return self.cfg.section_hash("model", "text", "harvest", "family", "split_seed", "train_fraction")
 
+    def _load_external(self, store: ActivationStore) -> dict[str, SAE]:
+        """The configured external SAEs, with their site overrides, checked against the store."""
+        saes: dict[str, SAE] = {}
+        for ext in self.cfg.family.external:
+            sae = load_sae(ext.path, format=ext.format, hookpoint=ext.hookpoint, online=self.cfg.model.online)
+            if ext.site:
+                sae.cfg.hook_site = ext.site
+            if sae.cfg.hook_site not in store.sites:
+                raise ShapeError(
+                    f"SAE {ext.name!r} reads {sae.cfg.hook_site!r}, which the store lacks "
+                    f"({store.sites}); set its 'site' or add the site to harvest.sites."
+                )
+            if sae.cfg.d_in != store.d[sae.cfg.hook_site]:
+                raise ShapeError(
+                    f"SAE {ext.name!r} ({ext.path}) reads vectors of width {sae.cfg.d_in}, but the model's "
+                    f"{sae.cfg.hook_site} has width {store.d[sae.cfg.hook_site]}: the SAE belongs to another "
+                    "model; check model.name and the SAE's path."
+                )
+            saes[ext.name] = sae
+        return saes
+
     def step_family(self, store: ActivationStore) -> dict[str, SAE]:
         """Train the SAE family (or load the external SAEs) and measure held-out quality."""
         key = self.family_hash()
         done = read_result(self.out, "sae_family", FamilyResult)
+        fam = self.cfg.family
         if done is not None and done.config_hash == key and all(Path(r.path).exists() for r in done.saes):
             self.log(f"sae_family: up to date ({len(done.saes)} SAEs)")
+            if fam.external:  # reload as configured: format, hookpoint and site overrides
+                return self._load_external(store)
             return {r.name: load_sae(r.path) for r in done.saes}
-        fam = self.cfg.family
         t0 = time.perf_counter()
         records_src: dict[str, str] = {}
         rate: float | None = None
         if fam.external:
-            saes = {}
-            for ext in fam.external:
-                sae = load_sae(
-                    ext.path, format=ext.format, hookpoint=ext.hookpoint, online=self.cfg.model.online
-                )
-                if ext.site:
-                    sae.cfg.hook_site = ext.site
-                if sae.cfg.hook_site not in store.sites:
-                    raise ShapeError(
-                        f"SAE {ext.name!r} reads {sae.cfg.hook_site!r}, which the store lacks "
-                        f"({store.sites}); set its 'site' or add the site to harvest.sites."
-                    )
-                saes[ext.name] = sae
-                records_src[ext.name] = ext.path
+            saes = self._load_external(store)
+            records_src = {ext.name: ext.path for ext in fam.external}
         else:
             trainer = FamilyTrainer(
                 store,
@@ -250,7 +270,7 @@ class Study:
             saes = {}
             for spec, sae in zip(trainer.specs, trained, strict=True):
                 path = save_sae(sae, self.out / "saes" / spec.name)
-                saes[spec.name] = sae
+                saes[spec.name] = load_sae(path)  # exactly what a resumed run will load
                 records_src[spec.name] = str(path)
             histories = {m.spec.name: m.history for m in trainer.members}
         train_seconds = time.perf_counter() - t0
@@ -317,7 +337,12 @@ class Study:
         )
         table = self.out / "tables" / "tokens.parquet"
         dec = decompose(
-            store, saes, split_seed=cfg.split_seed, train_fraction=cfg.train_fraction, table_path=table
+            store,
+            saes,
+            split_seed=cfg.split_seed,
+            train_fraction=cfg.train_fraction,
+            table_path=table,
+            progress=self.progress("engine (2 passes)"),
         )
         for name, (w, b) in dec.probes.items():
             save_probe(self.out / "probes" / f"{name}.safetensors", w, b)
@@ -514,6 +539,7 @@ class Study:
             split_seed=self.cfg.split_seed,
             train_fraction=self.cfg.train_fraction,
             log=self.log,
+            progress=self.progress,
         )
         res.config_hash = key
         res.seed = self.cfg.seed
@@ -526,6 +552,20 @@ class Study:
             "layer baselines: "
             + ", ".join(f"L{la} {r:.2f}" for la, r in zip(res.layers, res.r2["activations"], strict=True))
         )
+
+    def chosen_sae(self, saes: dict[str, SAE], name: str | None, setting: str) -> str:
+        """``name`` if given (checked), else the main-site SAE at the k-sweep width and the family's k."""
+        if name is None:
+            fam = self.cfg.family
+            main = f"blocks.{self.cfg.layer}.hook_resid_post"
+            candidates = [n for n, s in saes.items() if s.cfg.hook_site == main]
+            preferred = [
+                n for n in candidates if saes[n].cfg.d_sae == fam.width_for_ks and saes[n].cfg.k == fam.k
+            ]
+            name = (preferred or candidates or list(saes))[0]
+        if name not in saes:
+            raise ConfigError(f"{setting} {name!r} is not in the family ({', '.join(saes)}).")
+        return name
 
     def step_synthetic(self, store: ActivationStore, saes: dict[str, SAE]) -> None:
         """Table 1, Fig 15 and the App. D random control on one SAE of the family."""
@@ -540,17 +580,7 @@ class Study:
         if done is not None and done.config_hash == key:
             self.log("synthetic simulation: up to date")
             return
-        fam = self.cfg.family
-        name = syn.sae
-        if name is None:
-            main = f"blocks.{self.cfg.layer}.hook_resid_post"
-            candidates = [n for n, s in saes.items() if s.cfg.hook_site == main]
-            preferred = [
-                n for n in candidates if saes[n].cfg.d_sae == fam.width_for_ks and saes[n].cfg.k == fam.k
-            ]
-            name = (preferred or candidates or list(saes))[0]
-        if name not in saes:
-            raise ConfigError(f"synthetic.sae {name!r} is not in the family ({', '.join(saes)}).")
+        name = self.chosen_sae(saes, syn.sae, "synthetic.sae")
         res = synthetic_simulation(
             store,
             saes[name],
@@ -609,6 +639,7 @@ class Study:
             split_seed=self.cfg.split_seed,
             train_fraction=self.cfg.train_fraction,
             second_pass=False,
+            progress=self.progress("pursuit"),
             contexts=contexts,
         )
         st = dec.stats
@@ -698,6 +729,7 @@ class Study:
             probes,
             start=start,
             both_batches=1,
+            progress=self.progress("downstream CE", "ctx"),
             seed=cfg.seed,
         )
         ce.config_hash, ce.seed = key, cfg.seed
@@ -808,6 +840,14 @@ class Study:
             f"NonlinearError {extra['mlp_probe'].get('r2_nonlinear_mean_over_dims', float('nan')):.3f}"
         )
 
+    def step_error_saes(self, store: ActivationStore, saes: dict[str, SAE]) -> None:
+        """SAEs trained on LinearError and NonlinearError, then auto-interpretability of their latents."""
+        from darkmatter.study_error_saes import run_autointerp_step, run_error_saes_step
+
+        trained = run_error_saes_step(self, store, saes)
+        if trained is not None:
+            run_autointerp_step(self, store, saes, *trained)
+
     def step_report(self) -> Path:
         from darkmatter.report.html import write_report
 
@@ -817,31 +857,92 @@ class Study:
 
     def run(self) -> Path:
         """Every step in order; returns the report path."""
-        t0 = time.perf_counter()
-        store = self.step_harvest()
-        self.timings["harvest"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        saes = self.step_family(store)
-        self.timings["sae_family"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        self.step_error_experiments(store, saes)
-        self.timings["error_experiments"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        self.step_layer_baselines()
-        self.timings["layer_baselines"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        self.step_synthetic(store, saes)
-        self.timings["synthetic"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        self.step_pursuit(store, saes)
-        self.timings["pursuit"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        self.step_nonlinear(store, saes)
-        self.timings["nonlinear"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        self.step_report()
-        self.timings["report"] = time.perf_counter() - t0
+        self.cfg.require_local()  # everything that would need a download, in one error, before any work
+        self.remove_stale_temporaries()
+        store = self._timed("harvest", self.step_harvest)
+        saes = self._timed("sae_family", lambda: self.step_family(store))
+        self._timed("error_experiments", lambda: self.step_error_experiments(store, saes))
+        self._timed("layer_baselines", self.step_layer_baselines, self.cfg.layer_sweep.enabled)
+        self._timed("synthetic", lambda: self.step_synthetic(store, saes), self.cfg.synthetic.enabled)
+        self._timed("pursuit", lambda: self.step_pursuit(store, saes), self.cfg.pursuit.enabled)
+        self._timed("nonlinear", lambda: self.step_nonlinear(store, saes), self.cfg.nonlinear.enabled)
+        self._timed("error_saes", lambda: self.step_error_saes(store, saes), self.cfg.error_saes.enabled)
+        self._timed("report", self.step_report)
+        if self.deferred_errors:  # raised only now, so the report and every other result are written
+            raise self.deferred_errors[0]
         return self.out / "report.html"
+
+    def remove_stale_temporaries(self) -> None:
+        """Delete temporary files a killed run left behind (atomic writes name them ``.NAME.*.tmp``)."""
+        if self.out.is_dir():
+            for path in self.out.rglob(".*.tmp"):
+                if path.is_file():
+                    path.unlink(missing_ok=True)
+
+    def _timed(self, name: str, fn: Callable[[], Any], enabled: bool = True) -> Any:
+        self._step = name
+        self.status[name] = "ran" if enabled else "disabled"
+        t0 = time.perf_counter()
+        try:
+            return fn()
+        finally:
+            self.timings[name] = time.perf_counter() - t0
+            self._step = ""
+
+    def summary(self) -> list[tuple[str, str, float, str]]:
+        """(step, status, seconds, headline) per step of the last ``run``, headlines read from results."""
+        rows = []
+        for name, seconds in self.timings.items():
+            rows.append((name, self.status.get(name, "ran"), seconds, _headline(self.out, name)))
+        return rows
+
+
+def _headline(out: Path, step: str) -> str:
+    """One line of the step's main numbers, from its result files ('' when there is none)."""
+    import json
+
+    def load(name: str) -> dict[str, Any] | None:
+        path = out / "results" / f"{name}.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    try:
+        if step == "harvest" and (r := load("harvest")):
+            return f"{r['store']['tokens']:,} tokens"
+        if step == "sae_family" and (r := load("sae_family")):
+            fvus = [s["fvu"] for s in r["saes"]]
+            return f"{len(fvus)} SAEs, held-out FVU {min(fvus):.3f}-{max(fvus):.3f}"
+        if step == "error_experiments" and (r := load("error_prediction")):
+            nl = [s["fvu_nonlinear"] for s in r["saes"] if s["name"] in r["width_sweep"]]
+            vec = [s["vector_r2"] for s in r["saes"]]
+            text = f"vector R² {min(vec):.2f}-{max(vec):.2f}"
+            return text + (f", FVU_nonlinear {min(nl):.3f}-{max(nl):.3f}" if nl else "")
+        if step == "layer_baselines" and (r := load("layer_baselines")):
+            acts = r["r2"]["activations"]
+            return f"{len(acts)} layers, R²(activations → ‖e‖²) {min(acts):.2f}-{max(acts):.2f}"
+        if step == "synthetic" and (r := load("synthetic_simulation")):
+            return f"Table 1 diagonal dominant: {r.get('diagonal_ok')}"
+        if step == "pursuit" and (r := load("pursuit")):
+            return ", ".join(f"{s['d_sae']}: FVU {s['fvu']:.3f}→{s['pursuit_fvu']:.3f}" for s in r["saes"])
+        if step == "nonlinear" and (r := load("downstream_ce")):
+            rows = [v for v in r["saes"].values() if v.get("ce_recovered_linear") is not None]
+            return "CE recovered lin/nonlin " + ", ".join(
+                f"{v['ce_recovered_linear']:.2f}/{v['ce_recovered_nonlinear']:.2f}" for v in rows
+            )
+        if step == "error_saes" and (r := load("error_saes")):
+            text = ", ".join(f"FVU on {c} {q['fvu']:.3f}" for c, q in r["saes"].items())
+            if (a := load("autointerp")) and a.get("components"):
+                bal = [
+                    f"{c} {v['summary']['balanced_accuracy']:.2f}"
+                    for c, v in a["components"].items()
+                    if v["summary"].get("balanced_accuracy") is not None
+                ]
+                text += "; detection " + (", ".join(bal) if bal else "unscored (judge answers unparsed)")
+            return text
+        if step == "report":
+            return str(out / "report.html")
+    except (KeyError, TypeError, ValueError):
+        return ""
+    return ""
 
 
 def run_study(cfg: StudyConfig, out: str | Path, **kwargs: Any) -> Path:

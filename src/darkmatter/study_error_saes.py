@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -88,6 +89,7 @@ def run_error_saes_step(
     )
     for c, s in trained.items():
         save_sae(s, paths[c])
+    trained = {c: load_sae(p) for c, p in paths.items()}  # exactly what a resumed run will load
     curves = {
         f"SAE on {c} error": [(float(h["step"]), float(h["fvu"])) for h in res.curves.get(c, [])]
         for c in ecfg.components
@@ -205,11 +207,13 @@ def run_autointerp_step(
             sites=[str(sae.cfg.hook_site)],
             seed=study.cfg.seed,
         )
-        bar = study.progress(f"auto-interp ({c})")
+        bar = study.progress(f"auto-interp ({c})", "latent")
 
-        def report(i: int, total: int, _latent: int, bar: Any = bar) -> None:
+        t_start = time.perf_counter()
+
+        def report(i: int, total: int, _latent: int, bar: Any = bar, t_start: float = t_start) -> None:
             if bar is not None:
-                bar(i, total, 0.0)
+                bar(i, total, i / max(time.perf_counter() - t_start, 1e-9))
 
         try:
             res = run_autointerp(

@@ -1,8 +1,10 @@
 """Corpora to fixed-length token contexts.
 
 Sources: ``austen`` (five public-domain novels shipped with the package), a ``.txt`` file or a folder of
-them (each file is one document), a ``.jsonl`` file (one document per line, text under ``text_field``),
-or ``hf:NAME[:CONFIG]`` for a Hugging Face data set (online only; needs the ``datasets`` extra).
+them (each file is one document), a ``.jsonl`` file (one document per line, text under ``text_field``;
+``.jsonl.gz`` and ``.jsonl.zst`` are read as they are), a folder of such files when it holds no ``.txt`` or
+``.md`` files (files in sorted path order), or ``hf:NAME[:CONFIG]`` for a Hugging Face data set (streamed;
+online only; needs the ``datasets`` extra). A local JSONL copy of a data set stands in for its ``hf:`` name.
 
 How documents become contexts:
 - Each document is tokenized without special tokens. With a BOS token (``bos``), every context starts
@@ -18,18 +20,21 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from darkmatter.errors import TextError
 
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
+TEXT_SUFFIXES = frozenset({".txt", ".md"})
 AUSTEN_FILES = (
     "emma.txt.gz",
     "mansfieldpark.txt.gz",
@@ -44,7 +49,9 @@ class TextConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    source: str = Field("austen", description="'austen', a .txt file or folder, a .jsonl file, or hf:NAME")
+    source: str = Field(
+        "austen", description="'austen', a .txt file or folder, a .jsonl file or folder, or hf:NAME"
+    )
     ctx_len: int = Field(256, ge=2, description="Tokens per context, BOS included.")
     n_contexts: int = Field(128, ge=1, description="Number of contexts to draw.")
     skip_positions: int = Field(
@@ -78,25 +85,50 @@ def austen_documents() -> Iterator[str]:
         yield gzip.decompress((base / name).read_bytes()).decode("utf-8")
 
 
+def _open_text(path: Path) -> IO[str]:
+    """A UTF-8 text stream of a plain, gzip (``.gz``) or zstandard (``.zst``) file."""
+    if path.name.endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8")
+    if path.name.endswith(".zst"):
+        try:
+            import zstandard  # type: ignore[import-not-found]
+        except ImportError as exc:
+            raise TextError(
+                f"{path} is zstandard-compressed; install the 'zstandard' package or decompress it first."
+            ) from exc
+        raw = zstandard.ZstdDecompressor().stream_reader(
+            path.open("rb"), read_across_frames=True, closefd=True
+        )
+        return io.TextIOWrapper(raw, encoding="utf-8")
+    return path.open(encoding="utf-8")
+
+
 def _jsonl_documents(path: Path, field: str) -> Iterator[str]:
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise TextError(f"{path}:{lineno} is not valid JSON ({exc.msg}).") from exc
-            if not isinstance(row, dict) or not isinstance(row.get(field), str):
-                raise TextError(f"{path}:{lineno} has no string field {field!r}; set text.text_field.")
-            yield row[field]
+    try:
+        with _open_text(path) as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise TextError(f"{path}:{lineno} is not valid JSON ({exc.msg}).") from exc
+                if not isinstance(row, dict) or not isinstance(row.get(field), str):
+                    raise TextError(f"{path}:{lineno} has no string field {field!r}; set text.text_field.")
+                yield row[field]
+    except (OSError, EOFError, UnicodeDecodeError) as exc:  # truncated or corrupt file, not UTF-8
+        raise TextError(f"{path} cannot be read as UTF-8 JSONL text: {exc}.") from exc
 
 
 def _hf_documents(spec: str, cfg: TextConfig) -> Iterator[str]:
     from darkmatter.lm.loading import network_allowed
 
     if not network_allowed():
-        raise TextError(f"Text source {spec!r} needs the network; allow it with DARKMATTER_ONLINE=1.")
+        raise TextError(
+            f"Text source {spec!r} is streamed from the Hugging Face hub and needs the network: pass "
+            "--online (or set DARKMATTER_ONLINE=1), or set text.source to a local copy (a .jsonl file or "
+            'folder with one {"text": ...} per line).'
+        )
     try:
         import datasets  # type: ignore[import-not-found]
     except ImportError as exc:
@@ -123,12 +155,17 @@ def documents(cfg: TextConfig) -> Iterator[str]:
     if not path.exists():
         raise TextError(f"Text source {src!r} does not exist. Use 'austen', a .txt/.jsonl path, or hf:NAME.")
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix in {".txt", ".md"} and p.is_file())
-        if not files:
-            raise TextError(f"Folder {path} holds no .txt or .md files.")
-        for p in files:
-            yield p.read_text(encoding="utf-8", errors="replace")
-    elif path.suffix == ".jsonl":
+        files = sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES and p.is_file())
+        if files:
+            for p in files:
+                yield p.read_text(encoding="utf-8", errors="replace")
+            return
+        jsonl = sorted(p for p in path.rglob("*") if p.name.endswith(JSONL_SUFFIXES) and p.is_file())
+        if not jsonl:
+            raise TextError(f"Folder {path} holds no .txt, .md or {'/'.join(JSONL_SUFFIXES)} files.")
+        for p in jsonl:
+            yield from _jsonl_documents(p, cfg.text_field)
+    elif path.name.endswith(JSONL_SUFFIXES):
         yield from _jsonl_documents(path, cfg.text_field)
     else:
         yield path.read_text(encoding="utf-8", errors="replace")

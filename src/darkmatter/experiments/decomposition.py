@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from darkmatter.errors import DataError, StoreError
+from darkmatter.progress import Progress, Ticker
 from darkmatter.sae.model import SAE
 from darkmatter.stats import L0, Cosine, Moments, evaluate, fit_ridge, fit_ridge_many
 from darkmatter.stats import fvu_with_prediction as fvu_with_pred
@@ -163,10 +164,12 @@ def decompose(
     table_path: Path | None = None,
     second_pass: bool = True,
     contexts: np.ndarray | None = None,
+    progress: Progress | None = None,
 ) -> Decomposition:
     """Run both passes for every SAE (``second_pass=False``: probes and FVU_nonlinear only).
 
-    ``contexts`` restricts everything to a subset of context indices (for costly reconstructions).
+    ``contexts`` restricts everything to a subset of context indices (for costly reconstructions);
+    ``progress`` gets (tokens done, tokens of both passes, tokens/s).
     """
     if not saes:
         raise DataError("decompose needs at least one SAE.")
@@ -175,6 +178,10 @@ def decompose(
     d = {site: store.d[site] for site in groups}
     stats = {n: SAEStats(n, str(s.cfg.hook_site), s.cfg.d_sae, s.cfg.k) for n, s in saes.items()}
     n_ctx = store.n_contexts
+    per_pass = (n_ctx if contexts is None else len(np.unique(contexts))) * (
+        store.ctx_len - int(store.identity.get("skip_positions", 0))
+    )
+    ticker = Ticker(progress, per_pass * (2 if second_pass else 1))
 
     # ---------------------------------------------------------------- pass 1
     # Rows of each batch are ordered train-first, so every split is a view (no masked copies), and each
@@ -224,6 +231,7 @@ def decompose(
                 ctx[site].sse[n].index_add_(0, ctx_test, e2_test.cpu())
             mom[(site, "train")].update_packed(buf[:n_tr])
             mom[(site, "test")].update_packed(buf[n_tr:])
+        ticker.advance(len(order))
     if n_train <= max(d.values()) + 1 or n_test < 2:
         raise DataError(
             f"The split has {n_train} train and {n_test} test tokens; the regressions need more than "
@@ -333,6 +341,7 @@ def decompose(
                     zm = z[rows]
                     grams[site][part] += (zm.T @ zm).cpu().numpy()
                     mom2[(site, part)].update_packed(buf[rows])
+            ticker.advance(len(order))
             if writer is not None:
                 inverse = torch.argsort(order)
                 train = torch.zeros(len(order), dtype=torch.bool, device=order.device)

@@ -53,6 +53,7 @@ from darkmatter.errors import ConfigError, DataError, HookSiteError, ShapeError
 from darkmatter.lm.hooks import capture, splice
 from darkmatter.lm.loading import LoadedLM
 from darkmatter.lm.sites import Site, decoder_layers, validate_sites
+from darkmatter.progress import Progress, Ticker
 from darkmatter.results import Result, config_hash, sae_identity
 from darkmatter.sae.model import SAE
 from darkmatter.stats import FVU
@@ -430,6 +431,7 @@ def run_splices(
     start: int,
     batch_size: int,
     prefix_cache: bool = True,
+    progress: Progress | None = None,
 ) -> EngineOutput:
     """Clean pass plus one spliced pass per (unit, setting) per batch; CE and KL sums on scored tokens.
 
@@ -452,6 +454,7 @@ def run_splices(
     resumes = sorted({resume_layer(u.site) for u in units if prefix_cache and resume_layer(u.site) > 0})
     tallies = {u.name: UnitTally() for u in units}
     clean_sum, passes = 0.0, 0
+    ticker = Ticker(progress, n)
     with torch.no_grad():
         for batch_index, a in enumerate(range(0, n, batch_size)):
             ids = torch.as_tensor(tokens[a : a + batch_size], device=device)
@@ -513,6 +516,7 @@ def run_splices(
                     tallies[unit.name].add(setting, ce, kl, ce_clean)
                 tallies[unit.name].seconds += time.perf_counter() - t0
             del cap, rec, logp_clean
+            ticker.advance(b)
     return EngineOutput(clean_sum, n * n_pred, tallies, passes)
 
 
@@ -558,7 +562,7 @@ def _sae_unit(
 
     def compute(x: Tensor, _ups: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         xf = x.float()
-        sae_x = sae(x.to(sae.dtype)).to(device=x.device, dtype=torch.float32)
+        sae_x = sae(x.to(device=sae.device, dtype=sae.dtype)).to(device=x.device, dtype=torch.float32)
         lin = torch.addmm(b.to(x.device), xf, w.to(x.device))
         nl = (xf - sae_x) - lin
         reps = {
@@ -603,6 +607,7 @@ def downstream_ce(
     both_tolerance: float = 1e-3,
     both_batches: int | None = None,
     seed: int = 0,
+    progress: Progress | None = None,
 ) -> DownstreamResult:
     """Paper Figs 8/9 on held-out contexts ``[n, ctx_len]`` (see the module docstring).
 
@@ -639,7 +644,9 @@ def downstream_ce(
         if both_batches is not None:
             unit.limit_batches["sae+both"] = both_batches
         units.append(unit)
-    out = run_splices(model, tokens, units, start=start, batch_size=batch_size, prefix_cache=prefix_cache)
+    out = run_splices(
+        model, tokens, units, start=start, batch_size=batch_size, prefix_cache=prefix_cache, progress=progress
+    )
     n = out.n_scored
     clean = out.clean_ce_sum / n
     per_sae: dict[str, DownstreamSAE] = {}

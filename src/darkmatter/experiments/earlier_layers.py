@@ -147,7 +147,7 @@ def _check_joint_map(
 
 def _recon(sae: SAE, x: Tensor) -> Tensor:
     """Sae(x) as float32 on x's device."""
-    return sae(x.to(sae.dtype)).to(device=x.device, dtype=torch.float32)
+    return sae(x.to(device=sae.device, dtype=sae.dtype)).to(device=x.device, dtype=torch.float32)
 
 
 def _regressors(

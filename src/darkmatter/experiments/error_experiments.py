@@ -88,10 +88,16 @@ class ProbeLatentsResult(Result):
 def family_roles(
     saes: Mapping[str, SAE], main_site: str, k: int | None, width: int | None
 ) -> tuple[list[str], list[str]]:
-    """(width sweep at k, k sweep at width) among the SAEs at the main site; external families fall back
-    to all main-site SAEs by width and by k."""
+    """(width sweep at k, k sweep at width) among the SAEs at the main site; external families (``k`` None)
+    take the first main-site SAE of each width, in family order, and all main-site SAEs by k."""
     main = {n: s for n, s in saes.items() if s.cfg.hook_site == main_site}
-    ws = sorted((n for n, s in main.items() if k is None or s.cfg.k == k), key=lambda n: main[n].cfg.d_sae)
+    if k is None:
+        first: dict[int, str] = {}
+        for n, s in main.items():
+            first.setdefault(s.cfg.d_sae, n)
+        ws = sorted(first.values(), key=lambda n: main[n].cfg.d_sae)
+    else:
+        ws = sorted((n for n, s in main.items() if s.cfg.k == k), key=lambda n: main[n].cfg.d_sae)
     ks = sorted(
         (n for n, s in main.items() if width is None or s.cfg.d_sae == width),
         key=lambda n: (main[n].cfg.k or 0, n),

@@ -29,6 +29,7 @@ from pydantic import Field
 from darkmatter.errors import ConfigError, DataError, StoreError
 from darkmatter.harvest import HarvestConfig, harvest
 from darkmatter.lm.loading import LoadedLM
+from darkmatter.progress import Progress
 from darkmatter.results import Result, config_hash, sae_identity, store_summary
 from darkmatter.sae import SAE, load_sae, save_sae
 from darkmatter.sae.train import FamilyTrainer, SAESpec, TrainConfig
@@ -352,6 +353,7 @@ def train_layer_saes(
     train_fraction: float = 0.8,
     kind: Literal["topk", "batchtopk"] = "topk",
     site_template: str = RESID_SITE,
+    progress: Progress | None = None,
 ) -> dict[int, SAE]:
     """One SAE per layer on ``site_template`` (resid_post), all trained together by one FamilyTrainer run
     on the same batches of the train split; the trainer checkpoints in ``workdir`` and resumes from it."""
@@ -368,7 +370,7 @@ def train_layer_saes(
     trainer = FamilyTrainer(
         store, specs, train, workdir, split_seed=split_seed, train_fraction=train_fraction
     )
-    return dict(zip(layers, trainer.train(), strict=True))
+    return dict(zip(layers, trainer.train(progress=progress), strict=True))
 
 
 def _load_or_train(
@@ -378,6 +380,7 @@ def _load_or_train(
     settings: dict[str, Any],
     train: TrainConfig,
     log: Log,
+    progress: Progress | None = None,
 ) -> tuple[dict[int, SAE], list[int]]:
     """Reuse ``root/<L>/`` SAEs (checking they match the settings), train the rest together, save them."""
     key = config_hash({**settings, "store": store.manifest["identity_hash"]})
@@ -415,6 +418,7 @@ def _load_or_train(
             workdir=workdir,
             split_seed=settings["split_seed"],
             train_fraction=settings["train_fraction"],
+            progress=progress,
         )
         for layer, sae in trained.items():
             sae.cfg.metadata[SAE_KEY] = key
@@ -444,6 +448,7 @@ def run(
     batch_tokens: int = 4096,
     device: str = "cpu",
     log: Log | None = None,
+    progress: Callable[[str], Progress | None] | None = None,
 ) -> LayerBaselinesResult:
     """Harvest resid_post of ``layers`` (with loss) into ``out_dir/store_layers``, train one SAE per layer
     (or reuse ``out_dir/saes_layers/<L>/``), and compute `layer_baselines`; the caller writes the result.
@@ -458,7 +463,8 @@ def run(
     sites = [RESID_SITE.format(layer=layer) for layer in layers]
     hcfg = (harvest_cfg or HarvestConfig()).model_copy(update={"sites": sites, "with_loss": True})
     contexts = make_contexts(text_cfg, lm.tokenizer, lm.bos_token_id)
-    store = harvest(lm, contexts, text_cfg, hcfg, str(out / STORE_DIR))
+    bars = progress or (lambda _name: None)
+    store = harvest(lm, contexts, text_cfg, hcfg, str(out / STORE_DIR), progress=bars("layer sweep: harvest"))
     log(f"layer_baselines: store {store.root} ({store.n_contexts} contexts x {store.ctx_len} tokens)")
     settings = {
         "d_sae": d_sae,
@@ -468,7 +474,9 @@ def run(
         "split_seed": split_seed,
         "train_fraction": train_fraction,
     }
-    saes, reused = _load_or_train(store, layers, out / SAE_DIR, settings, train, log)
+    saes, reused = _load_or_train(
+        store, layers, out / SAE_DIR, settings, train, log, bars("layer sweep: train SAEs")
+    )
     saes = {layer: sae.to(device) for layer, sae in saes.items()}
     result = layer_baselines(
         store, saes, split_seed=split_seed, train_fraction=train_fraction, batch_tokens=batch_tokens

@@ -39,6 +39,7 @@ _CANDIDATES = 8  # atoms per token that screened selection re-scores in full pre
 # rounding (u), with u = 2^-8, plus fp32 accumulation, through Cauchy-Schwarz, is about 3.1u. 8u leaves room
 # for backends that reduce partial sums in bf16 (cuBLAS split-K).
 _SCREEN_MARGIN = 2.0**-5
+_PAIRS_PER_TOKEN = 256  # atoms an unproven token re-scores one by one before a full-precision matmul instead
 
 
 def _compute_dtype(sae: SAE) -> torch.dtype:
@@ -92,22 +93,41 @@ def _spans(n: int, chunk_size: int) -> list[tuple[int, int]]:
 
 @dataclass(frozen=True)
 class _Atoms:
-    """The dictionary in the compute dtype, and what selection needs from it."""
+    """The dictionary in the compute dtype, and what selection needs from it.
+
+    Score matrices are ``[m, width]``, ``width = blocks * block >= d_sae + 1``. Columns past ``d_sae`` hold
+    -inf, so every row has a spare column to send empty slots to; row maxima are found through block maxima.
+    """
 
     D: Tensor  # [d_sae, d_in] decoder rows
     inv_norm: Tensor  # [d_sae] 1 / ||d_j||, 0 for zero-norm atoms
-    penalty: Tensor | None  # [d_sae] -inf at zero-norm atoms, 0 elsewhere; None when there are none
+    penalty: Tensor | None  # [width] -inf at zero-norm atoms and padding, else 0; None: no zero-norm atom
     coarse: Tensor | None  # [d_sae, d_in] bf16 unit-norm rows for screened selection
+    block: int  # columns per block of a score matrix
+    width: int  # columns of a score matrix
 
 
 def _atoms(sae: SAE, dtype: torch.dtype, screen: bool) -> _Atoms:
     D = sae.W_dec.detach().to(dtype).contiguous()
+    d_sae = D.shape[0]
     norms = D.norm(dim=1)
     dead = norms == 0
     inv_norm = torch.where(dead, torch.zeros_like(norms), 1.0 / norms.clamp_min(torch.finfo(dtype).tiny))
-    penalty = torch.zeros_like(norms).masked_fill_(dead, -math.inf) if bool(dead.any()) else None
+    block = min(256, 32 * max(1, round(math.sqrt(d_sae) / 16)))  # ~2 sqrt(d_sae): both stages stay small
+    width = block * math.ceil((d_sae + 1) / block)
+    penalty = None
+    if bool(dead.any()):
+        penalty = norms.new_full((width,), -math.inf)
+        penalty[:d_sae].masked_fill_(~dead, 0.0)
     coarse = (D * inv_norm.unsqueeze(1)).to(torch.bfloat16) if screen else None
-    return _Atoms(D=D, inv_norm=inv_norm, penalty=penalty, coarse=coarse)
+    return _Atoms(D=D, inv_norm=inv_norm, penalty=penalty, coarse=coarse, block=block, width=width)
+
+
+def _score_buffer(atoms: _Atoms, rows: int, dtype: torch.dtype) -> Tensor:
+    """An ``[rows, width]`` score matrix whose padding columns hold -inf; selection overwrites the rest."""
+    score = atoms.D.new_empty((rows, atoms.width), dtype=dtype)
+    score[:, atoms.D.shape[0] :] = -math.inf
+    return score
 
 
 def _line_step(r: Tensor, c: Tensor) -> Tensor:
@@ -119,54 +139,122 @@ def _line_step(r: Tensor, c: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------------------- sparse
 
 
-def _mask_support(score: Tensor, old_idx: Tensor, active: Tensor) -> None:
-    """Set ``score [m, d_sae]`` to -inf, in place, at the atoms already in each token's support."""
-    rows, slots = active.nonzero(as_tuple=True)
-    score[rows, old_idx[rows, slots]] = -math.inf
+def _exclude(score: Tensor, excluded: Tensor) -> None:
+    """Set ``score [m, width]`` to -inf at the columns ``excluded [m, t]``, in place."""
+    if excluded.numel():
+        rows = torch.arange(score.shape[0], device=score.device).unsqueeze(1) * score.shape[1]
+        score.view(-1).index_fill_(0, (excluded + rows).flatten(), -math.inf)  # scatter_ is slow in bf16
 
 
-def _select_exact(r: Tensor, atoms: _Atoms, old_idx: Tensor, active: Tensor) -> tuple[Tensor, Tensor]:
-    """``(best score, atom) [m]``: the largest ``<r, d_j> / ||d_j||`` outside the support (full precision)."""
-    score = (r @ atoms.D.T).mul_(atoms.inv_norm)  # [m, d_sae]
+def _block_argmax(score: Tensor, block: int) -> tuple[Tensor, Tensor]:
+    """``(row maximum, first column holding it) [m]`` of ``score [m, width]``, found through block maxima."""
+    m, width = score.shape
+    nb = width // block
+    blk = score.view(m, nb, block).amax(dim=2).argmax(dim=1)  # the first block holding the row maximum
+    within = score.view(m * nb, block).index_select(0, torch.arange(m, device=score.device) * nb + blk)
+    col = within.argmax(dim=1, keepdim=True)
+    return within.gather(1, col).squeeze(1), blk * block + col.squeeze(1)
+
+
+def _select_exact(r: Tensor, atoms: _Atoms, excluded: Tensor, score: Tensor) -> tuple[Tensor, Tensor]:
+    """``(best score, atom) [m]``: the largest ``<r, d_j> / ||d_j||`` over atoms not in ``excluded [m, t]``.
+
+    Full precision; ties go to the lowest atom, as in ``pursuit_dense``. ``score [m, width]`` is a buffer from
+    ``_score_buffer`` in ``r``'s dtype. A selected padding column (atom >= d_sae) comes with best = -inf.
+    """
+    d_sae = atoms.D.shape[0]
+    real = score[:, :d_sae]
+    torch.mm(r, atoms.D.T, out=real)
+    real.mul_(atoms.inv_norm)
     if atoms.penalty is not None:
-        score.add_(atoms.penalty)
-    _mask_support(score, old_idx, active)
-    best, new = score.max(dim=1)
-    return best, new
+        real.add_(atoms.penalty[:d_sae])
+    _exclude(score, excluded)
+    return _block_argmax(score, atoms.block)
 
 
-def _select_screened(r: Tensor, atoms: _Atoms, old_idx: Tensor, active: Tensor) -> tuple[Tensor, Tensor, int]:
-    """``_select_exact``'s choice at the cost of a bf16 matmul: ``(best, atom, number of fallback tokens)``.
+def _select_screened(
+    r: Tensor, atoms: _Atoms, excluded: Tensor, approx: Tensor
+) -> tuple[Tensor, Tensor, int, int]:
+    """``_select_exact``'s choice from a bf16 matmul: ``(best, atom, unproven tokens, full-matmul tokens)``.
 
-    The top ``_CANDIDATES`` bf16 scores are re-scored in full precision. A token falls back to
-    ``_select_exact`` unless the error bound proves that no atom outside its candidates can beat the winner.
+    The ``_CANDIDATES`` best bf16 scores, found inside the blocks with the largest maxima, are re-scored in
+    full precision. The winner is proven when no other atom's bf16 score plus the error bound reaches it.
+    Otherwise every atom within the bound is re-scored, or, past ``_PAIRS_PER_TOKEN`` such atoms, the token
+    goes through ``_select_exact``. ``approx [m, width]`` is a bf16 buffer from ``_score_buffer``.
     """
     assert atoms.coarse is not None
-    approx = r.to(torch.bfloat16) @ atoms.coarse.T  # [m, d_sae]
+    m, block, D = r.shape[0], atoms.block, atoms.D
+    d_sae, nb = D.shape[0], atoms.width // block
+    torch.mm(r.to(torch.bfloat16), atoms.coarse.T, out=approx[:, :d_sae])
+    _exclude(approx, excluded)
+    k, chosen = _CANDIDATES, min(_CANDIDATES, nb)  # the k best atoms lie in the `chosen` best blocks
+    bmax, blk = approx.view(m, nb, block).amax(dim=2).topk(min(k + 1, nb), dim=1)
+    blk = blk[:, :chosen]
+    rows = (torch.arange(m, device=r.device).unsqueeze(1) * nb + blk).flatten()
+    vals = approx.view(m * nb, block).index_select(0, rows).view(m, chosen * block)
     if atoms.penalty is not None:
-        approx.add_(atoms.penalty.to(torch.bfloat16))
-    _mask_support(approx, old_idx, active)
-    top, cand = approx.topk(min(_CANDIDATES, approx.shape[1]), dim=1)  # [m, C]
-    del approx
-    exact = torch.bmm(F.embedding(cand, atoms.D), r.unsqueeze(2)).squeeze(2).mul_(atoms.inv_norm[cand])
+        vals = vals + atoms.penalty.view(nb, block).index_select(0, blk.flatten()).view(m, chosen * block)
+    top, at = vals.topk(min(k + 1, chosen * block), dim=1)
+    # Bound on the bf16 score of every other atom: the next one in the chosen blocks, and the next block
+    # maximum for the rest.
+    floor = top[:, k].to(r.dtype) if top.shape[1] > k else r.new_full((m,), -math.inf)
+    if nb > chosen:
+        floor = torch.maximum(floor, bmax[:, chosen].to(r.dtype))
+    top, at = top[:, :k], at[:, :k]
+    cand, order = (blk.gather(1, at // block) * block + at % block).sort(dim=1)  # ties go to the lowest atom
+    top, safe = top.gather(1, order), cand.clamp_max(d_sae - 1)
+    exact = torch.bmm(r.unsqueeze(1), F.embedding(safe, D).mT).squeeze(1).mul_(atoms.inv_norm[safe])
     exact.masked_fill_(top == -math.inf, -math.inf)
-    best, pick = exact.max(dim=1)
-    new = cand.gather(1, pick.unsqueeze(1)).squeeze(1)
-    floor = top[:, -1].to(r.dtype)  # no atom outside the candidates scores above floor + margin
-    proven = (floor == -math.inf) | (best > floor + _SCREEN_MARGIN * r.norm(dim=1))
-    redo = (~proven).nonzero().squeeze(1)
-    if redo.numel():
-        best[redo], new[redo] = _select_exact(r[redo], atoms, old_idx[redo], active[redo])
-    return best, new, int(redo.numel())
+    pick = exact.argmax(dim=1, keepdim=True)
+    best, new = exact.gather(1, pick).squeeze(1), cand.gather(1, pick).squeeze(1)
+    margin = _SCREEN_MARGIN * r.norm(dim=1)
+    unproven = ((floor > -math.inf) & (best <= floor + margin)).nonzero().squeeze(1)
+    if not unproven.numel():
+        return best, new, 0, 0
+    return best, new, int(unproven.numel()), _settle(r, atoms, excluded, approx, unproven, best, new, margin)
 
 
-def _pursue_sparse(r0: Tensor, budget: Tensor, atoms: _Atoms, screen: bool) -> tuple[Tensor, Tensor]:
+def _settle(
+    r: Tensor, atoms: _Atoms, excluded: Tensor, approx: Tensor, rows: Tensor, best: Tensor, new: Tensor,
+    margin: Tensor,
+) -> int:  # fmt: skip
+    """Finish screened selection for the unproven tokens ``rows``, in place; returns the full-matmul count.
+
+    An atom that beats ``best`` has a bf16 score above ``best - margin``. Those atoms are re-scored in full
+    precision; a token with more than ``_PAIRS_PER_TOKEN`` of them goes through ``_select_exact``.
+    """
+    D = atoms.D
+    within = approx.index_select(0, rows) > (best[rows] - margin[rows]).unsqueeze(1)  # [f, width]
+    many = within.sum(dim=1) > _PAIRS_PER_TOKEN
+    heavy = rows[many]
+    if heavy.numel():
+        score = _score_buffer(atoms, heavy.numel(), r.dtype)
+        best[heavy], new[heavy] = _select_exact(r[heavy], atoms, excluded[heavy], score)
+        within[many] = False
+    i, j = within.nonzero(as_tuple=True)  # (unproven token, atom) pairs; padding columns hold -inf
+    exact = torch.linalg.vecdot(D[j], r[rows[i]]) * atoms.inv_norm[j]
+    if atoms.penalty is not None:
+        exact += atoms.penalty[j]
+    f = rows.numel()
+    top = exact.new_full((f,), -math.inf).scatter_reduce_(0, i, exact, "amax", include_self=True)
+    win = exact == top[i]
+    first = j.new_full((f,), atoms.width - 1).scatter_reduce_(0, i[win], j[win], "amin", include_self=True)
+    light = rows[~many]
+    best[light], new[light] = top[~many], first[~many]
+    return int(heavy.numel())
+
+
+def _pursue_sparse(
+    r0: Tensor, budget: Tensor, atoms: _Atoms, screen: bool, score: Tensor
+) -> tuple[Tensor, Tensor]:
     """Gradient pursuit of the targets ``r0 [n, d_in]``, giving ``(indices, values) [n, max budget]``.
 
     Tokens are sorted by budget, so the ones still iterating always form a prefix. ``rows [n, L, d_in]``
-    holds the decoder rows gathered for each token's slots.
+    holds the decoder rows gathered for each token's slots, ``score [>= n, width]`` is the selection buffer
+    (bf16 when screening). A slot whose value is 0 is not in the support.
     """
     n, d_in = r0.shape
+    d_sae, spare = atoms.D.shape[0], atoms.width - 1
     order = torch.argsort(budget, descending=True, stable=True)
     budget = budget[order]
     steps = int(budget[0]) if n else 0
@@ -174,24 +262,28 @@ def _pursue_sparse(r0: Tensor, budget: Tensor, atoms: _Atoms, screen: bool) -> t
     s = r0[order]
     r = s.clone()
     idx = torch.zeros((n, steps), dtype=torch.long, device=r0.device)
-    val = r0.new_zeros((n, steps))  # 0 = slot not in the support
+    val = r0.new_zeros((n, steps))
     rows = r0.new_empty((n, steps, d_in))
     for t, m in enumerate(live):
-        rl, old_idx, active = r[:m], idx[:m, :t], val[:m, :t] != 0
+        rl, empty = r[:m], val[:m, :t] == 0
+        excluded = idx[:m, :t].masked_fill(empty, spare)  # the support; empty slots point at a padding column
         if screen:
-            best, new, fallbacks = _select_screened(rl, atoms, old_idx, active)
-            screen = 2 * fallbacks <= m  # too many fallbacks: screening no longer pays for itself
+            best, new, _, full = _select_screened(rl, atoms, excluded, score[:m])
+            if 2 * full > m:  # bf16 cannot decide for most tokens: the full-precision matmul is cheaper
+                screen, score = False, _score_buffer(atoms, m, r0.dtype)
         else:
-            best, new = _select_exact(rl, atoms, old_idx, active)
+            best, new = _select_exact(rl, atoms, excluded, score[:m])
+        new.clamp_max_(d_sae - 1)  # a padding column comes with best = -inf: the slot stays empty
         idx[:m, t] = new
-        rows[:m, t] = atoms.D[new]
+        rows[:m, t] = atoms.D.index_select(0, new)
         R = rows[:m, : t + 1]
-        support = torch.cat([active, (best > -math.inf).unsqueeze(1)], dim=1)  # [m, t + 1]
-        g = torch.bmm(R, rl.unsqueeze(2)).squeeze(2).masked_fill_(~support, 0.0)
+        g = torch.bmm(rl.unsqueeze(1), R.mT).squeeze(1)  # [m, t + 1] gradient on the support
+        g[:, :t].masked_fill_(empty, 0.0)
+        g[:, t].masked_fill_(best == -math.inf, 0.0)
         c = torch.bmm(g.unsqueeze(1), R).squeeze(1)
         coef = (val[:m, : t + 1] + _line_step(rl, c).unsqueeze(1) * g).clamp_min_(0.0)
         val[:m, : t + 1] = coef
-        r[:m] = s[:m] - torch.bmm(coef.unsqueeze(1), R).squeeze(1)
+        r[:m] = torch.baddbmm(s[:m].unsqueeze(1), coef.unsqueeze(1), R, alpha=-1.0).squeeze(1)
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(n, device=order.device)
     val = val[inverse]
@@ -223,10 +315,12 @@ def gradient_pursuit(
     cd = _compute_dtype(sae)
     atoms = _atoms(sae, cd, screen)
     parts = [(x2d.new_zeros((0, 0), dtype=torch.long), x2d.new_zeros((0, 0), dtype=cd))]
-    for i, j in _spans(x2d.shape[0], _DEFAULT_CHUNK if chunk_size is None else chunk_size):
+    spans = _spans(x2d.shape[0], _DEFAULT_CHUNK if chunk_size is None else chunk_size)
+    score = _score_buffer(atoms, max((j - i for i, j in spans), default=0), torch.bfloat16 if screen else cd)
+    for i, j in spans:
         xc = x2d[i:j]
         bc = sae.encode_sparse(xc).l0() if budgets is None else budgets[i:j]
-        parts.append(_pursue_sparse(_target(sae, xc, sae.input_stats(xc), cd), bc, atoms, screen))
+        parts.append(_pursue_sparse(_target(sae, xc, sae.input_stats(xc), cd), bc, atoms, screen, score))
     m = max(p[0].shape[1] for p in parts)
     indices = torch.cat([F.pad(p[0], (0, m - p[0].shape[1])) for p in parts])
     values = torch.cat([F.pad(p[1], (0, m - p[1].shape[1])) for p in parts]).to(sae.dtype)
@@ -260,7 +354,7 @@ def pursuit_dense(sae: SAE, x: Tensor, *, budget: Tensor | None = None) -> Tenso
     budgets = _budgets(sae, x2d, budget, lead)
     atoms = _atoms(sae, _compute_dtype(sae), screen=False)
     D = atoms.D
-    penalty = atoms.penalty if atoms.penalty is not None else torch.zeros_like(atoms.inv_norm)
+    penalty = torch.zeros_like(atoms.inv_norm) if atoms.penalty is None else atoms.penalty[: D.shape[0]]
     s = _target(sae, x2d, sae.input_stats(x2d), D.dtype)  # [n, d_in]
     n = s.shape[0]
     w = s.new_zeros((n, sae.cfg.d_sae))

@@ -1,0 +1,476 @@
+"""Paper presets resolve to the published SAE ids, run end to end on tiny local stand-ins in the same
+layouts (Gemma Scope ``params.npz`` folders, Llama Scope ``hyperparams.json`` folders, a JSONL corpus),
+and fail offline with one clear error."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from darkmatter.cli import main
+from darkmatter.config import StudyConfig, resolve_config
+from darkmatter.errors import ConfigError, TextError
+from darkmatter.text import TextConfig, make_contexts
+
+from conftest import tiny_model, tiny_tokenizer
+
+PAPER_PRESETS = ("paper-gemma-2-2b", "paper-gemma-2-9b", "llama-scope-8b")
+G9 = "google/gemma-scope-9b-pt-"
+EXPECTED_9B = [
+    f"{G9}res:layer_20/width_16k/average_l0_58",
+    f"{G9}res:layer_20/width_32k/average_l0_57",
+    f"{G9}res:layer_20/width_65k/average_l0_55",
+    f"{G9}res:layer_20/width_131k/average_l0_62",
+    f"{G9}res:layer_20/width_262k/average_l0_64",
+    f"{G9}res:layer_20/width_524k/average_l0_48",
+    f"{G9}res:layer_20/width_1m/average_l0_57",
+    f"{G9}res:layer_19/width_16k/average_l0_67",
+    f"{G9}mlp:layer_20/width_16k/average_l0_41",
+    f"{G9}res:layer_20/width_16k/average_l0_68",
+]
+WORDS = ("the quick brown fox jumps over a lazy dog", "while seven wizards quietly hex jovial bankers")
+
+
+def _sets(items: list[str]) -> list[str]:
+    return [a for item in items for a in ("--set", item)]
+
+
+def _show(capsys: pytest.CaptureFixture[str], *args: str) -> dict[str, Any]:
+    assert main(["config", "show", *args]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+# --------------------------------------------------------------------------- stand-ins
+
+
+def _save_model(path: Path, arch: str, n_layers: int) -> Path:
+    tiny_model(arch, n_layers=n_layers).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def gemma_2b_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Gemma 2 with 13 layers, deep enough for the 2B preset's layer 12."""
+    return _save_model(tmp_path_factory.mktemp("gemma-2-2b"), "gemma2", 13)
+
+
+@pytest.fixture(scope="module")
+def gemma_9b_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Gemma 2 with 21 layers, deep enough for the 9B preset's layer 20."""
+    return _save_model(tmp_path_factory.mktemp("gemma-2-9b"), "gemma2", 21)
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _save_model(tmp_path_factory.mktemp("llama-3.1"), "llama", 16)
+
+
+@pytest.fixture(scope="module")
+def pile_jsonl(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Pile-like JSONL: one ``{"text": ..., "meta": ...}`` document per line, each over 64 characters."""
+    rng = np.random.default_rng(0)
+    path = tmp_path_factory.mktemp("pile") / "00.jsonl"
+    rows = [
+        {
+            "text": " ".join(rng.choice(" ".join(WORDS).split(" "), size=30)),
+            "meta": {"pile_set_name": "stand-in"},
+        }
+        for _ in range(30)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _unit_rows(n: int, d: int, g: torch.Generator) -> torch.Tensor:
+    w = torch.randn(n, d, generator=g)
+    return w / w.norm(dim=1, keepdim=True)
+
+
+def write_gemma_scope(folder: Path, d_in: int, d_sae: int, seed: int, live: int = 24) -> None:
+    """A Gemma Scope ``params.npz``; only the first ``live`` latents can fire (keeps L0 and pursuit small)."""
+    g = torch.Generator().manual_seed(seed)
+    w_dec = _unit_rows(d_sae, d_in, g)
+    threshold = torch.full((d_sae,), 1e6)
+    threshold[:live] = 0.0
+    folder.mkdir(parents=True)
+    np.savez(
+        folder / "params.npz",
+        W_enc=w_dec.T.contiguous().numpy(),
+        W_dec=w_dec.numpy(),
+        b_enc=np.zeros(d_sae, np.float32),
+        b_dec=(0.1 * torch.randn(d_in, generator=g)).numpy(),
+        threshold=threshold.numpy(),
+    )
+
+
+def write_llama_scope(folder: Path, d_model: int, d_sae: int, hook: str, seed: int, live: int = 24) -> None:
+    """A Llama Scope v1 folder (dataset-wise norms, scalar JumpReLU threshold); ``live`` latents can fire."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    bias = torch.full((d_sae,), -1e6)
+    bias[:live] = 0.0
+    tensors = {
+        "encoder.weight": _unit_rows(d_sae, d_model, g),
+        "encoder.bias": bias,
+        "decoder.weight": _unit_rows(d_sae, d_model, g).T.contiguous(),
+        "decoder.bias": 0.1 * torch.randn(d_model, generator=g),
+    }
+    (folder / "checkpoints").mkdir(parents=True)
+    save_file(tensors, str(folder / "checkpoints" / "final.safetensors"))
+    hp = {
+        "d_model": d_model,
+        "d_sae": d_sae,
+        "expansion_factor": d_sae // d_model,
+        "hook_point_in": hook,
+        "hook_point_out": hook,
+        "use_decoder_bias": True,
+        "apply_decoder_bias_to_pre_encoder": False,
+        "norm_activation": "dataset-wise",
+        "dataset_average_activation_norm": {"in": 8.0, "out": 8.0},
+        "sparsity_include_decoder_norm": True,
+        "act_fn": "jumprelu",
+        "jump_relu_threshold": 0.0,
+        "top_k": 50,
+    }
+    (folder / "hyperparams.json").write_text(json.dumps(hp))
+
+
+def _tiny_overrides(model_dir: Path, text: Path, layer: int) -> list[str]:
+    """Shrink a paper preset to seconds on CPU; the SAE family stays the preset's own."""
+    return [
+        f"model.name={model_dir}",
+        "model.device=cpu",
+        "model.dtype=fp32",
+        f"text.source={text}",
+        "text.ctx_len=48",
+        "text.n_contexts=12",
+        "text.skip_positions=4",
+        "harvest.batch_size=4",
+        "harvest.shard_contexts=8",
+        f"layer_sweep.layers=[0,{layer}]",
+        "layer_sweep.n_contexts=4",
+        "layer_sweep.d_sae=16",
+        "layer_sweep.k=2",
+        "layer_sweep.train.batch_size=64",
+        "layer_sweep.train.epochs=1",
+        "layer_sweep.train.device=cpu",
+        "synthetic.n_tokens=200",
+        "pursuit.n_contexts=2",
+        "nonlinear.ce_contexts=2",
+        "nonlinear.mlp_hidden=16",
+        "nonlinear.mlp_epochs=1",
+        "error_saes.d_sae=64",
+        "error_saes.k=4",
+        "error_saes.train.batch_size=64",
+        "error_saes.train.epochs=1",
+        "error_saes.train.device=cpu",
+        "error_saes.interp.enabled=false",
+    ]
+
+
+def _result(out: Path, name: str) -> dict[str, Any]:
+    return json.loads((out / "results" / f"{name}.json").read_text())
+
+
+def _check_run(out: Path, width_sweep: list[str], target: str, regressors: set[str]) -> dict[str, Any]:
+    """The report and the key results exist; the roles of the external family are the intended ones."""
+    assert (out / "report.html").is_file()
+    for name in ("harvest", "sae_family", "error_prediction", "per_token", "norm_prediction", "pursuit"):
+        assert _result(out, name)["experiment"] == name
+    assert _result(out, "error_prediction")["width_sweep"] == width_sweep
+    assert [r["name"] for r in _result(out, "pursuit")["saes"]] == width_sweep
+    assert set(_result(out, "downstream_ce")["saes"]) == set(width_sweep)
+    earlier = _result(out, "earlier_layers")
+    assert earlier["target"] == target
+    assert regressors <= set(earlier["regressors"]), earlier.get("notes")
+    assert _result(out, "layer_baselines")["layers"][-1] > 0
+    return {r["name"]: r for r in _result(out, "sae_family")["saes"]}
+
+
+# --------------------------------------------------------------------------- config
+
+
+def test_presets_resolve_to_the_published_saes(capsys: pytest.CaptureFixture[str]) -> None:
+    shown = {p: _show(capsys, "--preset", p) for p in PAPER_PRESETS}
+    nine = shown["paper-gemma-2-9b"]
+    assert [e["path"] for e in nine["family"]["external"]] == EXPECTED_9B
+    assert nine["model"]["name"] == "google/gemma-2-9b" and nine["layer"] == 20
+    assert nine["synthetic"]["sae"] == "L20-res-16k-l0_68"
+    two = {e["name"]: e for e in shown["paper-gemma-2-2b"]["family"]["external"]}
+    widths = ("16k", "32k", "65k", "131k", "262k", "524k", "1m")
+    l0s = [two[f"L12-res-{w}"]["path"].rsplit("average_l0_", 1)[1] for w in widths]
+    assert l0s == ["41", "76", "72", "67", "67", "65", "58"]
+    assert list(two)[7:] == ["L11-res-16k", "L12-mlp-16k", "L12-res-16k-l0_82"]
+    assert two["L12-mlp-16k"] == {
+        "name": "L12-mlp-16k",
+        "path": "google/gemma-scope-2b-pt-mlp:layer_12/width_16k/average_l0_44",
+        "format": "gemma_scope",
+        "hookpoint": None,
+        "site": "blocks.12.hook_mlp_out",
+    }
+    llama = shown["llama-scope-8b"]
+    assert llama["model"]["name"] == "meta-llama/Llama-3.1-8B"
+    assert {e["name"]: e["path"] for e in llama["family"]["external"]} == {
+        "L15-res-32k": "fnlp/Llama3_1-8B-Base-LXR-8x:Llama3_1-8B-Base-L15R-8x",
+        "L15-res-128k": "fnlp/Llama3_1-8B-Base-LXR-32x:Llama3_1-8B-Base-L15R-32x",
+        "L14-res-32k": "fnlp/Llama3_1-8B-Base-LXR-8x:Llama3_1-8B-Base-L14R-8x",
+        "L15-mlp-32k": "fnlp/Llama3_1-8B-Base-LXM-8x:Llama3_1-8B-Base-L15M-8x",
+        "L15-attn-32k": "fnlp/Llama3_1-8B-Base-LXA-8x:Llama3_1-8B-Base-L15A-8x",
+    }
+    for cfg in shown.values():
+        assert cfg["text"]["source"] == "hf:monology/pile-uncopyrighted"
+        assert (cfg["text"]["ctx_len"], cfg["text"]["n_contexts"], cfg["text"]["skip_positions"]) == (
+            1024,
+            300,
+            200,
+        )
+        assert cfg["text"]["packing"] == "truncate" and cfg["model"]["device"] == "cuda"
+        assert cfg["model"]["online"] is False
+
+
+def test_local_copies_replace_hub_ids(capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = _show(
+        capsys,
+        "--preset",
+        "paper-gemma-2-9b",
+        *_sets(
+            [
+                "family.external_root=/data/saes",
+                "family.external_paths.L20-mlp-16k=/elsewhere/mlp",
+                'family.external_only=["L20-res-16k","L20-mlp-16k"]',
+            ]
+        ),
+    )
+    assert [(e["name"], e["path"]) for e in cfg["family"]["external"]] == [
+        ("L20-res-16k", "/data/saes/gemma-scope-9b-pt-res/layer_20/width_16k/average_l0_58"),
+        ("L20-mlp-16k", "/elsewhere/mlp"),
+    ]
+    again = StudyConfig.model_validate(cfg)  # re-validating a resolved config changes nothing
+    assert [e.path for e in again.family.external] == [e["path"] for e in cfg["family"]["external"]]
+    with pytest.raises(ConfigError, match=r"external_only names \['L20-res-2m'\]"):
+        resolve_config("paper-gemma-2-9b", overrides=['family.external_only=["L20-res-2m"]'])
+    with pytest.raises(ConfigError, match="external_paths names"):
+        resolve_config("llama-scope-8b", overrides=["family.external_paths.L9-res-32k=/x"])
+
+
+def test_offline_without_local_copies_says_what_to_do(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("DARKMATTER_ONLINE", raising=False)
+    cfg = resolve_config("paper-gemma-2-9b")
+    with pytest.raises(ConfigError) as err:
+        cfg.require_local()
+    msg = str(err.value)
+    for needed in (
+        "'google/gemma-2-9b'",
+        "hf:monology/pile-uncopyrighted",
+        "10 of family.external",
+        "--online",
+    ):
+        assert needed in msg
+    assert "family.external_root=DIR" in msg and "\n" not in msg
+    cfg.model.online = True
+    cfg.require_local()  # online: nothing to complain about
+    local = resolve_config("paper-gemma-2-9b", overrides=[f"model.name={tmp_path}"])
+    assert "model.name" not in "; ".join(local.missing_locally())
+
+    # model.device=cpu: what a GPU machine sees first is the missing model, not the device
+    code = main(
+        [
+            "run",
+            "--preset",
+            "paper-gemma-2-9b",
+            "--out",
+            str(tmp_path / "o"),
+            "--quiet",
+            "--set",
+            "model.device=cpu",
+        ]
+    )
+    out_err = capsys.readouterr().err
+    assert code == 2 and out_err.count("\n") == 1 and "Traceback" not in out_err
+    assert (
+        out_err.startswith("darkmatter: error:") and "google/gemma-2-9b" in out_err and "--online" in out_err
+    )
+    assert not (tmp_path / "o" / "results" / "harvest.json").exists()
+
+
+# --------------------------------------------------------------------------- text sources
+
+
+def test_jsonl_folder_and_compressed_jsonl_match_one_file(tmp_path: Path, pile_jsonl: Path) -> None:
+    tok = tiny_tokenizer()
+    lines = pile_jsonl.read_text().splitlines(keepends=True)
+    folder = tmp_path / "pile"
+    folder.mkdir()
+    (folder / "00.jsonl").write_text("".join(lines[:10]))
+    with gzip.open(folder / "01.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write("".join(lines[10:]))
+    base = TextConfig(source=str(pile_jsonl), ctx_len=40, n_contexts=20, skip_positions=0, packing="truncate")
+    want = make_contexts(base, tok, tok.bos_token_id)
+    got = make_contexts(base.model_copy(update={"source": str(folder)}), tok, tok.bos_token_id)
+    assert np.array_equal(want.tokens, got.tokens) and list(got.doc_index) == list(range(20))
+    first = json.loads(lines[0])["text"]
+    assert tok.decode(got.tokens[0, 1:].tolist()) == first[:39]
+    bad = tmp_path / "bad.jsonl.gz"
+    bad.write_bytes(b"not gzip at all")
+    with pytest.raises(TextError, match=r"bad\.jsonl\.gz cannot be read as UTF-8 JSONL text"):
+        make_contexts(base.model_copy(update={"source": str(bad)}), tok, 0)
+    # a folder holding plain text is read as before: its JSONL files are not mixed in
+    (folder / "a.txt").write_text("xyz " * 40)
+    plain = make_contexts(base.model_copy(update={"source": str(folder), "n_contexts": 1}), tok, 0)
+    assert tok.decode(plain.tokens[0, 1:].tolist()) == ("xyz " * 40)[:39]
+
+
+def test_hf_source_offline_points_to_online_or_a_local_copy(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DARKMATTER_ONLINE", raising=False)
+    cfg = TextConfig(source="hf:monology/pile-uncopyrighted")
+    with pytest.raises(TextError, match=r"--online.*local copy \(a \.jsonl file"):
+        make_contexts(cfg, tiny_tokenizer(), 0)
+
+
+# --------------------------------------------------------------------------- end to end on stand-ins
+
+
+def test_paper_gemma_2_2b_runs_on_local_stand_ins(
+    tmp_path: Path, gemma_2b_dir: Path, pile_jsonl: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("DARKMATTER_ONLINE", raising=False)
+    root = tmp_path / "saes"
+    folders = {
+        "L12-res-16k": ("gemma-scope-2b-pt-res/layer_12/width_16k/average_l0_41", 16384),
+        "L12-res-32k": ("gemma-scope-2b-pt-res/layer_12/width_32k/average_l0_76", 32768),
+        "L11-res-16k": ("gemma-scope-2b-pt-res/layer_11/width_16k/average_l0_41", 16384),
+        "L12-mlp-16k": ("gemma-scope-2b-pt-mlp/layer_12/width_16k/average_l0_44", 16384),
+        "L12-res-16k-l0_82": ("gemma-scope-2b-pt-res/layer_12/width_16k/average_l0_82", 16384),
+    }
+    for seed, (sub, width) in enumerate(folders.values()):
+        write_gemma_scope(root / sub, 64, width, seed)
+    out = tmp_path / "out"
+    sets = [
+        *_tiny_overrides(gemma_2b_dir, pile_jsonl, 12),
+        f"family.external_root={root}",
+        f"family.external_only={json.dumps(list(folders))}",
+    ]
+    assert main(["run", "--preset", "paper-gemma-2-2b", "--out", str(out), "--quiet", *_sets(sets)]) == 0
+    saes = _check_run(out, ["L12-res-16k", "L12-res-32k"], "L12-res-16k", {"L11-res-16k", "L12-mlp-16k"})
+    assert {n: (r["path"], r["d_sae"]) for n, r in saes.items()} == {
+        n: (str(root / sub), width) for n, (sub, width) in folders.items()
+    }
+    assert {r["source"] for r in saes.values()} == {"gemma_scope"}
+    assert saes["L12-mlp-16k"]["site"] == "blocks.12.hook_mlp_out" and 0 < saes["L12-res-16k"]["l0"] <= 24
+    assert _result(out, "synthetic_simulation")["sae_name"] == "L12-res-16k-l0_82"
+    assert _result(out, "error_saes")["sae_name"] == "L12-res-16k-l0_82"
+    harvest = _result(out, "harvest")
+    assert harvest["config"]["text"]["source"] == str(pile_jsonl) and harvest["config"]["text"]["seed"] == 42
+    assert harvest["config"]["model"]["name"] == str(gemma_2b_dir)
+
+
+def test_paper_gemma_2_9b_runs_on_local_stand_ins(
+    tmp_path: Path, gemma_9b_dir: Path, pile_jsonl: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("DARKMATTER_ONLINE", raising=False)
+    root = tmp_path / "saes"
+    folders = {
+        "L20-res-16k": root / "gemma-scope-9b-pt-res/layer_20/width_16k/average_l0_58",
+        "L20-res-32k": tmp_path / "moved" / "width_32k",  # via external_paths: no repo name, site from config
+        "L19-res-16k": root / "gemma-scope-9b-pt-res/layer_19/width_16k/average_l0_67",
+        "L20-mlp-16k": root / "gemma-scope-9b-pt-mlp/layer_20/width_16k/average_l0_41",
+        "L20-res-16k-l0_68": root / "gemma-scope-9b-pt-res/layer_20/width_16k/average_l0_68",
+    }
+    for seed, (name, folder) in enumerate(folders.items()):
+        write_gemma_scope(folder, 64, 32768 if "32k" in name else 16384, seed + 10)
+    out = tmp_path / "out"
+    sets = [
+        *_tiny_overrides(gemma_9b_dir, pile_jsonl, 20),
+        f"family.external_root={root}",
+        f"family.external_paths.L20-res-32k={folders['L20-res-32k']}",
+        f"family.external_only={json.dumps(list(folders))}",
+    ]
+    assert main(["run", "--preset", "paper-gemma-2-9b", "--out", str(out), "--quiet", *_sets(sets)]) == 0
+    saes = _check_run(out, ["L20-res-16k", "L20-res-32k"], "L20-res-16k", {"L19-res-16k", "L20-mlp-16k"})
+    assert {n: r["path"] for n, r in saes.items()} == {n: str(f) for n, f in folders.items()}
+    assert saes["L20-res-32k"]["site"] == "blocks.20.hook_resid_post"
+    assert _result(out, "synthetic_simulation")["sae_name"] == "L20-res-16k-l0_68"
+    sites = set(_result(out, "harvest")["store"]["sites"])
+    assert sites == {"blocks.20.hook_resid_post", "blocks.19.hook_resid_post", "blocks.20.hook_mlp_out"}
+    # a rerun reuses the family and reloads it as configured (the moved SAE keeps its configured site)
+    assert (
+        main(
+            [
+                "run",
+                "--preset",
+                "paper-gemma-2-9b",
+                "--out",
+                str(out),
+                "--quiet",
+                *_sets(sets),
+                "--set",
+                "pursuit.n_contexts=3",
+            ]
+        )
+        == 0
+    )
+    pursuit = _result(out, "pursuit")
+    assert pursuit["n_contexts"] == 3 and [r["name"] for r in pursuit["saes"]] == [
+        "L20-res-16k",
+        "L20-res-32k",
+    ]
+
+
+def test_an_sae_of_another_model_is_refused(
+    tmp_path: Path, gemma_2b_dir: Path, pile_jsonl: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = tmp_path / "saes"
+    write_gemma_scope(root / "gemma-scope-2b-pt-res/layer_12/width_16k/average_l0_41", 32, 16384, 0)
+    sets = [
+        *_tiny_overrides(gemma_2b_dir, pile_jsonl, 12),
+        f"family.external_root={root}",
+        'family.external_only=["L12-res-16k"]',
+    ]
+    code = main(
+        ["run", "--preset", "paper-gemma-2-2b", "--out", str(tmp_path / "o"), "--quiet", *_sets(sets)]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert "'L12-res-16k'" in err and "width 32" in err and "width 64" in err and "another model" in err
+
+
+def test_llama_scope_8b_runs_on_local_stand_ins(
+    tmp_path: Path, llama_dir: Path, pile_jsonl: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("DARKMATTER_ONLINE", raising=False)
+    root = tmp_path / "saes"
+    specs = {
+        "L15-res-32k": ("LXR-8x", "L15R-8x", "blocks.15.hook_resid_post", 512),
+        "L15-res-128k": ("LXR-32x", "L15R-32x", "blocks.15.hook_resid_post", 2048),
+        "L14-res-32k": ("LXR-8x", "L14R-8x", "blocks.14.hook_resid_post", 512),
+        "L15-mlp-32k": ("LXM-8x", "L15M-8x", "blocks.15.hook_mlp_out", 512),
+        "L15-attn-32k": ("LXA-8x", "L15A-8x", "blocks.15.hook_attn_out", 512),
+    }
+    folders = {
+        n: root / f"Llama3_1-8B-Base-{repo}" / f"Llama3_1-8B-Base-{sub}"
+        for n, (repo, sub, _, _) in specs.items()
+    }
+    for seed, (name, (_, _, hook, width)) in enumerate(specs.items()):
+        write_llama_scope(folders[name], 64, width, hook, seed + 20)
+    out = tmp_path / "out"
+    sets = [*_tiny_overrides(llama_dir, pile_jsonl, 15), f"family.external_root={root}"]
+    assert main(["run", "--preset", "llama-scope-8b", "--out", str(out), "--quiet", *_sets(sets)]) == 0
+    saes = _check_run(
+        out, ["L15-res-32k", "L15-res-128k"], "L15-res-32k", {"L14-res-32k", "L15-mlp-32k", "L15-attn-32k"}
+    )
+    assert {n: (r["path"], r["site"], r["d_sae"]) for n, r in saes.items()} == {
+        n: (str(folders[n]), hook, width) for n, (_, _, hook, width) in specs.items()
+    }
+    assert {r["source"] for r in saes.values()} == {"llama_scope"}
+    assert _result(out, "error_prediction")["power_law"] is None  # two widths: no fit
+    assert _result(out, "synthetic_simulation")["sae_name"] == "L15-res-32k"

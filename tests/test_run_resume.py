@@ -1,0 +1,127 @@
+"""``darkmatter run`` killed (SIGKILL) inside each step resumes to the same results as an uninterrupted run.
+
+Each kill happens at an atomic rename (the moment a step commits a file): the child process wraps
+``Path.replace``/``Path.rename`` and kills itself at the n-th rename whose target matches a pattern, before
+or after performing it. The same output directory is killed at one point per step in turn, then the run
+is completed and every result is compared with a clean run's.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from conftest import tiny_study_overrides
+
+CHILD = r"""
+import os, signal, sys
+from pathlib import Path
+pattern, nth, when = os.environ["KILL_AT"].split("|")
+nth = int(nth)
+seen = [0]
+
+def wrap(method):
+    original = getattr(Path, method)
+    def patched(self, target):
+        if pattern in str(target):
+            seen[0] += 1
+            if seen[0] == nth and when == "before":
+                os.kill(os.getpid(), signal.SIGKILL)
+        result = original(self, target)
+        if pattern in str(target) and seen[0] == nth and when == "after":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return result
+    setattr(Path, method, patched)
+
+wrap("replace")
+wrap("rename")
+from darkmatter.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+# (target pattern, n-th matching rename, before/after): one point inside each step of the run.
+KILL_POINTS = [
+    ("shards/00001", 1, "before"),  # harvest: second shard
+    ("sae_weights.safetensors", 2, "after"),  # family: some SAEs saved, others not
+    ("per_token.json", 1, "before"),  # engine: error_prediction written, per_token not
+    ("saes_layers/", 1, "after"),  # layer sweep: first layer SAE in place
+    ("synthetic_simulation.json", 1, "before"),
+    ("pursuit.json", 1, "after"),
+    ("earlier_layers.json", 1, "before"),  # nonlinear: downstream CE written
+    ("autointerp-linear.json", 1, "after"),  # error SAEs trained, auto-interp part-way
+    ("report.html", 1, "before"),
+]
+IGNORED_KEYS = ("second", "provenance", "time", "elapsed", "n_cached")  # timings and cache bookkeeping
+
+
+def _run(args: list[str], kill_at: str | None = None) -> int:
+    env = {"KILL_AT": kill_at or "never|0|before", "PYTHONPATH": str(Path(__file__).parent)}
+    import os
+
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD, *args],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if kill_at is None or proc.returncode != -signal.SIGKILL:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.returncode
+
+
+def _strip(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _strip(v) for k, v in obj.items() if not any(t in k for t in IGNORED_KEYS)}
+    if isinstance(obj, list):
+        return [_strip(v) for v in obj]
+    return obj
+
+
+def _same(a: Any, b: Any, where: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        if set(a) != set(b):
+            return [f"{where}: keys {sorted(set(a) ^ set(b))}"]
+        return [d for k in a for d in _same(a[k], b[k], f"{where}.{k}")]
+    if isinstance(a, list) and isinstance(b, list):
+        if len(a) != len(b):
+            return [f"{where}: lengths {len(a)} vs {len(b)}"]
+        return [d for i, (x, y) in enumerate(zip(a, b, strict=True)) for d in _same(x, y, f"{where}[{i}]")]
+    if isinstance(a, float) and isinstance(b, float):
+        if math.isnan(a) and math.isnan(b):
+            return []
+        return [] if math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9) else [f"{where}: {a} vs {b}"]
+    if isinstance(a, str) and isinstance(b, str) and ("/" in a or "\\" in a):
+        return []  # paths differ between output directories
+    return [] if a == b else [f"{where}: {a!r} vs {b!r}"]
+
+
+def _results(out: Path) -> dict[str, Any]:
+    return {p.stem: _strip(json.loads(p.read_text())) for p in sorted((out / "results").glob("*.json"))}
+
+
+def test_killed_at_every_step_resumes_to_the_same_results(
+    tmp_path: Path, tiny_model_dir: Path, corpus_file: Path
+) -> None:
+    sets = [a for item in tiny_study_overrides(tiny_model_dir, corpus_file) for a in ("--set", item)]
+    clean, killed = tmp_path / "clean", tmp_path / "killed"
+    _run(["run", "--out", str(clean), "--quiet", *sets])
+    kills = 0
+    for pattern, nth, when in KILL_POINTS:
+        code = _run(["run", "--out", str(killed), "--quiet", *sets], f"{pattern}|{nth}|{when}")
+        kills += code == -signal.SIGKILL
+        assert code == -signal.SIGKILL, f"the run finished before reaching {pattern!r}"
+    _run(["run", "--out", str(killed), "--quiet", *sets])
+    assert kills == len(KILL_POINTS)
+    want, got = _results(clean), _results(killed)
+    assert set(got) == set(want)
+    diffs = [d for name in want for d in _same(want[name], got[name], name)]
+    assert not diffs, diffs[:10]
+    assert (killed / "report.html").is_file()
+    leftovers = [p for p in killed.rglob("*.tmp")]
+    assert not leftovers, leftovers
