@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
+import darkmatter.sae.pursuit as pursuit
 from darkmatter.errors import ConfigError, ShapeError
 from darkmatter.experiments.decomposition import decompose
 from darkmatter.sae.model import SAE, SAEConfig
 from darkmatter.sae.pursuit import (
     PursuitSAE,
+    _Atoms,
     _atoms,
+    _score_buffer,
     _select_exact,
     _select_screened,
     gradient_pursuit,
@@ -24,6 +29,16 @@ from darkmatter.sae.pursuit import (
 from synthetic import sparse_features, synthetic_store
 
 SITE = "blocks.0.hook_resid_post"
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """Run single-threaded: the tensors are tiny, and on a shared machine intra-op threads that meet at a
+    barrier after every short kernel make the tests many times slower. Worker tests set their own count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def random_sae(
@@ -97,26 +112,79 @@ def test_chunking_and_budget_order_do_not_change_the_result(chunk_size: int | No
     assert token_rel_err(codes.to_dense(sae.cfg.d_sae), dense) < 1e-5
 
 
-def test_screened_selection_falls_back_when_bf16_cannot_decide() -> None:
-    # 60 near-copies of one direction: their bf16 scores are indistinguishable, so the 16 candidates cannot be
-    # proven to contain the winner and every token must fall back to the full-precision matmul.
+def near_copies_sae(copies: int = 60, others: int = 40, d: int = 16) -> SAE:
+    """``copies`` near-copies of one direction (bf16 cannot rank them) plus ``others`` random atoms."""
     g = torch.Generator().manual_seed(0)
-    d = 16
     base = torch.randn(d, generator=g)
-    W_dec = torch.cat([base + 1e-3 * torch.randn(60, d, generator=g), torch.randn(40, d, generator=g)])
-    cfg = SAEConfig(d_in=d, d_sae=100, activation="topk", k=3)
-    sae = SAE.from_tensors(cfg, {"W_enc": W_dec.T.clone(), "b_enc": torch.zeros(100), "W_dec": W_dec,
-                                 "b_dec": torch.zeros(d)})  # fmt: skip
-    r = base + 1e-3 * torch.randn(20, d, generator=g)
+    copy = base + 1e-3 * torch.randn(copies, d, generator=g)
+    W_dec = torch.cat([copy, torch.randn(others, d, generator=g)])
+    n = copies + others
+    cfg = SAEConfig(d_in=d, d_sae=n, activation="topk", k=3)
+    return SAE.from_tensors(cfg, {"W_enc": W_dec.T.clone(), "b_enc": torch.zeros(n), "W_dec": W_dec,
+                                  "b_dec": torch.zeros(d)})  # fmt: skip
+
+
+def select(r: torch.Tensor, atoms: _Atoms, screened: bool) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """One selection with an empty support: ``(best, atom, unproven, full-matmul)`` (0, 0 when exact)."""
+    none = torch.zeros(r.shape[0], 0, dtype=torch.long)
+    if screened:
+        return _select_screened(r, atoms, none, _score_buffer(atoms, r.shape[0], torch.bfloat16))
+    return (*_select_exact(r, atoms, none, _score_buffer(atoms, r.shape[0], r.dtype)), 0, 0)
+
+
+@pytest.mark.parametrize("pairs", [256, 0])
+def test_screening_settles_what_bf16_cannot_decide(monkeypatch: pytest.MonkeyPatch, pairs: int) -> None:
+    # bf16 cannot rank the near-copies, so no token is proven by its candidates. Each is settled by
+    # re-scoring the atoms within the bound, or (with no pairs allowed) by the full-precision matmul.
+    monkeypatch.setattr(pursuit, "_PAIRS_PER_TOKEN", pairs)
+    sae = near_copies_sae()
+    g = torch.Generator().manual_seed(1)
+    r = sae.W_dec[0] + 1e-3 * torch.randn(20, 16, generator=g)
     atoms = _atoms(sae, torch.float32, screen=True)
-    empty = torch.zeros(20, 0, dtype=torch.long)
-    _, new, fallbacks = _select_screened(r, atoms, empty, empty.bool())
-    assert fallbacks == 20
-    assert torch.equal(new, _select_exact(r, atoms, empty, empty.bool())[1])
-    # a clear winner needs no fallback
-    easy = W_dec[70:71].expand(20, -1) * 3 + 0.01 * torch.randn(20, d, generator=g)
-    _, new, fallbacks = _select_screened(easy, atoms, empty, empty.bool())
-    assert fallbacks == 0 and bool((new == 70).all())
+    best, new, unproven, full = select(r, atoms, screened=True)
+    assert unproven == 20 and full == (20 if pairs == 0 else 0)
+    exact_best, exact_new, _, _ = select(r, atoms, screened=False)
+    assert torch.equal(new, exact_new) and bool((new < 60).all())
+    torch.testing.assert_close(best, exact_best)
+    # a clear winner is proven by its candidates
+    easy = sae.W_dec[70:71].expand(20, -1) * 3 + 0.01 * torch.randn(20, 16, generator=g)
+    _, new, unproven, full = select(easy, atoms, screened=True)
+    assert unproven == 0 and full == 0 and bool((new == 70).all())
+
+
+@pytest.mark.parametrize("pairs", [256, 0])
+def test_near_copies_pursued_like_the_reference(monkeypatch: pytest.MonkeyPatch, pairs: int) -> None:
+    monkeypatch.setattr(pursuit, "_PAIRS_PER_TOKEN", pairs)  # 0: screening gives up for the full matmul
+    sae = near_copies_sae()
+    g = torch.Generator().manual_seed(2)
+    x = sae.W_dec[torch.randint(0, 60, (50, 2), generator=g)].sum(1) + 0.3 * torch.randn(50, 16, generator=g)
+    budget = torch.full((50,), 5)
+    dense = pursuit_dense(sae, x, budget=budget)
+    assert token_rel_err(gradient_pursuit(sae, x, budget=budget).to_dense(100), dense) < 1e-5
+
+
+def test_blocked_selection_skips_zero_norm_atoms_when_every_score_is_negative() -> None:
+    # Zero-norm atoms score exactly 0 in the bf16 matmul, above every real atom here, so the blocks with the
+    # largest maxima hold only zero-norm atoms. Both selectors must still return the best real atom.
+    g = torch.Generator().manual_seed(3)
+    d, n = 8, 3000
+    W_dec = torch.randn(n, d, generator=g)
+    W_dec[:, 0] = W_dec[:, 0].abs() + 0.5  # every atom points along +e0
+    W_dec[::20] = 0.0  # in every block; fewer than _PAIRS_PER_TOKEN, so settling re-scores them one by one
+    cfg = SAEConfig(d_in=d, d_sae=n, activation="relu")
+    sae = SAE.from_tensors(cfg, {"W_enc": W_dec.T.clone(), "b_enc": torch.zeros(n), "W_dec": W_dec,
+                                 "b_dec": torch.zeros(d)})  # fmt: skip
+    r = torch.zeros(5, d)
+    r[:, 0] = -1.0  # negative inner product with every atom
+    r[:, 1:] = 0.01 * torch.randn(5, d - 1, generator=g)
+    exact = (r @ W_dec.T) / W_dec.norm(dim=1).clamp_min(1e-30)
+    exact[:, ::20] = -math.inf
+    for screened in (True, False):
+        atoms = _atoms(sae, torch.float32, screen=screened)
+        assert atoms.width // atoms.block > 8  # more blocks than candidates: the two-stage search is used
+        best, new, _, _ = select(r, atoms, screened)
+        assert torch.equal(new, exact.argmax(dim=1))
+        assert bool((best < 0).all()) and bool((new % 20 != 0).all())
 
 
 # ---------------------------------------------------------------------------------------------- properties
@@ -138,6 +206,88 @@ def test_zero_budget_reconstructs_b_dec() -> None:
     x_hat, codes = pursuit_reconstruct(sae, x, budget=torch.zeros(5, dtype=torch.long))
     assert codes.width == 0
     torch.testing.assert_close(x_hat, sae.b_dec.expand(5, -1))
+
+
+def test_zero_budgets_and_zero_residuals_among_other_tokens() -> None:
+    # Tokens with budget 0, tokens equal to b_dec (residual 0 from the start: every score is 0, and the
+    # chosen atom gets no weight) and ordinary tokens, in one batch.
+    sae = random_sae("topk", seed=21, dead=3)
+    x = torch.randn(40, 32, generator=torch.Generator().manual_seed(22))
+    x[::4] = sae.b_dec
+    budget = torch.randint(0, 9, (40,), generator=torch.Generator().manual_seed(23))
+    budget[1::8] = 0
+    codes = gradient_pursuit(sae, x, budget=budget)
+    assert bool((codes.l0()[::4] == 0).all()) and bool((codes.l0() <= budget).all())
+    assert token_rel_err(codes.to_dense(128), pursuit_dense(sae, x, budget=budget)) < 1e-5
+    x_hat, _ = pursuit_reconstruct(sae, x, budget=budget)
+    torch.testing.assert_close(x_hat[::4], x[::4])
+
+
+def test_duplicate_atoms_reconstruct_like_the_reference() -> None:
+    # Exact copies score the same; whichever copy is taken, the residual, and so the reconstruction, is the
+    # same, and so is the total weight on each group of copies.
+    sae = random_sae("jumprelu", seed=24)
+    W_dec = sae.W_dec.clone()
+    W_dec[64:96] = W_dec[:32]
+    dup = SAE.from_tensors(sae.cfg, {**dict(sae.named_tensors()), "W_dec": W_dec})
+    x = torch.randn(200, 32, generator=torch.Generator().manual_seed(25))
+    budget = dup.encode_sparse(x).l0()
+    dense = pursuit_dense(dup, x, budget=budget)
+
+    def merged(codes: torch.Tensor) -> torch.Tensor:
+        return torch.cat([codes[:, :32] + codes[:, 64:96], codes[:, 32:64], codes[:, 96:]], dim=1)
+
+    # ties go to the lower copy, in both selectors
+    r = 3 * W_dec[torch.arange(10)] + 1e-3 * torch.randn(10, 32, generator=torch.Generator().manual_seed(30))
+    for screened in (True, False):
+        assert torch.equal(select(r, _atoms(dup, torch.float32, screened), screened)[1], torch.arange(10))
+    for screen in (True, False):
+        codes = gradient_pursuit(dup, x, budget=budget, screen=screen).to_dense(128)
+        assert bool((codes.count_nonzero(dim=1) <= budget).all())
+        assert token_rel_err(merged(codes), merged(dense)) < 1e-5
+        assert token_rel_err(codes @ W_dec, dense @ W_dec) < 1e-5
+
+
+def test_budget_of_every_atom() -> None:
+    # With budget = d_sae, late iterations can find every atom in the support: nothing is left to select.
+    g = torch.Generator().manual_seed(26)
+    W_dec = torch.randn(6, 16, generator=g)
+    cfg = SAEConfig(d_in=16, d_sae=6, activation="relu")
+    sae = SAE.from_tensors(cfg, {"W_enc": W_dec.T.clone(), "b_enc": torch.zeros(6), "W_dec": W_dec,
+                                 "b_dec": torch.zeros(16)})  # fmt: skip
+    x = torch.rand(30, 6, generator=g) @ W_dec  # non-negative combinations: atoms stay in the support
+    budget = torch.full((30,), 6)
+    dense = pursuit_dense(sae, x, budget=budget)
+    for screen in (True, False):
+        codes = gradient_pursuit(sae, x, budget=budget, screen=screen)
+        assert codes.width == 6 and bool((codes.values >= 0).all())
+        assert token_rel_err(codes.to_dense(6), dense) < 1e-5
+    assert float((dense != 0).sum(1).float().mean()) > 5  # most tokens did fill their support
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_worker_threads_give_the_reference_codes(monkeypatch: pytest.MonkeyPatch, threads: int) -> None:
+    # Enough tokens for several CPU workers; their shares are dealt by budget and put back in token order.
+    shares: list[int] = []
+    inner = pursuit._pursue_sparse
+
+    def recording(r0: torch.Tensor, *args: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        shares.append(r0.shape[0])
+        return inner(r0, *args)
+
+    monkeypatch.setattr(pursuit, "_pursue_sparse", recording)
+    sae = random_sae("jumprelu", seed=27, dead=4)
+    x = torch.randn(700, 32, generator=torch.Generator().manual_seed(28))
+    budget = torch.randint(0, 20, (700,), generator=torch.Generator().manual_seed(29))
+    budget[:50] = 0
+    dense = pursuit_dense(sae, x, budget=budget)
+    torch.set_num_threads(threads)
+    codes = gradient_pursuit(sae, x, budget=budget, chunk_size=500)
+    assert torch.get_num_threads() == threads  # restored after the workers changed it
+    torch.set_num_threads(1)
+    assert len(shares) == threads + 2 and sum(shares) == 700  # 500 tokens: one worker per thread; 200: two
+    assert bool((codes.l0() <= budget).all()) and bool((codes.values >= 0).all())
+    assert token_rel_err(codes.to_dense(128), dense) < 1e-5
 
 
 def test_beats_the_encoder_on_a_well_conditioned_dictionary() -> None:

@@ -218,14 +218,15 @@ class InterpConfig(BaseModel):
     endpoint_model: str | None = Field(None, description="Model name the endpoint serves.")
     timeout: float = Field(120.0, gt=0, description="Seconds per endpoint request.")
     retries: int = Field(3, ge=0, description="Endpoint retries before giving up.")
-    n_latents: int = Field(8, ge=1, description="Latents scored per error SAE (chosen at random, seeded).")
+    n_latents: int = Field(4, ge=1, description="Latents scored per error SAE (chosen at random, seeded).")
     latents: list[int] = Field(default_factory=list, description="Score these latents instead of a sample.")
     min_activations: int = Field(20, ge=1, description="Skip latents active on fewer tokens.")
-    window: int = Field(24, ge=2, description="Tokens per example window.")
-    n_examples_explain: int = Field(10, ge=1, description="Top examples shown to the explainer.")
-    n_per_decile: int = Field(2, ge=1, description="Test examples per activation decile.")
-    n_negatives: int = Field(10, ge=1, description="Non-activating test examples per latent.")
-    batch_size: int = Field(4, ge=1, description="Examples per detection prompt.")
+    window: int = Field(16, ge=2, description="Tokens per example window.")
+    n_examples_explain: int = Field(8, ge=1, description="Top examples shown to the explainer.")
+    explain_max_tokens: int = Field(40, ge=1, description="Longest explanation the judge may write.")
+    n_per_decile: int = Field(1, ge=1, description="Test examples per activation decile.")
+    n_negatives: int = Field(4, ge=1, description="Non-activating test examples per latent.")
+    batch_size: int = Field(7, ge=1, description="Examples per detection prompt.")
 
 
 class ErrorSAEsConfig(BaseModel):

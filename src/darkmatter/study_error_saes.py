@@ -225,6 +225,7 @@ def run_autointerp_step(
                 n_per_decile=icfg.n_per_decile,
                 n_negatives=icfg.n_negatives,
                 batch_size=icfg.batch_size,
+                explain_max_tokens=icfg.explain_max_tokens,
                 cache_path=_folder(study) / f"autointerp-{c}.json",
                 progress=report,
             )

@@ -419,7 +419,13 @@ def _batches(
 
 
 class _TableWriter:
-    """Streams the per-token table to Parquet (row group per batch), renamed into place when complete."""
+    """Streams the per-token table to Parquet, renamed into place when complete.
+
+    Rows are buffered as numpy columns and written ``ROW_GROUP`` at a time: few large row groups, and a
+    bounded buffer (one row group) whatever the number of tokens.
+    """
+
+    ROW_GROUP = 65_536
 
     def __init__(self, path: Path, names: list[str]):
         import pyarrow as pa
@@ -443,28 +449,51 @@ class _TableWriter:
         self.schema = pa.schema(fields)
         self.pa = pa
         self.writer = pq.ParquetWriter(str(self.tmp), self.schema, compression="zstd")
-        self.ok = False
+        self.buffer: list[dict[str, np.ndarray]] = []
+        self.buffered = 0
 
     def write(self, batch: Any, train: Tensor, cols: dict[str, Tensor]) -> None:
-        pa = self.pa
         n = len(batch)
         loss = (
             batch.loss.cpu().numpy().astype(np.float32)
             if batch.loss is not None
             else np.full(n, np.nan, np.float32)
         )
-        arrays = [
-            pa.array(batch.context.cpu().numpy().astype(np.int32)),
-            pa.array(batch.position.cpu().numpy().astype(np.int32)),
-            pa.array(batch.token.cpu().numpy().astype(np.int32)),
-            pa.array(np.where(train.cpu().numpy(), "train", "test")),
-            pa.array(loss),
-        ]
-        arrays += [pa.array(cols[f.name].cpu().numpy()) for f in list(self.schema)[5:]]
+        part = {
+            "context": batch.context.cpu().numpy().astype(np.int32),
+            "position": batch.position.cpu().numpy().astype(np.int32),
+            "token": batch.token.cpu().numpy().astype(np.int32),
+            "split": train.cpu().numpy().copy(),
+            "loss": loss,
+        }
+        part |= {f.name: cols[f.name].cpu().numpy().copy() for f in list(self.schema)[5:]}
+        self.buffer.append(part)
+        self.buffered += n
+        if self.buffered >= self.ROW_GROUP:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self.buffer:
+            return
+        pa = self.pa
+        arrays = []
+        for f in self.schema:
+            col = np.concatenate([b[f.name] for b in self.buffer])
+            if f.name == "split":
+                arrays.append(
+                    pa.DictionaryArray.from_arrays(
+                        pa.array(np.where(col, 0, 1).astype(np.int8)), ["train", "test"]
+                    ).cast(pa.string())
+                )
+            else:
+                arrays.append(pa.array(col))
         self.writer.write_table(pa.Table.from_arrays(arrays, schema=self.schema))
+        self.buffer, self.buffered = [], 0
 
     def finish(self, ok: bool) -> None:
         """Close the file; move it into place when complete, delete it otherwise."""
+        if ok:
+            self._flush()
         self.writer.close()
         if ok:
             self.tmp.replace(self.path)

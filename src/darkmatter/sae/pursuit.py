@@ -24,6 +24,7 @@ iteration's score matrix. ``pursuit_dense`` is the plain dense reference used by
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -39,7 +40,12 @@ _CANDIDATES = 8  # atoms per token that screened selection re-scores in full pre
 # rounding (u), with u = 2^-8, plus fp32 accumulation, through Cauchy-Schwarz, is about 3.1u. 8u leaves room
 # for backends that reduce partial sums in bf16 (cuBLAS split-K).
 _SCREEN_MARGIN = 2.0**-5
+_WORKER_TOKENS = 128  # tokens per CPU worker thread at least; fewer make its matmul inefficient
 _PAIRS_PER_TOKEN = 256  # atoms an unproven token re-scores one by one before a full-precision matmul instead
+
+
+# Workers set their own thread count, which only the OpenMP backend allows once parallel work has started.
+_OPENMP = "parallel backend: OpenMP" in torch.__config__.parallel_info()
 
 
 def _compute_dtype(sae: SAE) -> torch.dtype:
@@ -244,16 +250,16 @@ def _settle(
     return int(heavy.numel())
 
 
-def _pursue_sparse(
-    r0: Tensor, budget: Tensor, atoms: _Atoms, screen: bool, score: Tensor
-) -> tuple[Tensor, Tensor]:
+@torch.no_grad()  # also in worker threads, where grad mode is the thread's own
+def _pursue_sparse(r0: Tensor, budget: Tensor, atoms: _Atoms, screen: bool) -> tuple[Tensor, Tensor]:
     """Gradient pursuit of the targets ``r0 [n, d_in]``, giving ``(indices, values) [n, max budget]``.
 
     Tokens are sorted by budget, so the ones still iterating always form a prefix. ``rows [n, L, d_in]``
-    holds the decoder rows gathered for each token's slots, ``score [>= n, width]`` is the selection buffer
-    (bf16 when screening). A slot whose value is 0 is not in the support.
+    holds the decoder rows gathered for each token's slots, ``score [n, width]`` the selection scores (bf16
+    when screening). A slot whose value is 0 is not in the support.
     """
     n, d_in = r0.shape
+    score = _score_buffer(atoms, n, torch.bfloat16 if screen else r0.dtype)
     d_sae, spare = atoms.D.shape[0], atoms.width - 1
     order = torch.argsort(budget, descending=True, stable=True)
     budget = budget[order]
@@ -281,13 +287,47 @@ def _pursue_sparse(
         g[:, :t].masked_fill_(empty, 0.0)
         g[:, t].masked_fill_(best == -math.inf, 0.0)
         c = torch.bmm(g.unsqueeze(1), R).squeeze(1)
-        coef = (val[:m, : t + 1] + _line_step(rl, c).unsqueeze(1) * g).clamp_min_(0.0)
-        val[:m, : t + 1] = coef
-        r[:m] = torch.baddbmm(s[:m].unsqueeze(1), coef.unsqueeze(1), R, alpha=-1.0).squeeze(1)
+        step = _line_step(rl, c).unsqueeze(1)
+        coef = val[:m, : t + 1] + step * g
+        val[:m, : t + 1] = coef.clamp_min(0.0)
+        # r - (new w - w) D: the step along c, less what the clamp at 0 took back (rare, so only those tokens)
+        rl.sub_(step * c)
+        clamped = (coef < 0).any(dim=1).nonzero().squeeze(1)
+        if clamped.numel():
+            back = torch.bmm(coef[clamped].clamp_max(0.0).unsqueeze(1), R[clamped]).squeeze(1)
+            r.index_add_(0, clamped, back)
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(n, device=order.device)
     val = val[inverse]
     return idx[inverse].masked_fill_(val == 0, 0), val
+
+
+def _pursue_chunk(r0: Tensor, budget: Tensor, atoms: _Atoms, screen: bool) -> tuple[Tensor, Tensor]:
+    """``_pursue_sparse`` of one chunk; on CPU, its tokens are dealt to up to one worker per torch thread.
+
+    Each worker runs its share with ``threads // workers`` intra-op threads. An iteration is a few dozen short
+    kernels, and intra-op threads meet at a barrier after each: on a machine shared with other processes, a
+    descheduled thread stalls every barrier, which can make two threads slower than one. Workers never wait
+    for each other.
+    """
+    n, threads = r0.shape[0], torch.get_num_threads()
+    workers = min(threads, -(-n // _WORKER_TOKENS)) if r0.device.type == "cpu" and _OPENMP else 1
+    if workers <= 1:
+        return _pursue_sparse(r0, budget, atoms, screen)
+    deal = torch.argsort(budget, descending=True, stable=True)  # dealt in turn: similar budgets per worker
+    shares = [deal[k::workers] for k in range(workers)]
+    per_worker = threads // workers
+    try:
+        with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(per_worker,)) as pool:
+            done = list(pool.map(lambda rows: _pursue_sparse(r0[rows], budget[rows], atoms, screen), shares))
+    finally:
+        torch.set_num_threads(threads)  # the workers changed the process-wide default too
+    width = max(part[0].shape[1] for part in done)
+    idx = r0.new_zeros((n, width), dtype=torch.long)
+    val = r0.new_zeros((n, width))
+    for rows, (i, v) in zip(shares, done, strict=True):
+        idx[rows, : i.shape[1]], val[rows, : v.shape[1]] = i, v
+    return idx, val
 
 
 @torch.no_grad()
@@ -315,12 +355,10 @@ def gradient_pursuit(
     cd = _compute_dtype(sae)
     atoms = _atoms(sae, cd, screen)
     parts = [(x2d.new_zeros((0, 0), dtype=torch.long), x2d.new_zeros((0, 0), dtype=cd))]
-    spans = _spans(x2d.shape[0], _DEFAULT_CHUNK if chunk_size is None else chunk_size)
-    score = _score_buffer(atoms, max((j - i for i, j in spans), default=0), torch.bfloat16 if screen else cd)
-    for i, j in spans:
+    for i, j in _spans(x2d.shape[0], _DEFAULT_CHUNK if chunk_size is None else chunk_size):
         xc = x2d[i:j]
         bc = sae.encode_sparse(xc).l0() if budgets is None else budgets[i:j]
-        parts.append(_pursue_sparse(_target(sae, xc, sae.input_stats(xc), cd), bc, atoms, screen, score))
+        parts.append(_pursue_chunk(_target(sae, xc, sae.input_stats(xc), cd), bc, atoms, screen))
     m = max(p[0].shape[1] for p in parts)
     indices = torch.cat([F.pad(p[0], (0, m - p[0].shape[1])) for p in parts])
     values = torch.cat([F.pad(p[1], (0, m - p[1].shape[1])) for p in parts]).to(sae.dtype)
