@@ -127,3 +127,46 @@ def test_empty_text_and_foreign_store(
 def test_unknown_command_exits_nonzero(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["frobnicate"]) != 0
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_endpoint_down_keeps_every_other_result(
+    tmp_path: Path, tiny_model_dir: Path, corpus_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    base = _sets(tiny_study_overrides(tiny_model_dir, corpus_file))
+    down = _sets(
+        [
+            "error_saes.interp.judge=endpoint",
+            "error_saes.interp.endpoint_url=http://127.0.0.1:9/v1",
+            "error_saes.interp.endpoint_model=judge",
+            "error_saes.interp.retries=0",
+            "error_saes.interp.timeout=2",
+        ]
+    )
+    code = main(["run", "--out", str(out), "--quiet", *base, *down])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and err.count("\n") == 1
+    assert "127.0.0.1:9" in err and "run again" in err
+    assert (out / "report.html").is_file()
+    for name in ("sae_family", "error_prediction", "downstream_ce", "error_saes"):
+        assert (out / "results" / f"{name}.json").is_file()
+    failed = json.loads((out / "results" / "autointerp.json").read_text())
+    assert failed["error"] and failed["components"] == {}
+    assert "Stopped early" in (out / "report.html").read_text()
+    # a working judge afterwards finishes the step; nothing else is recomputed
+    stamp = (out / "results" / "error_saes.json").stat().st_mtime_ns
+    assert main(["run", "--out", str(out), "--quiet", *base]) == 0
+    done = json.loads((out / "results" / "autointerp.json").read_text())
+    assert "error" not in done and set(done["components"]) == {"linear", "nonlinear"}
+    assert (out / "results" / "error_saes.json").stat().st_mtime_ns == stamp
+
+
+def test_more_latents_than_the_sae_is_a_clear_error(
+    tmp_path: Path, tiny_model_dir: Path, corpus_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = _sets(tiny_study_overrides(tiny_model_dir, corpus_file))
+    code = main(
+        ["run", "--out", str(tmp_path / "o"), "--quiet", *base, "--set", "error_saes.interp.n_latents=1000"]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "n_latents=1000" in err and "(32)" in err and err.count("\n") == 1

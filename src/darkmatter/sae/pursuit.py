@@ -287,15 +287,9 @@ def _pursue_sparse(r0: Tensor, budget: Tensor, atoms: _Atoms, screen: bool) -> t
         g[:, :t].masked_fill_(empty, 0.0)
         g[:, t].masked_fill_(best == -math.inf, 0.0)
         c = torch.bmm(g.unsqueeze(1), R).squeeze(1)
-        step = _line_step(rl, c).unsqueeze(1)
-        coef = val[:m, : t + 1] + step * g
-        val[:m, : t + 1] = coef.clamp_min(0.0)
-        # r - (new w - w) D: the step along c, less what the clamp at 0 took back (rare, so only those tokens)
-        rl.sub_(step * c)
-        clamped = (coef < 0).any(dim=1).nonzero().squeeze(1)
-        if clamped.numel():
-            back = torch.bmm(coef[clamped].clamp_max(0.0).unsqueeze(1), R[clamped]).squeeze(1)
-            r.index_add_(0, clamped, back)
+        coef = (val[:m, : t + 1] + _line_step(rl, c).unsqueeze(1) * g).clamp_min_(0.0)
+        val[:m, : t + 1] = coef
+        r[:m] = torch.baddbmm(s[:m].unsqueeze(1), coef.unsqueeze(1), R, alpha=-1.0).squeeze(1)
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(n, device=order.device)
     val = val[inverse]
