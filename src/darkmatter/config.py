@@ -368,6 +368,10 @@ def _tiny() -> dict[str, Any]:
         "width_for_ks": 128,
         "train": {"batch_size": 128, "epochs": 2, "lr": 1e-3},
     }
+    cfg["error_saes"] = {
+        "train": {"batch_size": 128, "epochs": 1, "lr": 1e-3},
+        "interp": {"n_latents": 2, "min_activations": 2, "window": 8, "n_examples_explain": 4},
+    }
     return cfg
 
 
