@@ -1,4 +1,4 @@
-"""Gradient pursuit: sparse == dense reference, budgets, monotonicity, exact recovery, transforms, wrapper."""
+"""Gradient pursuit: sparse == dense reference, selection edge cases, workers, budgets, transforms."""
 
 from __future__ import annotations
 

@@ -16,8 +16,10 @@ and divides by the atom norm (the same as the script's signed argmax when decode
 exceeds the budget. ``input_scale`` cancels in selection, gradient and step, so the codes do not change under
 ``fold_input_scale()``. Every ``normalize`` mode is supported.
 
-``gradient_pursuit`` keeps per-token ``(indices, values) [n, L]``. Its only ``[n, d_sae]`` tensor is one
-iteration's score matrix. ``pursuit_dense`` is the plain dense reference used by the tests and by
+``gradient_pursuit`` keeps per-token ``(indices, values) [n, L]``. Its only ``[n, d_sae]`` tensor is a chunk's
+score matrix, reused by every iteration. An iteration is one ``[n, d_in] x [d_in, d_sae]`` matmul (bf16 when
+screening), one pass over its result for block maxima, which locate the best atoms, and work that grows with
+the support, not with d_sae. ``pursuit_dense`` is the plain dense reference used by the tests and by
 ``bench/bench_pursuit.py``. Both accumulate in float32 (float64 for float64 SAEs) on the SAE's device.
 """
 
@@ -40,10 +42,8 @@ _CANDIDATES = 8  # atoms per token that screened selection re-scores in full pre
 # rounding (u), with u = 2^-8, plus fp32 accumulation, through Cauchy-Schwarz, is about 3.1u. 8u leaves room
 # for backends that reduce partial sums in bf16 (cuBLAS split-K).
 _SCREEN_MARGIN = 2.0**-5
-_WORKER_TOKENS = 128  # tokens per CPU worker thread at least; fewer make its matmul inefficient
 _PAIRS_PER_TOKEN = 256  # atoms an unproven token re-scores one by one before a full-precision matmul instead
-
-
+_WORKER_TOKENS = 128  # a chunk's tokens per CPU worker thread; far fewer make the worker's matmul inefficient
 # Workers set their own thread count, which only the OpenMP backend allows once parallel work has started.
 _OPENMP = "parallel backend: OpenMP" in torch.__config__.parallel_info()
 
@@ -337,8 +337,10 @@ def gradient_pursuit(
 
     ``budget [...]`` (integers) caps each token's iterations, and with them its L0. It defaults to the
     token's L0 under ``sae``'s encoder. ``m`` is the largest budget. Values come back in the SAE's dtype.
-    Tokens are pursued in chunks of ``chunk_size`` (default 1024). Per chunk, the largest tensors are one
-    ``[chunk, d_sae]`` score matrix per iteration and the gathered decoder rows ``[chunk, m, d_in]``.
+    Tokens are pursued in chunks of ``chunk_size`` (default 1024). Per chunk, the largest tensors are a
+    ``[chunk, d_sae]`` score matrix (bf16 when screening) and the gathered decoder rows ``[chunk, m, d_in]``.
+    On CPU, a chunk's tokens are shared among worker threads, one per started ``_WORKER_TOKENS`` tokens and at
+    most one per torch thread (see ``_pursue_chunk``). The results do not depend on the split.
 
     With ``screen``, the atom is chosen from a bf16 matmul and checked in full precision. The choice is the
     same as with ``screen=False``, which runs the full-precision matmul. Screening is faster wherever bf16
