@@ -139,7 +139,10 @@ def child(kind: str, store_dir: str, args: argparse.Namespace) -> None:
         "original_sparse": lambda d, a: run_original(d, a, dense=False),
         "engine_full": run_engine_full,
     }[kind]
+    cpu0 = resource.getrusage(resource.RUSAGE_SELF)
     res = runner(store_dir, args)
+    cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+    res["cpu_seconds"] = (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime)
     res["peak_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     res["base_kb"] = base
     print(json.dumps(res))
@@ -201,6 +204,10 @@ def main() -> None:
             print(
                 f"time: original {o['seconds']:.1f}s, engine {e['seconds']:.1f}s, "
                 f"speed-up {o['seconds'] / e['seconds']:.2f}x (target >= 2x)"
+            )
+            print(
+                f"CPU time: original {o['cpu_seconds']:.1f}s, engine {e['cpu_seconds']:.1f}s, ratio "
+                f"{o['cpu_seconds'] / e['cpu_seconds']:.2f}x"
             )
             print(
                 f"time: original regression with this library's sparse SAE forward {osp['seconds']:.1f}s, "

@@ -215,8 +215,7 @@ def decompose(
                 sae = saes[n]
                 x_hat, codes = sae.reconstruct(x.to(sae.dtype), chunk_size=RECONSTRUCT_CHUNK)
                 e = buf[:, lay[f"{n}:e"]]
-                e.copy_(x_hat)
-                torch.sub(xd, e, out=e)
+                e.copy_(x - x_hat.to(x.dtype))  # the error as the SAE's consumers see it, then float64
                 en = torch.linalg.vector_norm(e, dim=1, keepdim=True)
                 buf[:, lay[f"{n}:en"]] = en
                 buf[:, lay[f"{n}:e2"]] = en.square()
