@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from darkmatter.errors import ConfigError, DataError, ShapeError, StoreError
+from darkmatter.lm.loading import resolve_device
 from darkmatter.sae.model import SAE, SAEConfig
 from darkmatter.stats.split import is_train
 from darkmatter.store import ActivationStore, atomic_write_bytes
@@ -64,7 +65,7 @@ class TrainConfig(BaseModel):
     dead_tokens: int = Field(20_000, ge=1, description="Tokens without firing after which a latent is dead.")
     seed: int = Field(0, description="Seed for initialisation and batch order.")
     checkpoint_every: int = Field(100, ge=1, description="Steps between checkpoints.")
-    device: str = Field("cpu", description="Training device.")
+    device: str = Field("cpu", description="Training device: cpu, cuda, cuda:N or auto.")
 
 
 @dataclass(frozen=True)
@@ -152,7 +153,7 @@ class FamilyTrainer:
         self.store, self.specs, self.cfg = store, specs, cfg
         self.split_seed, self.train_fraction = split_seed, train_fraction
         self.workdir = Path(workdir)
-        self.device = torch.device(cfg.device)
+        self.device = resolve_device(cfg.device)
         self.sites = sorted({s.site for s in specs})  # the inputs SAEs read: stored sites or derived names
         self.derived = {n: derived[n] for n in self.sites if n in derived}
         self._load_sites = sorted({self.derived[n].source if n in self.derived else n for n in self.sites})
