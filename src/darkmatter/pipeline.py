@@ -792,6 +792,7 @@ class Study:
                     regressors,
                     split_seed=cfg.split_seed,
                     train_fraction=cfg.train_fraction,
+                    progress=self.progress("earlier layers"),
                 )
             except (
                 DataError
@@ -800,7 +801,14 @@ class Study:
                 self.log(f"earlier layers: skipped ({exc})")
         if el is not None:
             joint_ce = downstream_ce_with_joint(
-                self.lm, tokens, saes[target], regressors, el.joint_map, start=start, probe=probe
+                self.lm,
+                tokens,
+                saes[target],
+                regressors,
+                el.joint_map,
+                start=start,
+                probe=probe,
+                progress=self.progress("CE with the joint map", "ctx"),
             )
             extra["joint_ce"] = joint_ce.model_dump()
             el_data = el.model_dump()
@@ -828,6 +836,7 @@ class Study:
                 split_seed=cfg.split_seed,
                 train_fraction=cfg.train_fraction,
                 seed=cfg.seed,
+                progress=self.progress("MLP probe", "pass"),
             )
         except DataError as exc:
             extra["mlp_probe"] = {"skipped": str(exc)}

@@ -46,6 +46,7 @@ from darkmatter.experiments.downstream import (
     site_order,
 )
 from darkmatter.lm.loading import LoadedLM
+from darkmatter.progress import Progress, Ticker
 from darkmatter.results import Result, store_summary
 from darkmatter.sae.model import SAE
 from darkmatter.stats import (
@@ -262,6 +263,7 @@ def earlier_layer_predictors(
     train_fraction: float,
     batch_tokens: int = 4096,
     device: str = "cpu",
+    progress: Progress | None = None,
 ) -> EarlierLayersResult:
     """R² of each error component of ``target_sae`` from each regressor (see the module docstring).
 
@@ -287,7 +289,11 @@ def earlier_layer_predictors(
     mom = {part: Moments(offset, dims) for part in ("train", "test")}
     x_test = Moments(d)
     sites = list(dict.fromkeys([target_site, *reg_sites.values()]))
+    ticker = Ticker(
+        progress, store.n_contexts * (store.ctx_len - int(store.identity.get("skip_positions", 0)))
+    )
     for batch in store.iter_batches(sites, batch_tokens=batch_tokens, device=device):
+        ticker.advance(len(batch))
         train = _split(batch, split_seed, train_fraction)
         x = batch.acts[target_site]
         if not bool(torch.isfinite(x).all()):
@@ -415,6 +421,7 @@ def downstream_ce_with_joint(
     prefix_cache: bool = True,
     both_tolerance: float = 1e-3,
     seed: int = 0,
+    progress: Progress | None = None,
 ) -> JointCEResult:
     """Mean CE on held-out contexts of splicing x̂' at the target site for positions ``>= start``.
 
@@ -469,7 +476,9 @@ def downstream_ce_with_joint(
             fvu[k].update(x.float(), v)
 
     unit = SpliceUnit("joint", target, compute, upstream=tuple(upstream), observe=observe)
-    out = run_splices(model, arr, [unit], start=start, batch_size=batch_size, prefix_cache=prefix_cache)
+    out = run_splices(
+        model, arr, [unit], start=start, batch_size=batch_size, prefix_cache=prefix_cache, progress=progress
+    )
     tally = out.tallies["joint"]
     n = out.n_scored
     clean = out.clean_ce_sum / n
@@ -605,6 +614,7 @@ def mlp_probe(
     seed: int = 0,
     batch_tokens: int = 4096,
     device: str = "cpu",
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Train a one-hidden-layer MLP on train tokens to predict SaeError from x; score it on test tokens.
 
@@ -634,9 +644,11 @@ def mlp_probe(
             if x.shape[0]:
                 yield x
 
+    ticker = Ticker(progress, epochs + 2)  # one statistics pass, the epochs, one evaluation pass
     x_train = _DimSums()
     for x in chunks(True):
         x_train.add(x)
+    ticker.advance(1)
     if x_train.n < 2 * d:
         raise DataError(
             f"mlp_probe: {x_train.n} train tokens for a d={d} input; harvest more contexts (>= {2 * d})."
@@ -664,6 +676,7 @@ def mlp_probe(
                 total += float(loss.detach()) * len(idx)
                 count += len(idx)
         history.append(total / max(count, 1))
+        ticker.advance(1)
 
     sums = {k: _DimSums() for k in ("x", "error", "nonlinear")}
     ss_res = {k: torch.zeros(d, dtype=torch.float64) for k in ("mlp", "probe")}
@@ -679,6 +692,7 @@ def mlp_probe(
             ss_res["probe"] += nl.double().pow(2).sum(0).cpu()
     if sums["x"].n < 2:
         raise DataError(f"mlp_probe: {sums['x'].n} test token(s); at least 2 are needed.")
+    ticker.advance(1)
     sums = {k: _cpu(v) for k, v in sums.items()}
     var_x = float(sums["x"].ss_tot().sum())
     r2_e, r2_e_w = _r2(ss_res["mlp"], sums["error"])
