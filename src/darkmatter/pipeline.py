@@ -517,9 +517,7 @@ class Study:
         if not sweep.enabled:
             return
         key = self.cfg.section_hash("model", "text", "harvest", "layer_sweep", "split_seed", "train_fraction")
-        done = read_result(self.out, "layer_baselines", Result)
-        if done is not None and done.config_hash == key:
-            self.log("layer baselines: up to date")
+        if self.up_to_date("layer_baselines", key, "layer baselines"):
             return
         layers = sweep.resolve(self.lm.identity["n_layers"])
         text = self.cfg.text.model_copy(
@@ -553,6 +551,14 @@ class Study:
             + ", ".join(f"L{la} {r:.2f}" for la, r in zip(res.layers, res.r2["activations"], strict=True))
         )
 
+    def up_to_date(self, result: str, key: str, label: str) -> bool:
+        """True (and says so) when ``results/<result>.json`` was written under config hash ``key``."""
+        done = read_result(self.out, result, Result)
+        if done is None or done.config_hash != key:
+            return False
+        self.log(f"{label}: up to date")
+        return True
+
     def chosen_sae(self, saes: dict[str, SAE], name: str | None, setting: str) -> str:
         """``name`` if given (checked), else the main-site SAE at the k-sweep width and the family's k."""
         if name is None:
@@ -576,9 +582,7 @@ class Study:
         if not syn.enabled:
             return
         key = self.family_hash() + ":" + self.cfg.section_hash("synthetic")
-        done = read_result(self.out, "synthetic_simulation", Result)
-        if done is not None and done.config_hash == key:
-            self.log("synthetic simulation: up to date")
+        if self.up_to_date("synthetic_simulation", key, "synthetic simulation"):
             return
         name = self.chosen_sae(saes, syn.sae, "synthetic.sae")
         res = synthetic_simulation(
@@ -620,9 +624,7 @@ class Study:
         if not cfg.enabled:
             return
         key = self.family_hash() + ":" + self.cfg.section_hash("pursuit")
-        done = read_result(self.out, "pursuit", Result)
-        if done is not None and done.config_hash == key:
-            self.log("pursuit: up to date")
+        if self.up_to_date("pursuit", key, "pursuit"):
             return
         fam = self.cfg.family
         main_site = f"blocks.{self.cfg.layer}.hook_resid_post"

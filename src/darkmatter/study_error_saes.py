@@ -8,8 +8,6 @@ raised after the report is written, so every other result of the run is kept.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,7 +16,7 @@ import numpy as np
 from pydantic import ConfigDict, Field
 
 from darkmatter.errors import ConfigError, EndpointError
-from darkmatter.results import Result, read_result, write_result
+from darkmatter.results import Result, config_hash, read_result, write_result
 from darkmatter.sae import SAE, load_sae, save_sae
 from darkmatter.store import ActivationStore
 
@@ -39,10 +37,6 @@ class AutoInterpStudyResult(Result):
     figures: dict[str, dict[str, str]] = Field(default_factory=dict)
 
 
-def _hash(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def _folder(study: Study) -> Path:
     return study.out / "error_saes"
 
@@ -51,8 +45,8 @@ def run_error_saes_step(
     study: Study, store: ActivationStore, saes: dict[str, SAE]
 ) -> tuple[str, tuple[Any, Any], dict[str, SAE]] | None:
     """Train (or load) the error-component SAEs; returns (SAE name, its probe, {component: SAE})."""
-    from darkmatter.experiments.error_saes import ErrorSAEsResult, train_error_saes
-    from darkmatter.pipeline import load_probe
+    from darkmatter.experiments.error_saes import train_error_saes
+    from darkmatter.pipeline import WithFigures, load_probe
     from darkmatter.report import figures as fg
 
     ecfg = study.cfg.error_saes
@@ -66,7 +60,8 @@ def run_error_saes_step(
     probe = load_probe(probe_path)
     d_sae = ecfg.d_sae or sae.cfg.d_sae
     k = ecfg.k or sae.cfg.k or study.cfg.family.k
-    key = study.family_hash() + ":engine-v1:" + _hash(ecfg.model_dump(exclude={"interp"}) | {"sae": name})
+    settings = ecfg.model_dump(exclude={"interp"}) | {"sae": name}
+    key = study.family_hash() + ":engine-v1:" + config_hash(settings)
     folder = _folder(study)
     done = read_result(study.out, "error_saes", Result)
     paths = {c: folder / c for c in ecfg.components}
@@ -103,17 +98,11 @@ def run_error_saes_step(
         "sae_name": name,
         "figures": figs,
     }
-    write_result(study.out, _WithFigures.model_validate(data))
+    write_result(study.out, WithFigures.model_validate(data))
     for c in ecfg.components:
         q = res.saes[c]
         study.log(f"error SAE on {c} error of {name}: held-out FVU {q.fvu:.3f}, L0 {q.l0:.1f}")
-    assert isinstance(res, ErrorSAEsResult)
     return name, probe, trained
-
-
-class _WithFigures(Result):
-    model_config = ConfigDict(extra="allow")
-    figures: dict[str, dict[str, str]] = Field(default_factory=dict)
 
 
 def _latents(n_latents: int, chosen: list[int], d_sae: int, seed: int, component: str) -> list[int]:
@@ -175,7 +164,7 @@ def run_autointerp_step(
         return
     done = read_result(study.out, "error_saes", Result)
     assert done is not None
-    key = done.config_hash + ":" + _hash(icfg.model_dump())
+    key = done.config_hash + ":" + config_hash(icfg.model_dump())
     prior = read_result(study.out, "autointerp", Result)
     if prior is not None and prior.config_hash == key and not getattr(prior, "error", None):
         study.log("auto-interpretability: up to date")

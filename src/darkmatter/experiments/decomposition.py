@@ -303,8 +303,8 @@ def decompose(
             for site, names in groups.items():
                 x = batch.acts[site][order]
                 lay = mom2[(site, "train")].packed_layout
-                buf = torch.empty(len(x), mom2[(site, "train")].packed_width, dtype=torch.float64)
-                buf = buf.to(x.device)
+                width = mom2[(site, "train")].packed_width
+                buf = torch.empty(len(x), width, dtype=torch.float64, device=x.device)
                 buf[:, lay["x"]].copy_(x)
                 buf[:, lay["x2"]] = x.pow(2).sum(1, keepdim=True)
                 zcols = []
