@@ -120,6 +120,22 @@ def test_matches_explicit_batch_regression(store, tmp_path: Path) -> None:
     assert not list(tmp_path.glob(".*.tmp"))
 
 
+def test_table_is_the_same_whatever_the_row_group(store, tmp_path: Path, monkeypatch) -> None:
+    from darkmatter.experiments import decomposition as dec_mod
+
+    sae = planted(5)
+    decompose(store, {"p": sae}, table_path=tmp_path / "one.parquet", batch_tokens=333)
+    monkeypatch.setattr(dec_mod._TableWriter, "ROW_GROUP", 100)  # boundaries fall inside batches
+    decompose(store, {"p": sae}, table_path=tmp_path / "many.parquet", batch_tokens=333)
+    one, many = pq.read_table(tmp_path / "one.parquet"), pq.read_table(tmp_path / "many.parquet")
+    assert pq.ParquetFile(tmp_path / "many.parquet").metadata.num_row_groups == -(-one.num_rows // 100)
+    assert one.equals(many)
+    rows = list(store.iter_batches([SITE], batch_tokens=10**6))
+    assert np.array_equal(np.asarray(one.column("context")), torch.cat([b.context for b in rows]).numpy())
+    assert np.array_equal(np.asarray(one.column("token")), torch.cat([b.token for b in rows]).numpy())
+    assert np.allclose(np.asarray(one.column("loss")), torch.cat([b.loss for b in rows]).numpy())
+
+
 def test_per_token_scaling_from_grams(store) -> None:
     small, big = planted(4, amp=0.2), planted(4, amp=0.2)
     big.A = big.A * 0.5

@@ -195,6 +195,29 @@ def test_low_precision_chunks_accumulate_exactly_in_float64() -> None:
     assert rel(m.cross("y"), ref.cross("y")) < 1e-14
 
 
+def test_pre_shifted_packed_chunks_equal_plain_updates() -> None:
+    x, y = make_data(4, 900, 5, 3, shift=1e3)
+    plain, packed = Moments(5, {"y": 3}), Moments(5, {"y": 3})
+    with pytest.raises(ConfigError, match="needs a reference"):
+        packed.update_packed(torch.zeros(10, 8, dtype=F64), shifted=True)
+    for s in chunks_of(900, [200, 450]):
+        plain.update(x[s], {"y": y[s]})
+        buf = torch.cat([x[s], y[s]], 1)
+        ref = packed.packed_reference
+        if ref is None:
+            packed.update_packed(buf)
+        else:
+            packed.update_packed(buf - ref, shifted=True)
+    assert packed.packed_reference is not None
+    assert rel(packed.gram(bias=True), plain.gram(bias=True)) < 1e-13
+    assert rel(packed.cross("y", bias=True), plain.cross("y", bias=True)) < 1e-13
+    assert rel(packed.target_ss_tot("y"), plain.target_ss_tot("y")) < 1e-13
+    bad = torch.cat([x[:10], y[:10]], 1) - packed.packed_reference
+    bad[2, 6] = math.nan
+    with pytest.raises(DataError, match="target 'y'"):
+        packed.update_packed(bad, shifted=True)
+
+
 def test_shared_gram_serves_several_targets_and_matches_separate_fits() -> None:
     x, y = make_data(5, 500, 4, 3)
     norm = y.norm(dim=1)  # a scalar target, passed as 1-D

@@ -336,7 +336,9 @@ def _earlier_section(out: Path, res: dict[str, Any]) -> str:
 
 
 def _error_saes_section(out: Path, res: dict[str, Any]) -> str:
-    head = "<tr><th>trained on</th><th>held-out FVU</th><th>L0</th><th>dead</th><th>variance / Var(x)</th></tr>"
+    head = (
+        "<tr><th>trained on</th><th>held-out FVU</th><th>L0</th><th>dead</th><th>variance / Var(x)</th></tr>"
+    )
     var = res.get("variance_ratio", {})
     rows = "".join(
         f"<tr><td>{html.escape(c)} error</td><td>{q['fvu']:.3f}</td><td>{q['l0']:.1f}</td>"
@@ -349,7 +351,12 @@ def _error_saes_section(out: Path, res: dict[str, Any]) -> str:
         "variance. Paper (Gemma 2 9B L20, width 16k, about 100M tokens each): final FVU ≈ 0.59 on NonlinearError vs "
         "≈ 0.54 on LinearError, the nonlinear error being the harder one."
     )
-    return "<h2>SAEs trained on the error components (Figs 7, 8)</h2>" + _p(text) + f"<table>{head}{rows}</table>" + _figures(out, res)
+    return (
+        "<h2>SAEs trained on the error components (Figs 7, 8)</h2>"
+        + _p(text)
+        + f"<table>{head}{rows}</table>"
+        + _figures(out, res)
+    )
 
 
 def _autointerp_section(out: Path, res: dict[str, Any]) -> str:
@@ -367,7 +374,11 @@ def _autointerp_section(out: Path, res: dict[str, Any]) -> str:
         s = r["summary"]
         weak = weak or r.get("weak_judge", False)
         judge = r.get("judge", {}).get("model", judge)
-        bal = "—" if s.get("balanced_accuracy") is None else f"{s['balanced_accuracy']:.2f} [{s['balanced_ci_low']:.2f}, {s['balanced_ci_high']:.2f}]"
+        bal = (
+            "—"
+            if s.get("balanced_accuracy") is None
+            else f"{s['balanced_accuracy']:.2f} [{s['balanced_ci_low']:.2f}, {s['balanced_ci_high']:.2f}]"
+        )
         rows += (
             f"<tr><td>{html.escape(c)} error</td><td>{s['n_latents']}</td><td>{len(r.get('skipped', {}))}</td>"
             f"<td>{acc(s['deciles'][-1])}</td><td>{acc(s['deciles'][0])}</td><td>{acc(s['negatives'])}</td>"
@@ -389,7 +400,12 @@ def _autointerp_section(out: Path, res: dict[str, Any]) -> str:
         )
     if res.get("error"):
         text += f" <b>Stopped early: {html.escape(res['error'])}</b>"
-    return "<h2>Auto-interpretability of the error SAEs (Fig 8)</h2>" + _p(text) + f"<table>{head}{rows}</table>" + _figures(out, res)
+    return (
+        "<h2>Auto-interpretability of the error SAEs (Fig 8)</h2>"
+        + _p(text)
+        + f"<table>{head}{rows}</table>"
+        + _figures(out, res)
+    )
 
 
 SECTIONS = {

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from darkmatter.errors import ConfigError, DataError, SAEFormatError, ShapeError
+from darkmatter.sae.topk import topk
 
 ACTIVATIONS: tuple[str, ...] = ("relu", "jumprelu", "topk", "batchtopk")
 NORMALIZATIONS: tuple[str, ...] = ("none", "layer_norm", "constant_norm_rescale")
@@ -365,7 +366,7 @@ class SAE(nn.Module):
         if act in THRESHOLD_ACTIVATIONS:
             below = pre <= self._threshold  # [n, d_sae] bool; masked_fill_ avoids a float copy of the mask
             return pre.masked_fill_(below, 0.0).relu_() if inplace else pre.relu().masked_fill(below, 0.0)
-        values, indices = pre.topk(self._k, dim=-1, sorted=False)
+        values, indices = topk(pre, self._k)
         out = pre.zero_() if inplace else torch.zeros_like(pre)
         return out.scatter_(-1, indices, values.relu())
 
@@ -383,7 +384,7 @@ class SAE(nn.Module):
         """``(indices, values) [n, m]`` from pre-activations ``[n, d_sae]`` (the only wide tensor alive)."""
         if self.cfg.activation != "topk":
             return _pack(self._activate(pre))
-        values, indices = pre.topk(self._k, dim=-1, sorted=False)
+        values, indices = topk(pre, self._k)
         values = values.relu()
         return indices.masked_fill(values == 0, 0), values
 

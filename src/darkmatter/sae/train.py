@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from darkmatter.errors import ConfigError, DataError, ShapeError, StoreError
 from darkmatter.lm.loading import resolve_device
 from darkmatter.sae.model import SAE, SAEConfig
+from darkmatter.sae.topk import topk
 from darkmatter.stats.split import is_train
 from darkmatter.store import ActivationStore, atomic_write_bytes
 
@@ -298,10 +299,10 @@ class FamilyTrainer:
         pre = torch.addmm(m.b_enc - m.b_dec @ m.W_enc, x, m.W_enc)
         k = m.spec.k
         if m.spec.kind == "topk":
-            vals, idx = pre.topk(k, dim=1, sorted=False)
+            vals, idx = topk(pre, k)
             return idx, vals.relu(), pre
         # BatchTopK: the n*k largest pre-activations of the batch; candidates are each row's top 4k.
-        cand_vals, cand_idx = pre.topk(min(m.spec.d_sae, 4 * k), dim=1, sorted=False)
+        cand_vals, cand_idx = topk(pre, min(m.spec.d_sae, 4 * k))
         flat = cand_vals.detach().flatten()
         kth = flat.kthvalue(max(1, flat.numel() - x.shape[0] * k + 1)).values
         keep = (cand_vals >= kth) & (cand_vals > 0)

@@ -245,10 +245,24 @@ class Moments:
             buf[:, cols].copy_(x if name == "x" else ys[name])
         self.update_packed(buf)
 
-    def update_packed(self, buf: Tensor) -> None:
+    @property
+    def packed_reference(self) -> Tensor | None:
+        """The per-column reference [packed_width] every chunk is shifted by (None before the first chunk).
+
+        A caller that writes ``value − reference`` into the packed buffer itself (one pass, while converting
+        to float64) passes ``shifted=True`` to `update_packed`.
+        """
+        return None if self._state is None or self._n == 0 else self._state["_ref"]
+
+    def update_packed(self, buf: Tensor, *, shifted: bool = False) -> None:
         """Add a chunk given as one float64 buffer [tokens, packed_width]: x, then the targets in declared
-        order (see `packed_layout`). The buffer is overwritten (shifted in place); callers that build the
-        buffer themselves save a copy per chunk. Products are one GEMM for the Gram and every cross term."""
+        order (see `packed_layout`). The buffer is overwritten (shifted in place) unless ``shifted`` says
+        it already holds ``value − packed_reference``. Products are one GEMM for the Gram and every cross
+        term."""
+        if shifted and self.packed_reference is None:
+            raise ConfigError(
+                "Moments.update_packed: shifted=True needs a reference (a first, unshifted chunk)."
+            )
         self._chunks += 1
         width = self.packed_width
         if buf.ndim != 2 or buf.shape[1] != width or buf.dtype != F64:
@@ -271,10 +285,13 @@ class Moments:
                 if not bool(torch.isfinite(col[cols]).all()):
                     label = "x" if name == "x" else f"target {name!r}"
                     raise_nonfinite(label, buf[:, cols], self._chunks)
-        if self._n == 0:
-            state["_ref"].copy_(col / n)
-        buf.sub_(state["_ref"])
-        state["_sum"] += ones @ buf
+        if shifted:
+            state["_sum"] += col
+        else:
+            if self._n == 0:
+                state["_ref"].copy_(col / n)
+            buf.sub_(state["_ref"])
+            state["_sum"] += ones @ buf
         if width > d:
             y = buf[:, d:]
             step = max(1, (1 << 20) // (width - d))  # row blocks keep the squares' temporary small
