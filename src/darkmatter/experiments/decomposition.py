@@ -160,7 +160,7 @@ def decompose(
     *,
     split_seed: int = 0,
     train_fraction: float = 0.8,
-    batch_tokens: int = 1024,
+    batch_tokens: int | None = None,
     device: str = "cpu",
     table_path: Path | None = None,
     second_pass: bool = True,
@@ -170,8 +170,12 @@ def decompose(
     """Run both passes for every SAE (``second_pass=False``: probes and FVU_nonlinear only).
 
     ``contexts`` restricts everything to a subset of context indices (for costly reconstructions);
-    ``progress`` gets (tokens done, tokens of both passes, tokens/s).
+    ``progress`` gets (tokens done, tokens of both passes, tokens/s). ``batch_tokens`` defaults to 1024
+    on the CPU (smaller temporaries: at 4 SAEs, peak RSS ~130 MiB lower than with 4096, at the same
+    speed) and 8192 on an accelerator.
     """
+    if batch_tokens is None:
+        batch_tokens = 1024 if torch.device(device).type == "cpu" else 8192
     if not saes:
         raise DataError("decompose needs at least one SAE.")
     groups = _group_by_site(saes, store)
