@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 
 import torch
+
+from peak_memory import peak_rss_kb
 
 
 def _load(layer: int, n_contexts: int, ctx_len: int):
@@ -60,7 +61,7 @@ def harvest_once(lm, text, contexts, layer: int, batch_size: int) -> tuple[float
 def memory_child(n_contexts: int, ctx_len: int, layer: int) -> None:
     lm, text, contexts = _load(layer, n_contexts, ctx_len)
     harvest_once(lm, text, contexts, layer, 8)
-    print(json.dumps({"maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+    print(json.dumps({"maxrss_kb": peak_rss_kb()}))
 
 
 def main() -> None:

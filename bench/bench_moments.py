@@ -4,7 +4,7 @@ Synthetic stand-in for the paper's E1 regression: TOKENS activations x [d] (floa
 100 and scale 10, neighbouring columns correlated) and 4 "SAE error" target sets y_k [d], each a linear
 plus a nonlinear function of x plus noise. Tokens are split train/test by `is_train` (80 % train).
 
-Variants, each in its own subprocess so ru_maxrss is its own peak:
+Variants, each in its own subprocess so its peak RSS (VmHWM) is its own:
   generate   only generates the chunks: the shared cost and the base RSS (torch + one chunk)
   streaming  one Moments per split (one Gram, 4 target blocks), fit_ridge_many, evaluate: float64 GEMMs
   stream-f32 the same with float32 chunk GEMMs (private knob, measured to justify not exposing it)
@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from peak_memory import peak_rss_kb
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
@@ -110,7 +111,7 @@ def child(args: argparse.Namespace) -> None:
     else:
         r2 = run_lstsq(args)
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
-    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss_kb = peak_rss_kb()
     print(json.dumps({"seconds": seconds, "cpu": cpu, "rss_kb": rss_kb, "r2": r2}))
 
 
