@@ -188,6 +188,7 @@ def decompose(
     )
     ticker = Ticker(progress, per_pass * (2 if second_pass else 1))
     heap = HeapReleaser()  # freed batch temporaries would otherwise fragment and grow the heap
+    scratch: dict[int, Tensor] = {}  # packed float64 buffers, reused across batches
 
     # ---------------------------------------------------------------- pass 1
     # Rows of each batch are ordered train-first, so every split is a view (no masked copies), and each
@@ -211,7 +212,7 @@ def decompose(
         for site, names in groups.items():
             x = batch.acts[site][order]
             _check_finite(x, site)
-            packed = _SplitBuffer(mom[(site, "train")], mom[(site, "test")], len(x), n_tr, x.device)
+            packed = _SplitBuffer(mom[(site, "train")], mom[(site, "test")], len(x), n_tr, x.device, scratch)
             packed.put("x", x)
             x_norm = _row_norms(x)
             ctx[site].add_x(ctx_test, x[n_tr:], x_norm[n_tr:].square())
@@ -274,6 +275,7 @@ def decompose(
             st.fvu, st.nmse, st.norm_ratio = h.sse / var_x, h.nmse_sum / h.n, h.ratio_sum / h.n
             st.l0, st.dead_fraction = h.l0.compute(), h.l0.dead_fraction()
     del mom
+    scratch.clear()
     if not second_pass:
         return Decomposition(
             stats=stats,
@@ -307,7 +309,9 @@ def decompose(
             cols: dict[str, Tensor] = {}
             for site, names in groups.items():
                 x = batch.acts[site][order]
-                packed = _SplitBuffer(mom2[(site, "train")], mom2[(site, "test")], len(x), n_tr, x.device)
+                packed = _SplitBuffer(
+                    mom2[(site, "train")], mom2[(site, "test")], len(x), n_tr, x.device, scratch
+                )
                 packed.put("x", x)
                 packed.put("x2", x.pow(2).sum(1, keepdim=True))
                 zcols = []
@@ -400,10 +404,27 @@ class _SplitBuffer:
     in cache, so `commit` hands both accumulators a buffer that needs no further pass.
     """
 
-    def __init__(self, train: Moments, test: Moments, n: int, n_train: int, device: torch.device):
+    def __init__(
+        self,
+        train: Moments,
+        test: Moments,
+        n: int,
+        n_train: int,
+        device: torch.device,
+        pool: dict[int, Tensor] | None = None,
+    ):
         self.parts = ((train, slice(0, n_train)), (test, slice(n_train, n)))
         self.layout = train.packed_layout
-        self.buf = torch.empty(n, train.packed_width, dtype=torch.float64, device=device)
+        width = train.packed_width
+        if pool is None:
+            self.buf = torch.empty(n, width, dtype=torch.float64, device=device)
+            return
+        # One buffer per moment pair, reused by every batch: no fresh pages to fault in per batch.
+        key = id(train)
+        held = pool.get(key)
+        if held is None or held.shape[0] < n or held.shape[1] != width or held.device != torch.device(device):
+            held = pool[key] = torch.empty(n, width, dtype=torch.float64, device=device)
+        self.buf = held[:n]
 
     def put(self, name: str, values: Tensor) -> None:
         """Write ``values [n, d_name]`` (any float dtype) into the columns of ``name``."""
