@@ -3,7 +3,7 @@
 The engine allocates the same few large temporaries for every batch. glibc raises its mmap threshold
 after the first large free, so later temporaries come from the heap, and the holes they leave grow the
 heap batch by batch: over 200k tokens the per-token pass gained ~200 MiB of free-but-resident heap.
-``malloc_trim`` after each batch gives those pages back (measured: the pass stays flat). A no-op where
+``malloc_trim`` every few batches gives those pages back (measured: the pass stays flat). A no-op where
 the C library has no ``malloc_trim`` (macOS, musl, Windows).
 """
 

@@ -188,7 +188,16 @@ def decompose(
     )
     ticker = Ticker(progress, per_pass * (2 if second_pass else 1))
     heap = HeapReleaser()  # freed batch temporaries would otherwise fragment and grow the heap
-    scratch: dict[int, Tensor] = {}  # packed float64 buffers, reused across batches
+    buffer_rows = min(batch_tokens, per_pass)
+
+    def packed_storage(moments: dict[tuple[str, str], Moments]) -> dict[str, Tensor]:
+        """A float64 packed buffer per site for every batch of a pass (no pages faulted per batch)."""
+        return {
+            site: torch.empty(
+                buffer_rows, moments[(site, "train")].packed_width, dtype=torch.float64, device=device
+            )
+            for site in groups
+        }
 
     # ---------------------------------------------------------------- pass 1
     # Rows of each batch are ordered train-first, so every split is a view (no masked copies), and each
@@ -204,6 +213,7 @@ def decompose(
     held = {n: _HeldOut(saes[n].cfg.d_sae) for n in saes}
     ctx = {site: _ContextAccumulator(n_ctx, d[site], names) for site, names in groups.items()}
     n_train = n_test = 0
+    storage = packed_storage(mom)
     for batch in _batches(store, list(groups), batch_tokens, device, contexts):
         order, n_tr = _train_first(split(batch.context, batch.position))
         n_train += n_tr
@@ -212,7 +222,7 @@ def decompose(
         for site, names in groups.items():
             x = batch.acts[site][order]
             _check_finite(x, site)
-            packed = _SplitBuffer(mom[(site, "train")], mom[(site, "test")], len(x), n_tr, x.device, scratch)
+            packed = _SplitBuffer(mom[(site, "train")], mom[(site, "test")], n_tr, storage[site][: len(x)])
             packed.put("x", x)
             x_norm = _row_norms(x)
             ctx[site].add_x(ctx_test, x[n_tr:], x_norm[n_tr:].square())
@@ -274,8 +284,7 @@ def decompose(
             h = held[n]
             st.fvu, st.nmse, st.norm_ratio = h.sse / var_x, h.nmse_sum / h.n, h.ratio_sum / h.n
             st.l0, st.dead_fraction = h.l0.compute(), h.l0.dead_fraction()
-    del mom
-    scratch.clear()
+    del mom, storage
     if not second_pass:
         return Decomposition(
             stats=stats,
@@ -297,6 +306,7 @@ def decompose(
         gram_cols[site] = [f"{n}:{q}" for q in ("e2", "nl2", "en", "nln") for n in names]
         size = len(gram_cols[site]) + 1
         grams[site] = {"train": np.zeros((size, size)), "test": np.zeros((size, size))}
+    storage = packed_storage(mom2)
     cos = {n: Cosine(saes[n].cfg.d_in) for n in saes}
     sse_nl = dict.fromkeys(saes, 0.0)
     norm_sums = {n: np.zeros(3) for n in saes}
@@ -309,9 +319,8 @@ def decompose(
             cols: dict[str, Tensor] = {}
             for site, names in groups.items():
                 x = batch.acts[site][order]
-                packed = _SplitBuffer(
-                    mom2[(site, "train")], mom2[(site, "test")], len(x), n_tr, x.device, scratch
-                )
+                buf = storage[site][: len(x)]
+                packed = _SplitBuffer(mom2[(site, "train")], mom2[(site, "test")], n_tr, buf)
                 packed.put("x", x)
                 packed.put("x2", x.pow(2).sum(1, keepdim=True))
                 zcols = []
@@ -404,27 +413,11 @@ class _SplitBuffer:
     in cache, so `commit` hands both accumulators a buffer that needs no further pass.
     """
 
-    def __init__(
-        self,
-        train: Moments,
-        test: Moments,
-        n: int,
-        n_train: int,
-        device: torch.device,
-        pool: dict[int, Tensor] | None = None,
-    ):
-        self.parts = ((train, slice(0, n_train)), (test, slice(n_train, n)))
+    def __init__(self, train: Moments, test: Moments, n_train: int, buf: Tensor):
+        """``buf`` [n, packed_width] float64: rows of the chunk, train first (may be reused storage)."""
+        self.parts = ((train, slice(0, n_train)), (test, slice(n_train, buf.shape[0])))
         self.layout = train.packed_layout
-        width = train.packed_width
-        if pool is None:
-            self.buf = torch.empty(n, width, dtype=torch.float64, device=device)
-            return
-        # One buffer per moment pair, reused by every batch: no fresh pages to fault in per batch.
-        key = id(train)
-        held = pool.get(key)
-        if held is None or held.shape[0] < n or held.shape[1] != width or held.device != torch.device(device):
-            held = pool[key] = torch.empty(n, width, dtype=torch.float64, device=device)
-        self.buf = held[:n]
+        self.buf = buf
 
     def put(self, name: str, values: Tensor) -> None:
         """Write ``values [n, d_name]`` (any float dtype) into the columns of ``name``."""
