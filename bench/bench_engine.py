@@ -81,13 +81,14 @@ def make_saes(widths: list[int], d: int, k: int) -> dict:
 
 def run_engine(store_dir: str, args: argparse.Namespace) -> dict:
     from darkmatter.experiments.decomposition import decompose
+    from darkmatter.stats.split import Split
     from darkmatter.store import ActivationStore
 
     store = ActivationStore.open(store_dir)
     saes = make_saes(args.widths, args.d, args.k)
     inputs_kb = peak_rss_kb()  # the SAEs and the open store: the inputs both approaches share
     t0 = time.perf_counter()
-    dec = decompose(store, saes, second_pass=False)
+    dec = decompose(store, saes, split=Split(0, 0.8), second_pass=False)
     return {
         "seconds": time.perf_counter() - t0,
         "inputs_kb": inputs_kb,
@@ -154,6 +155,7 @@ def run_original(store_dir: str, args: argparse.Namespace, *, dense: bool = True
 def run_engine_full(store_dir: str, args: argparse.Namespace) -> dict:
     """Both passes with the per-token table: what ``darkmatter run`` does."""
     from darkmatter.experiments.decomposition import decompose
+    from darkmatter.stats.split import Split
     from darkmatter.store import ActivationStore
 
     store = ActivationStore.open(store_dir)
@@ -161,7 +163,7 @@ def run_engine_full(store_dir: str, args: argparse.Namespace) -> dict:
     inputs_kb = peak_rss_kb()  # the SAEs and the open store: the inputs both approaches share
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        decompose(store, saes, table_path=Path(tmp) / "tokens.parquet")
+        decompose(store, saes, split=Split(0, 0.8), table_path=Path(tmp) / "tokens.parquet")
     return {"seconds": time.perf_counter() - t0, "inputs_kb": inputs_kb, "fvu_nonlinear": {}}
 
 

@@ -63,12 +63,14 @@ def synthetic_store(root: Path, d: int, n_contexts: int, ctx_len: int):
 def bench_training(d: int, width: int, k: int, batch: int, steps: int) -> tuple[float, float]:
     """(tokens/s, GFLOP/s) of training steps of one SAE, data already in memory."""
     from darkmatter.sae.train import FamilyTrainer, SAESpec, TrainConfig
+    from darkmatter.stats import Split
 
     with tempfile.TemporaryDirectory() as tmp:
         n_ctx = max(16, (steps + 2) * batch // 256 + 16)
         store, site = synthetic_store(Path(tmp) / "store", d, n_ctx, 256)
         cfg = TrainConfig(epochs=1, batch_size=batch, aux_k=0)
-        trainer = FamilyTrainer(store, [SAESpec(name="s", site=site, d_sae=width, k=k)], cfg, Path(tmp) / "t")
+        spec = SAESpec(name="s", site=site, d_sae=width, k=k)
+        trainer = FamilyTrainer(store, [spec], cfg, Path(tmp) / "t", split=Split(seed=0, fraction=0.8))
         trainer._init()
         batches = []
         for b in trainer.batches():

@@ -16,6 +16,7 @@ def _sets(items: list[str]) -> list[str]:
     return [a for item in items for a in ("--set", item)]
 
 
+@pytest.mark.slow
 def test_run_writes_store_results_and_report(
     tmp_path: Path, tiny_model_dir: Path, corpus_file: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -36,22 +37,18 @@ def test_run_writes_store_results_and_report(
         "across layers",
     ):
         assert section in report
-    for name in (
-        "sae_family",
-        "error_prediction",
-        "per_token",
-        "norm_prediction",
-        "probe_latents",
-        "layer_baselines",
-        "synthetic_simulation",
-        "pursuit",
-    ):
+    for name in ("family", "engine", "per_token", "layer_sweep", "synthetic", "pursuit"):
         assert json.loads((out / "results" / f"{name}.json").read_text())["experiment"] == name
     assert report.count("<img") >= 8
     assert (out / "tables" / "tokens.parquet").is_file()
     stamp = (out / "store" / "manifest.json").stat().st_mtime_ns
-    assert main(args) == 0  # second run skips the finished harvest
+    results = {p.name: p.stat().st_mtime_ns for p in (out / "results").glob("*.json")}
+    assert main(args) == 0  # a second run skips every step
     assert (out / "store" / "manifest.json").stat().st_mtime_ns == stamp
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "results").glob("*.json")} == results
+    assert main([*args, "--steps", "pursuit"]) == 0  # reruns pursuit and nothing else
+    after = {p.name: p.stat().st_mtime_ns for p in (out / "results").glob("*.json")}
+    assert {n for n in results if after[n] != results[n]} == {"pursuit.json"}
     assert main(["store", "info", str(out), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["n_contexts"] == 12 and info["sites"] == [
@@ -102,6 +99,7 @@ def test_bad_input_is_one_paragraph_error(
     assert err.startswith("darkmatter: error:") and err.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_empty_text_and_foreign_store(
     tmp_path: Path, tiny_model_dir: Path, corpus_file: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -129,6 +127,7 @@ def test_unknown_command_exits_nonzero(capsys: pytest.CaptureFixture[str]) -> No
     assert "Traceback" not in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_endpoint_down_keeps_every_other_result(
     tmp_path: Path, tiny_model_dir: Path, corpus_file: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -148,7 +147,7 @@ def test_endpoint_down_keeps_every_other_result(
     assert code == 2 and "Traceback" not in err and err.count("\n") == 1
     assert "127.0.0.1:9" in err and "run again" in err
     assert (out / "report.html").is_file()
-    for name in ("sae_family", "error_prediction", "downstream_ce", "error_saes"):
+    for name in ("family", "engine", "downstream_ce", "error_saes"):
         assert (out / "results" / f"{name}.json").is_file()
     failed = json.loads((out / "results" / "autointerp.json").read_text())
     assert failed["error"] and failed["components"] == {}
@@ -161,6 +160,7 @@ def test_endpoint_down_keeps_every_other_result(
     assert (out / "results" / "error_saes.json").stat().st_mtime_ns == stamp
 
 
+@pytest.mark.slow
 def test_more_latents_than_the_sae_is_a_clear_error(
     tmp_path: Path, tiny_model_dir: Path, corpus_file: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

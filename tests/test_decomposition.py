@@ -13,10 +13,11 @@ import torch
 from darkmatter.errors import DataError, ShapeError, StoreError
 from darkmatter.experiments.decomposition import decompose, ols_from_gram
 from darkmatter.sae.model import SAE, SAEConfig, SparseCodes
-from darkmatter.stats.split import is_train
+from darkmatter.stats.split import Split, is_train
 from synthetic import sparse_features, synthetic_store
 
 SITE = "blocks.0.hook_resid_post"
+SPLIT = Split(0, 0.8)
 D = 12
 
 
@@ -78,7 +79,7 @@ def _fvu(x: torch.Tensor, x_hat: torch.Tensor) -> float:
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_recovers_planted_linear_share(store, seed: int) -> None:
     sae = planted(seed)
-    dec = decompose(store, {"p": sae})
+    dec = decompose(store, {"p": sae}, split=SPLIT)
     st = dec.stats["p"]
     x, train = _all_rows(store)
     xs = x[~train].float()
@@ -92,7 +93,7 @@ def test_recovers_planted_linear_share(store, seed: int) -> None:
 
 def test_matches_explicit_batch_regression(store, tmp_path: Path) -> None:
     sae = planted(3, amp=0.5)
-    dec = decompose(store, {"p": sae}, table_path=tmp_path / "tokens.parquet", batch_tokens=333)
+    dec = decompose(store, {"p": sae}, split=SPLIT, table_path=tmp_path / "tokens.parquet", batch_tokens=333)
     st = dec.stats["p"]
     x, train = _all_rows(store)
     e = x - sae.reconstruct(x.float())[0].double()
@@ -121,12 +122,12 @@ def test_matches_explicit_batch_regression(store, tmp_path: Path) -> None:
 
 
 def test_table_is_the_same_whatever_the_row_group(store, tmp_path: Path, monkeypatch) -> None:
-    from darkmatter.experiments import decomposition as dec_mod
+    from darkmatter.experiments.decomposition.table import TokenTableWriter
 
     sae = planted(5)
-    decompose(store, {"p": sae}, table_path=tmp_path / "one.parquet", batch_tokens=333)
-    monkeypatch.setattr(dec_mod._TableWriter, "ROW_GROUP", 100)  # boundaries fall inside batches
-    decompose(store, {"p": sae}, table_path=tmp_path / "many.parquet", batch_tokens=333)
+    decompose(store, {"p": sae}, split=SPLIT, table_path=tmp_path / "one.parquet", batch_tokens=333)
+    monkeypatch.setattr(TokenTableWriter, "ROW_GROUP", 100)  # boundaries fall inside batches
+    decompose(store, {"p": sae}, split=SPLIT, table_path=tmp_path / "many.parquet", batch_tokens=333)
     one, many = pq.read_table(tmp_path / "one.parquet"), pq.read_table(tmp_path / "many.parquet")
     assert pq.ParquetFile(tmp_path / "many.parquet").metadata.num_row_groups == -(-one.num_rows // 100)
     assert one.equals(many)
@@ -139,7 +140,7 @@ def test_table_is_the_same_whatever_the_row_group(store, tmp_path: Path, monkeyp
 def test_per_token_scaling_from_grams(store) -> None:
     small, big = planted(4, amp=0.2), planted(4, amp=0.2)
     big.A = big.A * 0.5
-    dec = decompose(store, {"small": small, "big": big})
+    dec = decompose(store, {"small": small, "big": big}, split=SPLIT)
     g = dec.norm_grams[SITE]
     i, j = g.columns.index("small:e2"), g.columns.index("big:e2")
     coef, r2, _ = ols_from_gram(g.train, g.test, [i], j, intercept=False)
@@ -157,7 +158,7 @@ def test_bad_inputs(store, tmp_path: Path) -> None:
     sae = planted(0)
     sae.cfg.hook_site = "blocks.5.hook_mlp_out"
     with pytest.raises(StoreError, match="lacks"):
-        decompose(store, {"p": sae})
+        decompose(store, {"p": sae}, split=SPLIT)
     wide = SAE.from_tensors(
         SAEConfig(d_in=D + 1, d_sae=4, activation="topk", k=1, hook_site=SITE),
         {
@@ -168,12 +169,12 @@ def test_bad_inputs(store, tmp_path: Path) -> None:
         },
     )
     with pytest.raises(ShapeError):
-        decompose(store, {"w": wide})
+        decompose(store, {"w": wide}, split=SPLIT)
     small = synthetic_store(tmp_path / "small", sparse_features(d=D), n_contexts=1, ctx_len=8)
     with pytest.raises(DataError, match="Harvest more contexts"):
-        decompose(small, {"p": planted(0)})
+        decompose(small, {"p": planted(0)}, split=SPLIT)
     with pytest.raises(DataError):
-        decompose(store, {})
+        decompose(store, {}, split=SPLIT)
 
 
 class PerfectSAE(PlantedSAE):
@@ -186,7 +187,7 @@ class PerfectSAE(PlantedSAE):
 def test_constant_error_is_a_clear_error(store) -> None:
     perfect = PerfectSAE.from_tensors(planted(0).cfg, dict(planted(0).named_tensors()))
     with pytest.raises(DataError, match="constant"):
-        decompose(store, {"perfect": perfect})
+        decompose(store, {"perfect": perfect}, split=SPLIT)
 
 
 def test_nan_activations_are_a_clear_error(tmp_path: Path) -> None:
@@ -199,7 +200,7 @@ def test_nan_activations_are_a_clear_error(tmp_path: Path) -> None:
 
     bad = synthetic_store(tmp_path / "nan", with_nan, n_contexts=40, ctx_len=32)
     with pytest.raises(DataError, match="NaN"):
-        decompose(bad, {"p": planted(0)})
+        decompose(bad, {"p": planted(0)}, split=SPLIT)
 
 
 def test_saes_on_several_sites_are_grouped(tmp_path: Path) -> None:
@@ -212,6 +213,6 @@ def test_saes_on_several_sites_are_grouped(tmp_path: Path) -> None:
     st = synthetic_store(tmp_path / "two", two_sites, n_contexts=40, ctx_len=32)
     other = planted(1)
     other.cfg.hook_site = "blocks.1.hook_resid_post"
-    dec = decompose(st, {"a": planted(0), "b": other})
+    dec = decompose(st, {"a": planted(0), "b": other}, split=SPLIT)
     assert set(dec.norm_grams) == {SITE, "blocks.1.hook_resid_post"}
     assert dec.stats["a"].site != dec.stats["b"].site

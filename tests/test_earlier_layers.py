@@ -23,7 +23,7 @@ from darkmatter.experiments.earlier_layers import (
 )
 from darkmatter.lm.hooks import capture, splice
 from darkmatter.sae.model import SAE, SAEConfig
-from darkmatter.stats import is_train
+from darkmatter.stats import Split
 from darkmatter.store import ActivationStore
 from synthetic import synthetic_store
 
@@ -37,6 +37,7 @@ PREV, ATTN, MLP, RESID = (
     "blocks.1.hook_resid_post",
 )
 SEED, FRACTION = 3, 0.7
+SPLIT = Split(SEED, FRACTION)
 
 
 def components(d: int = D, seed: int = 0):
@@ -81,7 +82,7 @@ def all_rows(store: ActivationStore, sites: list[str]) -> tuple[dict[str, torch.
     for b in store.iter_batches(sites, batch_tokens=300):
         for s in sites:
             parts[s].append(b.acts[s].double())
-        train.append(is_train(b.context, b.position, SEED, FRACTION))
+        train.append(SPLIT.mask(b.context, b.position))
     return {s: torch.cat(v) for s, v in parts.items()}, torch.cat(train)
 
 
@@ -108,9 +109,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory):
     e = x - target(x.float()).double()
     probe_sol = lstsq(x[train], e[train])
     probe = (probe_sol[:-1].float(), probe_sol[-1].float())
-    res = earlier_layer_predictors(
-        store, target, probe, regs, split_seed=SEED, train_fraction=FRACTION, batch_tokens=256
-    )
+    res = earlier_layer_predictors(store, target, probe, regs, split=SPLIT, batch_tokens=256)
     return store, target, regs, probe, res, rows, train
 
 
@@ -169,7 +168,7 @@ def test_joint_replacement_and_save_load(setup, tmp_path: Path) -> None:
 
 def test_bad_inputs(setup, tmp_path: Path) -> None:
     store, target, regs, probe, *_ = setup
-    kw = {"split_seed": SEED, "train_fraction": FRACTION}
+    kw = {"split": SPLIT}
     with pytest.raises(ConfigError):
         earlier_layer_predictors(store, target, probe, {SELF: regs["MLP"]}, **kw)
     with pytest.raises(StoreError):
@@ -262,14 +261,7 @@ def test_mlp_probe_finds_planted_nonlinear_error(tmp_path: Path) -> None:
     x = rows[RESID]
     sol = lstsq(x[train], (x - torch.relu(x))[train])
     probe = (sol[:-1].float(), sol[-1].float())
-    kw = {
-        "hidden": 32,
-        "epochs": 12,
-        "lr": 1e-2,
-        "minibatch": 64,
-        "split_seed": SEED,
-        "train_fraction": FRACTION,
-    }
+    kw = {"hidden": 32, "epochs": 12, "lr": 1e-2, "minibatch": 64, "split": SPLIT}
     out = mlp_probe(store, sae, probe, **kw)
     assert out["n_train"] == int(train.sum()) and out["n_test"] == int((~train).sum())
     assert out["probe_r2_error_mean_over_dims"] < 0.8  # the linear probe misses |x|/2

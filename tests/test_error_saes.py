@@ -18,11 +18,12 @@ from darkmatter.experiments.error_saes import (
 )
 from darkmatter.sae.model import SAE
 from darkmatter.sae.train import DerivedInput, FamilyTrainer, SAESpec, TrainConfig
-from darkmatter.stats.split import is_train
+from darkmatter.stats.split import Split
 from synthetic import sparse_features, synthetic_store
 
 SITE = "blocks.0.hook_resid_post"
 D = 12
+SPLIT = Split(seed=0, fraction=0.8)
 Probe = tuple[torch.Tensor, torch.Tensor]
 
 
@@ -58,7 +59,9 @@ def store(tmp_path_factory: pytest.TempPathFactory):
 def base_sae(store, tmp_path_factory: pytest.TempPathFactory) -> SAE:
     """A narrow SAE (8 latents for 24 planted features), so its error has structure."""
     spec = SAESpec(name="base", site=SITE, d_sae=8, k=2)
-    (sae,) = FamilyTrainer(store, [spec], _cfg(epochs=2), tmp_path_factory.mktemp("base")).train()
+    (sae,) = FamilyTrainer(
+        store, [spec], _cfg(epochs=2), tmp_path_factory.mktemp("base"), split=SPLIT
+    ).train()
     return sae
 
 
@@ -66,7 +69,7 @@ def _tokens(store) -> tuple[torch.Tensor, torch.Tensor]:
     """All rows of the store and their train mask."""
     rows = list(store.iter_batches([SITE], batch_tokens=10**6))
     x = torch.cat([b.acts[SITE] for b in rows])
-    return x, torch.cat([is_train(b.context, b.position, 0, 0.8) for b in rows])
+    return x, torch.cat([SPLIT.mask(b.context, b.position) for b in rows])
 
 
 def _fit_probe(store, sae: SAE, seed: int | None = None) -> Probe:
@@ -89,7 +92,9 @@ def probe(store, base_sae: SAE) -> Probe:
 @pytest.fixture(scope="module")
 def trained(store, base_sae: SAE, probe: Probe, tmp_path_factory: pytest.TempPathFactory):
     work = tmp_path_factory.mktemp("errsae")
-    result, saes = train_error_saes(store, base_sae, probe, d_sae=32, k=3, train=_cfg(), workdir=work)
+    result, saes = train_error_saes(
+        store, base_sae, probe, d_sae=32, k=3, train=_cfg(), workdir=work, split=SPLIT
+    )
     return result, saes
 
 
@@ -120,7 +125,7 @@ def test_trainer_batches_hold_the_components_of_their_own_tokens(
     derived = {c: DerivedInput(SITE, parts.component(c), parts.identity(c)) for c in ("linear", "nonlinear")}
     specs = [SAESpec(name=n, site=n, d_sae=8, k=1) for n in ("linear", "nonlinear")]
     specs.append(SAESpec(name="raw", site=SITE, d_sae=8, k=1))
-    trainer = FamilyTrainer(store, specs, _cfg(), tmp_path, derived=derived)
+    trainer = FamilyTrainer(store, specs, _cfg(), tmp_path, split=SPLIT, derived=derived)
     for i, batch in enumerate(trainer.batches()):
         x = batch[SITE]
         with torch.no_grad():
@@ -148,15 +153,15 @@ def test_error_saes_learn_their_components(store, base_sae: SAE, probe: Probe, t
         assert q.fvu < 0.4
         assert 0 < q.l0 <= 3 and q.dead_fraction < 0.5
         curve = result.curves[c]
-        assert curve[0]["fvu"] > 2 * curve[-1]["fvu"]
-        assert all(0 < p["l0"] <= 3 for p in curve)
-        assert curve[-1]["step"] == q.train_steps - 1
+        assert curve[0].fvu > 2 * curve[-1].fvu
+        assert all(0 < p.l0 <= 3 for p in curve)
+        assert curve[-1].step == q.train_steps - 1
     var_x = float((x_test.double() - x_test.double().mean(0)).pow(2).sum())
     for c, v in comps.items():
         explicit = float((v.double() - v.double().mean(0)).pow(2).sum()) / var_x
         assert result.variance_ratio[c] == pytest.approx(explicit, rel=1e-6)
     assert result.n_test == int((~train).sum())
-    again = evaluate_error_saes(store, base_sae, probe, saes)
+    again = evaluate_error_saes(store, base_sae, probe, saes, split=SPLIT)
     assert again["nonlinear"]["fvu"] == pytest.approx(result.saes["nonlinear"].fvu, rel=1e-9)
     assert ErrorSAEsResult.model_validate_json(result.model_dump_json()) == result
 
@@ -177,7 +182,7 @@ def test_resume_is_bit_identical_and_other_probe_restarts(
 
     with pytest.raises(KilledError):
         train_error_saes(
-            store, base_sae, probe, d_sae=32, k=3, train=_cfg(), workdir=tmp_path, progress=dying
+            store, base_sae, probe, d_sae=32, k=3, train=_cfg(), workdir=tmp_path, split=SPLIT, progress=dying
         )
     seen: list[int] = []
     _, resumed = train_error_saes(
@@ -188,6 +193,7 @@ def test_resume_is_bit_identical_and_other_probe_restarts(
         k=3,
         train=_cfg(),
         workdir=tmp_path,
+        split=SPLIT,
         progress=lambda done, _t, _r: seen.append(done),
     )
     assert seen[0] == 9 * 128  # resumed from the step-8 checkpoint
@@ -204,6 +210,7 @@ def test_resume_is_bit_identical_and_other_probe_restarts(
         k=3,
         train=_cfg(),
         workdir=tmp_path,
+        split=SPLIT,
         progress=lambda done, _t, _r: seen.append(done),
     )
     assert seen[0] == 128  # the finished checkpoint belongs to another probe: trained from step 0
@@ -226,7 +233,7 @@ def test_component_activations_fn_returns_chosen_latents(store, base_sae: SAE, p
 
 def test_bad_inputs(store, base_sae: SAE, probe: Probe, trained, tmp_path: Path) -> None:
     w, b = probe
-    kw = {"d_sae": 16, "k": 2, "train": _cfg(), "workdir": tmp_path}
+    kw = {"d_sae": 16, "k": 2, "train": _cfg(), "workdir": tmp_path, "split": SPLIT}
     with pytest.raises(ShapeError, match="probe"):
         train_error_saes(store, base_sae, (w[:-1], b), **kw)  # type: ignore[arg-type]
     with pytest.raises(ShapeError, match="probe"):
@@ -236,7 +243,7 @@ def test_bad_inputs(store, base_sae: SAE, probe: Probe, trained, tmp_path: Path)
     with pytest.raises(ConfigError, match="at most once"):
         train_error_saes(store, base_sae, probe, components=("linear", "linear"), **kw)  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="exceeds d_sae"):
-        train_error_saes(store, base_sae, probe, d_sae=4, k=8, train=_cfg(), workdir=tmp_path)
+        train_error_saes(store, base_sae, probe, d_sae=4, k=8, train=_cfg(), workdir=tmp_path, split=SPLIT)
     assert not any(tmp_path.iterdir())  # nothing was trained
     err_sae = trained[1]["linear"]
     with pytest.raises(ShapeError, match="probe"):

@@ -345,9 +345,10 @@ def test_summary_pools_counts_by_summing() -> None:
 def test_oracle_endpoint_scores_near_one(endpoint: Callable, examples: dict) -> None:
     ep = endpoint(oracle)
     judge = ep.judge(api_key="sk-test")
-    seen: list[tuple[int, int, int]] = []
+    seen: list[tuple[int, int, float]] = []
     res = run_autointerp(examples, judge, decode, progress=lambda *a: seen.append(a), **RUN)
-    assert seen == [(i + 1, len(SCORED), lat) for i, lat in enumerate(SCORED)]
+    assert [(done, total) for done, total, _ in seen] == [(i + 1, len(SCORED)) for i in range(len(SCORED))]
+    assert all(rate > 0 for *_, rate in seen)  # latents per second
     assert [li.explanation for li in res.latents] == [f"the word w{TRIGGERS[lat]}" for lat in SCORED]
     assert all(p.accuracy == 1.0 and p.total > 0 for p in res.summary.deciles)
     assert res.summary.negatives.accuracy == 1.0 and res.summary.negatives.total == 5 * len(SCORED)

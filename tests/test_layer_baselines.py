@@ -22,7 +22,7 @@ from darkmatter.lm.loading import LoadedLM
 from darkmatter.results import read_result, write_result
 from darkmatter.sae import SAE, SAEConfig
 from darkmatter.sae.train import FamilyTrainer, TrainConfig
-from darkmatter.stats import is_train
+from darkmatter.stats import Split
 from darkmatter.store import ActivationStore
 from darkmatter.text import TextConfig
 from synthetic import sparse_features, synthetic_store
@@ -32,6 +32,7 @@ from conftest import tiny_model, tiny_tokenizer
 N_CTX, CTX_LEN, SKIP, VOCAB = 40, 24, 1, 12
 UNSEEN = VOCAB  # an id placed only on test tokens
 TOKEN, NORM, L0_LAYER, LOSS, MIXED, CONSTANT = range(6)
+SPLIT = Split(seed=0, fraction=0.8)
 
 
 def site(layer: int) -> str:
@@ -93,7 +94,7 @@ def planted(tmp_path_factory: pytest.TempPathFactory) -> dict:
     shape = (N_CTX, CTX_LEN)
     tokens = np.random.default_rng(0).integers(0, VOCAB, size=shape).astype(np.int32)
     ctx, pos = analysed(shape)
-    test_tokens = ~is_train(ctx, pos, 0, 0.8)
+    test_tokens = ~SPLIT.mask(ctx, pos)
     chosen = test_tokens.nonzero().squeeze(1)[:6]
     tokens[ctx[chosen].numpy(), pos[chosen].numpy()] = UNSEEN
     tok = torch.as_tensor(tokens, dtype=torch.float32)
@@ -127,7 +128,7 @@ def planted(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 @pytest.fixture(scope="module")
 def result(planted: dict) -> LayerBaselinesResult:
-    return layer_baselines(planted["store"], planted["saes"], batch_tokens=97)
+    return layer_baselines(planted["store"], planted["saes"], split=SPLIT, batch_tokens=97)
 
 
 def reference(planted: dict, layer: int) -> dict[str, np.ndarray]:
@@ -142,7 +143,7 @@ def reference(planted: dict, layer: int) -> dict[str, np.ndarray]:
         "l0": codes.l0().double().numpy(),
         "token": planted["tokens"][ctx.numpy(), pos.numpy()],
         "loss": planted["loss"][ctx, pos].double().numpy(),
-        "train": is_train(ctx, pos, 0, 0.8).numpy(),
+        "train": SPLIT.mask(ctx, pos).numpy(),
     }
 
 
@@ -238,7 +239,7 @@ def test_one_pass_and_independent_of_batch_size(
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(ActivationStore, "iter_batches", counting)
-    other = layer_baselines(planted["store"], planted["saes"], batch_tokens=4096)
+    other = layer_baselines(planted["store"], planted["saes"], split=SPLIT, batch_tokens=4096)
     assert len(calls) == 1
     for name in result.r2:
         np.testing.assert_allclose(other.r2[name], result.r2[name], rtol=0, atol=1e-9)
@@ -252,15 +253,15 @@ def test_one_pass_and_independent_of_batch_size(
 def test_bad_input_names_the_layer(planted: dict) -> None:
     store = planted["store"]
     with pytest.raises(StoreError, match=r"layer\(s\) \[7\]"):
-        layer_baselines(store, {7: planted_sae(7)})
+        layer_baselines(store, {7: planted_sae(7)}, split=SPLIT)
     with pytest.raises(ShapeError, match="width"):
-        layer_baselines(store, {TOKEN: planted_sae(TOKEN, d=5)})
+        layer_baselines(store, {TOKEN: planted_sae(TOKEN, d=5)}, split=SPLIT)
     with pytest.raises(ConfigError, match="layer 1"):
-        layer_baselines(store, {NORM: planted_sae(TOKEN)})
+        layer_baselines(store, {NORM: planted_sae(TOKEN)}, split=SPLIT)
     with pytest.raises(DataError, match=f"layer {CONSTANT} .*constant"):
-        layer_baselines(store, {CONSTANT: planted_sae(CONSTANT)})
-    with pytest.raises(ConfigError, match="train_fraction"):
-        layer_baselines(store, planted["saes"], train_fraction=1.0)
+        layer_baselines(store, {CONSTANT: planted_sae(CONSTANT)}, split=SPLIT)
+    with pytest.raises(ConfigError, match="train fraction"):
+        layer_baselines(store, planted["saes"], split=Split(seed=0, fraction=1.0))
 
 
 def test_store_without_loss_skips_model_loss(tmp_path: Path) -> None:
@@ -271,7 +272,7 @@ def test_store_without_loss_skips_model_loss(tmp_path: Path) -> None:
         return {site(0): x, site(3): x.flip(-1)}
 
     store = synthetic_store(tmp_path / "s", make, n_contexts=16, ctx_len=16)
-    res = layer_baselines(store, {0: planted_sae(0), 3: planted_sae(3)})
+    res = layer_baselines(store, {0: planted_sae(0), 3: planted_sae(3)}, split=SPLIT)
     assert res.layers == [0, 3] and "model_loss" not in res.r2
     assert all(len(v) == 2 and np.isfinite(v).all() for v in res.r2.values())
     assert any(n.startswith("model_loss skipped") for n in res.notes)
@@ -301,6 +302,7 @@ def test_run_end_to_end_trains_once_and_reuses(
         "k": 4,
         "train": TrainConfig(epochs=1, batch_size=64, aux_k=8, dead_tokens=500, checkpoint_every=2),
         "harvest_cfg": HarvestConfig(batch_size=4, shard_contexts=4),
+        "split": SPLIT,
     }
     out = tmp_path / "out"
     res = lb.run(lm, text, [2, 0], out, **kw)
@@ -317,3 +319,5 @@ def test_run_end_to_end_trains_once_and_reuses(
     assert any("reused" in n for n in again.notes)
     with pytest.raises(ConfigError, match="other settings"):
         lb.run(lm, text, [0, 2], out, **{**kw, "k": 2})
+    with pytest.raises(ConfigError, match="other settings"):  # SAEs trained on another split
+        lb.run(lm, text, [0, 2], out, **{**kw, "split": Split(seed=1, fraction=0.8)})

@@ -164,9 +164,9 @@ def _tiny_overrides(model_dir: Path, text: Path, layer: int) -> list[str]:
         "layer_sweep.train.device=cpu",
         "synthetic.n_tokens=200",
         "pursuit.n_contexts=2",
-        "nonlinear.ce_contexts=2",
-        "nonlinear.mlp_hidden=16",
-        "nonlinear.mlp_epochs=1",
+        "downstream_ce.n_contexts=2",
+        "earlier_layers.mlp_hidden=16",
+        "earlier_layers.mlp_epochs=1",
         "error_saes.d_sae=64",
         "error_saes.k=4",
         "error_saes.train.batch_size=64",
@@ -183,16 +183,17 @@ def _result(out: Path, name: str) -> dict[str, Any]:
 def _check_run(out: Path, width_sweep: list[str], target: str, regressors: set[str]) -> dict[str, Any]:
     """The report and the key results exist; the roles of the external family are the intended ones."""
     assert (out / "report.html").is_file()
-    for name in ("harvest", "sae_family", "error_prediction", "per_token", "norm_prediction", "pursuit"):
+    for name in ("harvest", "family", "engine", "per_token", "pursuit"):
         assert _result(out, name)["experiment"] == name
-    assert _result(out, "error_prediction")["width_sweep"] == width_sweep
+    assert _result(out, "engine")["width_sweep"] == width_sweep
     assert [r["name"] for r in _result(out, "pursuit")["saes"]] == width_sweep
     assert set(_result(out, "downstream_ce")["saes"]) == set(width_sweep)
     earlier = _result(out, "earlier_layers")
     assert earlier["target"] == target
-    assert regressors <= set(earlier["regressors"]), earlier.get("notes")
-    assert _result(out, "layer_baselines")["layers"][-1] > 0
-    return {r["name"]: r for r in _result(out, "sae_family")["saes"]}
+    assert earlier["predictors"] is not None, earlier["notes"]
+    assert regressors <= set(earlier["predictors"]["regressors"])
+    assert _result(out, "layer_sweep")["layers"][-1] > 0
+    return {r["name"]: r for r in _result(out, "family")["saes"]}
 
 
 # --------------------------------------------------------------------------- config
@@ -340,6 +341,7 @@ def test_hf_source_offline_points_to_online_or_a_local_copy(monkeypatch: pytest.
 # --------------------------------------------------------------------------- end to end on stand-ins
 
 
+@pytest.mark.slow
 def test_paper_gemma_2_2b_runs_on_local_stand_ins(
     tmp_path: Path, gemma_2b_dir: Path, pile_jsonl: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -367,13 +369,14 @@ def test_paper_gemma_2_2b_runs_on_local_stand_ins(
     }
     assert {r["source"] for r in saes.values()} == {"gemma_scope"}
     assert saes["L12-mlp-16k"]["site"] == "blocks.12.hook_mlp_out" and 0 < saes["L12-res-16k"]["l0"] <= 24
-    assert _result(out, "synthetic_simulation")["sae_name"] == "L12-res-16k-l0_82"
+    assert _result(out, "synthetic")["sae_name"] == "L12-res-16k-l0_82"
     assert _result(out, "error_saes")["sae_name"] == "L12-res-16k-l0_82"
     harvest = _result(out, "harvest")
     assert harvest["config"]["text"]["source"] == str(pile_jsonl) and harvest["config"]["text"]["seed"] == 42
     assert harvest["config"]["model"]["name"] == str(gemma_2b_dir)
 
 
+@pytest.mark.slow
 def test_paper_gemma_2_9b_runs_on_local_stand_ins(
     tmp_path: Path, gemma_9b_dir: Path, pile_jsonl: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -399,7 +402,7 @@ def test_paper_gemma_2_9b_runs_on_local_stand_ins(
     saes = _check_run(out, ["L20-res-16k", "L20-res-32k"], "L20-res-16k", {"L19-res-16k", "L20-mlp-16k"})
     assert {n: r["path"] for n, r in saes.items()} == {n: str(f) for n, f in folders.items()}
     assert saes["L20-res-32k"]["site"] == "blocks.20.hook_resid_post"
-    assert _result(out, "synthetic_simulation")["sae_name"] == "L20-res-16k-l0_68"
+    assert _result(out, "synthetic")["sae_name"] == "L20-res-16k-l0_68"
     sites = set(_result(out, "harvest")["store"]["sites"])
     assert sites == {"blocks.20.hook_resid_post", "blocks.19.hook_resid_post", "blocks.20.hook_mlp_out"}
     # a rerun reuses the family and reloads it as configured (the moved SAE keeps its configured site)
@@ -426,6 +429,7 @@ def test_paper_gemma_2_9b_runs_on_local_stand_ins(
     ]
 
 
+@pytest.mark.slow
 def test_an_sae_of_another_model_is_refused(
     tmp_path: Path, gemma_2b_dir: Path, pile_jsonl: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -444,6 +448,7 @@ def test_an_sae_of_another_model_is_refused(
     assert "'L12-res-16k'" in err and "width 32" in err and "width 64" in err and "another model" in err
 
 
+@pytest.mark.slow
 def test_llama_scope_8b_runs_on_local_stand_ins(
     tmp_path: Path, llama_dir: Path, pile_jsonl: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -472,5 +477,36 @@ def test_llama_scope_8b_runs_on_local_stand_ins(
         n: (str(folders[n]), hook, width) for n, (_, _, hook, width) in specs.items()
     }
     assert {r["source"] for r in saes.values()} == {"llama_scope"}
-    assert _result(out, "error_prediction")["power_law"] is None  # two widths: no fit
-    assert _result(out, "synthetic_simulation")["sae_name"] == "L15-res-32k"
+    assert _result(out, "engine")["power_law"] is None  # two widths: no fit
+    assert _result(out, "synthetic")["sae_name"] == "L15-res-32k"
+
+
+def test_preset_files_name_the_hub_paths_their_builders_give() -> None:
+    from darkmatter.sae.formats import gemma_scope, llama_scope
+
+    for preset in PAPER_PRESETS:
+        for ext in resolve_config(preset).family.external:
+            if ext.format == "gemma_scope":
+                model = "9b" if "9b" in ext.path else "2b"
+                site = ext.path.split("-pt-")[1].split(":")[0]
+                layer, width, l0 = (
+                    ext.path.split("layer_")[1].split("/")[0],
+                    ext.path.split("width_")[1].split("/")[0],
+                    ext.path.rsplit("average_l0_", 1)[1],
+                )
+                assert ext.path == gemma_scope.hub_path(model, site, int(layer), width, int(l0))
+                assert ext.site == f"blocks.{layer}.hook_{'resid_post' if site == 'res' else 'mlp_out'}"
+            else:
+                site = {"R": "res", "M": "mlp", "A": "attn"}[ext.path.split("-LX")[1][0]]
+                layer = int(ext.path.split(":Llama3_1-8B-Base-L")[1].split(ext.path.split("-LX")[1][0])[0])
+                expansion = ext.path.rsplit("-", 1)[1]
+                assert ext.path == llama_scope.hub_path(site, layer, expansion)
+
+
+def test_every_preset_file_validates_and_names_itself() -> None:
+    from darkmatter.config import preset_names
+
+    names = preset_names()
+    assert {"demo", "tiny", *PAPER_PRESETS} <= set(names)
+    for name in names:
+        assert resolve_config(name).preset == name

@@ -26,9 +26,11 @@ from darkmatter.sae.pursuit import (
     pursuit_dense,
     pursuit_reconstruct,
 )
+from darkmatter.stats.split import Split
 from synthetic import sparse_features, synthetic_store
 
 SITE = "blocks.0.hook_resid_post"
+SPLIT = Split(0, 0.8)
 
 
 @pytest.fixture(autouse=True)
@@ -422,7 +424,7 @@ def test_pursuit_sae_in_the_decomposition_engine(tmp_path: Path) -> None:
     torch.testing.assert_close(pursuit.reconstruct(x)[0], pursuit_reconstruct(sae, x)[0])
     torch.testing.assert_close(pursuit.encode(x), sae.encode(x))  # the encoder still sets the budget
 
-    dec = decompose(store, {"sae": sae, "pursuit": pursuit}, second_pass=False)
+    dec = decompose(store, {"sae": sae, "pursuit": pursuit}, split=SPLIT, second_pass=False)
     plain, better = dec.stats["sae"], dec.stats["pursuit"]
     assert better.fvu <= plain.fvu
     assert better.fvu < 0.8 * plain.fvu  # least-squares-like coefficients beat the tied encoder's

@@ -28,7 +28,7 @@ from darkmatter.cli import main
 
 from conftest import tiny_study_overrides
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
 VIEWPORT_WIDTH = 1280

@@ -18,6 +18,7 @@ from darkmatter.errors import ConfigError, DataError, ShapeError
 from darkmatter.stats import (
     FVU,
     Moments,
+    Split,
     evaluate,
     fit_ridge,
     fit_ridge_many,
@@ -495,3 +496,18 @@ def test_split_input_errors() -> None:
     with pytest.raises(ConfigError, match="train_fraction"):
         is_train(ids, ids, 0, 1.5)
     assert is_train(ids[:0], ids[:0], 0, 0.5).shape == (0,)
+
+
+def test_split_object_is_is_train_and_orders_train_first() -> None:
+    ctx = torch.arange(20).repeat_interleave(50)
+    pos = torch.arange(50).repeat(20)
+    split = Split(seed=7, fraction=0.6)
+    mask = split.mask(ctx, pos)
+    assert torch.equal(mask, is_train(ctx, pos, 7, 0.6))
+    order, n_train = split.train_first(ctx, pos)
+    assert n_train == int(mask.sum())
+    assert torch.equal(order[:n_train], mask.nonzero().squeeze(1))  # each part keeps its original order
+    assert torch.equal(order[n_train:], (~mask).nonzero().squeeze(1))
+    for bad in (0.0, 1.0, 1.5):
+        with pytest.raises(ConfigError, match="train fraction"):
+            Split(seed=0, fraction=bad)

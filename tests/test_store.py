@@ -124,13 +124,13 @@ KILLER = textwrap.dedent(
     import os, signal, sys
     sys.path.insert(0, {tests!r})
     from pathlib import Path
-    import darkmatter.store as st
+    import darkmatter.atomic as st
     from test_store import _setup
     from darkmatter.harvest import harvest
     from darkmatter.text import make_contexts
 
     mode, kill_at = sys.argv[1], int(sys.argv[2])
-    original = st.atomic_write_bytes
+    original = st.write_bytes
     calls = [0]
 
     def patched(path, data):
@@ -143,7 +143,7 @@ KILLER = textwrap.dedent(
             os.kill(os.getpid(), signal.SIGKILL)
         original(path, data)
 
-    st.atomic_write_bytes = patched
+    st.write_bytes = patched
     lm, text, cfg = _setup(Path({corpus!r}))
     ctx = make_contexts(text, lm.tokenizer, lm.bos_token_id)
     harvest(lm, ctx, text, cfg, {out!r})

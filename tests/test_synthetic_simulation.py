@@ -18,17 +18,18 @@ import torch
 
 from darkmatter.errors import ConfigError, StoreError
 from darkmatter.experiments import synthetic as syn
+from darkmatter.experiments import synthetic_data as data
 from darkmatter.experiments.synthetic import SyntheticResult, synthetic_simulation
 from darkmatter.results import read_result, write_result
 from darkmatter.sae.model import SAE, SAEConfig
-from darkmatter.stats import FVU, Moments, evaluate, fit_ridge, fvu_with_prediction
-from darkmatter.stats.split import is_train
+from darkmatter.stats import FVU, Moments, Split, evaluate, fit_ridge, fvu_with_prediction
 from darkmatter.store import ActivationStore
 from synthetic import synthetic_store
 
 SITE = "blocks.0.hook_resid_post"
 D, D_SAE, K = 16, 32, 4
 LEVELS = (0.0, 1.0, 2.0, 3.0, 4.0)
+SPLIT = Split(seed=0, fraction=0.8)
 
 
 def planted(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,7 +67,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> ActivationStore:
 
 @pytest.fixture(scope="module")
 def result(store: ActivationStore) -> SyntheticResult:
-    return synthetic_simulation(store, make_sae(), n_tokens=10_000)
+    return synthetic_simulation(store, make_sae(), split=SPLIT, n_tokens=10_000)
 
 
 def rows(
@@ -131,12 +132,12 @@ def test_fvu_rec_rises_with_ablation(result: SyntheticResult) -> None:
 
 
 def test_fig15_curves_and_random_control(result: SyntheticResult) -> None:
-    keys = [(c["sigma_act"], c["sigma_rec"]) for c in result.curves]
+    keys = [(c.sigma_act, c.sigma_rec) for c in result.curves]
     assert keys == [(0.0, 0.0), (1.0, 0.6), (0.6, 1.0), (2.0, 2.0)]
     for c in result.curves:
-        assert len(c["fvu_rec"]) == len(c["fvu_lin"]) == 6
-        assert c["lin_verdict"].split(" ")[0] in ("flat", "rising", "falling")
-        assert 0.0 <= c["shape_lin"]["curvature_ratio"] <= 1.0
+        assert len(c.fvu_rec) == len(c.fvu_lin) == 6
+        assert c.lin_verdict is not None and c.lin_verdict.split(" ")[0] in ("flat", "rising", "falling")
+        assert c.shape_lin is not None and 0.0 <= c.shape_lin.curvature_ratio <= 1.0
     ctrl = result.random_control
     assert ctrl is not None
     assert ctrl.n_directions == 25 * D
@@ -144,7 +145,7 @@ def test_fig15_curves_and_random_control(result: SyntheticResult) -> None:
     assert (
         math.isclose(ctrl.expected_l0, result.l0) and abs(ctrl.l0 - ctrl.expected_l0) < 0.2 * ctrl.expected_l0
     )
-    rec = ctrl.curves[0]["fvu_rec"]
+    rec = ctrl.curves[0].fvu_rec
     assert rec[-1] > rec[0]
     assert any("random control" in n for n in result.notes)
     assert any("fewer than the 10000 requested" in n for n in result.notes)
@@ -170,6 +171,7 @@ def test_moment_algebra_matches_explicit_computation(store: ActivationStore) -> 
     res = synthetic_simulation(
         store,
         sae,
+        split=SPLIT,
         n_tokens=2000,
         ablations=abl,
         levels=(0.0, 1.5),
@@ -181,20 +183,22 @@ def test_moment_algebra_matches_explicit_computation(store: ActivationStore) -> 
     x = torch.cat([b.acts[SITE] for b in batches])[:2000]
     ctx = torch.cat([b.context for b in batches])[:2000]
     pos = torch.cat([b.position for b in batches])[:2000]
-    train = is_train(ctx, pos, 0, 0.8)
+    train = SPLIT.mask(ctx, pos)
     n_train = int(train.sum())
     mass = sae.encode(x).double().mean(0)  # unit-norm decoder rows
-    keeps, _ = syn._keeps(mass, abl)
+    keeps, _ = data.keeps(mass, abl)
     x = x[torch.argsort((~train).to(torch.int8), stable=True)]
     xp = sae(x)
     codes = sae.encode_sparse(xp)
-    e1, e2 = (torch.cat(t) for t in zip(*syn._noise_chunks(3, syn._spans(n_train, 2000), D), strict=True))
+    e1, e2 = (
+        torch.cat(t) for t in zip(*data.noise_chunks(3, data.chunk_spans(n_train, 2000), D), strict=True)
+    )
     s = res.scale
     assert math.isclose(s, math.sqrt(float(xp.double().var(0, correction=0).mean())) / 4, rel_tol=1e-9)
     got = {(r["sigma_act"], r["sigma_rec"], r["ablation"]): r for r in res.grid}
     for sa, sr, i in [(0.7, 2.5, 1), (1.5, 0.0, 0), (0.0, 1.5, 1), (1.5, 1.5, 1)]:
         xt = xp + sa * s * e1
-        r = sae.decode_sparse(syn._masked(codes, keeps[i])) + sr * s * e2
+        r = sae.decode_sparse(data.masked(codes, keeps[i])) + sr * s * e2
         e = xt - r
         tr, te = Moments(D, {"e": D}), Moments(D, {"e": D})
         tr.update(xt[:n_train], {"e": e[:n_train]})
@@ -209,16 +213,17 @@ def test_moment_algebra_matches_explicit_computation(store: ActivationStore) -> 
 
 def test_deterministic_given_seeds(store: ActivationStore) -> None:
     kw: dict[str, Any] = {"n_tokens": 1500, "ablations": (0.0, 0.5), "levels": (0.0, 2.0), "extra": ()}
-    a = synthetic_simulation(store, make_sae(), **kw)
-    b = synthetic_simulation(store, make_sae(), **kw)
+    a = synthetic_simulation(store, make_sae(), split=SPLIT, **kw)
+    b = synthetic_simulation(store, make_sae(), split=SPLIT, **kw)
     assert a.grid == b.grid and a.table1 == b.table1 and a.config_hash == b.config_hash
     assert a.random_control is not None and b.random_control is not None
     assert a.random_control.grid == b.random_control.grid
     kw["random_control"] = False
-    other = synthetic_simulation(store, make_sae(), seed=1, **kw)
+    other = synthetic_simulation(store, make_sae(), split=SPLIT, seed=1, **kw)
     assert other.grid != a.grid and other.seed == 1
-    resplit = synthetic_simulation(store, make_sae(), split_seed=5, **kw)
+    resplit = synthetic_simulation(store, make_sae(), split=Split(seed=5, fraction=0.8), **kw)
     assert resplit.n_train != a.n_train and resplit.grid != a.grid
+    assert resplit.config["split_seed"] == 5 and resplit.config["train_fraction"] == 0.8
     assert len({a.config_hash, other.config_hash, resplit.config_hash}) == 3
 
 
@@ -229,6 +234,7 @@ def test_options_scale_reencode_and_round_trip(store: ActivationStore, tmp_path:
         "levels": (0.0, 1.0),
         "extra": (),
         "random_control": False,
+        "split": SPLIT,
     }
     ideal = synthetic_simulation(store, make_sae(), reencode=False, scale=0.3, **kw)
     assert ideal.fvu_floor == 0.0 and rows(ideal)[(0.0, 0.0)]["fvu_lin"] == 0.0
@@ -250,14 +256,13 @@ def test_options_scale_reencode_and_round_trip(store: ActivationStore, tmp_path:
         ({"levels": (2.0,)}, "two distinct"),
         ({"extra": ((-1.0, 0.0),)}, ">= 0"),
         ({"scale": 0.0}, "scale"),
-        ({"train_fraction": 1.0}, "train_fraction"),
     ],
 )
 def test_bad_settings_raise(store: ActivationStore, kw: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
-        synthetic_simulation(store, make_sae(), **kw)
+        synthetic_simulation(store, make_sae(), split=SPLIT, **kw)
 
 
 def test_sae_for_another_site_raises(store: ActivationStore) -> None:
     with pytest.raises(StoreError, match="lacks"):
-        synthetic_simulation(store, make_sae(site="blocks.3.hook_resid_post"))
+        synthetic_simulation(store, make_sae(site="blocks.3.hook_resid_post"), split=SPLIT)

@@ -87,36 +87,54 @@ def _resolve(
     return cfg
 
 
+StepsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--steps", help="Rerun only these steps (comma-separated, e.g. engine,pursuit) and what they need."
+    ),
+]
+
+
 @app.command()
 def run(
     out: OutOpt = Path("darkmatter-out"),
     preset: PresetOpt = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
+    steps: StepsOpt = None,
     online: OnlineOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Run a whole study (default: the embedded demo) and write OUT/report.html."""
-    from darkmatter.pipeline import Study
-
     _quiet_libraries()
     cfg = _resolve(preset, config, set_, online)
-    study = Study(cfg, out, log=(lambda _m: None) if quiet else _log, progress=_progress_factory(quiet))
+    only = [s.strip() for s in steps.split(",") if s.strip()] if steps is not None else None
+    _run_steps(cfg, out, quiet, only)
+
+
+def _run_steps(
+    cfg: Any, out: Path, quiet: bool, only: list[str] | None, *, force: bool = True, report: bool = True
+) -> None:
+    from darkmatter.study.context import StudyContext
+    from darkmatter.study.runner import Runner
+
+    ctx = StudyContext(cfg, out, log=(lambda _m: None) if quiet else _log, progress=_progress_factory(quiet))
+    runner = Runner(ctx)
     try:
-        report = study.run()
+        runner.run(only, force=force, report=report)
     finally:
-        if not quiet and study.timings:
-            _log(_summary_table(study.summary()))
-    if not quiet:
-        _log(f"done: {report}")
+        if not quiet and runner.outcomes:
+            _log(_summary_table(runner.outcomes))
+    if not quiet and report:
+        _log(f"done: {ctx.paths.report}")
 
 
-def _summary_table(rows: list[tuple[str, str, float, str]]) -> str:
+def _summary_table(outcomes: list[Any]) -> str:
     """The end-of-run table: step, status, seconds and headline numbers."""
-    w = max(len(r[0]) for r in rows)
-    lines = [f"{'step':<{w}}  {'status':<10}  {'seconds':>8}  headline"]
-    lines += [f"{n:<{w}}  {st:<10}  {sec:8.1f}  {head}" for n, st, sec, head in rows]
-    lines.append(f"{'total':<{w}}  {'':<10}  {sum(r[2] for r in rows):8.1f}")
+    w = max(len(o.name) for o in outcomes)
+    lines = [f"{'step':<{w}}  {'status':<13}  {'seconds':>8}  headline"]
+    lines += [f"{o.name:<{w}}  {o.status:<13}  {o.seconds:8.1f}  {o.headline}" for o in outcomes]
+    lines.append(f"{'total':<{w}}  {'':<13}  {sum(o.seconds for o in outcomes):8.1f}")
     return "\n".join(lines)
 
 
@@ -129,15 +147,10 @@ def harvest(
     online: OnlineOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Harvest activations into OUT/store (resumes an interrupted harvest)."""
-    from darkmatter.pipeline import Study
-
+    """Harvest activations into OUT/store (resumes an interrupted harvest; skipped when complete)."""
     _quiet_libraries()
     cfg = _resolve(preset, config, set_, online)
-    cfg.require_local()
-    Study(
-        cfg, out, log=(lambda _m: None) if quiet else _log, progress=_progress_factory(quiet)
-    ).step_harvest()
+    _run_steps(cfg, out, quiet, ["harvest"], force=False, report=False)
 
 
 @store_app.command("info")
@@ -166,12 +179,12 @@ def config_show(preset: PresetOpt = None, config: ConfigOpt = None, set_: SetOpt
 
 @app.command()
 def report(out: Annotated[Path, typer.Argument(help="A run's output directory.")]) -> None:
-    """Rebuild OUT/report.html from the results, without recomputing anything."""
-    from darkmatter.report.html import write_report
+    """Redraw every figure and rebuild OUT/report.html from the results alone (no model, no store)."""
+    from darkmatter.report.build import write_report
 
     if not (out / "results").is_dir():
         raise DarkMatterError(f"{out} has no results/ directory; run 'darkmatter run --out {out}' first.")
-    typer.echo(str(write_report(out)))
+    typer.echo(str(write_report(out, redraw=True)))
 
 
 def _mount_optional() -> None:

@@ -43,3 +43,14 @@ class DataError(DarkMatterError):
 
 class EndpointError(DarkMatterError):
     """A remote or local judge endpoint failed after retries or returned unusable answers."""
+
+
+class StepIncompleteError(DarkMatterError):
+    """A step stopped early and kept its partial result; the study finished every other step and the
+    report first. Running the same command again resumes the step."""
+
+
+class WriteError(DarkMatterError):
+    """An output file could not be written (a full disk, missing permissions); nothing written is lost."""
+
+    exit_code = 3

@@ -10,9 +10,8 @@ its contexts, so the finished store is identical to an uninterrupted one.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -23,10 +22,9 @@ from darkmatter.errors import ConfigError, DataError
 from darkmatter.lm.hooks import capture, run
 from darkmatter.lm.loading import LoadedLM
 from darkmatter.lm.sites import validate_sites
+from darkmatter.progress import Progress
 from darkmatter.store import STORE_DTYPES, ActivationStore
 from darkmatter.text import Contexts, TextConfig
-
-Progress = Callable[[int, int, float], None]  # (tokens done, tokens total, tokens/s)
 
 
 class HarvestConfig(BaseModel):
@@ -37,7 +35,7 @@ class HarvestConfig(BaseModel):
     sites: list[str] = Field(
         default_factory=list, description="Extra hook sites; the study adds the sites its SAE family reads."
     )
-    dtype: str = Field("fp32", description="Storage dtype: fp32, bf16 or fp16.")
+    dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Storage dtype: fp32, bf16 or fp16.")
     with_loss: bool = Field(True, description="Record per-token next-token loss (needs the full forward).")
     batch_size: int = Field(8, ge=1, description="Contexts per forward pass.")
     shard_contexts: int = Field(64, ge=1, description="Contexts per shard file.")

@@ -8,6 +8,14 @@ from collections.abc import Callable
 Progress = Callable[[int, int, float], None]
 """(units done, units total, units per second); the units are tokens unless a step says otherwise."""
 
+ProgressFactory = Callable[..., "Progress | None"]
+"""``factory(name, unit="tok")`` -> a ``Progress`` callback for one bar, or None for no display."""
+
+
+def no_progress(_name: str, _unit: str = "tok") -> Progress | None:
+    """The factory that displays nothing."""
+    return None
+
 
 class Ticker:
     """Counts units toward a known total and reports them with the running rate."""

@@ -2,47 +2,56 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
+import math
 import platform
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import torch
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, Field, ValidationError
 
-from darkmatter import __version__
+from darkmatter import __version__, atomic
 from darkmatter.errors import StoreError
-from darkmatter.store import atomic_write_bytes
+from darkmatter.hashing import stable_hash
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 R = TypeVar("R", bound="Result")
+
+
+def _nan_from_null(value: Any) -> Any:
+    return math.nan if value is None else value
+
+
+Number = Annotated[float, BeforeValidator(_nan_from_null)]
+"""A float that may be NaN (undefined): written as JSON null, read back as NaN."""
 
 
 class Provenance(BaseModel):
     """Who and what produced a result."""
 
-    package_version: str = Field(__version__, description="sae-darkmatter version.")
-    torch_version: str = Field(torch.__version__, description="PyTorch version.")
-    python_version: str = Field(platform.python_version(), description="Python version.")
+    package_version: str = Field(default=__version__, description="sae-darkmatter version.")
+    torch_version: str = Field(default=torch.__version__, description="PyTorch version.")
+    python_version: str = Field(default=platform.python_version(), description="Python version.")
     created: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
 
 class Result(BaseModel):
-    """Base of every experiment result: its name, config hash, seed and provenance."""
+    """Base of every step's result: its name, config hash, seed, the config it read, and provenance."""
 
-    experiment: str = Field(description="Experiment name; also the JSON file name.")
-    schema_version: int = Field(SCHEMA_VERSION, description="Version of the result schema.")
-    config_hash: str = Field(description="Hash of the config sections this result depends on.")
-    seed: int = Field(0, description="Seed used.")
-    config: dict[str, Any] = Field(default_factory=dict, description="The config sections used.")
+    experiment: str = Field(default="", description="Step name; also the JSON file name.")
+    schema_version: int = Field(default=SCHEMA_VERSION, description="Version of the result schema.")
+    config_hash: str = Field(default="", description="The step's key: hash of its config and upstream keys.")
+    seed: int = Field(default=0, description="Global seed of the study.")
+    config: dict[str, Any] = Field(default_factory=dict, description="The config the step read.")
+    error: str | None = Field(
+        default=None, description="Set when the step stopped early: why. The result is partial and reruns."
+    )
     provenance: Provenance = Field(default_factory=Provenance)
 
 
-def config_hash(obj: Any) -> str:
-    """Short sha256 of a JSON-able config."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+config_hash = stable_hash  # kept for callers that hash a config by that name
 
 
 def sae_identity(sae: Any) -> dict[str, Any]:
@@ -77,7 +86,7 @@ def results_dir(out: str | Path) -> Path:
 def write_result(out: str | Path, result: Result) -> Path:
     """Write ``OUT/results/<experiment>.json`` atomically."""
     path = results_dir(out) / f"{result.experiment}.json"
-    atomic_write_bytes(path, (result.model_dump_json(indent=2) + "\n").encode())
+    atomic.write_text(path, result.model_dump_json(indent=2) + "\n")
     return path
 
 
@@ -88,20 +97,8 @@ def read_result(out: str | Path, experiment: str, cls: type[R]) -> R | None:
         return None
     try:
         return cls.model_validate(json.loads(path.read_text()))
-    except (json.JSONDecodeError, ValidationError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, ValidationError) as exc:
         raise StoreError(
-            f"Result file {path} is corrupt ({exc.__class__.__name__}); delete it to recompute."
+            f"Result file {path} is corrupt or from another version ({exc.__class__.__name__}); delete it "
+            "to recompute."
         ) from exc
-
-
-def read_all_results(out: str | Path) -> dict[str, dict[str, Any]]:
-    """Every result JSON under ``OUT/results`` as plain dicts (for the report)."""
-    found: dict[str, dict[str, Any]] = {}
-    d = results_dir(out)
-    if d.is_dir():
-        for p in sorted(d.glob("*.json")):
-            try:
-                found[p.stem] = json.loads(p.read_text())
-            except json.JSONDecodeError as exc:
-                raise StoreError(f"Result file {p} is corrupt; delete it to recompute.") from exc
-    return found

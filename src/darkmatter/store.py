@@ -13,12 +13,7 @@ read; it is removed when a harvest resumes. Readers verify each shard's checksum
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +24,9 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from darkmatter import atomic
 from darkmatter.errors import DataError, StoreError
+from darkmatter.hashing import sha256_hex, stable_hash
 
 MANIFEST = "manifest.json"
 TOKENS = "tokens.npy"
@@ -37,45 +34,6 @@ SHARD_DIR = "shards"
 FORMAT = "darkmatter-activation-store"
 FORMAT_VERSION = 1
 STORE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see either the old file or the complete new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        Path(tmp).replace(path)
-        _fsync_dir(path.parent)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            Path(tmp).unlink()
-        if exc.errno == errno.ENOSPC:
-            raise StoreError(
-                f"Disk full while writing {path}. Nothing already written was changed; free space and run "
-                "the same command again to resume."
-            ) from exc
-        raise StoreError(f"Could not write {path}: {exc}") from exc
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 @dataclass
@@ -94,7 +52,7 @@ class Batch:
 
 def identity_hash(identity: dict[str, Any]) -> str:
     """Hash of everything that determines a store's content."""
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    return stable_hash(identity)
 
 
 class ActivationStore:
@@ -151,17 +109,17 @@ class ActivationStore:
         root.mkdir(parents=True, exist_ok=True)
         (root / SHARD_DIR).mkdir(exist_ok=True)
         buf = _npy_bytes(tokens.astype(np.int32))
-        atomic_write_bytes(root / TOKENS, buf)
+        atomic.write_bytes(root / TOKENS, buf)
         manifest = {
             "format": FORMAT,
             "version": FORMAT_VERSION,
             "identity": identity,
             "identity_hash": key,
-            "tokens_sha256": sha256_bytes(buf),
+            "tokens_sha256": sha256_hex(buf),
             "shards": [],
             "complete": False,
         }
-        atomic_write_json(root / MANIFEST, manifest)
+        atomic.write_json(root / MANIFEST, manifest)
         return cls(root, manifest)
 
     def _remove_unlisted_shards(self) -> None:
@@ -230,7 +188,7 @@ class ActivationStore:
                 data = path.read_bytes()
             except OSError as exc:
                 raise StoreError(f"{path} is missing: the store is damaged; harvest again.") from exc
-            if sha256_bytes(data) != self.manifest["tokens_sha256"]:
+            if sha256_hex(data) != self.manifest["tokens_sha256"]:
                 raise StoreError(f"{path} fails its checksum: the store is damaged; harvest again.")
             self._tokens = np.load(path, allow_pickle=False)
         return self._tokens
@@ -241,13 +199,13 @@ class ActivationStore:
         start, stop = self.shard_range(index)
         data = st_save({k: v.contiguous() for k, v in tensors.items()})
         rel = f"{SHARD_DIR}/{index:05d}.safetensors"
-        atomic_write_bytes(self.root / rel, data)
-        entry = {"index": index, "file": rel, "contexts": [start, stop], "sha256": sha256_bytes(data)}
+        atomic.write_bytes(self.root / rel, data)
+        entry = {"index": index, "file": rel, "contexts": [start, stop], "sha256": sha256_hex(data)}
         self.manifest["shards"] = sorted(
             [s for s in self.manifest["shards"] if s["index"] != index] + [entry], key=lambda s: s["index"]
         )
         self.manifest["complete"] = len(self.manifest["shards"]) == self.n_shards
-        atomic_write_json(self.root / MANIFEST, self.manifest)
+        atomic.write_json(self.root / MANIFEST, self.manifest)
         self._verified.add(rel)
 
     # -- reading --------------------------------------------------------------------------------------
@@ -269,7 +227,7 @@ class ActivationStore:
         except OSError as exc:
             raise StoreError(f"Shard file {path} is missing: the store is damaged; harvest again.") from exc
         if entry["file"] not in self._verified:
-            if sha256_bytes(data) != entry["sha256"]:
+            if sha256_hex(data) != entry["sha256"]:
                 raise StoreError(
                     f"Shard {path} fails its checksum (corrupt or modified). Delete it and run the same "
                     "harvest again: only the missing shard is recomputed."

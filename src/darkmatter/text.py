@@ -19,7 +19,6 @@ Contexts never mix documents, so no context contains a document boundary.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import io
 import json
 from collections.abc import Iterator
@@ -32,6 +31,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from darkmatter.errors import TextError
+from darkmatter.hashing import sha256_hex
 
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
 TEXT_SUFFIXES = frozenset({".txt", ".md"})
@@ -75,7 +75,7 @@ class Contexts:
 
     @property
     def fingerprint(self) -> str:
-        return hashlib.sha256(np.ascontiguousarray(self.tokens, dtype=np.int32).tobytes()).hexdigest()[:16]
+        return sha256_hex(np.ascontiguousarray(self.tokens, dtype=np.int32).tobytes())[:16]
 
 
 def austen_documents() -> Iterator[str]:
@@ -227,3 +227,12 @@ def make_contexts(cfg: TextConfig, tokenizer: Any, bos_token_id: int | None) -> 
         doc_index=np.asarray([owners[i] for i in order]),
         has_bos=bos is not None,
     )
+
+
+def held_out_contexts(cfg: TextConfig, tokenizer: Any, bos_token_id: int | None, n: int) -> np.ndarray:
+    """``n`` contexts that the study never harvested: the same seeded order continued past ``n_contexts``.
+
+    Used for the downstream splices, so no CE number is measured on tokens an SAE or probe was fitted on.
+    """
+    more = cfg.model_copy(update={"n_contexts": cfg.n_contexts + n})
+    return make_contexts(more, tokenizer, bos_token_id).tokens[cfg.n_contexts :]

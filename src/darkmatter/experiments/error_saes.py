@@ -13,8 +13,6 @@ streaming, with each component's total variance relative to that of x for contex
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,11 +21,13 @@ import torch
 from pydantic import BaseModel, Field
 
 from darkmatter.errors import ConfigError, DataError, ShapeError, StoreError
+from darkmatter.hashing import sha256_hex, stable_hash
+from darkmatter.progress import Progress
 from darkmatter.results import Result, config_hash, sae_identity, store_summary
 from darkmatter.sae.model import SAE
-from darkmatter.sae.train import DerivedInput, FamilyTrainer, Progress, SAESpec, TrainConfig
+from darkmatter.sae.train import DerivedInput, FamilyTrainer, SAESpec, TrainConfig, TrainingPoint
 from darkmatter.stats.metrics import FVU, L0, NMSE
-from darkmatter.stats.split import is_train
+from darkmatter.stats.split import Split
 from darkmatter.store import ActivationStore, Batch
 
 Tensor = torch.Tensor
@@ -37,10 +37,10 @@ Probe = tuple[Tensor, Tensor]  # (weights [d, d], bias [d]) of LinearError(x) = 
 _EQUATION_FIELDS = ("d_in", "d_sae", "activation", "k", "apply_b_dec_to_input", "input_scale", "normalize")
 
 
-def _tensor_digest(h: Any, t: Tensor) -> None:
+def _tensor_checksum(t: Tensor) -> list[Any]:
+    """[dtype, shape, sha256 of the raw bytes] of ``t``."""
     flat = t.detach().cpu().contiguous().reshape(-1)
-    h.update(str((t.dtype, tuple(t.shape))).encode())
-    h.update(flat.view(torch.uint8).numpy())
+    return [str(t.dtype), list(t.shape), sha256_hex(flat.view(torch.uint8).numpy().tobytes())]
 
 
 def check_component(component: str) -> str:
@@ -104,12 +104,12 @@ class ErrorComponents:
         """Hash of the component name, the SAE's computation (equation settings and tensors) and the probe."""
         if self._digest is None:
             cfg = self.sae.cfg.to_dict()
-            h = hashlib.sha256(json.dumps({k: cfg[k] for k in _EQUATION_FIELDS}, sort_keys=True).encode())
-            for _, t in self.sae.named_tensors():
-                _tensor_digest(h, t)
-            _tensor_digest(h, self.weights)
-            _tensor_digest(h, self.bias)
-            self._digest = h.hexdigest()
+            tensors = [*(t for _, t in self.sae.named_tensors()), self.weights, self.bias]
+            identity = {
+                "equation": {k: cfg[k] for k in _EQUATION_FIELDS},
+                "tensors": [_tensor_checksum(t) for t in tensors],
+            }
+            self._digest = stable_hash(identity, length=64)
         return f"{check_component(name)}:{self._digest}"
 
 
@@ -134,7 +134,7 @@ class ErrorSAEsResult(Result):
     site: str = Field(description="Stored site the components are computed from.")
     components: list[str] = Field(description="Components an SAE was trained on, in training order.")
     saes: dict[str, ErrorSAEQuality] = Field(description="Component -> held-out quality of its SAE.")
-    curves: dict[str, list[dict[str, float]]] = Field(
+    curves: dict[str, list[TrainingPoint]] = Field(
         description="Component -> training curve: step, train FVU, L0, AuxK loss, dead fraction."
     )
     variance_ratio: dict[str, float] = Field(
@@ -168,11 +168,11 @@ def train_error_saes(
     k: int,
     train: TrainConfig,
     workdir: str | Path,
-    split_seed: int = 0,
-    train_fraction: float = 0.8,
+    split: Split,
     progress: Progress | None = None,
 ) -> tuple[ErrorSAEsResult, dict[str, SAE]]:
-    """Train one TopK SAE per component together (resuming from ``workdir``), then evaluate on the test split.
+    """Train one TopK SAE per component together on the train tokens of ``split`` (resuming from ``workdir``),
+    then evaluate them on its test tokens.
 
     The returned SAEs have ``hook_site`` = the SAE's site and name their input in
     ``cfg.metadata["derived_input"]``; compute their inputs with ``ErrorComponents``.
@@ -186,13 +186,9 @@ def train_error_saes(
     names = {c: f"{site}:{c}_error" for c in comps}
     derived = {names[c]: DerivedInput(site, parts.component(c), parts.identity(c)) for c in comps}
     specs = [SAESpec(name=c, site=names[c], d_sae=d_sae, k=k, kind="topk") for c in comps]
-    trainer = FamilyTrainer(
-        store, specs, train, workdir, split_seed=split_seed, train_fraction=train_fraction, derived=derived
-    )
+    trainer = FamilyTrainer(store, specs, train, workdir, split=split, derived=derived)
     saes = dict(zip(comps, trainer.train(progress), strict=True))
-    quality, ratios, n_test = _evaluate(
-        store, parts, saes, split_seed=split_seed, train_fraction=train_fraction, device=train.device
-    )
+    quality, ratios, n_test = _evaluate(store, parts, saes, split=split, device=train.device)
     config = {
         "sae": sae_identity(sae),
         "inputs": {c: parts.identity(c) for c in comps},
@@ -201,8 +197,8 @@ def train_error_saes(
         "d_sae": d_sae,
         "k": k,
         "train": train.model_dump(),
-        "split_seed": split_seed,
-        "train_fraction": train_fraction,
+        "split_seed": split.seed,
+        "train_fraction": split.fraction,
     }
     result = ErrorSAEsResult(
         experiment=EXPERIMENT,
@@ -222,7 +218,7 @@ def train_error_saes(
             )
             for c in comps
         },
-        curves={m.spec.name: list(m.history) for m in trainer.members},
+        curves={m.spec.name: [TrainingPoint.model_validate(h) for h in m.history] for m in trainer.members},
         variance_ratio=ratios,
         n_test=n_test,
     )
@@ -261,8 +257,7 @@ def _evaluate(
     parts: ErrorComponents,
     saes: Mapping[str, SAE],
     *,
-    split_seed: int,
-    train_fraction: float,
+    split: Split,
     device: str,
     batch_tokens: int = 4096,
 ) -> tuple[dict[str, dict[str, float]], dict[str, float], int]:
@@ -276,7 +271,7 @@ def _evaluate(
     l0 = {c: L0(s.cfg.d_sae) for c, s in saes.items()}
     var = {q: _TotalVariance() for q in ("x", *COMPONENTS)}
     for batch in store.iter_batches([site], batch_tokens=batch_tokens):
-        test = ~is_train(batch.context, batch.position, split_seed, train_fraction)
+        test = ~split.mask(batch.context, batch.position)
         if not bool(test.any()):
             continue
         x = batch.acts[site][test]
@@ -311,21 +306,13 @@ def evaluate_error_saes(
     probe: Probe,
     error_saes: Mapping[str, SAE],
     *,
-    split_seed: int = 0,
-    train_fraction: float = 0.8,
+    split: Split,
     device: str = "cpu",
 ) -> dict[str, dict[str, float]]:
     """Test-split fvu, nmse, l0 and dead_fraction of SAEs keyed by the component each was trained on."""
     for c in error_saes:
         check_component(c)
-    quality, _, _ = _evaluate(
-        store,
-        ErrorComponents(sae, probe),
-        error_saes,
-        split_seed=split_seed,
-        train_fraction=train_fraction,
-        device=device,
-    )
+    quality, _, _ = _evaluate(store, ErrorComponents(sae, probe), error_saes, split=split, device=device)
     return quality
 
 

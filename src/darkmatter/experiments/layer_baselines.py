@@ -26,33 +26,35 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from darkmatter.errors import ConfigError, DataError, StoreError
+from darkmatter.errors import ConfigError, StoreError
+from darkmatter.experiments.layer_sums import REGRESSIONS, LayerSums
 from darkmatter.harvest import HarvestConfig, harvest
 from darkmatter.lm.loading import LoadedLM
 from darkmatter.progress import Progress
 from darkmatter.results import Result, config_hash, sae_identity, store_summary
 from darkmatter.sae import SAE, load_sae, save_sae
 from darkmatter.sae.train import FamilyTrainer, SAESpec, TrainConfig
-from darkmatter.stats import (
-    CONSTANT_TARGET_TOL,
-    DEFAULT_RELATIVE_RIDGE,
-    Moments,
-    RidgeFit,
-    evaluate,
-    fit_ridge,
-)
-from darkmatter.stats.split import is_train
+from darkmatter.stats import DEFAULT_RELATIVE_RIDGE, Split
 from darkmatter.store import ActivationStore
 from darkmatter.text import TextConfig, make_contexts
 
+__all__ = [
+    "EXPERIMENT",
+    "PREDICTORS",
+    "REGRESSIONS",
+    "RESID_SITE",
+    "LayerBaselinesResult",
+    "layer_baselines",
+    "run",
+    "train_layer_saes",
+]
+
 Tensor = torch.Tensor
-F64 = torch.float64
 Log = Callable[[str], None]
 
 EXPERIMENT = "layer_baselines"
 RESID_SITE = "blocks.{layer}.hook_resid_post"
 PREDICTORS = ("activations", "token_identity", "l0", "activation_norm", "model_loss")
-REGRESSIONS = ("activations", "l0", "activation_norm", "model_loss")
 STORE_DIR = "store_layers"
 SAE_DIR = "saes_layers"
 SAE_KEY = "layer_baselines_key"  # SAE metadata entry: hash of the settings a trained SAE came from
@@ -85,141 +87,10 @@ def _layer_site(site_template: str, layer: int) -> str:
     return site_template.format(layer=layer)
 
 
-class _Layer:
-    """One layer's sums: train/test moments per regression and per-token-id sums of y (token baseline)."""
-
-    def __init__(self, layer: int, site: str, sae: SAE, d: int, vocab: int, with_loss: bool) -> None:
-        self.layer, self.site, self.sae = layer, site, sae
-        self.device = sae.device
-        names = [n for n in REGRESSIONS if with_loss or n != "model_loss"]
-        self.moments = {
-            split: {n: Moments(d if n == "activations" else 1, {"y": 1}) for n in names}
-            for split in ("train", "test")
-        }
-        self.ref: Tensor | None = None  # shift for the per-token sums of y (first chunk's mean)
-        zeros = lambda: torch.zeros(vocab, dtype=F64, device=self.device)  # noqa: E731
-        self.train_sum, self.test_sum, self.test_sumsq = zeros(), zeros(), zeros()
-        self.constant_inputs: list[str] = []  # scalar predictors constant on the train tokens
-
-    def where(self, what: str) -> str:
-        return f"layer {self.layer} ({self.site}), {what}"
-
-    @torch.no_grad()
-    def update(self, x: Tensor, token: Tensor, loss: Tensor | None, train: Tensor) -> None:
-        """x [n, d] float32, token [n] int64, loss [n] or None, train [n] bool (all on CPU)."""
-        x = x.to(self.device)
-        x_hat, codes = self.sae.reconstruct(x.to(self.sae.dtype))
-        y = (x - x_hat.to(x.dtype)).double().pow(2).sum(1)  # [n] squared error norm
-        inputs = {
-            "activations": x,
-            "l0": codes.l0().to(F64),
-            "activation_norm": x.double().norm(dim=1),
-        }
-        if loss is not None:
-            inputs["model_loss"] = loss.to(self.device)
-        if not bool(torch.isfinite(y).all()):
-            raise DataError(
-                f"{self.where('squared error norm')}: NaN or inf values; check the SAE weights and the store."
-            )
-        if self.ref is None:
-            self.ref = y.mean()
-        ys = y - self.ref
-        token = token.to(self.device)
-        for split, mask in (("train", train), ("test", ~train)):
-            idx = mask.to(self.device).nonzero().squeeze(1)
-            if idx.numel() == 0:
-                continue
-            y_s = y.index_select(0, idx)
-            for name, m in self.moments[split].items():
-                try:
-                    m.update(inputs[name].index_select(0, idx), {"y": y_s})
-                except DataError as exc:
-                    raise DataError(f"{self.where(name)}: {exc}") from exc
-            tok, ys_s = token.index_select(0, idx), ys.index_select(0, idx)
-            if split == "train":
-                self.train_sum.index_add_(0, tok, ys_s)
-            else:
-                self.test_sum.index_add_(0, tok, ys_s)
-                self.test_sumsq.index_add_(0, tok, ys_s * ys_s)
-
-    def regression_r2(self, name: str) -> float:
-        """Fit y ~ [input, 1] on train moments and score it exactly on test moments."""
-        train, test = self.moments["train"][name], self.moments["test"][name]
-        try:
-            if train.n == 0:
-                raise DataError("no train tokens")
-            fit = self._constant_input_fit(name, train) or fit_ridge(train, "y", bias=True)
-            return evaluate(fit, test, "y").r2
-        except DataError as exc:
-            raise DataError(f"{self.where(f'predictor {name!r} of the squared error norm')}: {exc}") from exc
-
-    def _constant_input_fit(self, name: str, train: Moments) -> RidgeFit | None:
-        """A scalar input constant on the train tokens (a TopK SAE's L0) carries no information beyond the
-        intercept: the regression's limit is the train mean of y. Return that fit (None otherwise)."""
-        if train.d_x != 1:
-            return None
-        spread = float(train.centred_gram()[0, 0])
-        if spread > CONSTANT_TARGET_TOL * float(train.gram()[0, 0]):
-            return None
-        self.constant_inputs.append(name)
-        zero = torch.zeros(1, 1, dtype=F64, device=train.mean_x().device)
-        return RidgeFit(
-            weights=zero,
-            bias=train.mean_target("y"),
-            ridge=0.0,
-            ridge_scale=1.0,
-            escalations=0,
-            n_train=train.n,
-        )
-
-    def token_identity_r2(self, train_count: Tensor, test_count: Tensor) -> tuple[float, int]:
-        """(Held-out R² of the per-token-id train mean, test tokens whose id never occurs in train).
-
-        Per id: Σ_test (y − m)² = S2 − 2·m·S1 + n·m², with S1, S2 the test sums of y and y² (shifted by
-        `ref` against cancellation) and m the id's train mean (the global train mean for unseen ids).
-        """
-        tr_n, te_n = train_count.to(self.device, F64), test_count.to(self.device, F64)
-        n_train, n_test = float(tr_n.sum()), float(te_n.sum())
-        if n_train == 0 or n_test < 2:
-            raise DataError(
-                f"{self.where('token_identity')}: {int(n_train)} train and {int(n_test)} test tokens; "
-                "need at least 1 and 2"
-            )
-        global_mean = self.train_sum.sum() / n_train
-        mean = torch.where(tr_n > 0, self.train_sum / tr_n.clamp_min(1), global_mean)
-        ss_res = float((self.test_sumsq - 2 * mean * self.test_sum + te_n * mean * mean).sum().clamp_min(0))
-        s1, s2 = self.test_sum.sum(), self.test_sumsq.sum()
-        ss_tot = float((s2 - s1 * s1 / n_test).clamp_min(0))
-        assert self.ref is not None
-        raw_sq = float(s2 + 2 * self.ref * s1 + n_test * self.ref * self.ref)
-        if ss_tot <= CONSTANT_TARGET_TOL * raw_sq:
-            raise DataError(
-                f"{self.where('token_identity')}: the squared error norm is constant on the {int(n_test)} "
-                "test tokens; R² is undefined"
-            )
-        unseen = int(te_n[tr_n == 0].sum())
-        return 1.0 - ss_res / ss_tot, unseen
-
-    def quality(self) -> tuple[float, float]:
-        """(FVU, mean L0) of the SAE on the test tokens, from the test moments."""
-        acts = self.moments["test"]["activations"]
-        try:
-            var = acts.total_variance_x()
-            if not var > 0:
-                raise DataError(f"total variance of x over the {acts.n} test tokens is {var}")
-            fvu = float(acts.mean_target("y")[0]) * acts.n / var
-        except DataError as exc:
-            raise DataError(f"{self.where('FVU')}: {exc}") from exc
-        return fvu, float(self.moments["test"]["l0"].mean_x()[0])
-
-
-def _check_inputs(
-    store: ActivationStore, saes: Mapping[int, SAE], site_template: str, train_fraction: float
-) -> dict[int, str]:
+def _check_inputs(store: ActivationStore, saes: Mapping[int, SAE], site_template: str) -> dict[int, str]:
+    """Each layer's site, once every SAE is known to fit the store (layers ascending)."""
     if not saes:
         raise ConfigError("layer_baselines needs at least one SAE (a mapping layer -> SAE).")
-    if not 0.0 < train_fraction < 1.0:
-        raise ConfigError(f"train_fraction must be strictly between 0 and 1, found {train_fraction}.")
     sites = {int(layer): _layer_site(site_template, int(layer)) for layer in sorted(saes)}
     missing = {layer: s for layer, s in sites.items() if s not in store.sites}
     if missing:
@@ -238,33 +109,21 @@ def _check_inputs(
     return sites
 
 
-def layer_baselines(
+def _accumulate(
     store: ActivationStore,
-    saes: Mapping[int, SAE],
+    layers: Mapping[int, LayerSums],
+    sites: Mapping[int, str],
     *,
-    split_seed: int = 0,
-    train_fraction: float = 0.8,
-    batch_tokens: int = 4096,
-    site_template: str = RESID_SITE,
-) -> LayerBaselinesResult:
-    """R² on test tokens of predicting each layer's ‖x − Sae(x)‖² from the five baselines (module doc).
-
-    ``saes`` maps a layer to its SAE; each reads ``site_template`` of its layer and runs on its own device.
-    One streaming pass over the store serves all layers. Bad input: a layer the store lacks is a
-    StoreError, an SAE of the wrong width a ShapeError, a constant target a DataError naming the layer.
-    """
-    sites = _check_inputs(store, saes, site_template, train_fraction)
-    store.require_complete()
+    split: Split,
+    vocab: int,
+    batch_tokens: int,
+) -> tuple[Tensor, Tensor]:
+    """The one streaming pass: feed every layer's sums; returns the train and test token counts per id."""
     with_loss = store.has_loss
-    vocab = max(int(store.identity["model"].get("vocab_size") or 0), int(store.tokens.max()) + 1)
-    layers = {
-        layer: _Layer(layer, site, saes[layer], store.d[site], vocab, with_loss)
-        for layer, site in sites.items()
-    }
     train_count = torch.zeros(vocab, dtype=torch.int64)  # [vocab] tokens per id, shared by all layers
     test_count = torch.zeros(vocab, dtype=torch.int64)
     for batch in store.iter_batches(list(sites.values()), batch_tokens=batch_tokens, drop_last_position=True):
-        train = is_train(batch.context, batch.position, split_seed, train_fraction)
+        train = split.mask(batch.context, batch.position)
         train_count += torch.bincount(batch.token[train], minlength=vocab)
         test_count += torch.bincount(batch.token[~train], minlength=vocab)
         loss = batch.loss if with_loss else None
@@ -272,8 +131,13 @@ def layer_baselines(
             raise StoreError(f"Store {store.root} says it holds per-token loss but a shard has none.")
         for layer, acc in layers.items():
             acc.update(batch.acts[sites[layer]], batch.token, loss, train)
+    return train_count, test_count
 
-    names = [p for p in PREDICTORS if with_loss or p != "model_loss"]
+
+def _scores(
+    layers: Mapping[int, LayerSums], names: Sequence[str], train_count: Tensor, test_count: Tensor
+) -> tuple[dict[str, list[float]], list[float], list[float], int]:
+    """(R² per predictor and layer, FVU and mean L0 per layer, test tokens whose id is unseen in train)."""
     r2: dict[str, list[float]] = {p: [] for p in names}
     fvu: list[float] = []
     l0: list[float] = []
@@ -288,11 +152,16 @@ def layer_baselines(
         f, mean_l0 = acc.quality()
         fvu.append(f)
         l0.append(mean_l0)
+    return r2, fvu, l0, unseen
 
-    n_train, n_test = int(train_count.sum()), int(test_count.sum())
+
+def _notes(
+    layers: Mapping[int, LayerSums], split: Split, with_loss: bool, unseen: int, n_test: int
+) -> list[str]:
+    """The result's notes: the split and ridge used, the token baseline's unseen ids, degenerate inputs."""
     notes = [
         "Target: the squared error norm ‖x − Sae(x)‖² per token; every R² is on the test split "
-        f"(seed {split_seed}, train fraction {train_fraction}) and every regression has an intercept "
+        f"(seed {split.seed}, train fraction {split.fraction}) and every regression has an intercept "
         f"(float64 Cholesky, relative ridge {DEFAULT_RELATIVE_RIDGE:g}).",
         "token_identity is held out: per-token-id means over the train tokens predict the test tokens; "
         f"{unseen} of {n_test} test tokens have ids unseen in train and get the global train mean "
@@ -308,18 +177,49 @@ def layer_baselines(
                 f"{name} is constant on the train tokens at layer(s) {flat} (as for a TopK SAE's L0): the "
                 "prediction there is the train mean of the target, so R² <= 0."
             )
+    return notes
+
+
+def layer_baselines(
+    store: ActivationStore,
+    saes: Mapping[int, SAE],
+    *,
+    split: Split,
+    batch_tokens: int = 4096,
+    site_template: str = RESID_SITE,
+) -> LayerBaselinesResult:
+    """R² on test tokens of predicting each layer's ‖x − Sae(x)‖² from the five baselines (module doc).
+
+    ``saes`` maps a layer to its SAE; each reads ``site_template`` of its layer and runs on its own device.
+    One streaming pass over the store serves all layers. Bad input: a layer the store lacks is a
+    StoreError, an SAE of the wrong width a ShapeError, a constant target a DataError naming the layer.
+    """
+    sites = _check_inputs(store, saes, site_template)
+    store.require_complete()
+    with_loss = store.has_loss
+    vocab = max(int(store.identity["model"].get("vocab_size") or 0), int(store.tokens.max()) + 1)
+    layers = {
+        layer: LayerSums(layer, site, saes[layer], store.d[site], vocab, with_loss)
+        for layer, site in sites.items()
+    }
+    train_count, test_count = _accumulate(
+        store, layers, sites, split=split, vocab=vocab, batch_tokens=batch_tokens
+    )
+    names = [p for p in PREDICTORS if with_loss or p != "model_loss"]
+    r2, fvu, l0, unseen = _scores(layers, names, train_count, test_count)
+    n_train, n_test = int(train_count.sum()), int(test_count.sum())
     config = {
         "layers": list(sites),
         "sites": list(sites.values()),
-        "split_seed": split_seed,
-        "train_fraction": train_fraction,
+        "split_seed": split.seed,
+        "train_fraction": split.fraction,
         "drop_last_position": True,
         "store": store_summary(store),
         "saes": {str(layer): _sae_identity(saes[layer]) for layer in sites},
     }
     return LayerBaselinesResult(
         config_hash=config_hash(config),
-        seed=split_seed,
+        seed=split.seed,
         config=config,
         layers=list(sites),
         sites=list(sites.values()),
@@ -328,7 +228,7 @@ def layer_baselines(
         l0=l0,
         n_train_tokens=n_train,
         n_test_tokens=n_test,
-        notes=notes,
+        notes=_notes(layers, split, with_loss, unseen, n_test),
     )
 
 
@@ -349,14 +249,14 @@ def train_layer_saes(
     k: int,
     train: TrainConfig,
     workdir: str | Path,
-    split_seed: int = 0,
-    train_fraction: float = 0.8,
+    split: Split,
     kind: Literal["topk", "batchtopk"] = "topk",
     site_template: str = RESID_SITE,
     progress: Progress | None = None,
 ) -> dict[int, SAE]:
     """One SAE per layer on ``site_template`` (resid_post), all trained together by one FamilyTrainer run
-    on the same batches of the train split; the trainer checkpoints in ``workdir`` and resumes from it."""
+    on the same batches of the train tokens of ``split``; the trainer checkpoints in ``workdir`` and resumes
+    from it."""
     layers = _check_layers(layers)
     sites = {layer: _layer_site(site_template, layer) for layer in layers}
     missing = [layer for layer, s in sites.items() if s not in store.sites]
@@ -367,9 +267,7 @@ def train_layer_saes(
     specs = [
         SAESpec(name=f"layer{layer}", site=sites[layer], d_sae=d_sae, k=k, kind=kind) for layer in layers
     ]
-    trainer = FamilyTrainer(
-        store, specs, train, workdir, split_seed=split_seed, train_fraction=train_fraction
-    )
+    trainer = FamilyTrainer(store, specs, train, workdir, split=split)
     return dict(zip(layers, trainer.train(progress=progress), strict=True))
 
 
@@ -379,6 +277,7 @@ def _load_or_train(
     root: Path,
     settings: dict[str, Any],
     train: TrainConfig,
+    split: Split,
     log: Log,
     progress: Progress | None = None,
 ) -> tuple[dict[int, SAE], list[int]]:
@@ -416,8 +315,7 @@ def _load_or_train(
             kind=settings["kind"],
             train=train,
             workdir=workdir,
-            split_seed=settings["split_seed"],
-            train_fraction=settings["train_fraction"],
+            split=split,
             progress=progress,
         )
         for layer, sae in trained.items():
@@ -443,8 +341,7 @@ def run(
     kind: Literal["topk", "batchtopk"] = "topk",
     train: TrainConfig | None = None,
     harvest_cfg: HarvestConfig | None = None,
-    split_seed: int = 0,
-    train_fraction: float = 0.8,
+    split: Split,
     batch_tokens: int = 4096,
     device: str = "cpu",
     log: Log | None = None,
@@ -471,16 +368,14 @@ def run(
         "k": k,
         "kind": kind,
         "train": train.model_dump(),
-        "split_seed": split_seed,
-        "train_fraction": train_fraction,
+        "split_seed": split.seed,
+        "train_fraction": split.fraction,
     }
     saes, reused = _load_or_train(
-        store, layers, out / SAE_DIR, settings, train, log, bars("layer sweep: train SAEs")
+        store, layers, out / SAE_DIR, settings, train, split, log, bars("layer sweep: train SAEs")
     )
     saes = {layer: sae.to(device) for layer, sae in saes.items()}
-    result = layer_baselines(
-        store, saes, split_seed=split_seed, train_fraction=train_fraction, batch_tokens=batch_tokens
-    )
+    result = layer_baselines(store, saes, split=split, batch_tokens=batch_tokens)
     config = {
         **result.config,
         "text": text_cfg.model_dump(),

@@ -9,9 +9,9 @@ once, so a killed or failed run resumes without asking the judge again for them.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -19,7 +19,9 @@ from typing import Any, Literal, TypeVar
 import numpy as np
 from pydantic import BaseModel, Field, ValidationError
 
+from darkmatter import atomic
 from darkmatter.errors import ConfigError, EndpointError, StoreError
+from darkmatter.hashing import stable_hash
 from darkmatter.interp.examples import Example, LatentExamples
 from darkmatter.interp.judges import EndpointJudge, Judge, Message
 from darkmatter.interp.prompts import (
@@ -30,10 +32,9 @@ from darkmatter.interp.prompts import (
     parse_explanation,
 )
 from darkmatter.interp.scoring import N_DECILES, DetectionCounts, DetectionSummary, summarize
-from darkmatter.store import atomic_write_json
+from darkmatter.progress import Progress, Ticker
 
 Decode = Callable[[list[int]], list[str]]  # token ids -> one string per token
-Progress = Callable[[int, int, int], None]  # (latents done, latents to score, latent just finished)
 Unparsable = Literal["raise", "count"]
 CACHE_FORMAT = "darkmatter-autointerp-cache"
 CACHE_VERSION = 1
@@ -121,16 +122,15 @@ def _decoded(decode: Decode, ids: list[int]) -> list[str]:
 def _latent_key(
     ex: LatentExamples, judge: dict[str, Any], settings: dict[str, Any], explain: list[Message]
 ) -> str:
-    blob = json.dumps(
+    """Cache key of one latent: the judge, the settings, the explanation prompt and the examples."""
+    return stable_hash(
         {
             "judge": {k: judge.get(k) for k in ("kind", "model")},
             "settings": settings,
             "explain": explain,
             "examples": ex.model_dump(mode="json"),
-        },
-        sort_keys=True,
+        }
     )
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def _read_cache(path: Path) -> dict[int, LatentInterp]:
@@ -148,7 +148,7 @@ def _read_cache(path: Path) -> dict[int, LatentInterp]:
 
 
 def _write_cache(path: Path, done: dict[int, LatentInterp]) -> None:
-    atomic_write_json(
+    atomic.write_json(
         path,
         {
             "format": CACHE_FORMAT,
@@ -165,30 +165,63 @@ def default_unparsable(judge: Judge) -> tuple[Unparsable, int]:
     return "count", 0
 
 
+@dataclass(frozen=True)
+class _Settings:
+    """Sampling and batching of one run; part of every latent's cache key."""
+
+    seed: int
+    n_examples_explain: int
+    n_per_decile: int
+    n_negatives: int
+    batch_size: int
+    explain_max_tokens: int
+    detect_max_tokens: int
+
+    def __post_init__(self) -> None:
+        for name in ("n_examples_explain", "batch_size", "explain_max_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, found {getattr(self, name)}.")
+        if self.n_per_decile < 0 or self.n_negatives < 0:
+            raise ConfigError(
+                f"n_per_decile and n_negatives must be >= 0; found {self.n_per_decile}, {self.n_negatives}."
+            )
+
+    def as_dict(self) -> dict[str, Any]:
+        """The settings as recorded in results and cache keys (with the prompt version)."""
+        return {**asdict(self), "prompt_version": PROMPT_VERSION}
+
+
+def _answer_policy(judge: Judge, unparsable: Unparsable | None, reasks: int | None) -> tuple[Unparsable, int]:
+    """The unparsable-answer policy and re-ask count: the arguments, else ``default_unparsable``'s."""
+    policy, default_reasks = default_unparsable(judge)
+    policy = unparsable or policy
+    if policy not in ("raise", "count"):
+        raise ConfigError(f"unparsable must be 'raise' or 'count', found {policy!r}.")
+    reasks = default_reasks if reasks is None else reasks
+    if reasks < 0:
+        raise ConfigError(f"reasks must be >= 0, found {reasks}.")
+    return policy, reasks
+
+
 def _score_latent(
     ex: LatentExamples,
     asker: _Asker,
     decode: Decode,
     explain: list[Message],
-    *,
-    seed: int,
-    n_per_decile: int,
-    n_negatives: int,
-    batch_size: int,
-    explain_max_tokens: int,
-    detect_max_tokens: int,
+    settings: _Settings,
     key: str,
 ) -> LatentInterp:
+    """Ask for an explanation of ``ex``, then detection answers on its shuffled test set, in batches."""
     calls0 = asker.calls
-    explanation = asker.ask(explain, explain_max_tokens, parse_explanation, "an explanation")
+    explanation = asker.ask(explain, settings.explain_max_tokens, parse_explanation, "an explanation")
     counts = DetectionCounts()
-    tests = _test_set(ex, seed, n_per_decile, n_negatives)
-    for i in range(0, len(tests), batch_size):
-        chunk = tests[i : i + batch_size]
+    tests = _test_set(ex, settings.seed, settings.n_per_decile, settings.n_negatives)
+    for i in range(0, len(tests), settings.batch_size):
+        chunk = tests[i : i + settings.batch_size]
         msgs = detection_messages(explanation or "", [_decoded(decode, e.tokens) for e, _ in chunk])
         n = len(chunk)
         answers = asker.ask(
-            msgs, detect_max_tokens, partial(parse_detection, n=n), f"a list of {n} values 0/1"
+            msgs, settings.detect_max_tokens, partial(parse_detection, n=n), f"a list of {n} values 0/1"
         )
         if answers is None:
             counts.failed_items += n
@@ -204,6 +237,28 @@ def _score_latent(
         n_judge_calls=asker.calls - calls0,
         key=key,
     )
+
+
+class _Cache:
+    """Finished latents by id, saved to ``path`` (when given) after each one."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.done = _read_cache(path) if path is not None else {}
+
+    def hit(self, latent: int, key: str) -> LatentInterp | None:
+        """The cached result of ``latent`` when its key still matches, else None."""
+        hit = self.done.get(latent)
+        return hit if hit is not None and hit.key == key else None
+
+    def save(self, li: LatentInterp) -> None:
+        if self.path is not None:
+            self.done[li.latent] = li
+            _write_cache(self.path, self.done)
+
+    def resume_hint(self, finished: int, total: int) -> str:
+        """What a failed run leaves behind, for its error message."""
+        return f"{finished} of {total} latents are finished and saved in {self.path}; run again to resume."
 
 
 def run_autointerp(
@@ -229,84 +284,49 @@ def run_autointerp(
     "count" (after ``reasks`` re-asks) counts the prompt's items as failures. Defaults come from
     ``default_unparsable``.
     ``detect_max_tokens`` defaults to max(25, 6·batch_size) (the paper: 25 for 4 examples).
+    ``progress(latents done, latents to score, latents per second)`` is called after each latent.
     """
-    for name, v in [
-        ("n_examples_explain", n_examples_explain),
-        ("batch_size", batch_size),
-        ("explain_max_tokens", explain_max_tokens),
-    ]:
-        if v < 1:
-            raise ConfigError(f"{name} must be >= 1, found {v}.")
-    if n_per_decile < 0 or n_negatives < 0:
-        raise ConfigError(f"n_per_decile and n_negatives must be >= 0; found {n_per_decile}, {n_negatives}.")
-    policy, default_reasks = default_unparsable(judge)
-    policy = unparsable or policy
-    if policy not in ("raise", "count"):
-        raise ConfigError(f"unparsable must be 'raise' or 'count', found {policy!r}.")
-    reasks = default_reasks if reasks is None else reasks
-    if reasks < 0:
-        raise ConfigError(f"reasks must be >= 0, found {reasks}.")
-    detect_max_tokens = detect_max_tokens or max(25, 6 * batch_size)
+    settings = _Settings(
+        seed=seed,
+        n_examples_explain=n_examples_explain,
+        n_per_decile=n_per_decile,
+        n_negatives=n_negatives,
+        batch_size=batch_size,
+        explain_max_tokens=explain_max_tokens,
+        detect_max_tokens=detect_max_tokens or max(25, 6 * batch_size),
+    )
+    policy, reasks = _answer_policy(judge, unparsable, reasks)
     desc = judge.describe()
-    settings: dict[str, Any] = {
-        "seed": seed,
-        "n_examples_explain": n_examples_explain,
-        "n_per_decile": n_per_decile,
-        "n_negatives": n_negatives,
-        "batch_size": batch_size,
-        "explain_max_tokens": explain_max_tokens,
-        "detect_max_tokens": detect_max_tokens,
-        "prompt_version": PROMPT_VERSION,
-    }
-    cache = Path(cache_path) if cache_path is not None else None
-    done = _read_cache(cache) if cache is not None else {}
+    cache = _Cache(Path(cache_path) if cache_path is not None else None)
     todo = [ex for ex in examples.values() if ex.skip_reason is None]
     skipped = {ex.latent: str(ex.skip_reason) for ex in examples.values() if ex.skip_reason is not None}
     asker = _Asker(judge, policy, reasks)
     results: list[LatentInterp] = []
     n_cached = 0
-    for i, ex in enumerate(todo):
+    ticker = Ticker(progress, len(todo))
+    for ex in todo:
         top = ex.top[:n_examples_explain]
         explain = explanation_messages([(_decoded(decode, e.tokens), e.acts) for e in top])
-        key = _latent_key(ex, desc, settings, explain)
-        hit = done.get(ex.latent)
-        if hit is not None and hit.key == key:
-            results.append(hit)
+        key = _latent_key(ex, desc, settings.as_dict(), explain)
+        li = cache.hit(ex.latent, key)
+        if li is not None:
             n_cached += 1
         else:
             try:
-                li = _score_latent(
-                    ex,
-                    asker,
-                    decode,
-                    explain,
-                    seed=seed,
-                    n_per_decile=n_per_decile,
-                    n_negatives=n_negatives,
-                    batch_size=batch_size,
-                    explain_max_tokens=explain_max_tokens,
-                    detect_max_tokens=detect_max_tokens,
-                    key=key,
-                )
+                li = _score_latent(ex, asker, decode, explain, settings, key)
             except EndpointError as exc:
-                if cache is None:
+                if cache.path is None:
                     raise
-                raise EndpointError(
-                    f"{exc} {len(results)} of {len(todo)} latents are finished and saved in {cache}; run "
-                    "again to resume."
-                ) from exc
-            results.append(li)
-            if cache is not None:
-                done[ex.latent] = li
-                _write_cache(cache, done)
-        if progress is not None:
-            progress(i + 1, len(todo), ex.latent)
+                raise EndpointError(f"{exc} {cache.resume_hint(len(results), len(todo))}") from exc
+            cache.save(li)
+        results.append(li)
+        ticker.advance(1)
     summary = summarize(r.counts for r in results)
     return AutoInterpResult(
         judge=desc,
         weak_judge=bool(desc.get("weak", False)),
         notes=_notes(desc, summary),
-        settings={**settings, "unparsable": policy, "reasks": reasks},
+        settings={**settings.as_dict(), "unparsable": policy, "reasks": reasks},
         latents=results,
         skipped=skipped,
         summary=summary,

@@ -15,6 +15,7 @@ count; ``activations_fn`` must return the same values in both passes.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -177,6 +178,116 @@ def _acts(activations_fn: ActivationsFn, batch: Batch, n_latents: int) -> Tensor
     return a
 
 
+def _check_sizes(
+    n_top: int, n_per_decile: int, window: int, n_negatives: int, min_activations: int, max_examples: int
+) -> None:
+    for name, v, low in [
+        ("n_top", n_top, 1),
+        ("n_per_decile", n_per_decile, 1),
+        ("window", window, 1),
+        ("n_negatives", n_negatives, 0),
+        ("min_activations", min_activations, 1),
+    ]:
+        if v < low:
+            raise ConfigError(f"{name} must be >= {low}, found {v}.")
+    if max_examples < max(n_top, N_DECILES):
+        raise ConfigError(
+            f"max_examples must be >= max(n_top, 10) = {max(n_top, N_DECILES)}, found {max_examples}."
+        )
+
+
+@dataclass(frozen=True)
+class _Grid:
+    """The windows: each context's streamed positions ``skip .. ctx_len`` cut every ``window`` tokens.
+
+    Window id ``context · n_win + index``; the last window of a context may be shorter.
+    """
+
+    skip: int
+    window: int
+    n_win: int
+    ctx_len: int
+
+    @classmethod
+    def of(cls, store: ActivationStore, window: int, skip_positions: int | None) -> _Grid:
+        skip = int(store.identity.get("skip_positions", 0)) if skip_positions is None else skip_positions
+        span = store.ctx_len - skip
+        if skip < 0 or span < 1:
+            raise ConfigError(
+                f"skip_positions={skip} leaves no positions in contexts of {store.ctx_len} tokens."
+            )
+        window = min(window, span)
+        return cls(skip, window, -(-span // window), store.ctx_len)
+
+    def ids(self, b: Batch) -> Tensor:
+        """The window id of each row of ``b``."""
+        return b.context.cpu() * self.n_win + (b.position.cpu() - self.skip) // self.window
+
+    def place(self, w: int) -> tuple[int, int]:
+        """(context, first position) of window ``w``."""
+        return w // self.n_win, self.skip + (w % self.n_win) * self.window
+
+
+Picks = list[tuple[int, int | None]]
+"""Chosen windows of one latent: (window id, decile, or None for a top window)."""
+
+
+def _choose(
+    p1: _Pass1,
+    col: int,
+    le: LatentExamples,
+    tokens: np.ndarray,
+    grid: _Grid,
+    *,
+    n_top: int,
+    n_per_decile: int,
+    min_activations: int,
+    seed: int,
+) -> Picks | None:
+    """Pick the top and decile windows of one latent and fill its negatives; None (and skip) if too rare."""
+    n_tok = le.n_active_tokens
+    kept = p1.top_ids[col][p1.top_vals[col] > -torch.inf].tolist()
+    if n_tok < min_activations:
+        le.skip_reason = f"fired on {n_tok} tokens, fewer than min_activations={min_activations}"
+        return None
+    if len(kept) < N_DECILES:
+        le.skip_reason = f"fired in only {len(kept)} windows; deciles need at least {N_DECILES}"
+        return None
+    rng = np.random.default_rng([seed, le.latent])
+    picks: Picks = [(w, None) for w in kept[:n_top]]
+    for g, group in enumerate(np.array_split(np.asarray(kept), N_DECILES)):
+        chosen = np.sort(rng.choice(len(group), size=min(n_per_decile, len(group)), replace=False))
+        picks += [(int(group[i]), N_DECILES - g) for i in chosen]
+    for c in p1.reservoir[col][p1.reservoir[col] >= 0].tolist():
+        start = grid.skip + int(rng.integers(grid.n_win)) * grid.window
+        toks = tokens[c, start : min(start + grid.window, grid.ctx_len)].astype(int).tolist()
+        le.negatives.append(Example(context=c, start=start, tokens=toks, acts=[0.0] * len(toks), max_act=0.0))
+    return picks
+
+
+def _fill(
+    le: LatentExamples,
+    picks: Picks,
+    acts: dict[tuple[int, int], np.ndarray],
+    col: int,
+    grid: _Grid,
+    tokens: np.ndarray,
+) -> None:
+    """Add the chosen windows of one latent, with their per-token activations, to its top and deciles."""
+    for w, decile in picks:
+        c, start = grid.place(w)
+        a = acts[(col, w)]
+        toks = tokens[c, start : start + len(a)].astype(int).tolist()
+        ex = Example(
+            context=c, start=start, tokens=toks, acts=a.tolist(), max_act=float(a.max()), decile=decile
+        )
+        if decile is None:
+            le.top.append(ex)
+        else:
+            le.deciles.setdefault(decile, []).append(ex)
+    le.deciles = {d: le.deciles.get(d, []) for d in range(1, N_DECILES + 1)}
+
+
 def collect_examples(
     store: ActivationStore,
     activations_fn: ActivationsFn,
@@ -201,87 +312,47 @@ def collect_examples(
     come back with ``skip_reason`` set. ``sites`` limits which store sites are loaded.
     """
     ids = _check_latents(latents, d_sae)
-    for name, v, low in [
-        ("n_top", n_top, 1),
-        ("n_per_decile", n_per_decile, 1),
-        ("window", window, 1),
-        ("n_negatives", n_negatives, 0),
-        ("min_activations", min_activations, 1),
-    ]:
-        if v < low:
-            raise ConfigError(f"{name} must be >= {low}, found {v}.")
-    if max_examples < max(n_top, N_DECILES):
-        raise ConfigError(
-            f"max_examples must be >= max(n_top, 10) = {max(n_top, N_DECILES)}, found {max_examples}."
-        )
-    skip = int(store.identity.get("skip_positions", 0)) if skip_positions is None else skip_positions
-    span = store.ctx_len - skip
-    if skip < 0 or span < 1:
-        raise ConfigError(f"skip_positions={skip} leaves no positions in contexts of {store.ctx_len} tokens.")
-    window = min(window, span)
-    n_win = -(-span // window)
+    _check_sizes(n_top, n_per_decile, window, n_negatives, min_activations, max_examples)
+    grid = _Grid.of(store, window, skip_positions)
     L = len(ids)
-
-    def window_ids(b: Batch) -> Tensor:
-        return b.context.cpu() * n_win + (b.position.cpu() - skip) // window
-
-    p1 = _Pass1(L, max_examples, n_negatives, n_win, seed)
-    for b in store.iter_batches(sites, batch_tokens=batch_tokens, skip_positions=skip):
-        p1.update(window_ids(b), _acts(activations_fn, b, L))
+    p1 = _Pass1(L, max_examples, n_negatives, grid.n_win, seed)
+    for b in store.iter_batches(sites, batch_tokens=batch_tokens, skip_positions=grid.skip):
+        p1.update(grid.ids(b), _acts(activations_fn, b, L))
     p1.finish()
 
     tokens = store.tokens
     out: dict[int, LatentExamples] = {}
-    wanted: dict[int, list[tuple[int, int | None]]] = {}  # col -> [(window id, decile or None for top)]
+    wanted: dict[int, Picks] = {}  # column -> chosen windows
     for col, latent in enumerate(ids):
         n_tok, n_w = int(p1.active_tokens[col]), int(p1.active_windows[col])
-        kept = p1.top_ids[col][p1.top_vals[col] > -torch.inf].tolist()
-        le = LatentExamples(latent=latent, n_active_tokens=n_tok, n_active_windows=n_w)
-        out[latent] = le
-        if n_tok < min_activations:
-            le.skip_reason = f"fired on {n_tok} tokens, fewer than min_activations={min_activations}"
-            continue
-        if len(kept) < N_DECILES:
-            le.skip_reason = f"fired in only {len(kept)} windows; deciles need at least {N_DECILES}"
-            continue
-        rng = np.random.default_rng([seed, latent])
-        picks: list[tuple[int, int | None]] = [(w, None) for w in kept[:n_top]]
-        for g, group in enumerate(np.array_split(np.asarray(kept), N_DECILES)):
-            chosen = np.sort(rng.choice(len(group), size=min(n_per_decile, len(group)), replace=False))
-            picks += [(int(group[i]), N_DECILES - g) for i in chosen]
-        wanted[col] = picks
-        for c in p1.reservoir[col][p1.reservoir[col] >= 0].tolist():
-            start = skip + int(rng.integers(n_win)) * window
-            toks = tokens[c, start : min(start + window, store.ctx_len)].astype(int).tolist()
-            le.negatives.append(
-                Example(context=c, start=start, tokens=toks, acts=[0.0] * len(toks), max_act=0.0)
-            )
+        out[latent] = LatentExamples(latent=latent, n_active_tokens=n_tok, n_active_windows=n_w)
+        picks = _choose(
+            p1,
+            col,
+            out[latent],
+            tokens,
+            grid,
+            n_top=n_top,
+            n_per_decile=n_per_decile,
+            min_activations=min_activations,
+            seed=seed,
+        )
+        if picks is not None:
+            wanted[col] = picks
 
     acts = _pass2(
         store,
         activations_fn,
         wanted,
-        window_ids,
-        n_win=n_win,
+        grid.ids,
+        n_win=grid.n_win,
         sites=sites,
         batch_tokens=batch_tokens,
-        skip=skip,
+        skip=grid.skip,
         n_latents=L,
     )
     for col, picks in wanted.items():
-        le = out[ids[col]]
-        for w, decile in picks:
-            c, start = w // n_win, skip + (w % n_win) * window
-            a = acts[(col, w)]
-            toks = tokens[c, start : start + len(a)].astype(int).tolist()
-            ex = Example(
-                context=c, start=start, tokens=toks, acts=a.tolist(), max_act=float(a.max()), decile=decile
-            )
-            if decile is None:
-                le.top.append(ex)
-            else:
-                le.deciles.setdefault(decile, []).append(ex)
-        le.deciles = {d: le.deciles.get(d, []) for d in range(1, N_DECILES + 1)}
+        _fill(out[ids[col]], picks, acts, col, grid, tokens)
     return out
 
 

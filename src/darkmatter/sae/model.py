@@ -1,6 +1,6 @@
-"""The canonical SAE that every format converts into, and its configuration.
+"""The canonical SAE that every format converts into (its configuration is in `config`, codes in `codes`).
 
-Conventions (ARCHITECTURE.md, principle 4):
+Conventions (one canonical SAE; every format converts into it on load and out of it on save):
 
 - weights: ``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``, ``W_dec [d_sae, d_in]``, ``b_dec [d_in]``, and for
   JumpReLU / BatchTopK a per-latent ``threshold [d_sae]``;
@@ -21,7 +21,7 @@ import copy
 import dataclasses
 import math
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,151 +29,35 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from darkmatter.errors import ConfigError, DataError, SAEFormatError, ShapeError
+from darkmatter.sae.codes import SparseCodes, pack_dense, pad_cat
+from darkmatter.sae.config import (
+    ACTIVATIONS,
+    NORMALIZATIONS,
+    THRESHOLD_ACTIVATIONS,
+    SAEConfig,
+    dtype_name,
+    expected_shapes,
+    parse_dtype,
+)
 from darkmatter.sae.topk import topk
 
-ACTIVATIONS: tuple[str, ...] = ("relu", "jumprelu", "topk", "batchtopk")
-NORMALIZATIONS: tuple[str, ...] = ("none", "layer_norm", "constant_norm_rescale")
-THRESHOLD_ACTIVATIONS: tuple[str, ...] = ("jumprelu", "batchtopk")
+__all__ = [
+    "ACTIVATIONS",
+    "LAYER_NORM_EPS",
+    "NORMALIZATIONS",
+    "SAE",
+    "THRESHOLD_ACTIVATIONS",
+    "InputStats",
+    "SAEConfig",
+    "SparseCodes",
+    "count_nonfinite",
+    "dtype_name",
+    "expected_shapes",
+    "parse_dtype",
+]
+
 LAYER_NORM_EPS = 1e-5  # OpenAI sparse_autoencoder and SAELens use 1e-5 with the unbiased std
 _NORM_FLOOR = 1e-12  # keeps constant_norm_rescale finite on an all-zero token
-
-_DTYPE_NAMES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float": torch.float32,
-    "float64": torch.float64,
-    "fp64": torch.float64,
-    "double": torch.float64,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-}
-
-
-def parse_dtype(value: torch.dtype | str | None) -> torch.dtype | None:
-    """Turn ``"bf16"``, ``"torch.float32"``, ... into a floating torch dtype (``None`` stays ``None``)."""
-    if value is None or isinstance(value, torch.dtype):
-        return value
-    name = value.strip().lower().removeprefix("torch.")
-    if name not in _DTYPE_NAMES:
-        raise ConfigError(f"Unknown dtype {value!r}; use one of float32, bfloat16, float16, float64.")
-    return _DTYPE_NAMES[name]
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """``torch.bfloat16`` -> ``"bfloat16"``."""
-    return str(dtype).removeprefix("torch.")
-
-
-@dataclass
-class SAEConfig:
-    """Everything about an SAE except its tensors."""
-
-    d_in: int
-    """Width of the activations the SAE reads."""
-    d_sae: int
-    """Number of latents."""
-    activation: str = "relu"
-    """One of ``relu``, ``jumprelu``, ``topk``, ``batchtopk`` (inference: a per-latent threshold)."""
-    k: int | None = None
-    """Latents kept per token (topk); the training k for batchtopk (informational)."""
-    apply_b_dec_to_input: bool = True
-    """Subtract ``b_dec`` from the (normalized, scaled) input before encoding."""
-    input_scale: float = 1.0
-    """Scalar the input is multiplied by before encoding; the decoder output is divided by it."""
-    normalize: str = "none"
-    """Per-token input normalization: ``none``, ``layer_norm`` (OpenAI) or ``constant_norm_rescale``."""
-    hook_site: str | None = None
-    """Canonical (TransformerLens-style) site, e.g. ``blocks.12.hook_resid_post``, when known."""
-    model_name: str | None = None
-    """The model the SAE was trained on, when known."""
-    source_format: str = "darkmatter"
-    """The on-disk format the SAE was loaded from."""
-    metadata: dict[str, Any] = field(default_factory=dict)
-    """Anything else worth keeping (format specifics, path-derived facts); JSON-serializable."""
-
-    def __post_init__(self) -> None:
-        self.check()
-
-    def check(self) -> None:
-        """Raise SAEFormatError when fields are out of range or contradict each other."""
-        for name in ("d_in", "d_sae"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise SAEFormatError(f"SAE config: {name} must be a positive integer, got {value!r}.")
-        if self.activation not in ACTIVATIONS:
-            raise SAEFormatError(
-                f"SAE config: unknown activation {self.activation!r}; "
-                f"expected one of {', '.join(ACTIVATIONS)}."
-            )
-        if self.normalize not in NORMALIZATIONS:
-            raise SAEFormatError(
-                f"SAE config: unknown normalize {self.normalize!r}; "
-                f"expected one of {', '.join(NORMALIZATIONS)}."
-            )
-        self._check_k()
-        scale = self.input_scale
-        if (
-            isinstance(scale, bool)
-            or not isinstance(scale, (int, float))
-            or not math.isfinite(scale)
-            or scale <= 0
-        ):
-            raise SAEFormatError(f"SAE config: input_scale must be a finite positive number, got {scale!r}.")
-
-    def _check_k(self) -> None:
-        if self.activation == "topk" and self.k is None:
-            raise SAEFormatError("SAE config: activation 'topk' needs k (latents kept per token).")
-        if self.activation in ("relu", "jumprelu") and self.k is not None:
-            raise SAEFormatError(f"SAE config: k={self.k} makes no sense for activation {self.activation!r}.")
-        if self.k is not None and (isinstance(self.k, bool) or not isinstance(self.k, int) or self.k <= 0):
-            raise SAEFormatError(f"SAE config: k must be a positive integer, got {self.k!r}.")
-        if self.activation == "topk" and self.k is not None and self.k > self.d_sae:
-            raise SAEFormatError(f"SAE config: k={self.k} exceeds d_sae={self.d_sae}.")
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready copy."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> SAEConfig:
-        """Inverse of ``to_dict``; unknown or missing keys are SAEFormatErrors."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise SAEFormatError(f"SAE config: unknown keys {unknown}; known keys are {sorted(names)}.")
-        missing = sorted(n for n in ("d_in", "d_sae") if n not in data)
-        if missing:
-            raise SAEFormatError(f"SAE config: missing required keys {missing}.")
-        return cls(**copy.deepcopy(dict(data)))
-
-
-@dataclass(frozen=True)
-class SparseCodes:
-    """Active latents per token: entry ``j`` of a token is active iff ``values[..., j] != 0``.
-
-    Rows are padded with index 0 / value 0.0 to a common width ``m`` (``k`` for topk, otherwise the largest
-    active count in the batch). The order of entries within a row is unspecified.
-    """
-
-    indices: Tensor  # [..., m] int64
-    values: Tensor  # [..., m]
-
-    @property
-    def width(self) -> int:
-        """``m``, the padded number of entries per token."""
-        return int(self.indices.shape[-1])
-
-    def l0(self) -> Tensor:
-        """Number of active latents per token, ``[...]`` int64."""
-        return (self.values != 0).sum(dim=-1)
-
-    def to_dense(self, d_sae: int) -> Tensor:
-        """Scatter into a dense ``[..., d_sae]`` tensor."""
-        dense = self.values.new_zeros((*self.values.shape[:-1], d_sae))
-        return dense.scatter_add_(-1, self.indices, self.values)
 
 
 @dataclass(frozen=True)
@@ -383,7 +267,7 @@ class SAE(nn.Module):
     def _sparse_chunk(self, pre: Tensor) -> tuple[Tensor, Tensor]:
         """``(indices, values) [n, m]`` from pre-activations ``[n, d_sae]`` (the only wide tensor alive)."""
         if self.cfg.activation != "topk":
-            return _pack(self._activate(pre))
+            return pack_dense(self._activate(pre))
         values, indices = topk(pre, self._k)
         values = values.relu()
         return indices.masked_fill(values == 0, 0), values
@@ -418,7 +302,7 @@ class SAE(nn.Module):
         stats = self._stats(x2d)
         if stats is None:
             # (s·x − b_dec)W + b_enc as s·(xW) + (b_enc − b_dec·W): no [n, d_in] copy of the input
-            bias = self.b_enc
+            bias: Tensor = self.b_enc
             if self.cfg.apply_b_dec_to_input:
                 bias = torch.addmm(self.b_enc, self.b_dec[None], self.W_enc.contiguous(), alpha=-1.0)[0]
             return torch.addmm(bias, x2d, self.W_enc, alpha=self.cfg.input_scale)
@@ -432,7 +316,7 @@ class SAE(nn.Module):
         """
         x2d, lead = self._flatten(x, self.cfg.d_in, "SAE input")
         parts = [self._sparse_chunk(self._pre(x2d[i:j])) for i, j in self._chunks(x2d.shape[0], chunk_size)]
-        indices, values = _pad_cat(parts)
+        indices, values = pad_cat(parts)
         m = indices.shape[-1]
         return SparseCodes(indices=indices.reshape(*lead, m), values=values.reshape(*lead, m))
 
@@ -506,19 +390,6 @@ class SAE(nn.Module):
         }
 
 
-def expected_shapes(cfg: SAEConfig) -> dict[str, tuple[int, ...]]:
-    """Canonical tensor names -> shapes implied by ``cfg``."""
-    shapes: dict[str, tuple[int, ...]] = {
-        "W_enc": (cfg.d_in, cfg.d_sae),
-        "b_enc": (cfg.d_sae,),
-        "W_dec": (cfg.d_sae, cfg.d_in),
-        "b_dec": (cfg.d_in,),
-    }
-    if cfg.activation in THRESHOLD_ACTIVATIONS:
-        shapes["threshold"] = (cfg.d_sae,)
-    return shapes
-
-
 def count_nonfinite(tensor: Tensor, block_elems: int = 1 << 24) -> int:
     """Number of NaN/inf entries, checked in blocks so a 1M-latent matrix needs no full-size bool copy."""
     flat = tensor.detach().reshape(-1)
@@ -530,30 +401,3 @@ def count_nonfinite(tensor: Tensor, block_elems: int = 1 << 24) -> int:
 def _spread(values: Tensor) -> dict[str, float]:
     v = values.detach().float().reshape(-1)
     return {"min": float(v.min()), "median": float(v.median()), "max": float(v.max())}
-
-
-def _pack(codes: Tensor) -> tuple[Tensor, Tensor]:
-    """Non-zero entries of dense codes ``[n, d_sae]`` as padded ``(indices, values) [n, m]``, sorted.
-
-    Extra memory is proportional to the active count: no top-m over all latents, and no ``sum`` or
-    ``count_nonzero`` over a bool mask (both materialise an ``[n, d_sae]`` int64 tensor on CPU).
-    """
-    n = codes.shape[0]
-    rows, cols = codes.nonzero(as_tuple=True)  # row-major: rows ascending, columns ascending within a row
-    starts = torch.searchsorted(rows, torch.arange(n + 1, device=codes.device))  # [n + 1]
-    counts = starts[1:] - starts[:-1]
-    m = int(counts.max()) if n else 0
-    slot = torch.arange(rows.shape[0], device=codes.device) - starts[:-1][rows]
-    indices = torch.zeros((n, m), dtype=torch.long, device=codes.device)
-    indices[rows, slot] = cols
-    values = codes.new_zeros((n, m)).index_put((rows, slot), codes[rows, cols])
-    return indices, values
-
-
-def _pad_cat(parts: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
-    """Concatenate per-chunk ``[n_i, m_i]`` codes, padding every chunk to the largest ``m``."""
-    if len(parts) == 1:
-        return parts[0]
-    m = max(idx.shape[1] for idx, _ in parts)
-    padded = [(F.pad(idx, (0, m - idx.shape[1])), F.pad(val, (0, m - val.shape[1]))) for idx, val in parts]
-    return torch.cat([p[0] for p in padded]), torch.cat([p[1] for p in padded])

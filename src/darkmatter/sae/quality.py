@@ -1,15 +1,16 @@
-"""Reconstruction quality of SAEs on one split of the store: FVU, nMSE, L0 and dead latents."""
+"""Reconstruction quality of SAEs on one part of the store's train/test split: FVU, nMSE, L0, dead latents."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Literal
 
 import torch
 
 from darkmatter.errors import ShapeError
 from darkmatter.sae.model import SAE
 from darkmatter.stats.metrics import FVU, L0, NMSE
-from darkmatter.stats.split import is_train
+from darkmatter.stats.split import Split
 from darkmatter.store import ActivationStore
 
 
@@ -18,13 +19,12 @@ def evaluate_saes(
     store: ActivationStore,
     saes: Mapping[str, SAE],
     *,
-    split: str = "test",
-    split_seed: int = 0,
-    train_fraction: float = 0.8,
+    split: Split,
+    part: Literal["train", "test"] = "test",
     batch_tokens: int = 4096,
     device: str = "cpu",
 ) -> dict[str, dict[str, float]]:
-    """One streaming pass over the store; every SAE is evaluated on the same tokens of ``split``."""
+    """One streaming pass over the store; every SAE is evaluated on the same tokens of ``part``."""
     sites = sorted({s.cfg.hook_site or "" for s in saes.values()})
     for name, sae in saes.items():
         site = sae.cfg.hook_site
@@ -35,10 +35,8 @@ def evaluate_saes(
     nmse = {n: NMSE(s.cfg.d_in) for n, s in saes.items()}
     l0 = {n: L0(s.cfg.d_sae) for n, s in saes.items()}
     for batch in store.iter_batches(sites, batch_tokens=batch_tokens, device=device):
-        train = is_train(batch.context.cpu(), batch.position.cpu(), split_seed, train_fraction).to(
-            batch.context.device
-        )
-        keep = train if split == "train" else ~train
+        train = split.mask(batch.context.cpu(), batch.position.cpu()).to(batch.context.device)
+        keep = train if part == "train" else ~train
         if not bool(keep.any()):
             continue
         for name, sae in saes.items():

@@ -16,8 +16,6 @@ shard (for example another SAE's error), named by its own identity so checkpoint
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -30,12 +28,15 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
+from darkmatter import atomic
 from darkmatter.errors import ConfigError, DataError, ShapeError, StoreError
+from darkmatter.hashing import stable_hash
 from darkmatter.lm.loading import resolve_device
+from darkmatter.progress import Progress
 from darkmatter.sae.model import SAE, SAEConfig
 from darkmatter.sae.topk import topk
-from darkmatter.stats.split import is_train
-from darkmatter.store import ActivationStore, atomic_write_bytes
+from darkmatter.stats.split import Split
+from darkmatter.store import ActivationStore
 
 Tensor = torch.Tensor
 DERIVE_CHUNK = 4096  # rows per call of a derived input's function (bounds its working memory)
@@ -52,6 +53,16 @@ class SAESpec(BaseModel):
     kind: Literal["topk", "batchtopk"] = Field("topk", description="Sparsity mechanism.")
 
 
+class TrainingPoint(BaseModel):
+    """One logged training step of an SAE (on its train batch)."""
+
+    step: float
+    fvu: float
+    l0: float
+    aux: float = Field(description="AuxK loss.")
+    dead_fraction: float
+
+
 class TrainConfig(BaseModel):
     """Optimisation settings shared by every SAE of a family."""
 
@@ -66,7 +77,9 @@ class TrainConfig(BaseModel):
     dead_tokens: int = Field(20_000, ge=1, description="Tokens without firing after which a latent is dead.")
     seed: int = Field(0, description="Seed for initialisation and batch order.")
     checkpoint_every: int = Field(100, ge=1, description="Steps between checkpoints.")
-    device: str = Field("cpu", description="Training device: cpu, cuda, cuda:N or auto.")
+    device: str = Field(
+        "cpu", pattern=r"^(auto|cpu|mps|cuda(:[0-9]+)?)$", description="Training device: cpu, cuda:N, auto."
+    )
 
 
 @dataclass(frozen=True)
@@ -101,9 +114,6 @@ class _Member:
         return [self.W_enc, self.b_enc, self.W_dec, self.b_dec]
 
 
-Progress = Callable[[int, int, float], None]
-
-
 def _geometric_median(x: Tensor, iters: int = 50, eps: float = 1e-6) -> Tensor:
     """Weiszfeld iterations for the point minimising the sum of Euclidean distances to rows of x."""
     y = x.mean(0)
@@ -117,7 +127,7 @@ def _geometric_median(x: Tensor, iters: int = 50, eps: float = 1e-6) -> Tensor:
 
 
 class FamilyTrainer:
-    """Trains ``specs`` together on batches of the store's train split."""
+    """Trains ``specs`` together on batches of the train tokens of ``split``."""
 
     def __init__(
         self,
@@ -126,10 +136,9 @@ class FamilyTrainer:
         cfg: TrainConfig,
         workdir: str | Path,
         *,
-        split_seed: int = 0,
-        train_fraction: float = 0.8,
+        split: Split,
         derived: Mapping[str, DerivedInput] | None = None,
-    ):
+    ) -> None:
         if not specs:
             raise ConfigError("An SAE family needs at least one SAE spec.")
         names = [s.name for s in specs]
@@ -152,7 +161,7 @@ class FamilyTrainer:
             if s.k > s.d_sae:
                 raise ConfigError(f"SAE {s.name!r}: k={s.k} exceeds d_sae={s.d_sae}.")
         self.store, self.specs, self.cfg = store, specs, cfg
-        self.split_seed, self.train_fraction = split_seed, train_fraction
+        self.split = split
         self.workdir = Path(workdir)
         self.device = resolve_device(cfg.device)
         self.sites = sorted({s.site for s in specs})  # the inputs SAEs read: stored sites or derived names
@@ -171,15 +180,12 @@ class FamilyTrainer:
         self.members: list[_Member] = []
 
     # -- data -----------------------------------------------------------------------------------------
-    def _train_mask(self, context: Tensor, position: Tensor) -> Tensor:
-        return is_train(context, position, self.split_seed, self.train_fraction)
-
     def _count_train_tokens(self) -> int:
         skip = int(self.store.identity.get("skip_positions", 0))
         pos = torch.arange(skip, self.store.ctx_len)
         total = 0
         for c in range(self.store.n_contexts):
-            total += int(self._train_mask(torch.full_like(pos, c), pos).sum())
+            total += int(self.split.mask(torch.full_like(pos, c), pos).sum())
         return total
 
     def _epoch_batches(self, epoch: int) -> Iterator[dict[str, Tensor]]:
@@ -198,7 +204,7 @@ class FamilyTrainer:
                 )
             ]
             loaded = {s: torch.cat([b.acts[s] for b in rows]) for s in self._load_sites}
-            keep = self._train_mask(
+            keep = self.split.mask(
                 torch.cat([b.context for b in rows]), torch.cat([b.position for b in rows])
             )
             loaded = {s: v[keep] for s, v in loaded.items()}
@@ -371,20 +377,17 @@ class FamilyTrainer:
             "specs": [sp.model_dump() for sp in self.specs],
             "train": self.cfg.model_dump(),
             "store": self.store.manifest["identity_hash"],
-            "split": [self.split_seed, self.train_fraction],
+            "split": [self.split.seed, self.split.fraction],
         }
         if self.derived:
             fields["derived"] = {n: [d.source, d.identity] for n, d in self.derived.items()}
-        blob = json.dumps(fields, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()
+        return stable_hash(fields, length=64)
 
     @property
     def checkpoint_path(self) -> Path:
         return self.workdir / "checkpoint.pt"
 
     def _save_checkpoint(self) -> None:
-        import io
-
         state: dict[str, Any] = {
             "signature": self.signature,
             "step": self.step,
@@ -404,9 +407,8 @@ class FamilyTrainer:
                     "history": m.history,
                 }
             )
-        buf = io.BytesIO()
-        torch.save(state, buf)
-        atomic_write_bytes(self.checkpoint_path, buf.getvalue())
+        with atomic.target(self.checkpoint_path) as tmp:
+            torch.save(state, tmp)
 
     def _load_checkpoint(self) -> bool:
         if not self.checkpoint_path.is_file():

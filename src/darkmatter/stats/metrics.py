@@ -2,7 +2,7 @@
 
 Each metric keeps float64 sums (int64 for counts) on the device of its first chunk, so evaluating a stream
 in any chunking, merged in any order or across ranks, gives the batch answer up to summation order.
-Names follow ARCHITECTURE "Metrics": `name` is the key under which results report the value.
+Names follow the README's "Metrics": `name` is the key under which results report the value.
 Metrics with a centring mean (`fvu`, `r2`) use the first-chunk shift of `moments.py` against cancellation.
 """
 
@@ -14,14 +14,8 @@ from typing import ClassVar
 import torch
 
 from darkmatter.errors import DataError, ShapeError
-from darkmatter.stats.moments import (
-    all_reduce_sum_,
-    as_rows,
-    common_reference,
-    dist_active,
-    dist_device,
-    raise_nonfinite,
-)
+from darkmatter.stats.checks import as_rows, raise_nonfinite
+from darkmatter.stats.distributed import all_reduce_sum_, common_reference, dist_active, dist_device
 
 Tensor = torch.Tensor
 F64 = torch.float64

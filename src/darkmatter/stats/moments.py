@@ -1,11 +1,12 @@
-"""Streaming float64 moments, the ridge solve and exact held-out evaluation from moments.
+"""Streaming float64 moments: the sufficient statistics of every linear regression of the study.
 
 For inputs x [n, d_x] and any number of named targets y [n, d_y] a `Moments` keeps, per split, n, Σx and
 the Gram Σxxᵀ (one, shared by all targets) and per target Σy, Σy² (per dimension) and Σxyᵀ. Every
 linear-regression number of the paper (fit with or without bias, held-out SS_res, the R² variants, FVU with
-the prediction added) is a function of these sums, so memory is O(d_x² + d_x·Σd_y) whatever the token count
-(ARCHITECTURE principle 2). The bias column x̃ = [x, 1] needs no storage of its own: its moments are n, Σx
-and Σy, so one accumulation serves fits with and without bias.
+the prediction added) is a function of these sums, so memory is O(d_x² + d_x·Σd_y) whatever the token
+count. The bias column x̃ = [x, 1] needs no storage of its own: its moments are n, Σx and Σy, so one
+accumulation serves fits with and without bias. The ridge solve is in `ridge`, the exact held-out
+evaluation in `heldout`; both are re-exported here.
 
 Shift. Raw sums of activations with large means cancel badly (Σxxᵀ − n·x̄x̄ᵀ). The first chunk's
 per-dimension mean of x and of each target is stored as a reference and every row is accumulated as
@@ -16,96 +17,36 @@ sums to a common reference with exact formulas, so no result depends on the refe
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import NoReturn
+from collections.abc import Mapping
 
 import torch
-import torch.distributed as dist
 
 from darkmatter.errors import ConfigError, DataError, ShapeError
+from darkmatter.stats.checks import as_rows, raise_nonfinite
+from darkmatter.stats.distributed import all_reduce_sum_, common_reference, dist_active, dist_device
+from darkmatter.stats.heldout import CONSTANT_TARGET_TOL, HeldOutEval, evaluate, fvu_with_prediction
+from darkmatter.stats.ridge import DEFAULT_RELATIVE_RIDGE, RidgeFit, fit_ridge, fit_ridge_many
+
+__all__ = [
+    "CONSTANT_TARGET_TOL",
+    "DEFAULT_RELATIVE_RIDGE",
+    "HeldOutEval",
+    "Moments",
+    "RidgeFit",
+    "all_reduce_sum_",
+    "as_rows",
+    "common_reference",
+    "dist_active",
+    "dist_device",
+    "evaluate",
+    "fit_ridge",
+    "fit_ridge_many",
+    "fvu_with_prediction",
+    "raise_nonfinite",
+]
 
 Tensor = torch.Tensor
 F64 = torch.float64
-
-DEFAULT_RELATIVE_RIDGE = 1e-10
-"""Default λ as a fraction of the mean diagonal of the centred train Gram (see `fit_ridge`)."""
-
-CONSTANT_TARGET_TOL = 1e-20
-"""A target dimension is constant when SS_tot <= this × Σy² on the evaluated tokens.
-
-Float64 round-off on a truly constant column leaves SS_tot around 1e-32·Σy²; a float32 column that varies
-by a single ulp has SS_tot/Σy² near 1e-14, so the threshold separates the two by six orders of magnitude."""
-
-
-# --------------------------------------------------------------------------- shared helpers
-
-
-def as_rows(name: str, t: Tensor, d: int, n_rows: int | None = None) -> Tensor:
-    """Check a chunk is a floating [tokens, d] tensor (a 1-D tensor counts as [tokens, 1] when d == 1)."""
-    if not isinstance(t, Tensor):
-        raise ShapeError(f"{name}: expected a torch.Tensor of shape [tokens, {d}], found {type(t).__name__}")
-    if not t.is_floating_point():
-        raise DataError(
-            f"{name}: expected a floating-point tensor, found dtype {t.dtype}; cast it with .float()"
-        )
-    if t.ndim == 1 and d == 1:
-        t = t.unsqueeze(1)
-    if t.ndim != 2 or t.shape[1] != d:
-        raise ShapeError(f"{name}: expected shape [tokens, {d}], found {list(t.shape)}")
-    if n_rows is not None and t.shape[0] != n_rows:
-        raise ShapeError(f"{name}: expected {n_rows} rows (one per token of x), found {t.shape[0]}")
-    return t
-
-
-def raise_nonfinite(name: str, t: Tensor, chunk: int) -> NoReturn:
-    """Raise a DataError that names the offending input and counts its bad values."""
-    bad = int((~torch.isfinite(t)).sum())
-    raise DataError(
-        f"{name} in chunk {chunk} has {bad} NaN/inf value(s) among {t.numel()} (or values so large that "
-        "their float64 sum overflows); expected finite values. Check the model dtype (fp16 overflow) and the "
-        "activation store for corruption."
-    )
-
-
-def dist_active() -> bool:
-    """True when torch.distributed is initialised in this process."""
-    return dist.is_available() and dist.is_initialized()
-
-
-def dist_device(group: object | None) -> torch.device:
-    """The device collectives of `group` need for tensors that have none yet (cuda for nccl, else cpu)."""
-    if dist.get_backend(group) == "nccl":  # type: ignore[arg-type]
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def all_reduce_sum_(tensors: Iterable[Tensor], group: object | None = None) -> None:
-    """Sum tensors in place across ranks, with one collective per dtype."""
-    by_dtype: dict[torch.dtype, list[Tensor]] = {}
-    for t in tensors:
-        by_dtype.setdefault(t.dtype, []).append(t)
-    for ts in by_dtype.values():
-        flat = torch.cat([t.reshape(-1) for t in ts])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)  # type: ignore[arg-type]
-        offset = 0
-        for t in ts:
-            t.copy_(flat[offset : offset + t.numel()].view_as(t))
-            offset += t.numel()
-
-
-def common_reference(n: int, ref: Tensor, group: object | None) -> tuple[int, Tensor]:
-    """Total count and token-weighted mean of all ranks' shift references (ranks without data add nothing)."""
-    buf = torch.cat([torch.tensor([float(n)], dtype=F64, device=ref.device), n * ref.reshape(-1)])
-    dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)  # type: ignore[arg-type]
-    total = round(buf[0].item())
-    if total == 0:
-        return 0, ref.clone()
-    return total, (buf[1:] / buf[0]).view_as(ref)
-
-
-# --------------------------------------------------------------------------- accumulator
 
 
 class Moments:
@@ -474,229 +415,3 @@ class Moments:
 
     def __repr__(self) -> str:
         return f"Moments(d_x={self._d_x}, targets={self._dims}, n={self._n}, device={self.device})"
-
-
-# --------------------------------------------------------------------------- ridge solve
-
-
-@dataclass(frozen=True)
-class RidgeFit:
-    """y ≈ x·weights + bias from minimising ‖x̃B − y‖² + ridge·‖weights‖² on train moments (float64)."""
-
-    weights: Tensor
-    """[d_x, d_y] float64."""
-    bias: Tensor | None
-    """[d_y] float64 intercept (never penalised), or None for a fit through the origin."""
-    ridge: float
-    """Absolute λ actually used, after any escalation."""
-    ridge_scale: float
-    """Mean diagonal of the centred train Gram; ridge / ridge_scale is the relative ridge."""
-    escalations: int
-    """How many times λ was multiplied by 10 because the Cholesky factorisation failed."""
-    n_train: int
-    """Train tokens the moments came from."""
-
-    @property
-    def relative_ridge(self) -> float:
-        return self.ridge / self.ridge_scale
-
-    def predict(self, x: Tensor) -> Tensor:
-        """ŷ [tokens, d_y] float64 for x [tokens, d_x] on the fit's device."""
-        x = as_rows("x", x, self.weights.shape[0]).to(device=self.weights.device, dtype=F64)
-        y = x @ self.weights
-        return y + self.bias if self.bias is not None else y
-
-
-def fit_ridge_many(
-    moments: Moments,
-    targets: Sequence[str] | None = None,
-    *,
-    bias: bool = True,
-    ridge: float | None = None,
-    relative_ridge: float = DEFAULT_RELATIVE_RIDGE,
-    max_escalations: int = 6,
-) -> dict[str, RidgeFit]:
-    """Fit every named target (default: all) against the shared Gram with one Cholesky factorisation.
-
-    λ = `ridge` if given, else `relative_ridge` × mean diagonal of the centred Gram, with or without bias
-    (the centred scale does not depend on how far x sits from the origin). The default 1e-10 keeps exactly
-    rank-deficient inputs solvable for d_x up to ~10⁴ while moving W by at most ~1e-10·cond(Gc) relative.
-    If the factorisation fails, λ is multiplied by 10 (or set to the default relative ridge if it was 0)
-    up to `max_escalations` times; the λ used is reported in the fit. With bias the problem is solved in
-    centred form, W = (Gc + λI)⁻¹Cc, b = ȳ − x̄W, which is the exact minimiser with an unpenalised bias.
-
-    Raises DataError when n_train <= d_x (+1 with bias): such a fit is determined by the ridge, not the data.
-    """
-    names = list(moments.target_dims) if targets is None else list(targets)
-    for name in names:
-        if name not in moments.target_dims:
-            raise ConfigError(
-                f"fit_ridge: unknown target {name!r}; declared targets: {sorted(moments.target_dims)}"
-            )
-    if ridge is not None and not (math.isfinite(ridge) and ridge >= 0):
-        raise ConfigError(f"fit_ridge: ridge must be a finite number >= 0, found {ridge}")
-    if not (math.isfinite(relative_ridge) and relative_ridge >= 0):
-        raise ConfigError(f"fit_ridge: relative_ridge must be a finite number >= 0, found {relative_ridge}")
-    n, d = moments.n, moments.d_x
-    n_params = d + int(bias)
-    if n <= n_params:
-        raise DataError(
-            f"fit_ridge: {n} train tokens for {n_params} coefficients per output (d_x={d}"
-            f"{' + bias' if bias else ''}); the fit would be set by the ridge, not the data. "
-            "Accumulate more train tokens (typically >= 10x d_x)."
-        )
-    gc = moments.centred_gram()
-    scale = float(gc.diagonal().mean())
-    if not scale > 0:
-        raise DataError(
-            f"fit_ridge: every input dimension is constant over the {n} train tokens; nothing to regress on"
-        )
-    mx = moments.mean_x()
-    a = gc if bias else gc + n * torch.outer(mx, mx)
-    lam = float(ridge) if ridge is not None else relative_ridge * scale
-    eye = torch.eye(d, dtype=F64, device=a.device)
-    chol: Tensor | None = None
-    escalations = 0
-    for attempt in range(max_escalations + 1):
-        factor, info = torch.linalg.cholesky_ex(a + lam * eye)
-        if int(info) == 0 and bool(torch.isfinite(factor).all()):
-            chol, escalations = factor, attempt
-            break
-        if attempt < max_escalations:
-            lam = lam * 10 if lam > 0 else DEFAULT_RELATIVE_RIDGE * scale
-    if chol is None:
-        raise DataError(
-            f"fit_ridge: Cholesky of the train Gram failed even with ridge {lam:.3g} "
-            f"({lam / scale:.3g} relative); the inputs are badly scaled or not finite"
-        )
-    fits: dict[str, RidgeFit] = {}
-    for name in names:
-        my = moments.mean_target(name)
-        rhs = moments.centred_cross(name)
-        if not bias:
-            rhs = rhs + n * torch.outer(mx, my)
-        w = torch.cholesky_solve(rhs, chol)
-        b = my - mx @ w if bias else None
-        fits[name] = RidgeFit(
-            weights=w, bias=b, ridge=lam, ridge_scale=scale, escalations=escalations, n_train=n
-        )
-    return fits
-
-
-def fit_ridge(
-    moments: Moments,
-    target: str,
-    *,
-    bias: bool = True,
-    ridge: float | None = None,
-    relative_ridge: float = DEFAULT_RELATIVE_RIDGE,
-    max_escalations: int = 6,
-) -> RidgeFit:
-    """Fit one named target; see `fit_ridge_many` for λ, escalation and the too-few-tokens rule."""
-    return fit_ridge_many(
-        moments,
-        [target],
-        bias=bias,
-        ridge=ridge,
-        relative_ridge=relative_ridge,
-        max_escalations=max_escalations,
-    )[target]
-
-
-# --------------------------------------------------------------------------- held-out evaluation
-
-
-@dataclass(frozen=True)
-class HeldOutEval:
-    """A fit scored exactly on another split's moments, per output dimension and pooled.
-
-    Constant target dimensions (SS_tot <= CONSTANT_TARGET_TOL·Σy²) have no R²: they get NaN in
-    `r2_per_dim`, are left out of `r2_mean_over_dims` and counted in `constant_dims`; their SS_res still
-    counts in `r2_variance_weighted` and FVU. If every dimension is constant, `evaluate` raises DataError.
-    """
-
-    n_test: int
-    ss_res: Tensor
-    """[d_y] Σ_t (y − ŷ)² on the test tokens."""
-    ss_tot: Tensor
-    """[d_y] Σ_t (y − ȳ)², ȳ the test-split mean."""
-    sum_sq: Tensor
-    """[d_y] Σ_t y² (uncentred). For y = e = x − Sae(x), Σ sum_sq / SS_tot(x) is the SAE's own FVU."""
-    r2_per_dim: Tensor
-    """[d_y] 1 − ss_res/ss_tot; NaN for constant dimensions."""
-    constant_dims: int
-    r2_mean_over_dims: float
-    """Unweighted mean of per-dimension R² over non-constant dims (the paper's vector-probe R²)."""
-    r2_variance_weighted: float
-    """1 − Σ ss_res / Σ ss_tot over all dims."""
-
-    @property
-    def r2(self) -> float:
-        """Ordinary R² of a scalar target (d_y == 1)."""
-        if self.ss_res.numel() != 1:
-            raise ShapeError(
-                f"HeldOutEval.r2 is for a scalar target; this one has d_y={self.ss_res.numel()}: "
-                "use r2_mean_over_dims or r2_variance_weighted"
-            )
-        return float(self.r2_per_dim[0])
-
-
-def evaluate(fit: RidgeFit, moments: Moments, target: str) -> HeldOutEval:
-    """Score `fit` on the tokens behind `moments` (the test split) without revisiting them.
-
-    SS_res = Σy² − 2·diag(BᵀC) + diag(BᵀGB) per output dim, computed in its centred form
-    SS_tot − 2·diag(WᵀCc) + diag(WᵀGcW) + n·(ȳ − x̄W − b)², which is the same quantity without the
-    cancellation of raw moments. Negative round-off (a near-perfect fit) is clamped to 0.
-    """
-    dims = moments.target_dims
-    if target not in dims:
-        raise ConfigError(f"evaluate: unknown target {target!r}; declared targets are {sorted(dims)}")
-    n = moments.n
-    if n < 2:
-        raise DataError(f"evaluate: {n} test token(s); R² about the test mean needs at least 2")
-    if tuple(fit.weights.shape) != (moments.d_x, dims[target]):
-        raise ShapeError(
-            f"evaluate: fit weights have shape {list(fit.weights.shape)}, expected "
-            f"[{moments.d_x}, {dims[target]}] for target {target!r}"
-        )
-    gc = moments.centred_gram()
-    device = gc.device
-    w = fit.weights.to(device=device, dtype=F64)
-    b = fit.bias.to(device=device, dtype=F64) if fit.bias is not None else torch.zeros_like(w[0])
-    ss_tot = moments.target_ss_tot(target)
-    offset = moments.mean_target(target) - moments.mean_x() @ w - b
-    quad = ((gc @ w) * w).sum(0)
-    lin = (moments.centred_cross(target) * w).sum(0)
-    ss_res = (ss_tot - 2 * lin + quad + n * offset * offset).clamp_min(0)
-    sum_sq = moments.target_sum_sq(target)
-    constant = ss_tot <= CONSTANT_TARGET_TOL * sum_sq
-    n_constant = int(constant.sum())
-    if n_constant == ss_tot.numel():
-        raise DataError(
-            f"evaluate: all {n_constant} dimension(s) of target {target!r} are constant on the {n} test "
-            "tokens; R² is undefined"
-        )
-    r2 = torch.where(constant, torch.nan, 1 - ss_res / torch.where(constant, 1.0, ss_tot))
-    return HeldOutEval(
-        n_test=n,
-        ss_res=ss_res,
-        ss_tot=ss_tot,
-        sum_sq=sum_sq,
-        r2_per_dim=r2,
-        constant_dims=n_constant,
-        r2_mean_over_dims=float(r2[~constant].mean()),
-        r2_variance_weighted=float(1 - ss_res.sum() / ss_tot.sum()),
-    )
-
-
-def fvu_with_prediction(evaluation: HeldOutEval, x_total_variance: float) -> float:
-    """FVU(x, Sae(x) + ŷ) on the test tokens, where ŷ predicts the target e = x − Sae(x).
-
-    x − Sae(x) − ŷ = e − ŷ, so the numerator is exactly Σ ss_res; `x_total_variance` is Σ_t ‖x_t − x̄‖²
-    over the same test tokens (`Moments.total_variance_x()` of the test split when x is the input).
-    """
-    if not (math.isfinite(x_total_variance) and x_total_variance > 0):
-        raise DataError(
-            f"fvu_with_prediction: total variance of x must be finite and > 0, found {x_total_variance}"
-        )
-    return float(evaluation.ss_res.sum()) / x_total_variance

@@ -3,10 +3,14 @@
 The hash is splitmix64's finaliser chained over (seed, context id, position). torch has no uint64 and
 signed int64 overflow is not something to rely on across backends, so each 64-bit value is held as two
 32-bit limbs in int64 tensors and multiplied through 16-bit pieces: no intermediate exceeds 2⁵⁰, so the
-result is bit-identical on every platform and device (ARCHITECTURE principle 3).
+result is bit-identical on every platform and device: every step, SAE and rerun sees the same split.
+
+``Split`` is the object the steps and experiments share; ``is_train`` is the function behind it.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -116,3 +120,32 @@ def is_train(context_ids: Tensor, positions: Tensor, seed: int, train_fraction: 
     hi, lo = token_hash(context_ids, positions, seed)
     top53 = (hi << 21) | (lo >> 11)
     return top53 < round(train_fraction * 2**53)
+
+
+@dataclass(frozen=True)
+class Split:
+    """The study's train/test split of tokens: ``seed`` and the ``fraction`` of tokens that train.
+
+    Built once from the config and handed to every step and experiment, so no caller re-derives it.
+    """
+
+    seed: int = 0
+    fraction: float = 0.8
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.fraction < 1.0:
+            raise ConfigError(f"Split: the train fraction must be in (0, 1), found {self.fraction}")
+
+    def mask(self, context: Tensor, position: Tensor) -> Tensor:
+        """Bool [n] on the device of ``context``: True for train tokens."""
+        return is_train(context, position, self.seed, self.fraction)
+
+    def train_first(self, context: Tensor, position: Tensor) -> tuple[Tensor, int]:
+        """A stable row order with the train tokens first, and how many there are.
+
+        ``rows[order][:n_train]`` are the train rows and ``rows[order][n_train:]`` the test rows, each in
+        their original order: every split is then a view, with no masked copies.
+        """
+        train = self.mask(context, position)
+        order = torch.argsort((~train).to(torch.uint8), stable=True)
+        return order, int(train.sum())

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import re
-import tempfile
 import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -19,6 +17,7 @@ import torch
 from safetensors import SafetensorError
 from torch import Tensor
 
+from darkmatter import atomic
 from darkmatter.errors import SAEFormatError
 from darkmatter.sae.model import SAEConfig
 
@@ -277,25 +276,13 @@ def site_metadata(source_name: str | None, site: str | None) -> dict[str, Any]:
 # --------------------------------------------------------------------------- atomic writes
 
 
-def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
-    """Run ``write(tmp)`` on a temporary file next to ``path`` and move it into place atomically."""
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def atomic_write_json(path: Path, data: Mapping[str, Any]) -> None:
-    """Write pretty JSON atomically."""
-    text = json.dumps(data, indent=2, default=str) + "\n"
-    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    """Write pretty JSON atomically and durably, keys in the order given (``darkmatter.atomic``)."""
+    atomic.write_json(path, data, sort_keys=False)
 
 
 def atomic_write_safetensors(path: Path, tensors: Mapping[str, Tensor]) -> None:
-    """Write contiguous CPU copies of ``tensors`` atomically."""
+    """Write contiguous CPU copies of ``tensors`` atomically and durably (``darkmatter.atomic``)."""
     flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    atomic_write(path, lambda tmp: safetensors.torch.save_file(flat, str(tmp), metadata={"format": "pt"}))
+    with atomic.target(path) as tmp:
+        safetensors.torch.save_file(flat, str(tmp), metadata={"format": "pt"})

@@ -231,3 +231,12 @@ FORMAT_V2 = SAEFormat(
     detect=detect_v2,
     load=load_v2,
 )
+
+
+def hub_path(model: str, site: str, layer: int, width: str, average_l0: int) -> str:
+    """A Gemma Scope (Gemma 2, pretrained) SAE as ``repo:subfolder``, as the paper presets name them.
+
+    ``model`` is ``2b``, ``9b`` or ``27b``; ``site`` ``res``, ``mlp`` or ``att``; ``width`` the folder's label
+    (``16k`` ... ``1m``); ``average_l0`` the published L0 in the folder name.
+    """
+    return f"google/gemma-scope-{model}-pt-{site}:layer_{layer}/width_{width}/average_l0_{average_l0}"

@@ -290,3 +290,11 @@ FORMAT_V2 = SAEFormat(
     detect=detect_v2,
     load=load_v2,
 )
+
+
+def hub_path(site: str, layer: int, expansion: str) -> str:
+    """A Llama Scope (Llama-3.1-8B base) SAE as ``repo:subfolder``: ``site`` ``res``, ``mlp`` or ``attn``;
+    ``expansion`` ``8x`` (32k latents) or ``32x`` (128k)."""
+    letter = {"res": "R", "mlp": "M", "attn": "A"}[site]
+    repo = f"fnlp/Llama3_1-8B-Base-LX{letter}-{expansion}"
+    return f"{repo}:Llama3_1-8B-Base-L{layer}{letter}-{expansion}"

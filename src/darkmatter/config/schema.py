@@ -1,0 +1,367 @@
+"""The study's configuration schema: one validated section per part of the study.
+
+Every closed set of values is a ``Literal`` (or a pattern), so a typo is an error at load time, never a
+silent fallback. Each step's output records the hash of the sections it depends on (see ``section_hash``),
+so ``darkmatter run`` skips finished steps and redoes changed ones.
+
+Local copies of hub files (for offline runs of the paper presets):
+- ``--set model.name=DIR``: a local Hugging Face model folder (config.json, weights, tokenizer).
+- ``--set text.source=PATH``: a .jsonl file (one ``{"text": ...}`` per line; .jsonl.gz and .jsonl.zst too),
+  a folder of them, or plain text (see ``darkmatter.text``).
+- ``--set family.external_root=DIR``: an external SAE ``owner/repo:sub/folder`` is read from
+  ``DIR/repo/sub/folder`` (the layout of a hub download of the repo into ``DIR/repo``).
+- ``--set family.external_paths.NAME=PATH``: one SAE, by name, from anywhere; wins over the root.
+- ``--set 'family.external_only=["NAME", ...]'``: load only some of the SAEs (e.g. leave out the widest).
+Offline (no ``--online``), a study that still names something to download stops with an error listing it.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from darkmatter.errors import ConfigError
+from darkmatter.harvest import HarvestConfig
+from darkmatter.hashing import stable_hash
+from darkmatter.sae.train import SAESpec, TrainConfig
+from darkmatter.stats.split import Split
+from darkmatter.text import TextConfig
+
+Dtype = Literal["fp32", "bf16", "fp16"]
+SAEKind = Literal["topk", "batchtopk"]
+SAEFormatName = Literal[
+    "saelens",
+    "llama_scope",
+    "llamascopium",
+    "gemma_scope_2",
+    "gemma_scope",
+    "sparsify",
+    "dictionary_learning",
+    "openai",
+]
+ErrorComponent = Literal["linear", "nonlinear", "error"]
+DEVICE_PATTERN = r"^(auto|cpu|mps|cuda(:[0-9]+)?)$"
+
+
+class ModelConfig(BaseModel):
+    """Which language model to run, where, and in what precision."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    name: str = Field(
+        "embedded", description="'embedded' (SmolLM2-135M-Instruct), a local folder, or a hub id."
+    )
+    device: str = Field("auto", pattern=DEVICE_PATTERN, description="auto, cpu, cuda, cuda:N or mps.")
+    dtype: Dtype = Field("fp32", description="Weights and compute precision: fp32, bf16 or fp16.")
+    online: bool = Field(False, description="Allow downloads from the Hugging Face hub.")
+    trust_remote_code: bool = Field(False, description="Allow model code from the hub (off unless asked).")
+
+
+class ExternalSAE(BaseModel):
+    """An SAE loaded from disk (or the hub when online) instead of being trained."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(description="Name used in results and figures.")
+    path: str = Field(description="Local folder/file, or a hub 'repo_id:subfolder' when online.")
+    format: SAEFormatName | None = Field(None, description="Format name; auto-detected when empty.")
+    hookpoint: str | None = Field(None, description="Sub-folder for multi-hookpoint sparsify folders.")
+    site: str | None = Field(None, description="Hook site; overrides what the SAE's config says.")
+
+
+_HUB_SUBFOLDER = re.compile(r"^[A-Za-z0-9][\w.-]*/(?P<repo>[\w.-]+):(?P<sub>.+)$")
+
+
+class FamilyConfig(BaseModel):
+    """The SAE family under study: trained here (default) or loaded (``external``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: SAEKind = Field("topk", description="Activation of trained SAEs: topk or batchtopk.")
+    widths: list[int] = Field(
+        default_factory=lambda: [512, 1024, 2048, 4096], description="Width sweep at k."
+    )
+    k: int = Field(32, ge=1, description="k of the width sweep.")
+    ks: list[int] = Field(default_factory=lambda: [8, 16, 64], description="Extra k values at width_for_ks.")
+    width_for_ks: int = Field(2048, ge=1, description="Width of the k sweep and of the auxiliary SAEs.")
+    aux_sites: bool = Field(
+        True, description="Also train SAEs on layer L-1 resid_post, L mlp_out, L attn_out."
+    )
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    external: list[ExternalSAE] = Field(
+        default_factory=list,
+        description="Load these instead of training; the width sweep is the first SAE of each width at "
+        "the study's layer (resid_post), in list order.",
+    )
+    external_root: str | None = Field(
+        None,
+        description="Local folder holding hub SAEs as <repo name>/<subfolder>: every external path "
+        "'owner/repo:subfolder' is read from <external_root>/repo/subfolder instead.",
+    )
+    external_paths: dict[str, str] = Field(
+        default_factory=dict, description="External SAE name -> local path; wins over external_root."
+    )
+    external_only: list[str] = Field(
+        default_factory=list, description="Keep only these external SAEs (by name); empty keeps all."
+    )
+
+    @model_validator(mode="after")
+    def _localize_external(self) -> FamilyConfig:
+        """Apply ``external_only``, ``external_paths`` and ``external_root`` to ``external`` (idempotent)."""
+        names = [e.name for e in self.external]
+        if len(set(names)) != len(names):
+            raise ValueError(f"external SAE names must be unique, found {names}")
+        kept = self.external_only or names
+        paths = {n: p for n, p in self.external_paths.items() if not self.external_only or n in kept}
+        for option, wanted in (("external_only", self.external_only), ("external_paths", paths)):
+            unknown = [n for n in wanted if n not in names]
+            if unknown:
+                raise ValueError(f"{option} names {unknown} are not external SAEs; known: {names}")
+        self.external = [e for e in self.external if e.name in kept]
+        for e in self.external:
+            if e.name in paths:
+                e.path = paths[e.name]
+            elif self.external_root and (m := _HUB_SUBFOLDER.match(e.path)):
+                e.path = str(Path(self.external_root).expanduser() / m.group("repo") / m.group("sub"))
+        return self
+
+    def specs(self, layer: int) -> list[SAESpec]:
+        """The trained family: a width sweep at ``k``, a k sweep at ``width_for_ks``, auxiliary sites."""
+        main = f"blocks.{layer}.hook_resid_post"
+        pairs = [(w, self.k) for w in self.widths] + [(self.width_for_ks, k) for k in self.ks]
+        seen: list[tuple[int, int]] = []
+        for p in pairs:
+            if p not in seen:
+                seen.append(p)
+        kind = self.kind
+        specs = [
+            SAESpec(name=f"L{layer}.resid.w{w}.k{k}", site=main, d_sae=w, k=k, kind=kind) for w, k in seen
+        ]
+        if self.aux_sites:
+            w, k = self.width_for_ks, self.k
+            aux = [
+                (f"L{layer - 1}.resid", f"blocks.{layer - 1}.hook_resid_post"),
+                (f"L{layer}.mlp", f"blocks.{layer}.hook_mlp_out"),
+                (f"L{layer}.attn", f"blocks.{layer}.hook_attn_out"),
+            ]
+            specs += [
+                SAESpec(name=f"{n}.w{w}.k{k}", site=s, d_sae=w, k=k, kind=kind) for n, s in aux if layer > 0
+            ]
+        return specs
+
+
+class LayerSweepConfig(BaseModel):
+    """One small SAE per layer for the across-layer experiments (paper Figs 3 and 13)."""
+
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = Field(True, description="Run the layer sweep.")
+    layers: list[int] = Field(
+        default_factory=list, description="Layers; empty means every `stride`-th layer."
+    )
+    stride: int = Field(
+        2, ge=1, description="Layer step when `layers` is empty (the last layer is included)."
+    )
+    n_contexts: int = Field(
+        64, ge=1, description="Contexts for the layer store (a subset of the study's text)."
+    )
+    d_sae: int = Field(1024, ge=1, description="Latents per layer SAE.")
+    k: int = Field(32, ge=1, description="k of the layer SAEs.")
+    kind: SAEKind = Field(
+        "batchtopk", description="batchtopk gives a per-token L0 for the L0 baseline; or topk."
+    )
+    train: TrainConfig = Field(
+        default_factory=lambda: TrainConfig(epochs=4, batch_size=512, lr=1e-3, dead_tokens=5000)
+    )
+
+    def resolve(self, n_layers: int) -> list[int]:
+        if self.layers:
+            return sorted(set(self.layers))
+        return sorted(set(range(0, n_layers, self.stride)) | {n_layers - 1})
+
+
+class SyntheticConfig(BaseModel):
+    """The synthetic simulation (paper Table 1, Fig 15, App. D)."""
+
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = Field(True, description="Run the synthetic simulation.")
+    sae: str | None = Field(None, description="SAE name; default: the k-sweep width at the family's k.")
+    n_tokens: int = Field(20_000, ge=100, description="Tokens of x' = Sae(x) to simulate with.")
+
+
+class PursuitConfig(BaseModel):
+    """Gradient pursuit over the width sweep's decoders (paper §6.1, Figs 1 and 10a)."""
+
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = Field(True, description="Run gradient pursuit.")
+    n_contexts: int = Field(
+        32, ge=1, description="Contexts (from the start of the store) pursued; pursuit is costly."
+    )
+
+
+class DownstreamCEConfig(BaseModel):
+    """Downstream cross-entropy with spliced reconstructions (paper Figs 8/9) on held-out contexts."""
+
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = Field(True, description="Run the splices.")
+    n_contexts: int = Field(
+        8,
+        ge=1,
+        description="Held-out contexts (never harvested) for the CE splices; also used by the "
+        "earlier-layer step's joint-map CE.",
+    )
+
+
+class EarlierLayersConfig(BaseModel):
+    """Error components regressed on earlier SAEs' outputs (Figs 9b/10b), the joint map's CE, an MLP probe."""
+
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = Field(True, description="Run the earlier-layer predictors and the MLP probe.")
+    mlp_hidden: int = Field(256, ge=1, description="Hidden width of the MLP probe.")
+    mlp_epochs: int = Field(4, ge=1, description="Epochs of the MLP probe over the train split.")
+
+
+class InterpConfig(BaseModel):
+    """Auto-interpretability of the error-component SAEs' latents (paper Fig 8)."""
+
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = Field(True, description="Explain and score latents.")
+    judge: Literal["local", "endpoint", "none"] = Field(
+        "local",
+        description="'local' (an in-process model), 'endpoint' (OpenAI-compatible chat API) or 'none'.",
+    )
+    local_model: str = Field(
+        "embedded", description="Judge model for 'local': 'embedded' (SmolLM2-135M-Instruct) or a folder."
+    )
+    endpoint_url: str | None = Field(
+        None, description="Base URL for 'endpoint', e.g. http://127.0.0.1:8000/v1."
+    )
+    endpoint_model: str | None = Field(None, description="Model name the endpoint serves.")
+    timeout: float = Field(120.0, gt=0, description="Seconds per endpoint request.")
+    retries: int = Field(3, ge=0, description="Endpoint retries before giving up.")
+    n_latents: int = Field(4, ge=1, description="Latents scored per error SAE (chosen at random, seeded).")
+    latents: list[int] = Field(default_factory=list, description="Score these latents instead of a sample.")
+    min_activations: int = Field(20, ge=1, description="Skip latents active on fewer tokens.")
+    window: int = Field(16, ge=2, description="Tokens per example window.")
+    n_examples_explain: int = Field(8, ge=1, description="Top examples shown to the explainer.")
+    explain_max_tokens: int = Field(40, ge=1, description="Longest explanation the judge may write.")
+    n_per_decile: int = Field(1, ge=1, description="Test examples per activation decile.")
+    n_negatives: int = Field(4, ge=1, description="Non-activating test examples per latent.")
+    batch_size: int = Field(7, ge=1, description="Examples per detection prompt.")
+
+
+class ErrorSAEsConfig(BaseModel):
+    """TopK SAEs trained on LinearError and NonlinearError of one SAE (paper Figs 7/8)."""
+
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = Field(True, description="Train the error-component SAEs.")
+    sae: str | None = Field(None, description="SAE whose error is split; default: as for the synthetic step.")
+    components: list[ErrorComponent] = Field(
+        default_factory=lambda: ["linear", "nonlinear"], description="linear, nonlinear and/or error."
+    )
+    d_sae: int | None = Field(None, ge=1, description="Width; default: the chosen SAE's width.")
+    k: int | None = Field(None, ge=1, description="k; default: the chosen SAE's k (or the family's k).")
+    train: TrainConfig = Field(
+        default_factory=lambda: TrainConfig(epochs=4, batch_size=512, lr=1e-3, dead_tokens=5000)
+    )
+    interp: InterpConfig = Field(default_factory=InterpConfig)
+
+
+class StudyConfig(BaseModel):
+    """A whole study: model, text, harvest and the analysis layer."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    preset: str = Field("demo", description="Name of the preset this config started from.")
+    seed: int = Field(0, description="Global seed; experiments derive their own seeds from it.")
+    split_seed: int = Field(0, description="Seed of the per-token train/test split shared by every step.")
+    train_fraction: float = Field(0.8, gt=0, lt=1, description="Share of tokens in the train split.")
+    layer: int = Field(15, ge=0, description="Layer of the SAE family under study.")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    text: TextConfig = Field(default_factory=TextConfig)
+    harvest: HarvestConfig = Field(default_factory=HarvestConfig)
+    family: FamilyConfig = Field(default_factory=FamilyConfig)
+    layer_sweep: LayerSweepConfig = Field(default_factory=LayerSweepConfig)
+    synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
+    pursuit: PursuitConfig = Field(default_factory=PursuitConfig)
+    downstream_ce: DownstreamCEConfig = Field(default_factory=DownstreamCEConfig)
+    earlier_layers: EarlierLayersConfig = Field(default_factory=EarlierLayersConfig)
+    error_saes: ErrorSAEsConfig = Field(default_factory=ErrorSAEsConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_sections(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "nonlinear" in data:
+            raise ValueError(
+                "the 'nonlinear' section was split: use downstream_ce.n_contexts (was ce_contexts) and "
+                "earlier_layers.mlp_hidden / earlier_layers.mlp_epochs"
+            )
+        return data
+
+    @property
+    def split(self) -> Split:
+        """The train/test split of tokens every step shares."""
+        return Split(self.split_seed, self.train_fraction)
+
+    @property
+    def main_site(self) -> str:
+        """The hook site of the SAE family under study: ``blocks.{layer}.hook_resid_post``."""
+        return f"blocks.{self.layer}.hook_resid_post"
+
+    def sites(self) -> list[str]:
+        """Sites to harvest: what the family reads (or the external SAEs' sites) plus harvest.sites."""
+        needed: list[str] = []
+        if self.family.external:
+            needed += [e.site for e in self.family.external if e.site]
+        else:
+            needed += [s.site for s in self.family.specs(self.layer)]
+        needed += self.harvest.sites
+        return list(dict.fromkeys(needed))
+
+    def missing_locally(self) -> list[str]:
+        """What this study would have to download: a hub model, an ``hf:`` text source, hub SAEs."""
+        from darkmatter.lm.loading import EMBEDDED_NAMES
+
+        missing: list[str] = []
+        name = self.model.name
+        if name.lower() not in EMBEDDED_NAMES and not Path(name).expanduser().exists():
+            missing.append(f"model.name {name!r}")
+        if self.text.source.startswith("hf:"):
+            missing.append(f"text.source {self.text.source!r}")
+        saes = [e for e in self.family.external if not Path(e.path).expanduser().exists()]
+        if saes:
+            missing.append(
+                f"{len(saes)} of family.external ({', '.join(repr(e.path) for e in saes[:2])}"
+                + (", ...)" if len(saes) > 2 else ")")
+            )
+        return missing
+
+    def require_local(self) -> None:
+        """Offline (no ``model.online`` and no DARKMATTER_ONLINE=1), fail early on anything not on disk."""
+        from darkmatter.lm.loading import network_allowed
+
+        missing = self.missing_locally()
+        if not missing or self.model.online or network_allowed():
+            return
+        raise ConfigError(
+            f"Study {self.preset!r} needs files that are not on disk, and the network is off: "
+            f"{'; '.join(missing)}. Pass "
+            "--online to download them, or point at local copies: --set model.name=DIR, --set "
+            "text.source=FILE_OR_DIR (.jsonl or .txt), --set family.external_root=DIR (holding "
+            "<repo name>/<subfolder> folders) or --set family.external_paths.NAME=DIR."
+        )
+
+    def section(self, name: str) -> Any:
+        """A section (or top-level value) as plain JSON-able data; dotted names reach into sections.
+
+        A section's ``enabled`` flag is left out: whether a step runs is not part of what it computes, so
+        turning a step off and on again keeps its result.
+        """
+        value: Any = self
+        for part in name.split("."):
+            value = getattr(value, part)
+        if isinstance(value, BaseModel):
+            return value.model_dump(mode="json", exclude={"enabled"})
+        return value
+
+    def section_hash(self, *sections: str) -> str:
+        """Hash of the named sections (for step skipping)."""
+        return stable_hash({s: self.section(s) for s in sections})

@@ -1,0 +1,149 @@
+"""Pass 2: b* applied to every token. LinearError = b*x̃, NonlinearError = e − b*x̃.
+
+It gives the cosine of b*x̃ with x, the norm-prediction test (R² of ‖q‖² from x̃ for q in x, Sae(x), e,
+linear, nonlinear), the Gram of per-token norms behind the per-token scaling regressions, and the
+per-token table.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from darkmatter.experiments.decomposition.accumulators import ContextAccumulator, SplitBuffer
+from darkmatter.experiments.decomposition.outputs import NORM_TEST_QUANTITIES, NormGram, Probe, SAEStats
+from darkmatter.experiments.decomposition.plan import RECONSTRUCT_CHUNK, EnginePlan
+from darkmatter.experiments.decomposition.table import TokenTableWriter
+from darkmatter.stats import Cosine, Moments, evaluate, fit_ridge
+
+Tensor = torch.Tensor
+GRAM_QUANTITIES = ("e2", "nl2", "en", "nln")
+"""Per-token scalars of each SAE in the norm Gram: ‖e‖², ‖NonlinearError‖², ‖e‖, ‖NonlinearError‖."""
+
+
+class ComponentNorms:
+    """Pass 2's accumulators: norm moments per (site, split), norm Grams, per-SAE held-out sums."""
+
+    def __init__(self, plan: EnginePlan, probes: dict[str, Probe], contexts: dict[str, ContextAccumulator]):
+        self.plan, self.probes, self.contexts = plan, probes, contexts
+        self.moments: dict[tuple[str, str], Moments] = {}
+        self.gram_columns: dict[str, list[str]] = {}
+        self.grams: dict[str, dict[str, np.ndarray]] = {}
+        for site, names in plan.groups.items():
+            targets = {"x2": 1} | {f"{n}:{q}": 1 for n in names for q in NORM_TEST_QUANTITIES[1:]}
+            for part in ("train", "test"):
+                self.moments[(site, part)] = Moments(plan.width[site], targets)
+            self.gram_columns[site] = [f"{n}:{q}" for q in GRAM_QUANTITIES for n in names]
+            size = len(self.gram_columns[site]) + 1
+            self.grams[site] = {"train": np.zeros((size, size)), "test": np.zeros((size, size))}
+        self.cosine = {n: Cosine(sae.cfg.d_in) for n, sae in plan.saes.items()}
+        self.sse_nonlinear = dict.fromkeys(plan.saes, 0.0)
+        self.norm_sums = {n: np.zeros(3) for n in plan.saes}  # Σ‖e‖, Σ‖linear‖, Σ‖nonlinear‖ on test
+
+    def run(self, table_path: Path | None) -> None:
+        """The pass over the store, writing the per-token table when ``table_path`` is given."""
+        plan = self.plan
+        storage = plan.packed_storage(self.moments)
+        with contextlib.ExitStack() as stack:
+            writer = None
+            if table_path is not None:
+                writer = stack.enter_context(TokenTableWriter(table_path, list(plan.saes)))
+            for batch in plan.batches():
+                order, n_train = plan.split.train_first(batch.context, batch.position)
+                ctx_test = batch.context[order[n_train:]].cpu()
+                table_cols: dict[str, Tensor] = {}
+                for site in plan.groups:
+                    x_tok_d = batch.acts[site][order]
+                    buf = storage[site][: len(x_tok_d)]
+                    moments = (self.moments[(site, "train")], self.moments[(site, "test")])
+                    packed = SplitBuffer(*moments, n_train, buf)
+                    self._add_site(site, x_tok_d, n_train, ctx_test, packed, table_cols)
+                    packed.commit()
+                plan.batch_done(len(order))
+                if writer is not None:
+                    inverse = torch.argsort(order)
+                    train = torch.zeros(len(order), dtype=torch.bool, device=order.device)
+                    train[:n_train] = True
+                    writer.write(batch, train[inverse], {k: v[inverse] for k, v in table_cols.items()})
+
+    def _add_site(
+        self,
+        site: str,
+        x_tok_d: Tensor,
+        n_train: int,
+        ctx_test: Tensor,
+        packed: SplitBuffer,
+        table_cols: dict[str, Tensor],
+    ) -> None:
+        packed.put("x", x_tok_d)
+        packed.put("x2", x_tok_d.pow(2).sum(1, keepdim=True))
+        norms = [
+            self._add_sae(site, n, x_tok_d, n_train, ctx_test, packed, table_cols)
+            for n in self.plan.groups[site]
+        ]
+        err_sq = torch.cat([e2 for e2, _ in norms], 1)  # [n, SAEs]
+        nonlin_sq = torch.cat([nl2 for _, nl2 in norms], 1)
+        ones = torch.ones_like(err_sq[:, :1])
+        z = torch.cat([err_sq, nonlin_sq, err_sq.sqrt(), nonlin_sq.sqrt(), ones], 1).double()
+        for part, rows in (("train", slice(0, n_train)), ("test", slice(n_train, None))):
+            z_part = z[rows]
+            self.grams[site][part] += (z_part.T @ z_part).cpu().numpy()
+
+    def _add_sae(
+        self,
+        site: str,
+        name: str,
+        x_tok_d: Tensor,
+        n_train: int,
+        ctx_test: Tensor,
+        packed: SplitBuffer,
+        table_cols: dict[str, Tensor],
+    ) -> tuple[Tensor, Tensor]:
+        """One SAE's components on a batch; returns its squared error and nonlinear-error norms [n, 1]."""
+        sae = self.plan.saes[name]
+        x_hat, codes = sae.reconstruct(x_tok_d.to(sae.dtype), chunk_size=RECONSTRUCT_CHUNK)
+        x_hat = x_hat.to(x_tok_d.dtype)
+        err = x_tok_d - x_hat
+        weights, bias = self.probes[name]
+        linear = torch.addmm(bias, x_tok_d, weights)
+        nonlinear = err - linear
+        parts = {"sae": x_hat, "error": err, "linear": linear, "nonlinear": nonlinear}
+        sq = {k: v.pow(2).sum(1, keepdim=True) for k, v in parts.items()}  # each [n, 1]
+        for k, v in sq.items():
+            packed.put(f"{name}:{k}", v)
+        if n_train < len(x_tok_d):
+            self.cosine[name].update(linear[n_train:], x_tok_d[n_train:])
+            nl2_test = sq["nonlinear"][n_train:, 0].double().cpu()
+            self.sse_nonlinear[name] += float(nl2_test.sum())
+            self.contexts[site].sse_nonlinear[name].index_add_(0, ctx_test, nl2_test)
+            self.norm_sums[name] += np.array(
+                [float(sq[k][n_train:].sqrt().sum()) for k in ("error", "linear", "nonlinear")]
+            )
+        table_cols[f"{name}:l0"] = (codes.values != 0).sum(-1).to(torch.float32)
+        for k in ("error", "linear", "nonlinear"):
+            table_cols[f"{name}:{k}_norm"] = sq[k][:, 0].sqrt().float()
+        return sq["error"], sq["nonlinear"]
+
+    def finish(self, stats: dict[str, SAEStats], n_test: int) -> dict[str, NormGram]:
+        """Fill the norm-test, cosine and mean-norm statistics; returns the norm Gram of each site."""
+        for site, names in self.plan.groups.items():
+            train, test = self.moments[(site, "train")], self.moments[(site, "test")]
+            x_fit = evaluate(fit_ridge(train, "x2", bias=True), test, "x2").r2
+            var_x = test.total_variance_x()
+            for n in names:
+                st = stats[n]
+                st.norm_test = {"x": x_fit} | {
+                    q: evaluate(fit_ridge(train, f"{n}:{q}", bias=True), test, f"{n}:{q}").r2
+                    for q in NORM_TEST_QUANTITIES[1:]
+                }
+                st.cos_linear_x = self.cosine[n].compute()
+                st.fvu_nonlinear_pass2 = self.sse_nonlinear[n] / var_x
+                mean = self.norm_sums[n] / max(n_test, 1)
+                st.mean_error_norm, st.mean_linear_norm, st.mean_nonlinear_norm = (float(v) for v in mean)
+        return {
+            site: NormGram(self.gram_columns[site], self.grams[site]["train"], self.grams[site]["test"])
+            for site in self.plan.groups
+        }

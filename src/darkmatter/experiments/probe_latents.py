@@ -1,0 +1,62 @@
+"""Fig 14: the probe from Sae(x) − b_dec to ‖Sae(x) − b_dec‖², dotted with each unit decoder direction,
+against E[w²]/E[w] of that latent's (decoder-norm scaled) activation when active (App. C.1)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from darkmatter.errors import DataError
+from darkmatter.sae.model import SAE
+from darkmatter.stats import Moments, evaluate, fit_ridge
+from darkmatter.stats.split import Split
+from darkmatter.store import ActivationStore
+
+
+@torch.no_grad()
+def probe_latents(
+    store: ActivationStore, sae: SAE, *, split: Split, batch_tokens: int = 4096
+) -> dict[str, Any]:
+    """Fit the norm probe on train tokens (R² on test tokens); latent statistics from train tokens."""
+    site = str(sae.cfg.hook_site)
+    d, w = sae.cfg.d_in, sae.cfg.d_sae
+    mom = {p: Moments(d, {"s2": 1}) for p in ("train", "test")}
+    sum_w = torch.zeros(w, dtype=torch.float64)
+    sum_w2 = torch.zeros(w, dtype=torch.float64)
+    count = torch.zeros(w, dtype=torch.float64)
+    dec_norm = sae.W_dec.detach().double().norm(dim=1)
+    for batch in store.iter_batches([site], batch_tokens=batch_tokens):
+        x = batch.acts[site].to(sae.dtype)
+        x_hat, codes = sae.reconstruct(x)
+        s = (x_hat - sae.b_dec).float()
+        train = split.mask(batch.context, batch.position)
+        for part, mask in (("train", train), ("test", ~train)):
+            if bool(mask.any()):
+                mom[part].update(s[mask], {"s2": s[mask].pow(2).sum(1, keepdim=True)})
+        idx = codes.indices[train].reshape(-1)
+        val = codes.values[train].reshape(-1).double()
+        active = val != 0
+        idx, val = idx[active], val[active] * dec_norm[idx[active]]
+        sum_w.index_add_(0, idx, val)
+        sum_w2.index_add_(0, idx, val * val)
+        count.index_add_(0, idx, torch.ones_like(val))
+    fit = fit_ridge(mom["train"], "s2", bias=True)
+    r2 = evaluate(fit, mom["test"], "s2").r2
+    a = fit.weights[:, 0].double()
+    unit = sae.W_dec.detach().double() / dec_norm[:, None].clamp_min(1e-12)
+    dots = (unit @ a).numpy()
+    alive = (count > 0).numpy()
+    if alive.sum() < 3:
+        raise DataError(f"Fewer than 3 latents of the SAE at {site} fire on the train split; cannot compare.")
+    ratio = (sum_w2 / count.clamp_min(1)).numpy() / np.maximum((sum_w / count.clamp_min(1)).numpy(), 1e-12)
+    mean = (sum_w / count.clamp_min(1)).numpy()
+    return {
+        "probe_r2": float(r2),
+        "correlation": float(np.corrcoef(dots[alive], ratio[alive])[0, 1]),
+        "correlation_mean": float(np.corrcoef(dots[alive], mean[alive])[0, 1]),
+        "n_latents": int(alive.sum()),
+        "probe_dot": dots[alive].astype(float).tolist(),
+        "mean_active": ratio[alive].astype(float).tolist(),
+    }

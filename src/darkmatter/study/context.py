@@ -1,0 +1,156 @@
+"""What every step gets: the config, the run's paths, logging and progress, and lazy access to the model,
+the store, the split, the SAE family and its roles. Steps read and write only through it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from darkmatter.config.schema import StudyConfig
+from darkmatter.errors import StoreError
+from darkmatter.lm.loading import LoadedLM, load_lm
+from darkmatter.progress import ProgressFactory, no_progress
+from darkmatter.results import R, read_result
+from darkmatter.sae import SAE
+from darkmatter.stats.split import Split
+from darkmatter.store import MANIFEST, ActivationStore
+from darkmatter.study.family_saes import FamilyResult, load_family
+from darkmatter.study.probes import Probe, load_probe
+from darkmatter.study.roles import FamilyRoles, family_roles
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Where a run keeps each kind of output, under one folder."""
+
+    root: Path
+
+    @property
+    def results(self) -> Path:
+        return self.root / "results"
+
+    @property
+    def store(self) -> Path:
+        return self.root / "store"
+
+    @property
+    def saes(self) -> Path:
+        return self.root / "saes"
+
+    @property
+    def probes(self) -> Path:
+        return self.root / "probes"
+
+    @property
+    def figures(self) -> Path:
+        return self.root / "figures"
+
+    @property
+    def token_table(self) -> Path:
+        return self.root / "tables" / "tokens.parquet"
+
+    @property
+    def engine(self) -> Path:
+        """The engine's per-token norm Grams, read by the per-token step."""
+        return self.root / "engine"
+
+    @property
+    def layers(self) -> Path:
+        return self.root / "layers"
+
+    @property
+    def error_saes(self) -> Path:
+        return self.root / "error_saes"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report.html"
+
+    def probe(self, sae_name: str) -> Path:
+        return self.probes / f"{sae_name}.safetensors"
+
+    def relative(self, path: Path) -> str:
+        """``path`` relative to the run folder (results stay valid when the folder moves)."""
+        return str(Path(path).resolve().relative_to(self.root.resolve()))
+
+
+class StudyContext:
+    """The narrow interface between the runner and the steps."""
+
+    def __init__(
+        self, cfg: StudyConfig, out: str | Path, *, log: Log = print, progress: ProgressFactory | None = None
+    ):
+        self.cfg = cfg
+        self.paths = RunPaths(Path(out))
+        self.log = log
+        self.progress: ProgressFactory = progress or no_progress
+        self.split: Split = cfg.split
+        self._lm: LoadedLM | None = None
+        self._store: ActivationStore | None = None
+        self._saes: dict[str, SAE] | None = None
+        self._roles: FamilyRoles | None = None
+
+    @property
+    def lm(self) -> LoadedLM:
+        """The study's language model, loaded on first use."""
+        if self._lm is None:
+            m = self.cfg.model
+            self._lm = load_lm(
+                m.name,
+                device=m.device,
+                dtype=m.dtype,
+                online=m.online or None,
+                trust_remote_code=m.trust_remote_code,
+            )
+        return self._lm
+
+    @property
+    def store(self) -> ActivationStore:
+        """The harvested activation store (the harvest step must have completed it)."""
+        if self._store is None:
+            if not (self.paths.store / MANIFEST).is_file():
+                raise StoreError(f"{self.paths.store} holds no activation store; run the harvest step first.")
+            store = ActivationStore.open(self.paths.store)
+            store.require_complete()
+            self._store = store
+        return self._store
+
+    @property
+    def saes(self) -> dict[str, SAE]:
+        """The SAE family, as the family step left it."""
+        if self._saes is None:
+            result = self.result("family", FamilyResult)
+            self._saes = load_family(self.cfg, self.paths.root, self.store, result)
+        return self._saes
+
+    @property
+    def roles(self) -> FamilyRoles:
+        """Which SAE plays which part; computed once."""
+        if self._roles is None:
+            self._roles = family_roles(self.cfg, self.saes)
+        return self._roles
+
+    def probe(self, sae_name: str) -> Probe:
+        """The engine's error probe b* of an SAE of the family."""
+        path = self.paths.probe(sae_name)
+        if not path.is_file():
+            raise StoreError(f"SAE {sae_name!r} has no error probe at {path}; run the engine step first.")
+        return load_probe(path)
+
+    def result(self, name: str, cls: type[R]) -> R:
+        """An upstream step's result (it must exist)."""
+        found = read_result(self.paths.root, name, cls)
+        if found is None:
+            raise StoreError(f"{self.paths.results}/{name}.json is missing; run the {name} step first.")
+        return found
+
+    def use_store(self, store: ActivationStore) -> None:
+        """The store the harvest step just wrote (the family and its roles are read anew)."""
+        self._store, self._saes, self._roles = store, None, None
+
+    def use_family(self, saes: dict[str, SAE]) -> None:
+        """The SAEs the family step just wrote or loaded."""
+        self._saes, self._roles = saes, None

@@ -1,0 +1,26 @@
+"""Error probes b* on disk: LinearError(x) = x @ weights + bias, one safetensors file per SAE."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from safetensors.torch import save as st_save
+
+from darkmatter import atomic
+
+Probe = tuple[torch.Tensor, torch.Tensor]
+"""(weights [d, d], bias [d])."""
+
+
+def save_probe(path: Path, weights: torch.Tensor, bias: torch.Tensor) -> None:
+    """Write an error probe atomically."""
+    tensors = {"weights": weights.contiguous().cpu(), "bias": bias.contiguous().cpu()}
+    atomic.write_bytes(path, st_save(tensors))
+
+
+def load_probe(path: Path) -> Probe:
+    """(weights [d, d], bias [d]) of a saved error probe."""
+    tensors = load_file(str(path))
+    return tensors["weights"], tensors["bias"]

@@ -1,0 +1,139 @@
+"""Runs a study's steps in order: skips those whose key matches their result, times each, defers a step
+that stopped early until the others and the report are done, and summarises the run."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from darkmatter import atomic
+from darkmatter.config.schema import StudyConfig
+from darkmatter.errors import ConfigError, StepIncompleteError, StoreError
+from darkmatter.report.build import write_report
+from darkmatter.results import Result, read_result, write_result
+from darkmatter.study.context import StudyContext
+from darkmatter.study.step import Step, upstream
+from darkmatter.study.steps import STEPS
+
+
+@dataclass
+class StepOutcome:
+    """One row of the end-of-run summary."""
+
+    name: str
+    status: str  # ran, up to date, stopped early, disabled, skipped
+    seconds: float = 0.0
+    headline: str = ""
+
+
+class Runner:
+    """Runs ``steps`` (default: every step of a study, in order) on one context."""
+
+    def __init__(self, ctx: StudyContext, steps: Sequence[Step[Any]] = STEPS):
+        self.ctx = ctx
+        self.steps = list(steps)
+        self.outcomes: list[StepOutcome] = []
+
+    def select(self, only: Sequence[str] | None) -> tuple[list[Step[Any]], set[str]]:
+        """The steps to visit, in order, and those ``only`` names.
+
+        The steps that those need are visited too, and run only when not up to date.
+        """
+        by_name = {s.name: s for s in self.steps}
+        if only is None:
+            return self.steps, set()
+        unknown = [n for n in only if n not in by_name]
+        if unknown:
+            raise ConfigError(f"Unknown step(s) {unknown}; the steps are: {', '.join(by_name)}.")
+        disabled = [n for n in only if not by_name[n].enabled(self.ctx.cfg)]
+        if disabled:
+            raise ConfigError(f"Step(s) {disabled} are disabled in this study's config; enable them first.")
+        wanted = set(only)
+        for name in only:
+            wanted |= {s.name for s in upstream(by_name[name])}
+        return [s for s in self.steps if s.name in wanted], set(only)
+
+    def run(
+        self, only: Sequence[str] | None = None, *, force: bool = True, report: bool = True
+    ) -> list[StepOutcome]:
+        """Run the study (``only``: just these steps, rerun even when up to date unless ``force`` is off, and
+        what they need); a step that stopped early raises only after every other step and the report."""
+        ctx = self.ctx
+        ctx.cfg.require_local()  # everything that would need a download, in one error, before any work
+        atomic.remove_temporaries(ctx.paths.root)
+        selected, forced = self.select(only)
+        if not force:
+            forced = set()
+        unavailable: set[str] = set()  # steps whose results the steps below cannot use
+        errors: list[StepIncompleteError] = []
+        for step in selected:
+            outcome = self._visit(step, step.name in forced, unavailable)
+            self.outcomes.append(outcome)
+            if outcome.status == "stopped early":
+                unavailable.add(step.name)
+                errors.append(StepIncompleteError(outcome.headline))
+        if report:
+            t0 = time.perf_counter()
+            path = write_report(ctx.paths.root)
+            self.outcomes.append(StepOutcome("report", "ran", time.perf_counter() - t0, str(path)))
+            ctx.log(f"report: {path}")
+        if errors:
+            raise errors[0]
+        return self.outcomes
+
+    def _visit(self, step: Step[Any], forced: bool, unavailable: set[str]) -> StepOutcome:
+        cfg = self.ctx.cfg
+        if not step.enabled(cfg):
+            unavailable.add(step.name)
+            return StepOutcome(step.name, "disabled")
+        blocked = [s.name for s in step.needs if s.name in unavailable]
+        if blocked:
+            unavailable.add(step.name)
+            return StepOutcome(step.name, "skipped", headline=f"needs {', '.join(blocked)}")
+        key = step.key(cfg)
+        done = None if forced else self.current(step, key)
+        if done is not None:
+            self.ctx.log(f"{step.name}: up to date")
+            return StepOutcome(step.name, "up to date", headline=_headline(step, done))
+        t0 = time.perf_counter()
+        result = step.run(self.ctx)
+        seconds = time.perf_counter() - t0
+        result.experiment, result.config_hash, result.seed = step.name, key, cfg.seed
+        result.config = step.settings(cfg)
+        write_result(self.ctx.paths.root, result)
+        if result.error:
+            self.ctx.log(f"{step.name}: stopped early: {result.error}")
+            return StepOutcome(step.name, "stopped early", seconds, result.error)
+        headline = _headline(step, result)
+        self.ctx.log(f"{step.name}: {headline} ({seconds:.1f} s)")
+        return StepOutcome(step.name, "ran", seconds, headline)
+
+    def current(self, step: Step[Any], key: str) -> Result | None:
+        """The step's stored result when it was computed under ``key`` and is complete, else None."""
+        try:
+            done = read_result(self.ctx.paths.root, step.name, step.result_type)
+        except StoreError:  # unreadable or from another version: recompute
+            return None
+        if done is None or done.config_hash != key or done.error or not step.is_current(self.ctx, done):
+            return None
+        return done
+
+
+def _headline(step: Step[Any], result: Result) -> str:
+    try:
+        return step.headline(result)
+    except (KeyError, IndexError, TypeError, ValueError):  # a headline never breaks a run
+        return ""
+
+
+def run_study(
+    cfg: StudyConfig, out: str | Path, *, steps: Sequence[str] | None = None, **context: Any
+) -> list[StepOutcome]:
+    """Run a study into ``out`` (``steps``: rerun only these, and what they need); see ``Runner``.
+
+    ``context`` goes to ``StudyContext`` (``log``, ``progress``). Returns one outcome per step visited.
+    """
+    return Runner(StudyContext(cfg, out, **context)).run(steps)

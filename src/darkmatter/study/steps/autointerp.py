@@ -1,0 +1,168 @@
+"""Auto-interpretability of the error SAEs' latents (Fig 8): explanations from top-activating windows,
+then detection scoring per activation decile, with a local model or an OpenAI-compatible endpoint as judge.
+
+Every finished latent is cached, so a run stopped by an endpoint that went down keeps its partial result,
+finishes the rest of the study, and resumes where it stopped when run again.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from pydantic import Field
+
+from darkmatter.config.schema import StudyConfig
+from darkmatter.errors import ConfigError, EndpointError
+from darkmatter.experiments.error_saes import component_activations_fn
+from darkmatter.interp import AutoInterpResult, EndpointJudge, LocalJudge, collect_examples, run_autointerp
+from darkmatter.interp.judges import Judge
+from darkmatter.lm.loading import load_lm
+from darkmatter.results import Result
+from darkmatter.sae import SAE
+from darkmatter.study.context import StudyContext
+from darkmatter.study.step import Step
+from darkmatter.study.steps.error_saes import ERROR_SAES, ErrorSAEsStepResult, load_error_saes
+
+
+class AutoInterpStepResult(Result):
+    """Auto-interpretability per error component."""
+
+    sae: str = Field(description="The SAE whose error components the scored SAEs were trained on.")
+    components: dict[str, AutoInterpResult] = Field(description="Component -> its latents' scores.")
+    latents: dict[str, list[int]] = Field(description="Component -> latents asked for.")
+
+
+class AutoInterpStep(Step[AutoInterpStepResult]):
+    name = "autointerp"
+    title = "auto-interpretability of the error SAEs' latents (Fig 8)"
+    result_type = AutoInterpStepResult
+    needs = (ERROR_SAES,)
+
+    def enabled(self, cfg: StudyConfig) -> bool:
+        interp = cfg.error_saes.interp
+        return cfg.error_saes.enabled and interp.enabled and interp.judge != "none"
+
+    def settings(self, cfg: StudyConfig) -> dict[str, Any]:
+        return {"interp": cfg.section("error_saes.interp"), "seed": cfg.seed}
+
+    def run(self, ctx: StudyContext) -> AutoInterpStepResult:
+        name = ctx.result(ERROR_SAES.name, ErrorSAEsStepResult).sae_name
+        trained = load_error_saes(ctx)
+        chosen = {c: sample_latents(ctx, s.cfg.d_sae, c) for c, s in trained.items()}
+        judge = make_judge(ctx)
+        res = AutoInterpStepResult(sae=name, components={}, latents=chosen)
+        for component, error_sae in trained.items():
+            try:
+                scored = _score(
+                    ctx, ctx.saes[name], ctx.probe(name), error_sae, component, chosen[component], judge
+                )
+            except EndpointError as exc:
+                ctx.log(f"autointerp ({component}): {exc}")
+                res.error = (
+                    f"{exc} Every other result and the report are in {ctx.paths.root}; run again to score "
+                    "the remaining latents (finished ones are cached)."
+                )
+                break
+            res.components[component] = scored
+            s = scored.summary
+            bal = "n/a" if s.balanced_accuracy is None else f"{s.balanced_accuracy:.2f}"
+            ctx.log(
+                f"autointerp ({component} error): {s.n_latents} latents scored, balanced accuracy {bal}, "
+                f"{len(scored.skipped)} skipped"
+            )
+        return res
+
+    def headline(self, result: AutoInterpStepResult) -> str:
+        bal = [
+            f"{c} {v.summary.balanced_accuracy:.2f}"
+            for c, v in result.components.items()
+            if v.summary.balanced_accuracy is not None
+        ]
+        return "detection " + (", ".join(bal) if bal else "unscored (judge answers unparsed)")
+
+
+def _score(
+    ctx: StudyContext,
+    sae: SAE,
+    probe: Any,
+    error_sae: SAE,
+    component: str,
+    latents: list[int],
+    judge: Judge,
+) -> AutoInterpResult:
+    """Examples of each latent from the store, then explanations and detection from the judge."""
+    icfg = ctx.cfg.error_saes.interp
+    examples = collect_examples(
+        ctx.store,
+        component_activations_fn(sae, probe, error_sae, component, latents),
+        latents,
+        d_sae=error_sae.cfg.d_sae,
+        n_top=icfg.n_examples_explain,
+        n_per_decile=icfg.n_per_decile,
+        n_negatives=icfg.n_negatives,
+        window=icfg.window,
+        min_activations=icfg.min_activations,
+        sites=[str(sae.cfg.hook_site)],
+        seed=ctx.cfg.seed,
+    )
+    tokenizer = ctx.lm.tokenizer
+
+    def decode(ids: list[int]) -> list[str]:
+        return [tokenizer.decode([i]) for i in ids]
+
+    return run_autointerp(
+        examples,
+        judge,
+        decode,
+        seed=ctx.cfg.seed,
+        n_examples_explain=icfg.n_examples_explain,
+        n_per_decile=icfg.n_per_decile,
+        n_negatives=icfg.n_negatives,
+        batch_size=icfg.batch_size,
+        explain_max_tokens=icfg.explain_max_tokens,
+        cache_path=ctx.paths.error_saes / f"autointerp-{component}.json",
+        progress=ctx.progress(f"auto-interp ({component})", "latent"),
+    )
+
+
+def sample_latents(ctx: StudyContext, d_sae: int, component: str) -> list[int]:
+    """The configured latents (checked), or a seeded sample of ``n_latents`` of the ``d_sae``."""
+    icfg = ctx.cfg.error_saes.interp
+    if icfg.latents:
+        bad = [i for i in icfg.latents if not 0 <= i < d_sae]
+        if bad:
+            raise ConfigError(
+                f"error_saes.interp.latents has {bad[:5]} outside the {d_sae} latents of the SAE trained on "
+                f"the {component} error."
+            )
+        return list(dict.fromkeys(icfg.latents))
+    if icfg.n_latents > d_sae:
+        raise ConfigError(
+            f"error_saes.interp.n_latents={icfg.n_latents} asks for more latents than the SAE trained on the "
+            f"{component} error has ({d_sae}); lower it."
+        )
+    rng = np.random.default_rng([ctx.cfg.seed, 7])
+    return sorted(rng.choice(d_sae, size=icfg.n_latents, replace=False).tolist())
+
+
+def make_judge(ctx: StudyContext) -> Judge:
+    """The configured judge: an OpenAI-compatible endpoint, the study's own model, or another local one."""
+    icfg, model = ctx.cfg.error_saes.interp, ctx.cfg.model
+    if icfg.judge == "endpoint":
+        if not icfg.endpoint_url or not icfg.endpoint_model:
+            raise ConfigError(
+                "error_saes.interp.judge='endpoint' needs endpoint_url (e.g. http://127.0.0.1:8000/v1) and "
+                "endpoint_model."
+            )
+        return EndpointJudge(
+            icfg.endpoint_url, icfg.endpoint_model, timeout=icfg.timeout, retries=icfg.retries
+        )
+    if icfg.local_model == model.name:
+        return LocalJudge.from_lm(ctx.lm)
+    return LocalJudge.from_lm(
+        load_lm(icfg.local_model, device=model.device, dtype=model.dtype, online=model.online or None)
+    )
+
+
+AUTOINTERP = AutoInterpStep()

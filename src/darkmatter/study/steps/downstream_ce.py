@@ -1,0 +1,56 @@
+"""Downstream cross-entropy (Figs 8, 9): Sae(x) and each error component spliced back into the model on
+held-out contexts that were never harvested."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from darkmatter.config.schema import StudyConfig
+from darkmatter.experiments.downstream import DownstreamResult, downstream_ce
+from darkmatter.study.context import StudyContext
+from darkmatter.study.step import Step
+from darkmatter.study.steps.engine import ENGINE
+from darkmatter.text import held_out_contexts
+
+
+def held_out_tokens(ctx: StudyContext) -> Any:
+    """The held-out contexts of the CE splices ``[n, ctx_len]`` (shared with the earlier-layer step)."""
+    lm = ctx.lm
+    return held_out_contexts(ctx.cfg.text, lm.tokenizer, lm.bos_token_id, ctx.cfg.downstream_ce.n_contexts)
+
+
+class DownstreamCEStep(Step[DownstreamResult]):
+    name = "downstream_ce"
+    title = "downstream CE with spliced reconstructions (Figs 8, 9)"
+    result_type = DownstreamResult
+    needs = (ENGINE,)
+
+    def enabled(self, cfg: StudyConfig) -> bool:
+        return cfg.downstream_ce.enabled
+
+    def settings(self, cfg: StudyConfig) -> dict[str, Any]:
+        return {"downstream_ce": cfg.section("downstream_ce"), "seed": cfg.seed}
+
+    def run(self, ctx: StudyContext) -> DownstreamResult:
+        names = ctx.roles.width_sweep
+        return downstream_ce(
+            ctx.lm,
+            held_out_tokens(ctx),
+            {n: ctx.saes[n] for n in names},
+            {n: ctx.probe(n) for n in names},
+            start=ctx.cfg.text.skip_positions,
+            both_batches=1,
+            progress=ctx.progress("downstream CE", "ctx"),
+            seed=ctx.cfg.seed,
+        )
+
+    def headline(self, result: DownstreamResult) -> str:
+        def share(v: float | None) -> str:
+            return "n/a" if v is None else f"{v:.2f}"
+
+        rows = result.saes.values()
+        pairs = ", ".join(f"{share(r.ce_recovered_linear)}/{share(r.ce_recovered_nonlinear)}" for r in rows)
+        return "CE recovered lin/nonlin " + pairs
+
+
+DOWNSTREAM_CE = DownstreamCEStep()

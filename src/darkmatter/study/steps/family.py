@@ -1,0 +1,110 @@
+"""The SAE family: trained here on the train split (width sweep, k sweep, auxiliary sites) or loaded from
+``family.external``, and measured on held-out tokens."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from darkmatter.config.schema import StudyConfig
+from darkmatter.sae import SAE, load_sae, save_sae
+from darkmatter.sae.quality import evaluate_saes
+from darkmatter.sae.train import FamilyTrainer, TrainingPoint
+from darkmatter.study.context import StudyContext
+from darkmatter.study.family_saes import FamilyResult, SAERecord, load_external, trained_paths
+from darkmatter.study.step import Step
+from darkmatter.study.steps.harvest import HARVEST
+
+
+class FamilyStep(Step[FamilyResult]):
+    name = "family"
+    title = "the SAE family and its held-out quality"
+    result_type = FamilyResult
+    needs = (HARVEST,)
+
+    def settings(self, cfg: StudyConfig) -> dict[str, Any]:
+        return {
+            "family": cfg.section("family"),
+            "layer": cfg.layer,
+            "split_seed": cfg.split_seed,
+            "train_fraction": cfg.train_fraction,
+        }
+
+    def is_current(self, ctx: StudyContext, result: FamilyResult) -> bool:
+        return all(p.is_dir() for p in trained_paths(ctx.paths.root, result).values())
+
+    def run(self, ctx: StudyContext) -> FamilyResult:
+        t0 = time.perf_counter()
+        rate: float | None = None
+        histories: dict[str, list[dict[str, float]]] = {}
+        if ctx.cfg.family.external:
+            saes = load_external(ctx.cfg, ctx.store)
+            paths = {e.name: e.path for e in ctx.cfg.family.external}
+        else:
+            saes, paths, histories, rate = _train(ctx)
+        train_seconds = time.perf_counter() - t0
+        ctx.use_family(saes)
+        quality = evaluate_saes(ctx.store, saes, split=ctx.split, part="test")
+        records = [_record(n, s, paths[n], histories.get(n, []), quality[n], ctx) for n, s in saes.items()]
+        for r in records:
+            ctx.log(f"family: {r.name:<24} FVU {r.fvu:.4f}  L0 {r.l0:6.1f}  dead {r.dead_fraction:.1%}")
+        return FamilyResult(saes=records, train_seconds=train_seconds, train_tokens_per_second=rate)
+
+    def headline(self, result: FamilyResult) -> str:
+        fvus = [s.fvu for s in result.saes]
+        return f"{len(fvus)} SAEs, held-out FVU {min(fvus):.3f}-{max(fvus):.3f}"
+
+
+def _train(
+    ctx: StudyContext,
+) -> tuple[dict[str, SAE], dict[str, str], dict[str, list[dict[str, float]]], float | None]:
+    """Train the family in one pass over the train split; save each SAE and load it back as a rerun would."""
+    fam = ctx.cfg.family
+    workdir = ctx.paths.saes / ".training"
+    trainer = FamilyTrainer(ctx.store, fam.specs(ctx.cfg.layer), fam.train, workdir, split=ctx.split)
+    bar = ctx.progress("train SAEs")
+    rates: list[float] = []
+
+    def report(done: int, total: int, rate: float) -> None:
+        rates.append(rate)
+        if bar is not None:
+            bar(done, total, rate)
+
+    trained = trainer.train(progress=report)
+    saes: dict[str, SAE] = {}
+    paths: dict[str, str] = {}
+    for spec, sae in zip(trainer.specs, trained, strict=True):
+        folder = save_sae(sae, ctx.paths.saes / spec.name)
+        saes[spec.name] = load_sae(folder)  # exactly what a resumed run will load
+        paths[spec.name] = ctx.paths.relative(folder)
+    histories = {m.spec.name: m.history for m in trainer.members}
+    return saes, paths, histories, rates[-1] if rates else None
+
+
+def _record(
+    name: str,
+    sae: SAE,
+    path: str,
+    history: list[dict[str, float]],
+    quality: dict[str, float],
+    ctx: StudyContext,
+) -> SAERecord:
+    return SAERecord(
+        name=name,
+        site=str(sae.cfg.hook_site),
+        d_in=sae.cfg.d_in,
+        d_sae=sae.cfg.d_sae,
+        k=sae.cfg.k,
+        activation=sae.cfg.activation,
+        path=path,
+        source=sae.cfg.source_format if ctx.cfg.family.external else "trained",
+        fvu=quality["fvu"],
+        nmse=quality["nmse"],
+        l0=quality["l0"],
+        dead_fraction=quality["dead_fraction"],
+        eval_tokens=int(quality["tokens"]),
+        history=[TrainingPoint.model_validate(h) for h in history],
+    )
+
+
+FAMILY = FamilyStep()
