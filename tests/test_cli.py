@@ -156,7 +156,7 @@ def test_endpoint_down_keeps_every_other_result(
     stamp = (out / "results" / "error_saes.json").stat().st_mtime_ns
     assert main(["run", "--out", str(out), "--quiet", *base]) == 0
     done = json.loads((out / "results" / "autointerp.json").read_text())
-    assert "error" not in done and set(done["components"]) == {"linear", "nonlinear"}
+    assert done["error"] is None and set(done["components"]) == {"linear", "nonlinear"}
     assert (out / "results" / "error_saes.json").stat().st_mtime_ns == stamp
 
 

@@ -10,8 +10,8 @@ import pytest
 from darkmatter.config import StudyConfig, resolve_config
 from darkmatter.errors import ConfigError, StepIncompleteError
 from darkmatter.results import Result, read_result
+from darkmatter.runner import Runner
 from darkmatter.study.context import StudyContext
-from darkmatter.study.runner import Runner
 from darkmatter.study.step import Step, upstream
 from darkmatter.study.steps import STEPS
 

@@ -115,8 +115,8 @@ def run(
 def _run_steps(
     cfg: Any, out: Path, quiet: bool, only: list[str] | None, *, force: bool = True, report: bool = True
 ) -> None:
+    from darkmatter.runner import Runner
     from darkmatter.study.context import StudyContext
-    from darkmatter.study.runner import Runner
 
     ctx = StudyContext(cfg, out, log=(lambda _m: None) if quiet else _log, progress=_progress_factory(quiet))
     runner = Runner(ctx)

@@ -256,7 +256,8 @@ class ErrorSAEsConfig(BaseModel):
     enabled: bool = Field(True, description="Train the error-component SAEs.")
     sae: str | None = Field(None, description="SAE whose error is split; default: as for the synthetic step.")
     components: list[ErrorComponent] = Field(
-        default_factory=lambda: ["linear", "nonlinear"], description="linear, nonlinear and/or error."
+        default_factory=lambda: list[ErrorComponent](["linear", "nonlinear"]),
+        description="linear, nonlinear and/or error.",
     )
     d_sae: int | None = Field(None, ge=1, description="Width; default: the chosen SAE's width.")
     k: int | None = Field(None, ge=1, description="k; default: the chosen SAE's k (or the family's k).")

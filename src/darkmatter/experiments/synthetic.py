@@ -83,7 +83,7 @@ from darkmatter.experiments.synthetic_summary import (
     summarise,
 )
 from darkmatter.hashing import stable_hash
-from darkmatter.results import Number, Result
+from darkmatter.results import Number, Result, sae_identity
 from darkmatter.sae.model import SAE
 from darkmatter.stats import Split
 from darkmatter.store import ActivationStore, identity_hash
@@ -366,20 +366,6 @@ def _random_control(
     )
 
 
-def _sae_id(sae: SAE) -> dict[str, Any]:
-    """The SAE's identity as the result records it."""
-    c = sae.cfg
-    return {
-        "d_in": c.d_in,
-        "d_sae": c.d_sae,
-        "activation": c.activation,
-        "k": c.k,
-        "hook_site": c.hook_site,
-        "model_name": c.model_name,
-        "source_format": c.source_format,
-    }
-
-
 def synthetic_simulation(
     store: ActivationStore,
     sae: SAE,
@@ -420,7 +406,7 @@ def synthetic_simulation(
         notes.insert(
             0, f"The store holds {n} tokens at the site, fewer than the {n_tokens} requested; all are used."
         )
-    sae_id = _sae_id(sae)
+    sae_id = sae_identity(sae)
     config = {
         "n_tokens": n_tokens,
         "ablations": grid.ablations,

@@ -175,10 +175,10 @@ def load_lm(
         )
     except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(f"Could not load model {name!r} from {path}: {exc}") from exc
-    model.to(dev)
+    model.to(dev)  # type: ignore[arg-type]  # transformers' stubs wrap .to for dtype only
     model.eval()
     model.requires_grad_(False)
-    bos = int(tokenizer.convert_tokens_to_ids(EMBEDDED_BOS)) if embedded else tokenizer.bos_token_id
+    bos = int(tokenizer.convert_tokens_to_ids(EMBEDDED_BOS)) if embedded else tokenizer.bos_token_id  # type: ignore[arg-type]
     identity = {
         "name": identity_name,
         "model_type": model.config.model_type,

@@ -177,10 +177,7 @@ def earlier_figures(res: EarlierLayersStepResult, figdir: Path) -> Drawn:
 
 def error_sae_figures(res: ErrorSAEsStepResult, figdir: Path) -> Drawn:
     """Fig 7: training curves of the SAEs on the error components."""
-    curves = {
-        f"SAE on {c} error": [(h.step, h.fvu) for h in res.curves.get(c, [])]
-        for c in res.components
-    }
+    curves = {f"SAE on {c} error": [(h.step, h.fvu) for h in res.curves.get(c, [])] for c in res.components}
     return {"curves": fg.plot_training_curves(curves, figdir, stem="error_sae_curves")}
 
 

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
 from darkmatter.errors import ConfigError, DataError, ShapeError
-
-if TYPE_CHECKING:
-    from darkmatter.stats.moments import Moments
-    from darkmatter.stats.ridge import RidgeFit
+from darkmatter.stats.moments import Moments
+from darkmatter.stats.ridge import RidgeFit
 
 Tensor = torch.Tensor
 F64 = torch.float64

@@ -24,24 +24,14 @@ import torch
 from darkmatter.errors import ConfigError, DataError, ShapeError
 from darkmatter.stats.checks import as_rows, raise_nonfinite
 from darkmatter.stats.distributed import all_reduce_sum_, common_reference, dist_active, dist_device
-from darkmatter.stats.heldout import CONSTANT_TARGET_TOL, HeldOutEval, evaluate, fvu_with_prediction
-from darkmatter.stats.ridge import DEFAULT_RELATIVE_RIDGE, RidgeFit, fit_ridge, fit_ridge_many
 
 __all__ = [
-    "CONSTANT_TARGET_TOL",
-    "DEFAULT_RELATIVE_RIDGE",
-    "HeldOutEval",
     "Moments",
-    "RidgeFit",
     "all_reduce_sum_",
     "as_rows",
     "common_reference",
     "dist_active",
     "dist_device",
-    "evaluate",
-    "fit_ridge",
-    "fit_ridge_many",
-    "fvu_with_prediction",
     "raise_nonfinite",
 ]
 

@@ -5,15 +5,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
 from darkmatter.errors import ConfigError, DataError
 from darkmatter.stats.checks import as_rows
-
-if TYPE_CHECKING:
-    from darkmatter.stats.moments import Moments
+from darkmatter.stats.moments import Moments
 
 Tensor = torch.Tensor
 F64 = torch.float64

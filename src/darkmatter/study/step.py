@@ -7,14 +7,12 @@ runner compares the key with the one recorded in the step's result file to decid
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 from darkmatter.config.schema import StudyConfig
 from darkmatter.hashing import stable_hash
 from darkmatter.results import Result
-
-if TYPE_CHECKING:
-    from darkmatter.study.context import StudyContext
+from darkmatter.study.context import StudyContext
 
 R = TypeVar("R", bound=Result)
 

@@ -43,7 +43,9 @@ class TokenTableWriter:
         self.schema = pa.schema(fields)
         self.pa = pa
         kinds = {"context": np.int32, "position": np.int32, "token": np.int32, "split": np.bool_}
-        self.columns = {f.name: np.empty(self.ROW_GROUP, kinds.get(f.name, np.float32)) for f in self.schema}
+        self.columns: dict[str, np.ndarray] = {
+            f.name: np.empty(self.ROW_GROUP, kinds.get(f.name, np.float32)) for f in self.schema
+        }
         self.buffered = 0
         self._stack = contextlib.ExitStack()
         self.writer: Any = None

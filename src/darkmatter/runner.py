@@ -1,5 +1,5 @@
-"""Runs a study's steps in order: skips those whose key matches their result, times each, defers a step
-that stopped early until the others and the report are done, and summarises the run."""
+"""Runs a study: its steps in order, then the report. Skips a step whose key matches its result, times
+each, defers a step that stopped early until the others and the report are done, and summarises the run."""
 
 from __future__ import annotations
 
