@@ -153,21 +153,53 @@ def harvest(
     _run_steps(cfg, out, quiet, ["harvest"], force=False, report=False)
 
 
+def _store_root(path: Path) -> Path:
+    """A store folder, or a run folder holding one in ``store/``."""
+    from darkmatter.store import MANIFEST
+
+    nested = path / "store"
+    return nested if not (path / MANIFEST).exists() and (nested / MANIFEST).exists() else path
+
+
 @store_app.command("info")
 def store_info(
     path: Annotated[Path, typer.Argument(help="Store directory (or a run's output directory).")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """Summarise an activation store."""
-    from darkmatter.store import MANIFEST, ActivationStore
+    """Summarise an activation store (checksums are not read: see 'darkmatter store verify')."""
+    from darkmatter.store import ActivationStore
 
-    root = path / "store" if not (path / MANIFEST).exists() and (path / "store" / MANIFEST).exists() else path
-    info = ActivationStore.open(root).info()
+    store = ActivationStore.open(_store_root(path))
+    info = store.info()
+    warnings = [f"missing shard file {f}" for f in store.missing_shards()]
+    if not store.complete:
+        warnings.append(f"incomplete: {info['shards_done']} of {info['shards_total']} shards written")
+    info["warnings"] = warnings
     if as_json:
         typer.echo(json.dumps(info, indent=2))
-        return
-    for k, v in info.items():
-        typer.echo(f"{k:>16}: {v}")
+    else:
+        for k, v in info.items():
+            if k != "warnings":
+                typer.echo(f"{k:>16}: {v}")
+    for w in warnings:
+        _log(f"darkmatter: warning: {w}")
+    _log("darkmatter: checksums not verified here; 'darkmatter store verify' reads every shard.")
+
+
+@store_app.command("verify")
+def store_verify(
+    path: Annotated[Path, typer.Argument(help="Store directory (or a run's output directory).")],
+) -> None:
+    """Read every shard and check its checksum; exit non-zero naming each bad or missing one."""
+    from darkmatter.store import ActivationStore
+
+    store = ActivationStore.open(_store_root(path))
+    problems = store.verify()
+    if problems:
+        for problem in problems:
+            _log(f"darkmatter: {store.root}: {problem}")
+        raise typer.Exit(2)
+    typer.echo(f"{store.root}: {len(store.manifest['shards'])} shards, every checksum matches")
 
 
 @config_app.command("show")

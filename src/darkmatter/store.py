@@ -294,6 +294,30 @@ class ActivationStore:
                     loss=None if loss is None else loss[a:b].to(device),
                 )
 
+    def missing_shards(self) -> list[str]:
+        """Shard files the manifest lists that are not on disk (cheap: no file is read)."""
+        return [s["file"] for s in self.manifest["shards"] if not (self.root / s["file"]).is_file()]
+
+    def verify(self) -> list[str]:
+        """Every problem of the store, reading each file in full: missing or corrupt shards, a corrupt token
+        file, shards not yet written. Empty when the store is complete and every checksum matches."""
+        problems: list[str] = []
+        try:
+            if sha256_hex((self.root / TOKENS).read_bytes()) != self.manifest["tokens_sha256"]:
+                problems.append(f"{TOKENS}: fails its checksum")
+        except OSError:
+            problems.append(f"{TOKENS}: missing")
+        for entry in self.manifest["shards"]:
+            path = self.root / entry["file"]
+            try:
+                if sha256_hex(path.read_bytes()) != entry["sha256"]:
+                    problems.append(f"{entry['file']}: fails its checksum")
+            except OSError:
+                problems.append(f"{entry['file']}: missing")
+        if not self.complete:
+            problems.append(f"incomplete: {len(self.manifest['shards'])} of {self.n_shards} shards written")
+        return problems
+
     def info(self) -> dict[str, Any]:
         """A summary for ``darkmatter store info``."""
         ident = self.identity

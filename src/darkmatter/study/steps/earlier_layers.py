@@ -100,14 +100,15 @@ class EarlierLayersStep(Step[EarlierLayersStepResult]):
         return res
 
     def headline(self, result: EarlierLayersStepResult) -> str:
-        joint = result.predictors.r2.get("joint", {}).get("nonlinear") if result.predictors else None
-        mlp = result.mlp_probe.r2_nonlinear_mean_over_dims if result.mlp_probe else None
-        parts = [f"{result.target}:"]
-        parts.append(
-            f"joint R² on NonlinearError {joint:.3f}" if joint is not None else "no joint regression"
-        )
-        parts.append(f"MLP probe R² on NonlinearError {mlp:.3f}" if mlp is not None else "no MLP probe")
-        return " ".join(parts[:2]) + "; " + parts[2]
+        el, mlp = result.predictors, result.mlp_probe
+        joint = el.r2.get("joint", {}).get("nonlinear") if el is not None else None
+        parts = [
+            "no joint regression" if joint is None else f"joint R² on NonlinearError {joint:.3f}",
+            "no MLP probe"
+            if mlp is None
+            else f"MLP probe R² on NonlinearError {mlp.r2_nonlinear_mean_over_dims:.3f}",
+        ]
+        return f"{result.target}: " + "; ".join(parts)
 
 
 def _predictors(ctx: StudyContext, res: EarlierLayersStepResult, regressors: dict[str, Any]) -> None:
