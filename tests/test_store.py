@@ -175,3 +175,31 @@ def test_resume_after_sigkill_gives_identical_store(
     assert files == [f"{i:05d}.safetensors" for i in range(4)]  # no stray temporary files
     assert not list(out.glob(".*.tmp"))
     assert json.loads((out / "manifest.json").read_text())["complete"] is True
+
+
+def test_verify_names_every_bad_shard_and_info_warns(
+    tmp_path: Path, corpus_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from darkmatter.cli import main
+
+    lm, text, cfg = _setup(corpus_file)
+    ctx = make_contexts(text, lm.tokenizer, lm.bos_token_id)
+    harvest(lm, ctx, text, cfg, str(tmp_path / "s"))
+    assert ActivationStore.open(tmp_path / "s").verify() == []
+    assert main(["store", "verify", str(tmp_path / "s")]) == 0
+    assert "every checksum matches" in capsys.readouterr().out
+    corrupt = tmp_path / "s" / "shards" / "00001.safetensors"
+    data = bytearray(corrupt.read_bytes())
+    data[-10] ^= 0xFF
+    corrupt.write_bytes(bytes(data))
+    (tmp_path / "s" / "shards" / "00003.safetensors").unlink()
+    assert main(["store", "verify", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert "shards/00001.safetensors: fails its checksum" in err
+    assert "shards/00003.safetensors: missing" in err
+    assert "00000" not in err and "Traceback" not in err
+    assert main(["store", "info", str(tmp_path / "s"), "--json"]) == 0
+    captured = capsys.readouterr()
+    info = json.loads(captured.out)
+    assert info["warnings"] == ["missing shard file shards/00003.safetensors"]
+    assert "warning: missing shard file" in captured.err and "store verify" in captured.err

@@ -255,7 +255,9 @@ def main(argv: list[str] | None = None) -> int:
     _mount_optional()
     exits, aborts, usage = _cli_exception_types()
     try:
-        app(args=argv, standalone_mode=False, prog_name="darkmatter")
+        code = app(args=argv, standalone_mode=False, prog_name="darkmatter")
+        if isinstance(code, int) and code:  # typer.Exit(code) comes back as the return value here
+            return code
     except DarkMatterError as exc:
         typer.echo(f"darkmatter: error: {exc}", err=True)
         return exc.exit_code
