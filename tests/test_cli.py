@@ -74,7 +74,7 @@ def test_config_show_and_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]
 BAD_INPUTS = [
     (["--set", "model.name=/no/such/model"], "model.name '/no/such/model'"),
     (["--set", "layer=1", "--set", 'harvest.sites=["blocks.9.hook_resid_post"]'], "asks for layer 9"),
-    (["--set", "layer=7"], "asks for layer 7"),
+    (["--set", "layer=7"], "layer=7 is out of range"),
     (["--set", 'harvest.sites=["blocks.1.hook_zzz"]'], "Unknown hook site"),
     (["--set", "text.n_contexts=100000"], "requested"),
     (["--set", "text.bogus=1"], "Invalid configuration"),

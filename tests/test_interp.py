@@ -498,3 +498,41 @@ def test_local_judge_runs_and_counts_failures(examples: dict) -> None:
     assert sum(c.decile_total) + c.negative_total + c.failed_items == 10 + 2
     assert res.weak_judge and res.settings["unparsable"] == "count" and "small model" in res.notes[0]
     assert judge.n_truncated > 0  # the character-level prompt is longer than the tiny model's 256 positions
+
+
+def test_local_judge_constrained_detection_matches_full_forwards() -> None:
+    tok = tiny_tokenizer()
+    judge = LocalJudge(tiny_model("llama", seed=3), tok, max_context=10_000)
+    msgs = [{"role": "user", "content": "Feature: dogs\n\nExample 1: a dog\n\nExample 2: a cat"}]
+    answers = judge.detect(msgs, 5)
+    assert answers is not None and len(answers) == 5 and set(answers) <= {0, 1}
+    # the same decisions from full forward passes over the growing answer text (no KV cache)
+    zero, one = (
+        tok("0", add_special_tokens=False).input_ids[0],
+        tok("1", add_special_tokens=False).input_ids[0],
+    )
+    ids = torch.cat([judge._prompt_ids(msgs), judge._piece("[")], 1)
+    want = []
+    for i in range(5):
+        with torch.no_grad():
+            logits = judge.model(input_ids=ids).logits[0, -1]
+        want.append(int(logits[one] > logits[zero]))
+        ids = torch.cat([ids, judge._piece(f"{want[-1]}{', ' if i < 4 else ']'}")], 1)
+    assert answers == want
+    assert LocalJudge(judge.model, tok, constrained=False).detect(msgs, 5) is None
+
+
+def test_constrained_local_judge_leaves_no_item_unparsed(examples: dict) -> None:
+    tok = tiny_tokenizer()
+
+    def tiny_decode(ids: list[int]) -> list[str]:
+        return [str(t) for t in tok.convert_ids_to_tokens(ids)]
+
+    kw: dict = {"seed": 0, "n_examples_explain": 2, "n_per_decile": 1, "n_negatives": 2, "batch_size": 4,
+                "explain_max_tokens": 4, "detect_max_tokens": 4}  # fmt: skip
+    one = {3: examples[3]}
+    constrained = run_autointerp(one, LocalJudge(tiny_model("llama"), tok), tiny_decode, **kw)
+    free = run_autointerp(one, LocalJudge(tiny_model("llama"), tok, constrained=False), tiny_decode, **kw)
+    assert constrained.summary.counts.failed_items == 0
+    assert sum(constrained.summary.counts.decile_total) + constrained.summary.counts.negative_total == 12
+    assert free.summary.counts.failed_items > 0  # a random tiny model never writes a 0/1 list by itself

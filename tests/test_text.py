@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pydantic import ValidationError
 
 from darkmatter.errors import TextError
 from darkmatter.text import TextConfig, austen_documents, make_contexts
@@ -67,5 +68,49 @@ def test_errors(tmp_path: Path) -> None:
     bad.write_text('{"text": "ok"}\n{not json\n')
     with pytest.raises(TextError, match=r"bad.jsonl:2"):
         make_contexts(TextConfig(source=str(bad)), tok, 0)
-    with pytest.raises(TextError, match="skip_positions"):
-        make_contexts(TextConfig(source=str(short), ctx_len=8, skip_positions=8), tok, 0)
+    with pytest.raises(ValidationError, match="skip_positions"):  # refused when the config is read
+        TextConfig(source=str(short), ctx_len=8, skip_positions=8)
+
+
+def test_binary_and_non_utf8_text_is_refused(tmp_path: Path) -> None:
+    tok = tiny_tokenizer()
+    binary = tmp_path / "model.bin"
+    binary.write_bytes(b"abc\x00\x01\x02" * 100)
+    latin = tmp_path / "latin1.txt"
+    latin.write_bytes("caf\xe9 au lait ".encode("latin-1") * 50)
+    for path, message in ((binary, "binary file"), (latin, "not UTF-8 text")):
+        with pytest.raises(TextError, match=message):
+            make_contexts(TextConfig(source=str(path), ctx_len=8, n_contexts=2, skip_positions=0), tok, 0)
+
+
+def test_one_austen_novel_and_an_unknown_one() -> None:
+    (northanger,) = list(austen_documents("northangerabbey"))
+    assert "Catherine Morland" in northanger
+    assert len(list(austen_documents())) == 5
+    with pytest.raises(TextError, match="austen:emma"):
+        list(austen_documents("persuasion"))
+
+
+def test_a_source_is_tokenized_once_per_process(corpus_file: Path) -> None:
+    tok = tiny_tokenizer()
+    calls = []
+
+    class Counting:
+        name_or_path = "counting"
+
+        def __len__(self) -> int:
+            return len(tok)
+
+        def __call__(self, text: str, **kw: object) -> object:
+            calls.append(len(text))
+            return tok(text, **kw)
+
+    cfg = TextConfig(source=str(corpus_file), ctx_len=32, n_contexts=10, skip_positions=2)
+    first = make_contexts(cfg, Counting(), tok.bos_token_id)
+    again = make_contexts(cfg, Counting(), tok.bos_token_id)
+    more = make_contexts(cfg.model_copy(update={"n_contexts": 12}), Counting(), tok.bos_token_id)
+    assert len(calls) == 1  # three calls, one tokenization
+    assert np.array_equal(first.tokens, again.tokens) and more.tokens.shape == (12, 32)
+    corpus_file.write_text(corpus_file.read_text() + " more words")  # a changed file is read again
+    make_contexts(cfg, Counting(), tok.bos_token_id)
+    assert len(calls) == 2

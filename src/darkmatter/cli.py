@@ -44,18 +44,24 @@ def _quiet_libraries() -> None:
         pass
 
 
-def _progress_factory(quiet: bool) -> Any:
-    if quiet:
-        return None
-    from tqdm import tqdm
+class _Bars:
+    """The progress factory of the command line: one tqdm bar per long part of a step, on stderr.
 
-    bars: dict[str, Any] = {}
+    A new bar closes the previous one, and ``close`` closes the last, so no bar is redrawn after the
+    end-of-run summary.
+    """
 
-    def factory(name: str, unit: str = "tok") -> Any:
+    def __init__(self) -> None:
+        self.bars: dict[str, Any] = {}
+
+    def __call__(self, name: str, unit: str = "tok") -> Any:
         def update(done: int, total: int, rate: float) -> None:
-            bar = bars.get(name)
+            bar = self.bars.get(name)
             if bar is None or bar.total != total:
-                bar = bars[name] = tqdm(
+                self.close()
+                from tqdm import tqdm
+
+                bar = self.bars[name] = tqdm(
                     total=total,
                     desc=name,
                     unit=unit,
@@ -72,7 +78,10 @@ def _progress_factory(quiet: bool) -> Any:
 
         return update
 
-    return factory
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
+        self.bars.clear()
 
 
 def _resolve(
@@ -118,11 +127,20 @@ def _run_steps(
     from darkmatter.runner import Runner
     from darkmatter.study.context import StudyContext
 
-    ctx = StudyContext(cfg, out, log=(lambda _m: None) if quiet else _log, progress=_progress_factory(quiet))
+    bars = None if quiet else _Bars()
+
+    def log(message: str) -> None:
+        if bars is not None:
+            bars.close()  # a finished bar is not redrawn below the message
+            _log(message)
+
+    ctx = StudyContext(cfg, out, log=log, progress=bars)
     runner = Runner(ctx)
     try:
         runner.run(only, force=force, report=report)
     finally:
+        if bars is not None:
+            bars.close()
         if not quiet and runner.outcomes:
             _log(_summary_table(runner.outcomes))
     if not quiet and report:
@@ -212,11 +230,13 @@ def config_show(preset: PresetOpt = None, config: ConfigOpt = None, set_: SetOpt
 @app.command()
 def report(out: Annotated[Path, typer.Argument(help="A run's output directory.")]) -> None:
     """Redraw every figure and rebuild OUT/report.html from the results alone (no model, no store)."""
+    from darkmatter.lock import run_lock
     from darkmatter.report.build import write_report
 
     if not (out / "results").is_dir():
         raise DarkMatterError(f"{out} has no results/ directory; run 'darkmatter run --out {out}' first.")
-    typer.echo(str(write_report(out, redraw=True)))
+    with run_lock(out):
+        typer.echo(str(write_report(out, redraw=True)))
 
 
 def _mount_optional() -> None:

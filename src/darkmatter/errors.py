@@ -54,3 +54,7 @@ class WriteError(DarkMatterError):
     """An output file could not be written (a full disk, missing permissions); nothing written is lost."""
 
     exit_code = 3
+
+
+class RunLockedError(DarkMatterError):
+    """Another run holds the output folder."""

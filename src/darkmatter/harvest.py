@@ -16,12 +16,12 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from darkmatter.errors import ConfigError, DataError
+from darkmatter.errors import ConfigError, DataError, HookSiteError
 from darkmatter.lm.hooks import capture, run
 from darkmatter.lm.loading import LoadedLM
-from darkmatter.lm.sites import validate_sites
+from darkmatter.lm.sites import parse_site, validate_sites
 from darkmatter.progress import Progress
 from darkmatter.store import STORE_DTYPES, ActivationStore
 from darkmatter.text import Contexts, TextConfig
@@ -35,6 +35,17 @@ class HarvestConfig(BaseModel):
     sites: list[str] = Field(
         default_factory=list, description="Extra hook sites; the study adds the sites its SAE family reads."
     )
+
+    @field_validator("sites")
+    @classmethod
+    def _known_sites(cls, sites: list[str]) -> list[str]:
+        for site in sites:
+            try:
+                parse_site(site)
+            except HookSiteError as exc:
+                raise ValueError(str(exc)) from None
+        return sites
+
     dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Storage dtype: fp32, bf16 or fp16.")
     with_loss: bool = Field(True, description="Record per-token next-token loss (needs the full forward).")
     batch_size: int = Field(8, ge=1, description="Contexts per forward pass.")

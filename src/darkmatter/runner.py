@@ -12,9 +12,11 @@ from typing import Any
 from darkmatter import atomic
 from darkmatter.config.schema import StudyConfig
 from darkmatter.errors import ConfigError, StepIncompleteError, StoreError
+from darkmatter.lock import run_lock
 from darkmatter.report.build import write_report
 from darkmatter.results import Result, read_result, write_result
 from darkmatter.study.context import StudyContext
+from darkmatter.study.preflight import preflight
 from darkmatter.study.step import Step, upstream
 from darkmatter.study.steps import STEPS
 
@@ -32,9 +34,11 @@ class StepOutcome:
 class Runner:
     """Runs ``steps`` (default: every step of a study, in order) on one context."""
 
-    def __init__(self, ctx: StudyContext, steps: Sequence[Step[Any]] = STEPS):
+    def __init__(self, ctx: StudyContext, steps: Sequence[Step[Any]] = STEPS, *, check: bool = True):
+        """``check``: run ``preflight`` (the model's config file against the study's) before any work."""
         self.ctx = ctx
         self.steps = list(steps)
+        self.check = check
         self.outcomes: list[StepOutcome] = []
 
     def select(self, only: Sequence[str] | None) -> tuple[list[Step[Any]], set[str]]:
@@ -63,10 +67,22 @@ class Runner:
         what they need); a step that stopped early raises only after every other step and the report."""
         ctx = self.ctx
         ctx.cfg.require_local()  # everything that would need a download, in one error, before any work
-        atomic.remove_temporaries(ctx.paths.root)
         selected, forced = self.select(only)
-        if not force:
-            forced = set()
+        if self.check:
+            preflight(ctx.cfg)
+        with run_lock(ctx.paths.root):  # one run per folder; cleaning up is safe only under the lock
+            atomic.remove_temporaries(ctx.paths.root)
+            errors = self._run_steps(selected, forced if force else set())
+            if report:
+                t0 = time.perf_counter()
+                path = write_report(ctx.paths.root, formats=tuple(ctx.cfg.report.formats))
+                self.outcomes.append(StepOutcome("report", "ran", time.perf_counter() - t0, str(path)))
+                ctx.log(f"report: {path}")
+        if errors:
+            raise errors[0]
+        return self.outcomes
+
+    def _run_steps(self, selected: list[Step[Any]], forced: set[str]) -> list[StepIncompleteError]:
         unavailable: set[str] = set()  # steps whose results the steps below cannot use
         errors: list[StepIncompleteError] = []
         for step in selected:
@@ -75,14 +91,7 @@ class Runner:
             if outcome.status == "stopped early":
                 unavailable.add(step.name)
                 errors.append(StepIncompleteError(outcome.headline))
-        if report:
-            t0 = time.perf_counter()
-            path = write_report(ctx.paths.root)
-            self.outcomes.append(StepOutcome("report", "ran", time.perf_counter() - t0, str(path)))
-            ctx.log(f"report: {path}")
-        if errors:
-            raise errors[0]
-        return self.outcomes
+        return errors
 
     def _visit(self, step: Step[Any], forced: bool, unavailable: set[str]) -> StepOutcome:
         cfg = self.ctx.cfg

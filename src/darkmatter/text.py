@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import IO, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from darkmatter.errors import TextError
 from darkmatter.hashing import sha256_hex
@@ -64,6 +64,15 @@ class TextConfig(BaseModel):
     hf_split: str = Field("train", description="Split of a HF data set.")
     shuffle_buffer: int = Field(10_000, ge=1, description="Streaming shuffle buffer for HF data sets.")
 
+    @model_validator(mode="after")
+    def _positions_left(self) -> TextConfig:
+        if self.skip_positions >= self.ctx_len:
+            raise ValueError(
+                f"skip_positions ({self.skip_positions}) must be below ctx_len ({self.ctx_len}): no position "
+                "of a context would be analysed"
+            )
+        return self
+
 
 @dataclass
 class Contexts:
@@ -78,10 +87,16 @@ class Contexts:
         return sha256_hex(np.ascontiguousarray(self.tokens, dtype=np.int32).tobytes())[:16]
 
 
-def austen_documents() -> Iterator[str]:
-    """The five Austen novels shipped as package data."""
+def austen_documents(novel: str | None = None) -> Iterator[str]:
+    """The five Austen novels shipped as package data, or one of them (``emma``, ``northangerabbey``, ...)."""
     base = resources.files("darkmatter") / "data" / "austen"
-    for name in AUSTEN_FILES:
+    names = AUSTEN_FILES
+    if novel is not None:
+        names = tuple(n for n in AUSTEN_FILES if n.removesuffix(".txt.gz") == novel)
+        if not names:
+            known = ", ".join(f"austen:{n.removesuffix('.txt.gz')}" for n in AUSTEN_FILES)
+            raise TextError(f"Unknown Austen novel {novel!r}; use 'austen' (all five) or one of {known}.")
+    for name in names:
         yield gzip.decompress((base / name).read_bytes()).decode("utf-8")
 
 
@@ -145,8 +160,8 @@ def _hf_documents(spec: str, cfg: TextConfig) -> Iterator[str]:
 def documents(cfg: TextConfig) -> Iterator[str]:
     """Iterate over the documents of a text source."""
     src = cfg.source
-    if src == "austen":
-        yield from austen_documents()
+    if src == "austen" or src.startswith("austen:"):
+        yield from austen_documents(src.partition(":")[2] or None)
         return
     if src.startswith("hf:"):
         yield from _hf_documents(src, cfg)
@@ -158,7 +173,7 @@ def documents(cfg: TextConfig) -> Iterator[str]:
         files = sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES and p.is_file())
         if files:
             for p in files:
-                yield p.read_text(encoding="utf-8", errors="replace")
+                yield _read_plain_text(p)
             return
         jsonl = sorted(p for p in path.rglob("*") if p.name.endswith(JSONL_SUFFIXES) and p.is_file())
         if not jsonl:
@@ -168,7 +183,23 @@ def documents(cfg: TextConfig) -> Iterator[str]:
     elif path.name.endswith(JSONL_SUFFIXES):
         yield from _jsonl_documents(path, cfg.text_field)
     else:
-        yield path.read_text(encoding="utf-8", errors="replace")
+        yield _read_plain_text(path)
+
+
+def _read_plain_text(path: Path) -> str:
+    """A text file as a string: UTF-8, no NUL bytes (a binary file is refused, never read as text)."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise TextError(f"Text file {path} cannot be read: {exc}.") from exc
+    if b"\x00" in data:
+        raise TextError(f"{path} holds NUL bytes: it is a binary file, not text. Point text.source at text.")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise TextError(
+            f"{path} is not UTF-8 text (invalid byte at offset {exc.start}); convert it to UTF-8 first."
+        ) from exc
 
 
 def _bos_id(tokenizer: Any, bos_token_id: int | None, mode: str) -> int | None:
@@ -177,6 +208,41 @@ def _bos_id(tokenizer: Any, bos_token_id: int | None, mode: str) -> int | None:
     if bos_token_id is None and mode == "always":
         raise TextError("text.bos is 'always' but the tokenizer defines no BOS token; use 'auto' or 'never'.")
     return bos_token_id
+
+
+_TOKENIZED: dict[tuple[Any, ...], list[np.ndarray | None]] = {}
+"""Token ids of whole local sources, per source and tokenizer: a study tokenizes its text once."""
+
+
+def _source_key(cfg: TextConfig, tokenizer: Any) -> tuple[Any, ...] | None:
+    """What identifies a source's token ids; None for sources that are streamed (never cached)."""
+    if cfg.source.startswith("hf:"):
+        return None
+    files: tuple[tuple[str, int, int], ...] = ()
+    if not cfg.source.startswith("austen"):
+        path = Path(cfg.source).expanduser()
+        found = sorted(path.rglob("*")) if path.is_dir() else [path]
+        files = tuple((str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in found if f.is_file())
+    vocab = (type(tokenizer).__name__, getattr(tokenizer, "name_or_path", ""), len(tokenizer))
+    return (cfg.source, cfg.text_field, files, vocab)
+
+
+def _tokenized_documents(cfg: TextConfig, tokenizer: Any) -> Iterator[tuple[int, np.ndarray | None]]:
+    """(document index, token ids, or None for a blank document), from memory when tokenized before."""
+    key = _source_key(cfg, tokenizer)
+    if key is not None and key in _TOKENIZED:
+        yield from enumerate(_TOKENIZED[key])
+        return
+    seen: list[np.ndarray | None] = []
+    for doc_i, text in enumerate(documents(cfg)):
+        ids = None
+        if text.strip():
+            ids = np.asarray(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"], np.int32)
+        seen.append(ids)
+        yield doc_i, ids
+    if key is not None:  # only a source read to its end is kept
+        _TOKENIZED.clear()
+        _TOKENIZED[key] = seen
 
 
 def make_contexts(cfg: TextConfig, tokenizer: Any, bos_token_id: int | None) -> Contexts:
@@ -189,13 +255,10 @@ def make_contexts(cfg: TextConfig, tokenizer: Any, bos_token_id: int | None) -> 
     owners: list[int] = []
     n_docs = 0
     total_tokens = 0
-    for doc_i, text in enumerate(documents(cfg)):
+    for doc_i, ids in _tokenized_documents(cfg, tokenizer):
         n_docs += 1
-        if not text.strip():
+        if ids is None:
             continue
-        ids = np.asarray(
-            tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"], dtype=np.int32
-        )
         total_tokens += len(ids)
         if cfg.packing == "truncate":
             if len(ids) >= width:

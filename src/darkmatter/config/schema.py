@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-from darkmatter.errors import ConfigError
+from darkmatter.errors import ConfigError, HookSiteError
 from darkmatter.harvest import HarvestConfig
 from darkmatter.hashing import stable_hash
+from darkmatter.lm.sites import parse_site
 from darkmatter.sae.train import SAESpec, TrainConfig
 from darkmatter.stats.split import Split
 from darkmatter.text import TextConfig
@@ -44,6 +45,24 @@ SAEFormatName = Literal[
 ]
 ErrorComponent = Literal["linear", "nonlinear", "error"]
 DEVICE_PATTERN = r"^(auto|cpu|mps|cuda(:[0-9]+)?)$"
+SAFE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$"
+"""A name that becomes a file name: letters, digits, '.', '_', '+', '-'; no separator, no leading dot."""
+
+SafeName = Annotated[str, Field(pattern=SAFE_NAME)]
+PositiveInt = Annotated[int, Field(ge=1)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+
+
+def _check_site(value: str | None) -> str | None:
+    if value is not None:
+        try:
+            parse_site(value)
+        except HookSiteError as exc:
+            raise ValueError(str(exc)) from None
+    return value
+
+
+SiteName = Annotated[str, AfterValidator(_check_site)]
 
 
 class ModelConfig(BaseModel):
@@ -63,11 +82,11 @@ class ExternalSAE(BaseModel):
     """An SAE loaded from disk (or the hub when online) instead of being trained."""
 
     model_config = ConfigDict(extra="forbid")
-    name: str = Field(description="Name used in results and figures.")
+    name: SafeName = Field(description="Name used in results, figures and file names.")
     path: str = Field(description="Local folder/file, or a hub 'repo_id:subfolder' when online.")
     format: SAEFormatName | None = Field(None, description="Format name; auto-detected when empty.")
     hookpoint: str | None = Field(None, description="Sub-folder for multi-hookpoint sparsify folders.")
-    site: str | None = Field(None, description="Hook site; overrides what the SAE's config says.")
+    site: SiteName | None = Field(None, description="Hook site; overrides what the SAE's config says.")
 
 
 _HUB_SUBFOLDER = re.compile(r"^[A-Za-z0-9][\w.-]*/(?P<repo>[\w.-]+):(?P<sub>.+)$")
@@ -78,11 +97,13 @@ class FamilyConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     kind: SAEKind = Field("topk", description="Activation of trained SAEs: topk or batchtopk.")
-    widths: list[int] = Field(
-        default_factory=lambda: [512, 1024, 2048, 4096], description="Width sweep at k."
+    widths: list[PositiveInt] = Field(
+        min_length=1, default_factory=lambda: [512, 1024, 2048, 4096], description="Width sweep at k."
     )
     k: int = Field(32, ge=1, description="k of the width sweep.")
-    ks: list[int] = Field(default_factory=lambda: [8, 16, 64], description="Extra k values at width_for_ks.")
+    ks: list[PositiveInt] = Field(
+        default_factory=lambda: [8, 16, 64], description="Extra k values at width_for_ks."
+    )
     width_for_ks: int = Field(2048, ge=1, description="Width of the k sweep and of the auxiliary SAEs.")
     aux_sites: bool = Field(
         True, description="Also train SAEs on layer L-1 resid_post, L mlp_out, L attn_out."
@@ -155,7 +176,7 @@ class LayerSweepConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     enabled: bool = Field(True, description="Run the layer sweep.")
-    layers: list[int] = Field(
+    layers: list[NonNegativeInt] = Field(
         default_factory=list, description="Layers; empty means every `stride`-th layer."
     )
     stride: int = Field(
@@ -184,7 +205,7 @@ class SyntheticConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     enabled: bool = Field(True, description="Run the synthetic simulation.")
-    sae: str | None = Field(None, description="SAE name; default: the k-sweep width at the family's k.")
+    sae: SafeName | None = Field(None, description="SAE name; default: the k-sweep width at the family's k.")
     n_tokens: int = Field(20_000, ge=100, description="Tokens of x' = Sae(x) to simulate with.")
 
 
@@ -232,6 +253,9 @@ class InterpConfig(BaseModel):
     local_model: str = Field(
         "embedded", description="Judge model for 'local': 'embedded' (SmolLM2-135M-Instruct) or a folder."
     )
+    constrained: bool = Field(
+        True, description="'local': decode detection answers under a 0/1 constraint (they always parse)."
+    )
     endpoint_url: str | None = Field(
         None, description="Base URL for 'endpoint', e.g. http://127.0.0.1:8000/v1."
     )
@@ -239,7 +263,9 @@ class InterpConfig(BaseModel):
     timeout: float = Field(120.0, gt=0, description="Seconds per endpoint request.")
     retries: int = Field(3, ge=0, description="Endpoint retries before giving up.")
     n_latents: int = Field(4, ge=1, description="Latents scored per error SAE (chosen at random, seeded).")
-    latents: list[int] = Field(default_factory=list, description="Score these latents instead of a sample.")
+    latents: list[NonNegativeInt] = Field(
+        default_factory=list, description="Score these latents instead of a sample."
+    )
     min_activations: int = Field(20, ge=1, description="Skip latents active on fewer tokens.")
     window: int = Field(16, ge=2, description="Tokens per example window.")
     n_examples_explain: int = Field(8, ge=1, description="Top examples shown to the explainer.")
@@ -254,7 +280,9 @@ class ErrorSAEsConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     enabled: bool = Field(True, description="Train the error-component SAEs.")
-    sae: str | None = Field(None, description="SAE whose error is split; default: as for the synthetic step.")
+    sae: SafeName | None = Field(
+        None, description="SAE whose error is split; default: as for the synthetic step."
+    )
     components: list[ErrorComponent] = Field(
         default_factory=lambda: list[ErrorComponent](["linear", "nonlinear"]),
         description="linear, nonlinear and/or error.",
@@ -265,6 +293,17 @@ class ErrorSAEsConfig(BaseModel):
         default_factory=lambda: TrainConfig(epochs=4, batch_size=512, lr=1e-3, dead_tokens=5000)
     )
     interp: InterpConfig = Field(default_factory=InterpConfig)
+
+
+class ReportConfig(BaseModel):
+    """The report stage: figures drawn from the results, then the HTML page."""
+
+    model_config = ConfigDict(extra="forbid")
+    formats: list[Literal["png", "pdf"]] = Field(
+        default_factory=lambda: list[Literal["png", "pdf"]](["png", "pdf"]),
+        min_length=1,
+        description="Figure files written: png (embedded in the report) and/or pdf (for papers).",
+    )
 
 
 class StudyConfig(BaseModel):
@@ -286,6 +325,7 @@ class StudyConfig(BaseModel):
     downstream_ce: DownstreamCEConfig = Field(default_factory=DownstreamCEConfig)
     earlier_layers: EarlierLayersConfig = Field(default_factory=EarlierLayersConfig)
     error_saes: ErrorSAEsConfig = Field(default_factory=ErrorSAEsConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)
 
     @model_validator(mode="before")
     @classmethod

@@ -384,7 +384,7 @@ def run(
     }
     notes = list(result.notes)
     if reused:
-        notes.append(f"SAEs for layers {reused} were reused from {out / SAE_DIR}.")
+        notes.append(f"SAEs for layers {reused} were reused from an earlier run (in {SAE_DIR}/).")
     if kind == "topk":
         notes.append(
             "TopK SAEs have L0 = k on almost every token, so the l0 baseline says little here (the paper's "

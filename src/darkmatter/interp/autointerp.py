@@ -23,7 +23,7 @@ from darkmatter import atomic
 from darkmatter.errors import ConfigError, EndpointError, StoreError
 from darkmatter.hashing import stable_hash
 from darkmatter.interp.examples import Example, LatentExamples
-from darkmatter.interp.judges import EndpointJudge, Judge, Message
+from darkmatter.interp.judges import BinaryJudge, EndpointJudge, Judge, Message
 from darkmatter.interp.prompts import (
     PROMPT_VERSION,
     detection_messages,
@@ -108,6 +108,13 @@ class _Asker:
                 "endpoint's chat template."
             )
         return None
+
+    def detect(self, messages: list[Message], n: int) -> list[int] | None:
+        """A constrained detection answer from a judge that can give one (None: ask in free text)."""
+        assert isinstance(self.judge, BinaryJudge)
+        answers = self.judge.detect(messages, n)
+        self.calls += answers is not None
+        return answers
 
 
 def _decoded(decode: Decode, ids: list[int]) -> list[str]:
@@ -220,9 +227,11 @@ def _score_latent(
         chunk = tests[i : i + settings.batch_size]
         msgs = detection_messages(explanation or "", [_decoded(decode, e.tokens) for e, _ in chunk])
         n = len(chunk)
-        answers = asker.ask(
-            msgs, settings.detect_max_tokens, partial(parse_detection, n=n), f"a list of {n} values 0/1"
-        )
+        answers = asker.detect(msgs, n) if isinstance(asker.judge, BinaryJudge) else None
+        if answers is None:
+            answers = asker.ask(
+                msgs, settings.detect_max_tokens, partial(parse_detection, n=n), f"a list of {n} values 0/1"
+            )
         if answers is None:
             counts.failed_items += n
             counts.failed_prompts += 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.client
+import inspect
 import ipaddress
 import json
 import os
@@ -35,6 +36,15 @@ class Judge(Protocol):
 
     def describe(self) -> dict[str, Any]:
         """At least ``kind``, ``model`` and ``weak`` (bool), for results and cache keys."""
+        ...
+
+
+@runtime_checkable
+class BinaryJudge(Judge, Protocol):
+    """A judge that can answer a detection prompt in the required format by construction."""
+
+    def detect(self, messages: list[Message], n: int) -> list[int] | None:
+        """``n`` answers of 0/1 to a detection prompt, or None when it cannot constrain its answer."""
         ...
 
 
@@ -183,9 +193,11 @@ class LocalJudge:
         name: str | None = None,
         weak: bool | None = None,
         max_context: int | None = None,
+        constrained: bool = True,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
+        self.constrained = constrained
         self.n_params = sum(p.numel() for p in model.parameters())
         self.name = name or str(getattr(model.config, "_name_or_path", "") or model.config.model_type)
         self.weak = self.n_params < WEAK_JUDGE_PARAMS if weak is None else weak
@@ -196,12 +208,54 @@ class LocalJudge:
         self.n_truncated = 0
 
     @classmethod
-    def from_lm(cls, lm: LoadedLM, *, weak: bool | None = None) -> LocalJudge:
+    def from_lm(cls, lm: LoadedLM, *, weak: bool | None = None, constrained: bool = True) -> LocalJudge:
         """A judge on a model loaded by ``darkmatter.lm.loading.load_lm``."""
-        return cls(lm.model, lm.tokenizer, name=str(lm.identity.get("name", "")) or None, weak=weak)
+        name = str(lm.identity.get("name", "")) or None
+        return cls(lm.model, lm.tokenizer, name=name, weak=weak, constrained=constrained)
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": "local", "model": self.name, "n_params": self.n_params, "weak": self.weak}
+        return {
+            "kind": "local",
+            "model": self.name,
+            "n_params": self.n_params,
+            "weak": self.weak,
+            "constrained": self.constrained,
+        }
+
+    def detect(self, messages: list[Message], n: int) -> list[int] | None:
+        """Constrained decoding of the answer ``[a1, a2, ...]``: at each slot the likelier of '0' and '1'.
+
+        The reply always parses, so a small model's scores measure its judgement, not its formatting.
+        None (free generation is used instead) when constraining is off or '0'/'1' are not single tokens.
+        """
+        digits = [self._single_token(c) for c in "01"]
+        if not self.constrained or None in digits:
+            return None
+        zero, one = digits
+        device = next(self.model.parameters()).device
+        prompt = self._prompt_ids(messages)
+        if self.max_context and prompt.shape[1] + 3 * n + 2 > self.max_context:
+            prompt = prompt[:, -(self.max_context - 3 * n - 2) :]
+            self.n_truncated += 1
+        # transformers 5 names the key/value cache ``cache``; earlier versions ``past_key_values``
+        cache_arg = (
+            "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        )
+        feed, past, answers = torch.cat([prompt, self._piece("[")], 1), None, []
+        with torch.no_grad():
+            for i in range(n):
+                out = self.model(input_ids=feed.to(device), use_cache=True, **{cache_arg: past})
+                past, logits = out[cache_arg], out.logits[0, -1]
+                answers.append(int(logits[one] > logits[zero]))
+                feed = self._piece(f"{answers[-1]}{', ' if i < n - 1 else ']'}")
+        return answers
+
+    def _single_token(self, text: str) -> int | None:
+        ids = self.tokenizer(text, add_special_tokens=False).input_ids
+        return int(ids[0]) if len(ids) == 1 else None
+
+    def _piece(self, text: str) -> torch.Tensor:
+        return torch.as_tensor([self.tokenizer(text, add_special_tokens=False).input_ids], dtype=torch.long)
 
     def _prompt_ids(self, messages: list[Message]) -> torch.Tensor:
         tok = self.tokenizer

@@ -135,6 +135,77 @@ def _config_digest(config: Any) -> str:
     return stable_hash(d)
 
 
+def model_source(name: str, online: bool) -> tuple[str, str, bool]:
+    """(path or hub id to load from, the name recorded in the model identity, whether it is embedded)."""
+    if name.lower() in EMBEDDED_NAMES:
+        return str(embedded_model_dir()), EMBEDDED_ID, True
+    p = Path(name).expanduser()
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise ModelLoadError(
+                f"{p} exists but holds no config.json; point to a Hugging Face model folder."
+            )
+        return str(p), str(p.resolve()), False
+    if online:
+        return name, name, False
+    raise ModelLoadError(
+        f"Model {name!r} is neither 'embedded' nor an existing local folder. To download it from the "
+        "Hugging Face hub, allow the network (--online, or DARKMATTER_ONLINE=1)."
+    )
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the model's config file says, read without loading any weight."""
+
+    model_type: str
+    n_layers: int
+    d_model: int
+
+
+def model_shape(
+    name: str = "embedded", *, online: bool | None = None, trust_remote_code: bool = False
+) -> ModelShape:
+    """The architecture, depth and width of a model from its config file alone (fast: no weights)."""
+    from transformers import AutoConfig
+
+    online = network_allowed() if online is None else online
+    path, _, _ = model_source(name, online)
+    try:
+        config = AutoConfig.from_pretrained(
+            path, local_files_only=not online, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"Could not read the config of model {name!r} from {path}: {exc}") from exc
+    return ModelShape(str(config.model_type), _n_layers(config), _d_model(config))
+
+
+def load_tokenizer(
+    name: str = "embedded", *, online: bool | None = None, trust_remote_code: bool = False
+) -> tuple[Any, int | None]:
+    """(tokenizer, BOS token id) of a model, without loading its weights."""
+    from transformers import AutoTokenizer
+
+    online = network_allowed() if online is None else online
+    path, _, embedded = model_source(name, online)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            path, local_files_only=not online, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"Could not load the tokenizer of model {name!r} from {path}: {exc}") from exc
+    bos = tokenizer.convert_tokens_to_ids(EMBEDDED_BOS) if embedded else tokenizer.bos_token_id
+    return tokenizer, None if bos is None else int(bos)  # type: ignore[arg-type]
+
+
+def _n_layers(config: Any) -> int:
+    return int(getattr(config, "num_hidden_layers", 0) or getattr(config, "n_layer", 0))
+
+
+def _d_model(config: Any) -> int:
+    return int(getattr(config, "hidden_size", 0) or getattr(config, "n_embd", 0))
+
+
 def load_lm(
     name: str = "embedded",
     *,
@@ -144,32 +215,14 @@ def load_lm(
     trust_remote_code: bool = False,
 ) -> LoadedLM:
     """Load a causal LM by embedded name, local folder, or hub id (hub only when online)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     torch_dtype = parse_dtype(dtype)
     dev = resolve_device(device)
     online = network_allowed() if online is None else online
-    embedded = name.lower() in EMBEDDED_NAMES
-    if embedded:
-        path, identity_name = str(embedded_model_dir()), EMBEDDED_ID
-    elif Path(name).expanduser().exists():
-        p = Path(name).expanduser()
-        if not (p / "config.json").is_file():
-            raise ModelLoadError(
-                f"{p} exists but holds no config.json; point to a Hugging Face model folder."
-            )
-        path, identity_name = str(p), str(p.resolve())
-    elif online:
-        path, identity_name = name, name
-    else:
-        raise ModelLoadError(
-            f"Model {name!r} is neither 'embedded' nor an existing local folder. To download it from the "
-            "Hugging Face hub, allow the network (--online, or DARKMATTER_ONLINE=1)."
-        )
+    path, identity_name, _ = model_source(name, online)
+    tokenizer, bos = load_tokenizer(name, online=online, trust_remote_code=trust_remote_code)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            path, local_files_only=not online, trust_remote_code=trust_remote_code
-        )
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=torch_dtype, local_files_only=not online, trust_remote_code=trust_remote_code
         )
@@ -178,12 +231,11 @@ def load_lm(
     model.to(dev)  # type: ignore[arg-type]  # transformers' stubs wrap .to for dtype only
     model.eval()
     model.requires_grad_(False)
-    bos = int(tokenizer.convert_tokens_to_ids(EMBEDDED_BOS)) if embedded else tokenizer.bos_token_id  # type: ignore[arg-type]
     identity = {
         "name": identity_name,
         "model_type": model.config.model_type,
-        "n_layers": int(getattr(model.config, "num_hidden_layers", 0) or getattr(model.config, "n_layer", 0)),
-        "d_model": int(getattr(model.config, "hidden_size", 0) or getattr(model.config, "n_embd", 0)),
+        "n_layers": _n_layers(model.config),
+        "d_model": _d_model(model.config),
         "vocab_size": int(model.config.vocab_size),
         "config_sha": _config_digest(model.config),
         "dtype": str(torch_dtype).removeprefix("torch."),

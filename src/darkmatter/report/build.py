@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from darkmatter import atomic
+from darkmatter.report import figures as fg
 from darkmatter.report.drawings import draw_figures
 from darkmatter.report.html import render
 from darkmatter.results import Result, read_result
@@ -21,12 +22,15 @@ def load_results(run_dir: str | Path) -> dict[str, Result]:
     return found
 
 
-def write_report(run_dir: str | Path, *, redraw: bool = False) -> Path:
-    """Draw the figures from the results (all of them with ``redraw``, else those whose result or drawing
-    code changed) and write the self-contained report; returns its path."""
+def write_report(
+    run_dir: str | Path, *, redraw: bool = False, formats: tuple[str, ...] = ("png", "pdf")
+) -> Path:
+    """Draw the figures from the results (all of them with ``redraw``, else those whose result, drawing
+    code or ``formats`` changed) and write the self-contained report; returns its path."""
     run_dir = Path(run_dir)
     results = load_results(run_dir)
-    figures = draw_figures(run_dir, results, redraw=redraw)
+    with fg.formats(formats):
+        figures = draw_figures(run_dir, results, redraw=redraw)
     path = run_dir / "report.html"
     atomic.write_text(path, render(run_dir, results, figures))
     return path

@@ -266,7 +266,8 @@ def draw_figures(
 
 def _fingerprint(run_dir: Path, name: str) -> str:
     result_file = run_dir / "results" / f"{name}.json"
-    return sha256_hex(result_file.read_bytes())[:16] + ":" + drawing_code_digest()
+    kinds = ",".join(fg.style.FORMATS.get())
+    return f"{sha256_hex(result_file.read_bytes())[:16]}:{drawing_code_digest()}:{kinds}"
 
 
 def _all_exist(run_dir: Path, files: dict[str, dict[str, str]]) -> bool:

@@ -384,11 +384,12 @@ def _accuracy(prop: Any) -> str:
 
 def autointerp_section(res: AutoInterpStepResult, figs: Figures, run_dir: Path) -> str:
     rows = []
-    weak, judge = False, ""
+    weak, judge, constrained = False, "", False
     for c, r in res.components.items():
         s = r.summary
         weak = weak or r.weak_judge
         judge = str(r.judge.get("model", judge))
+        constrained = constrained or bool(r.judge.get("constrained"))
         bal = (
             "—"
             if s.balanced_accuracy is None
@@ -414,11 +415,16 @@ def autointerp_section(res: AutoInterpStepResult, figs: Figures, run_dir: Path) 
         "interpretable in every decile, e.g. Q10 0.70 vs 0.66, Q1 0.395 vs 0.365, negatives 0.77 vs 0.75."
     )
     if weak:
+        how = (
+            "its detection answers are decoded under a constraint (0 or 1 per example), so they always "
+            "parse, but its explanations are crude"
+            if constrained
+            else "it often fails to answer in the required format (counted as unparsed)"
+        )
         text += (
-            f" <b>The judge here ({esc(judge)}) is a small model: it often fails to answer in the required "
-            "format (counted as unparsed) and its scores are a smoke test of the pipeline, not a "
-            "measurement. Point error_saes.interp at a strong model through an OpenAI-compatible endpoint "
-            "for real numbers.</b>"
+            f" <b>The judge here ({esc(judge)}) is a small model: {how}; its scores are a smoke test of the "
+            "pipeline, not a measurement. Point error_saes.interp at a strong model through an "
+            "OpenAI-compatible endpoint for real numbers.</b>"
         )
     if res.error:
         text += f" <b>Stopped early: {esc(res.error)}</b>"

@@ -6,10 +6,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from darkmatter.config.schema import StudyConfig
-from darkmatter.errors import StoreError
-from darkmatter.lm.loading import LoadedLM, load_lm
+from darkmatter.errors import ConfigError, StoreError
+from darkmatter.lm.loading import LoadedLM, load_lm, load_tokenizer
 from darkmatter.progress import ProgressFactory, no_progress
 from darkmatter.results import R, read_result
 from darkmatter.sae import SAE
@@ -70,7 +71,18 @@ class RunPaths:
         return self.root / "report.html"
 
     def probe(self, sae_name: str) -> Path:
-        return self.probes / f"{sae_name}.safetensors"
+        return self.inside(self.probes / f"{sae_name}.safetensors")
+
+    def sae(self, sae_name: str) -> Path:
+        """The folder of an SAE the family step trains."""
+        return self.inside(self.saes / sae_name)
+
+    def inside(self, path: Path) -> Path:
+        """``path`` itself, after checking that it resolves inside the run folder (names never escape it)."""
+        root = self.root.resolve()
+        if not Path(path).resolve().is_relative_to(root):
+            raise ConfigError(f"{path} would be written outside the run folder {root}; rename what named it.")
+        return Path(path)
 
     def relative(self, path: Path) -> str:
         """``path`` relative to the run folder (results stay valid when the folder moves)."""
@@ -89,6 +101,7 @@ class StudyContext:
         self.progress: ProgressFactory = progress or no_progress
         self.split: Split = cfg.split
         self._lm: LoadedLM | None = None
+        self._tokenizer: tuple[Any, int | None] | None = None
         self._store: ActivationStore | None = None
         self._saes: dict[str, SAE] | None = None
         self._roles: FamilyRoles | None = None
@@ -106,6 +119,18 @@ class StudyContext:
                 trust_remote_code=m.trust_remote_code,
             )
         return self._lm
+
+    @property
+    def tokenizer(self) -> tuple[Any, int | None]:
+        """(tokenizer, BOS id) of the study's model: the loaded model's, or loaded alone (no weights)."""
+        if self._lm is not None:
+            return self._lm.tokenizer, self._lm.bos_token_id
+        if self._tokenizer is None:
+            m = self.cfg.model
+            self._tokenizer = load_tokenizer(
+                m.name, online=m.online or None, trust_remote_code=m.trust_remote_code
+            )
+        return self._tokenizer
 
     @property
     def store(self) -> ActivationStore:

@@ -39,7 +39,7 @@ from darkmatter.report.figures.style import DPI as DPI
 from darkmatter.report.figures.style import GREEN as GREEN
 from darkmatter.report.figures.style import MISSING as MISSING
 from darkmatter.report.figures.style import ORANGE as ORANGE
-from darkmatter.report.figures.style import PALETTE, save
+from darkmatter.report.figures.style import PALETTE, formats, save
 from darkmatter.report.figures.style import PURPLE as PURPLE
 from darkmatter.report.figures.style import SEQ_CMAP as SEQ_CMAP
 from darkmatter.report.figures.style import SKY as SKY
@@ -48,6 +48,7 @@ from darkmatter.report.figures.style import YELLOW as YELLOW
 
 __all__ = [
     "PALETTE",
+    "formats",
     "plot_ce_recovered",
     "plot_detection_accuracy",
     "plot_earlier_layer_r2",

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -63,8 +65,26 @@ def _styled(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+FORMATS: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("FORMATS", default=("png", "pdf"))
+"""The file formats ``save`` writes; ``formats(...)`` changes them for a block."""
+
+
+@contextlib.contextmanager
+def formats(kinds: tuple[str, ...]) -> Iterator[None]:
+    """Write only ``kinds`` (a subset of png, pdf) in this block."""
+    unknown = set(kinds) - {"png", "pdf"}
+    if unknown or not kinds:
+        raise ValueError(f"figure formats must be a non-empty subset of png, pdf; got {kinds}")
+    token = FORMATS.set(tuple(kinds))
+    try:
+        yield
+    finally:
+        FORMATS.reset(token)
+
+
 def save(fig: Figure, out_dir: Path, stem: str) -> dict[str, Path]:
-    """Write ``fig`` as ``out_dir/stem.png`` (150 dpi) and ``out_dir/stem.pdf``, each whole or not at all.
+    """Write ``fig`` as ``out_dir/stem.png`` (150 dpi) and ``out_dir/stem.pdf`` (see ``formats``), each whole
+    or not at all.
 
     Each file goes through :func:`darkmatter.atomic.target` (temporary file, fsync, rename), so a reader
     never sees a half-written figure, a failure leaves no temporary file and the previous file intact, and
@@ -73,7 +93,7 @@ def save(fig: Figure, out_dir: Path, stem: str) -> dict[str, Path]:
     if not stem or Path(stem).name != stem or stem.startswith("."):
         raise ValueError(f"stem must be a plain file name without directories or a leading dot, got {stem!r}")
     paths: dict[str, Path] = {}
-    for ext in ("png", "pdf"):
+    for ext in FORMATS.get():
         final = Path(out_dir) / f"{stem}.{ext}"
         with atomic.target(final) as tmp, warnings.catch_warnings():
             # Token strings may hold characters (CJK, emoji) that the default font lacks; a box is fine.

@@ -159,10 +159,9 @@ def make_judge(ctx: StudyContext) -> Judge:
             icfg.endpoint_url, icfg.endpoint_model, timeout=icfg.timeout, retries=icfg.retries
         )
     if icfg.local_model == model.name:
-        return LocalJudge.from_lm(ctx.lm)
-    return LocalJudge.from_lm(
-        load_lm(icfg.local_model, device=model.device, dtype=model.dtype, online=model.online or None)
-    )
+        return LocalJudge.from_lm(ctx.lm, constrained=icfg.constrained)
+    judge_lm = load_lm(icfg.local_model, device=model.device, dtype=model.dtype, online=model.online or None)
+    return LocalJudge.from_lm(judge_lm, constrained=icfg.constrained)
 
 
 AUTOINTERP = AutoInterpStep()

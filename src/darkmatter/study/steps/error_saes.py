@@ -23,7 +23,7 @@ class ErrorSAEsStepResult(ErrorSAEsResult):
 
 
 def error_sae_folder(ctx: StudyContext, component: str) -> Path:
-    return ctx.paths.error_saes / component
+    return ctx.paths.inside(ctx.paths.error_saes / component)
 
 
 def load_error_saes(ctx: StudyContext) -> dict[str, SAE]:

@@ -74,7 +74,7 @@ def _train(
     saes: dict[str, SAE] = {}
     paths: dict[str, str] = {}
     for spec, sae in zip(trainer.specs, trained, strict=True):
-        folder = save_sae(sae, ctx.paths.saes / spec.name)
+        folder = save_sae(sae, ctx.paths.sae(spec.name))
         saes[spec.name] = load_sae(folder)  # exactly what a resumed run will load
         paths[spec.name] = ctx.paths.relative(folder)
     histories = {m.spec.name: m.history for m in trainer.members}

@@ -65,7 +65,8 @@ class HarvestStep(Step[HarvestResult]):
     def run(self, ctx: StudyContext) -> HarvestResult:
         t0 = time.perf_counter()
         cfg = ctx.cfg
-        contexts = make_contexts(cfg.text, ctx.lm.tokenizer, ctx.lm.bos_token_id)
+        tokenizer, bos = ctx.tokenizer  # the text is checked before the model's weights load
+        contexts = make_contexts(cfg.text, tokenizer, bos)
         rates: list[float] = []
         bar = ctx.progress("harvest")
 
