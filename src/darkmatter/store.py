@@ -100,6 +100,7 @@ class ActivationStore:
             if store.manifest["identity_hash"] != key:
                 raise StoreError(_mismatch_message(root, store.manifest["identity"], identity))
             store._remove_unlisted_shards()
+            store._forget_missing_shards()
             return store
         if root.exists() and any(root.iterdir()):
             raise StoreError(
@@ -133,6 +134,14 @@ class ActivationStore:
         for p in shard_dir.iterdir():
             if f"{SHARD_DIR}/{p.name}" not in listed:
                 p.unlink()
+
+    def _forget_missing_shards(self) -> None:
+        """Drop manifest entries whose shard file is gone, so the harvest recomputes exactly those."""
+        missing = set(self.missing_shards())
+        if missing:
+            self.manifest["shards"] = [s for s in self.manifest["shards"] if s["file"] not in missing]
+            self.manifest["complete"] = False
+            atomic.write_json(self.root / MANIFEST, self.manifest)
 
     # -- identity -------------------------------------------------------------------------------------
     @property

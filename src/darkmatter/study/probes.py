@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as st_save
 
 from darkmatter import atomic
+from darkmatter.errors import StoreError
 
 Probe = tuple[torch.Tensor, torch.Tensor]
 """(weights [d, d], bias [d])."""
@@ -22,5 +23,10 @@ def save_probe(path: Path, weights: torch.Tensor, bias: torch.Tensor) -> None:
 
 def load_probe(path: Path) -> Probe:
     """(weights [d, d], bias [d]) of a saved error probe."""
-    tensors = load_file(str(path))
-    return tensors["weights"], tensors["bias"]
+    try:
+        tensors = load_file(str(path))
+        return tensors["weights"], tensors["bias"]
+    except Exception as exc:  # safetensors' own errors, or a file without the two tensors
+        raise StoreError(
+            f"Error probe {path} cannot be read ({exc.__class__.__name__}); delete it and run again to refit."
+        ) from exc

@@ -23,6 +23,7 @@ from darkmatter.experiments.probe_latents import probe_latents
 from darkmatter.results import Number, Result
 from darkmatter.study.context import StudyContext
 from darkmatter.study.probes import save_probe
+from darkmatter.study.readable import parquet_ok, safetensors_ok
 from darkmatter.study.step import Step
 from darkmatter.study.steps.family import FAMILY
 
@@ -132,8 +133,8 @@ class EngineStep(Step[EngineResult]):
         return {"seed": cfg.seed}
 
     def is_current(self, ctx: StudyContext, result: EngineResult) -> bool:
-        files = [ctx.paths.token_table, norm_grams_path(ctx)] + [ctx.paths.probe(s.name) for s in result.saes]
-        return all(p.is_file() for p in files)
+        tensors = [norm_grams_path(ctx)] + [ctx.paths.probe(s.name) for s in result.saes]
+        return parquet_ok(ctx.paths.token_table) and all(safetensors_ok(p) for p in tensors)
 
     def run(self, ctx: StudyContext) -> EngineResult:
         saes, roles = ctx.saes, ctx.roles

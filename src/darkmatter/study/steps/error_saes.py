@@ -12,6 +12,7 @@ from darkmatter.config.schema import StudyConfig
 from darkmatter.experiments.error_saes import ErrorSAEsResult, train_error_saes
 from darkmatter.sae import SAE, load_sae, save_sae
 from darkmatter.study.context import StudyContext
+from darkmatter.study.readable import sae_folder_ok
 from darkmatter.study.step import Step
 from darkmatter.study.steps.engine import ENGINE
 
@@ -44,7 +45,7 @@ class ErrorSAEsStep(Step[ErrorSAEsStepResult]):
         return {"error_saes": cfg.error_saes.model_dump(mode="json", exclude={"interp", "enabled"})}
 
     def is_current(self, ctx: StudyContext, result: ErrorSAEsStepResult) -> bool:
-        return all(error_sae_folder(ctx, c).is_dir() for c in result.components)
+        return all(sae_folder_ok(error_sae_folder(ctx, c)) for c in result.components)
 
     def run(self, ctx: StudyContext) -> ErrorSAEsStepResult:
         settings = ctx.cfg.error_saes

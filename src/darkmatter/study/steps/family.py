@@ -12,6 +12,7 @@ from darkmatter.sae.quality import evaluate_saes
 from darkmatter.sae.train import FamilyTrainer, TrainingPoint
 from darkmatter.study.context import StudyContext
 from darkmatter.study.family_saes import FamilyResult, SAERecord, load_external, trained_paths
+from darkmatter.study.readable import sae_folder_ok
 from darkmatter.study.step import Step
 from darkmatter.study.steps.harvest import HARVEST
 
@@ -31,7 +32,7 @@ class FamilyStep(Step[FamilyResult]):
         }
 
     def is_current(self, ctx: StudyContext, result: FamilyResult) -> bool:
-        return all(p.is_dir() for p in trained_paths(ctx.paths.root, result).values())
+        return all(sae_folder_ok(p) for p in trained_paths(ctx.paths.root, result).values())
 
     def run(self, ctx: StudyContext) -> FamilyResult:
         t0 = time.perf_counter()

@@ -60,7 +60,8 @@ class HarvestStep(Step[HarvestResult]):
     def is_current(self, ctx: StudyContext, result: HarvestResult) -> bool:
         if not (ctx.paths.store / MANIFEST).is_file():
             return False
-        return ActivationStore.open(ctx.paths.store).complete
+        store = ActivationStore.open(ctx.paths.store)
+        return store.complete and not store.missing_shards()
 
     def run(self, ctx: StudyContext) -> HarvestResult:
         t0 = time.perf_counter()
