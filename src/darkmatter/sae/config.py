@@ -94,6 +94,10 @@ class SAEConfig:
                 f"expected one of {', '.join(NORMALIZATIONS)}."
             )
         self._check_k()
+        for name in ("hook_site", "model_name", "source_format"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise SAEFormatError(f"SAE config: {name} must be a string, got {type(value).__name__}.")
         scale = self.input_scale
         if (
             isinstance(scale, bool)

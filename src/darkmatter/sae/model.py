@@ -163,6 +163,7 @@ class SAE(nn.Module):
                 raise SAEFormatError(f"Tensor {name} has dtype {tensor.dtype}; expected a floating dtype.")
         if "threshold" not in expected and self.threshold is not None:
             raise SAEFormatError(f"A {self.cfg.activation} SAE has no threshold, but one is set.")
+        self._check_input_scale()
         for name, tensor in self.named_tensors():
             bad = count_nonfinite(tensor)
             if bad:
@@ -170,6 +171,16 @@ class SAE(nn.Module):
                     f"Tensor {name} ({dtype_name(tensor.dtype)}) has {bad} NaN or infinite values out of "
                     f"{tensor.numel()}; the SAE file is damaged or overflowed when cast to a smaller dtype."
                 )
+
+    def _check_input_scale(self) -> None:
+        """``input_scale`` and its inverse must be finite and non-zero in the SAE's dtype (DataError)."""
+        scale = self.cfg.input_scale
+        both = torch.tensor([scale, 1.0 / scale], dtype=torch.float64).to(self.dtype)
+        if not bool(torch.isfinite(both).all()) or bool((both == 0).any()):
+            raise DataError(
+                f"input_scale={scale:.6g} over- or underflows in {dtype_name(self.dtype)}; the SAE's "
+                f"scaling (an average activation norm or norm factor) is damaged or implausible."
+            )
 
     def check_input_width(self, d: int, site: str) -> None:
         """Raise ShapeError unless activations of width ``d`` at ``site`` fit this SAE."""

@@ -21,6 +21,8 @@ from darkmatter.sae.formats._common import (
     Converted,
     SAEFormat,
     canonical_hook_site,
+    check_plausible,
+    one_line,
 )
 from darkmatter.sae.model import SAE, parse_dtype
 
@@ -44,6 +46,11 @@ _MAX_LISTED = 20
 def known_layouts() -> str:
     """One line per format, for error messages."""
     return "\n".join(f"  - {fmt.name}: {fmt.layout}" for fmt in FORMATS.values())
+
+
+def _layouts_inline() -> str:
+    """All layouts on one line, for one-line error messages."""
+    return "; ".join(f"{fmt.name}: {fmt.layout}" for fmt in FORMATS.values())
 
 
 def detect_format(path: str | Path) -> SAEFormat | None:
@@ -113,9 +120,8 @@ def _pick(path: Path, fmt_name: str | None, hookpoint: str | None) -> tuple[Path
         return target, FORMATS[fmt_name]
     fmt = detect_format(target)
     if fmt is None:
-        raise SAEFormatError(
-            f"{target}: no known SAE layout. Found: {_listing(target)}. Known layouts:\n{known_layouts()}"
-        )
+        found = f"{target}: no known SAE layout. Found: {_listing(target)}."
+        raise SAEFormatError(one_line(f"{found} Known layouts: {_layouts_inline()}.", 2000))
     return target, fmt
 
 
@@ -153,6 +159,7 @@ def _download(text: str) -> Path:
 
 def _build(converted: Converted, dtype: torch.dtype | None, device: Any) -> SAE:
     sae = SAE.from_tensors(converted.cfg, converted.tensors, dtype=dtype or converted.dtype)
+    check_plausible(sae)
     return sae.to(device) if device is not None else sae
 
 
@@ -176,7 +183,7 @@ def load_sae(
     try:
         return _build(fmt.load(target), parse_dtype(dtype), device)
     except DarkMatterError as err:
-        raise type(err)(f"Cannot load {target} as {fmt.name}: {err}") from err
+        raise type(err)(one_line(f"Cannot load {target} as {fmt.name}: {err}", 2000)) from err
 
 
 def save_sae(sae: SAE, path: str | Path) -> Path:

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 import pickle
 import re
+import struct
+import sys
+import warnings
 import zipfile
+import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +23,8 @@ from safetensors import SafetensorError
 from torch import Tensor
 
 from darkmatter import atomic
-from darkmatter.errors import SAEFormatError
-from darkmatter.sae.model import SAEConfig
+from darkmatter.errors import DataError, SAEFormatError
+from darkmatter.sae.model import SAE, SAEConfig
 
 # --------------------------------------------------------------------------- file names, in one place
 
@@ -85,6 +90,54 @@ class SAEFormat:
 
 # --------------------------------------------------------------------------- safe readers
 
+# What a damaged file makes each reader raise (torch's weights-only unpickler and zipfile are pure Python
+# over untrusted bytes, so a flipped byte can surface as almost any of these).
+_CORRUPT_ZIP = (
+    zipfile.BadZipFile,
+    zlib.error,
+    struct.error,
+    EOFError,
+    OSError,
+    ValueError,
+    KeyError,
+    IndexError,
+    TypeError,
+    NotImplementedError,
+    OverflowError,
+    MemoryError,
+    RuntimeError,  # zipfile: "File ... is encrypted"; torch: PytorchStreamReader failures
+)
+_CORRUPT_PICKLE = (
+    *_CORRUPT_ZIP,
+    pickle.UnpicklingError,
+    AttributeError,
+    RecursionError,
+)
+_CODE_REFUSAL = re.compile(r"global|class|reduce|instantiate", re.IGNORECASE)
+_MAX_SHOWN = 80
+
+
+def one_line(text: object, limit: int = 300) -> str:
+    """``text`` with whitespace runs collapsed to single spaces, cut at ``limit`` characters."""
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+def show(value: Any) -> str:
+    """A short one-line ``repr`` of a config value or tensor, for error messages."""
+    if isinstance(value, Tensor):
+        return f"a {dtype_label(value)} tensor of shape {tuple(value.shape)}"
+    return one_line(repr(value), _MAX_SHOWN)
+
+
+def dtype_label(value: Tensor) -> str:
+    """``torch.float32`` -> ``float32``."""
+    return str(value.dtype).removeprefix("torch.")
+
+
+def _reason(err: BaseException) -> str:
+    return one_line(f"{type(err).__name__}: {err}", 200)
+
 
 def read_json(path: Path) -> dict[str, Any]:
     """A JSON object from ``path``, or SAEFormatError naming the file."""
@@ -92,8 +145,8 @@ def read_json(path: Path) -> dict[str, Any]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as err:
         raise SAEFormatError(f"{path}: file not found.") from err
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise SAEFormatError(f"{path}: not a readable JSON file ({err}).") from err
+    except (OSError, ValueError, RecursionError) as err:  # ValueError covers JSON and UTF-8 errors
+        raise SAEFormatError(f"{path}: not a readable JSON file ({_reason(err)}).") from err
     if not isinstance(data, dict):
         raise SAEFormatError(f"{path}: expected a JSON object, found {type(data).__name__}.")
     return data
@@ -102,49 +155,76 @@ def read_json(path: Path) -> dict[str, Any]:
 def read_safetensors(path: Path) -> dict[str, Tensor]:
     """All tensors of a safetensors file; a truncated or corrupt file is an SAEFormatError naming it."""
     if not path.is_file():
-        raise SAEFormatError(f"{path}: file not found.")
+        raise SAEFormatError(f"{path}: file not found (or not a file).")
     try:
         return safetensors.torch.load_file(str(path), device="cpu")
-    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise SAEFormatError(f"{path}: corrupt or truncated safetensors file ({err}).") from err
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError, MemoryError) as err:
+        raise SAEFormatError(f"{path}: corrupt or truncated safetensors file ({_reason(err)}).") from err
 
 
 def read_npz(path: Path) -> dict[str, Tensor]:
-    """All arrays of an ``.npz`` file as tensors; object arrays (pickles) are refused."""
+    """All arrays of an ``.npz`` file as tensors; object arrays (pickles) are refused, never unpickled."""
     if not path.is_file():
-        raise SAEFormatError(f"{path}: file not found.")
+        raise SAEFormatError(f"{path}: file not found (or not a file).")
     try:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {name: np.asarray(npz[name]) for name in npz.files}
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as err:
-        raise SAEFormatError(f"{path}: corrupt or truncated .npz file ({err}).") from err
-    return {name: torch.from_numpy(np.ascontiguousarray(a)) for name, a in arrays.items()}
+    except _CORRUPT_ZIP as err:
+        raise SAEFormatError(f"{path}: corrupt or truncated .npz file ({_reason(err)}).") from err
+    return {name: _numeric_tensor(a, name, path) for name, a in arrays.items()}
+
+
+def _numeric_tensor(array: np.ndarray, name: str, path: Path) -> Tensor:
+    """``array`` as a tensor (byte-swapped to native order first when stored big-endian)."""
+    if array.dtype.kind not in "biufc":
+        raise SAEFormatError(
+            f"{path}: array {name!r} has dtype {array.dtype} ({array.dtype.kind!r}); expected numbers."
+        )
+    if not array.dtype.isnative:
+        array = array.astype(array.dtype.newbyteorder("="))
+    try:
+        return torch.from_numpy(np.ascontiguousarray(array))
+    except TypeError as err:  # numbers torch has no dtype for (float128, ...)
+        raise SAEFormatError(
+            f"{path}: array {name!r} has dtype {array.dtype}, which torch cannot hold."
+        ) from err
+
+
+def _torch_load(path: Path, *, mmap: bool = False) -> Any:
+    """``torch.load`` restricted to tensors and plain containers, without torch's warning about the pickle
+    protocol of a damaged file (the error that follows says what is wrong)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
 
 
 def read_torch(path: Path) -> Any:
     """Unpickle ``path`` with ``weights_only=True``: tensors and plain containers only, never code."""
     if not path.is_file():
-        raise SAEFormatError(f"{path}: file not found.")
+        raise SAEFormatError(f"{path}: file not found (or not a file).")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return _torch_load(path)
     except pickle.UnpicklingError as err:
-        if "weights only" in str(err).lower() or "weights_only" in str(err).lower():
+        detail = (str(err).partition("WeightsUnpickler error:")[2].strip().splitlines() or [""])[0]
+        if _CODE_REFUSAL.search(detail):  # a global or class the allow-list refuses, not broken bytes
             raise SAEFormatError(
                 f"{path}: refused to unpickle. The file holds Python objects other than tensors and plain "
                 f"containers (str, int, float, dict, list), and loading it would execute code. If you trust "
                 f"it, convert it once in a separate process: sd = torch.load(path, weights_only=False); keep "
                 f"only tensors, numbers and strings; torch.save(sd, new_path); then load new_path."
             ) from err
-        raise SAEFormatError(f"{path}: corrupt or truncated torch file ({err}).") from err
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as err:
-        raise SAEFormatError(f"{path}: corrupt or truncated torch file ({err}).") from err
+        raise SAEFormatError(
+            f"{path}: corrupt or truncated torch file ({one_line(detail or err, 200)})."
+        ) from err
+    except _CORRUPT_PICKLE as err:
+        raise SAEFormatError(f"{path}: corrupt or truncated torch file ({_reason(err)}).") from err
 
 
 def peek_torch_keys(path: Path) -> set[str] | None:
     """Top-level keys of a torch checkpoint (memory-mapped, safe), or None when it cannot be read."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile):
+        obj = _torch_load(path, mmap=True)
+    except _CORRUPT_PICKLE:
         return None
     return {str(k) for k in obj} if isinstance(obj, Mapping) else None
 
@@ -159,25 +239,70 @@ def require(cfg: Mapping[str, Any], key: str, source: Path | str) -> Any:
     return cfg[key]
 
 
+_MAX_INT = 2**53  # no real size comes near it; below it every int converts to a float exactly
+
+
 def as_int(value: Any, key: str, source: Path | str) -> int:
-    """A positive int config value (``4096.0`` is accepted), or SAEFormatError."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0 or int(value) != value:
-        raise SAEFormatError(f"{source}: {key} must be a positive integer, got {value!r}.")
+    """A positive int config value (``4096.0`` is accepted) below 2**53, or SAEFormatError."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or (isinstance(value, float) and not math.isfinite(value))
+        or not 0 < value <= _MAX_INT
+        or int(value) != value
+    ):
+        raise SAEFormatError(f"{source}: {key} must be a positive integer (<= 2**53), got {show(value)}.")
     return int(value)
 
 
-def take(tensors: Mapping[str, Tensor], key: str, shape: tuple[int, ...], source: Path | str) -> Tensor:
+def filled(n: int, value: float) -> Tensor:
+    """A float32 ``[n]`` tensor of ``value``; beyond float32's range it is inf (then a DataError)."""
+    return torch.full((n,), value, dtype=torch.float64).float()
+
+
+def as_name(value: Any, key: str, source: Path | str) -> str | None:
+    """A string config value (a hook or model name), ``None`` when absent, or SAEFormatError."""
+    if value is None or isinstance(value, str):
+        return value
+    raise SAEFormatError(f"{source}: {key} must be a string, got {show(value)}.")
+
+
+def as_mapping(value: Any, key: str, source: Path | str) -> Mapping[str, Any]:
+    """A JSON object config value (``{}`` when absent), or SAEFormatError."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise SAEFormatError(f"{source}: {key} must be an object, got {show(value)}.")
+    return value
+
+
+def as_flag(value: Any, key: str, source: Path | str, default: bool) -> bool:
+    """A boolean config value (``0``/``1`` accepted; ``default`` when absent), or SAEFormatError."""
+    if value is None:
+        return default
+    if isinstance(value, bool) or (isinstance(value, int) and value in (0, 1)):
+        return bool(value)
+    raise SAEFormatError(f"{source}: {key} must be true or false, got {show(value)}.")
+
+
+def take(tensors: Mapping[str, Any], key: str, shape: tuple[int, ...], source: Path | str) -> Tensor:
     """``tensors[key]`` checked against ``shape`` from the config (never trusting a transpose)."""
     if key not in tensors:
-        raise SAEFormatError(f"{source}: tensor {key!r} is missing; found {sorted(tensors)}.")
+        raise SAEFormatError(
+            f"{source}: tensor {key!r} is missing; found {one_line(sorted(map(str, tensors)))}."
+        )
     value = tensors[key]
+    if not isinstance(value, Tensor):
+        raise SAEFormatError(f"{source}: {key!r} must be a tensor, found {type(value).__name__}.")
     if tuple(value.shape) != shape:
         raise SAEFormatError(
             f"{source}: tensor {key!r} has shape {tuple(value.shape)}, but the config implies {shape}. "
             f"The config contradicts the weights (or the tensor is stored transposed)."
         )
     if not value.dtype.is_floating_point:
-        raise SAEFormatError(f"{source}: tensor {key!r} has dtype {value.dtype}; expected floating point.")
+        raise SAEFormatError(
+            f"{source}: tensor {key!r} has dtype {dtype_label(value)}; expected floating point."
+        )
     return value
 
 
@@ -187,9 +312,38 @@ def scalar(value: Any, key: str, source: Path | str) -> float:
         if value.numel() != 1:
             raise SAEFormatError(f"{source}: {key} must be a scalar, got shape {tuple(value.shape)}.")
         value = value.item()
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
-        raise SAEFormatError(f"{source}: {key} must be a finite number, got {value!r}.")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or abs(value) > sys.float_info.max  # an int too large for a float
+        or not math.isfinite(value)
+    ):
+        raise SAEFormatError(f"{source}: {key} must be a finite number, got {show(value)}.")
     return float(value)
+
+
+PLAUSIBLE = 1e10
+"""No trained SAE parameter or input scale comes near this magnitude; a flipped exponent bit does."""
+
+
+def check_plausible(sae: SAE) -> None:
+    """DataError when a parameter or the input scale is finite but too large (or small) to be real.
+
+    Such values pass the finiteness check but overflow the first time the SAE is used.
+    """
+    scale = sae.cfg.input_scale
+    if not 1 / PLAUSIBLE <= scale <= PLAUSIBLE:
+        raise DataError(
+            f"input_scale={scale:.6g} is implausible (expected between 1e-10 and 1e10); the SAE's scaling "
+            f"(an average activation norm or norm factor) is damaged."
+        )
+    for name, tensor in sae.named_tensors():
+        low, high = (float(v) for v in torch.aminmax(tensor.detach()))
+        if max(-low, high) > PLAUSIBLE:
+            raise DataError(
+                f"Tensor {name} holds values up to {max(-low, high):.3g} in magnitude; trained weights stay "
+                f"far below 1e10, so the file is damaged (a flipped exponent bit?)."
+            )
 
 
 def storage_dtype(value: Tensor) -> torch.dtype:
@@ -200,6 +354,12 @@ def storage_dtype(value: Tensor) -> torch.dtype:
 def wide(value: Tensor) -> Tensor:
     """At least float32, for exact rewrites of half-precision weights."""
     return value if value.dtype in (torch.float32, torch.float64) else value.float()
+
+
+def widen_all(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """All tensors in one dtype of at least float32 (float64 when any is): matmuls need one dtype."""
+    dtype = torch.float64 if any(v.dtype == torch.float64 for v in tensors.values()) else torch.float32
+    return {k: v.to(dtype) for k, v in tensors.items()}
 
 
 def unsupported(source: Path | str, what: str, hint: str = "") -> SAEFormatError:
@@ -222,7 +382,7 @@ def unit_decoder_norm(tensors: dict[str, Tensor], *, scale_threshold: bool) -> d
     report ``code_i * n_i`` (dictionary_learning JumpReLU) need ``threshold[i] *= n_i`` (``scale_threshold``).
     A latent with an all-zero decoder row gets an all-zero encoder column: it never fires, as in the source.
     """
-    out = {k: wide(v) for k, v in tensors.items()}
+    out = widen_all(tensors)
     norms = out["W_dec"].norm(dim=1)  # [d_sae]
     out["W_enc"] = out["W_enc"] * norms
     out["b_enc"] = out["b_enc"] * norms
@@ -234,7 +394,7 @@ def unit_decoder_norm(tensors: dict[str, Tensor], *, scale_threshold: bool) -> d
 
 def fold_b_dec_into_b_enc(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     """``(x - b_dec) @ W_enc + b_enc == x @ W_enc + (b_enc - b_dec @ W_enc)``: drop the input subtraction."""
-    out = {k: wide(v) for k, v in tensors.items()}
+    out = widen_all(tensors)
     out["b_enc"] = out["b_enc"] - out["b_dec"] @ out["W_enc"]
     return out
 

@@ -42,6 +42,9 @@ from darkmatter.sae.formats._common import (
     Converted,
     SAEFormat,
     as_int,
+    as_mapping,
+    as_name,
+    filled,
     peek_torch_keys,
     read_json,
     read_torch,
@@ -159,7 +162,7 @@ def _thresholded(tensors: dict[str, Tensor], state: Mapping[str, Tensor], src: P
     if value < 0:
         return _Parts("topk", tensors, apply_b_dec_to_input=True, k=k, metadata={"threshold_unset": True})
     n = tensors["b_enc"].shape[0]
-    tensors = {**tensors, "threshold": torch.full((n,), value, dtype=torch.float32)}
+    tensors = {**tensors, "threshold": filled(n, value)}
     return _Parts("batchtopk", tensors, apply_b_dec_to_input=True, k=k)
 
 
@@ -170,7 +173,8 @@ def _batch_topk(state: Mapping[str, Tensor], src: Path) -> _Parts:
 def _matryoshka(state: Mapping[str, Tensor], src: Path) -> _Parts:
     parts = _thresholded(_canonical(state, src, threshold_vector=False), state, src)
     if "group_sizes" in state:
-        parts.metadata["group_sizes"] = [int(g) for g in state["group_sizes"].reshape(-1).tolist()]
+        sizes = state["group_sizes"].reshape(-1)
+        parts.metadata["group_sizes"] = [as_int(g, "group_sizes", src) for g in sizes.tolist()]
     return parts
 
 
@@ -253,7 +257,7 @@ def load(path: Path) -> Converted:
     state, trainer, norm_factor = _unpack(read_torch(file), file)
     if (file.parent / CONFIG_JSON).is_file():
         config = read_json(file.parent / CONFIG_JSON)
-        trainer = dict(config.get("trainer") or {}) or trainer
+        trainer = dict(as_mapping(config.get("trainer"), "trainer", file.parent / CONFIG_JSON)) or trainer
     dict_class = str(trainer.get("dict_class") or _infer_class(set(state), file))
     if dict_class == "GatedAutoEncoder":
         raise unsupported(file, "a gated SAE (GatedAutoEncoder)", "Convert it to JumpReLU.")
@@ -276,7 +280,7 @@ def load(path: Path) -> Converted:
         apply_b_dec_to_input=parts.apply_b_dec_to_input,
         input_scale=1.0 / norm_factor if norm_factor is not None else 1.0,
         hook_site=_site(trainer),
-        model_name=trainer.get("lm_name"),
+        model_name=as_name(trainer.get("lm_name"), "trainer.lm_name", file),
         source_format="dictionary_learning",
         metadata=metadata,
     )

@@ -28,7 +28,9 @@ from darkmatter.sae.formats._common import (
     GEMMA_SCOPE_NPZ,
     Converted,
     SAEFormat,
+    as_flag,
     as_int,
+    as_name,
     canonical_hook_site,
     read_json,
     read_npz,
@@ -42,11 +44,11 @@ from darkmatter.sae.model import SAEConfig
 
 _NAMES = ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")
 _LAYER = re.compile(r"^layer_(\d+)$")
-_WIDTH = re.compile(r"^width_(\d+)([km])$")
+_WIDTH = re.compile(r"^width_([1-9]\d*)([km])$")
 _L0 = re.compile(r"^average_l0_(\d+)$")
 _REPO = re.compile(r"gemma-scope-(\d+b)-(pt|it)-(res|mlp|att|transcoders)(?![\w])")
 _V1_SITES = {"res": "hook_resid_post", "mlp": "hook_mlp_out", "att": "attn.hook_z"}
-_V2_FOLDER = re.compile(r"^layer_(\d+)_width_(\d+[km])_l0_([a-z0-9]+)(_affine)?$")
+_V2_FOLDER = re.compile(r"^layer_(\d+)_width_([1-9]\d*[km])_l0_([a-z0-9]+)(_affine)?$")
 _V2_CATEGORY = re.compile(r"^(resid_post|mlp_out|attn_out|transcoder)(_all)?$")
 _V2_SITES = {"resid_post": "hook_resid_post", "mlp_out": "hook_mlp_out", "attn_out": "hook_attn_out"}
 
@@ -163,11 +165,13 @@ def detect_v2(path: Path) -> bool:
 
 
 def _v2_refuse_transcoders(config: dict[str, Any], path: Path) -> None:
-    hook_in, hook_out = config.get("hf_hook_point_in"), config.get("hf_hook_point_out")
+    src = path / CONFIG_JSON
+    hook_in = as_name(config.get("hf_hook_point_in"), "hf_hook_point_in", src)
+    hook_out = as_name(config.get("hf_hook_point_out"), "hf_hook_point_out", src)
     category = _V2_CATEGORY.match(path.parent.name)
     is_transcoder = (
         config.get("type", "sae") not in ("sae", None)
-        or bool(config.get("affine_connection"))
+        or as_flag(config.get("affine_connection"), "affine_connection", src, False)
         or (hook_out is not None and hook_out != hook_in)
         or (category is not None and category.group(1) == "transcoder")
     )
@@ -200,8 +204,8 @@ def load_v2(path: Path) -> Converted:
         _check_width(
             {"width": width_from_label(folder.group(2)), "width_label": folder.group(2)}, d_sae, file
         )
-    model = config.get("model_name")
-    if isinstance(model, str) and "/" not in model:
+    model = as_name(config.get("model_name"), "model_name", path / CONFIG_JSON)
+    if model is not None and "/" not in model:
         model = f"google/{model}"
     hook_in = config.get("hf_hook_point_in")
     site = _v2_site(config, path)

@@ -25,6 +25,7 @@ the lm_saes code above instead.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,8 +41,12 @@ from darkmatter.sae.formats._common import (
     LLAMASCOPIUM_WEIGHTS,
     Converted,
     SAEFormat,
+    as_flag,
     as_int,
+    as_mapping,
+    as_name,
     canonical_hook_site,
+    filled,
     fold_b_dec_into_b_enc,
     read_json,
     read_safetensors,
@@ -88,20 +93,22 @@ def _sizes(cfg: dict[str, Any], src: Path) -> tuple[int, int]:
 
 
 def _refuse_transcoder(cfg: dict[str, Any], src: Path) -> None:
-    hook_in, hook_out = cfg.get("hook_point_in"), cfg.get("hook_point_out")
+    hook_in = as_name(cfg.get("hook_point_in"), "hook_point_in", src)
+    hook_out = as_name(cfg.get("hook_point_out"), "hook_point_out", src)
     if hook_out is not None and hook_out != hook_in:
         raise unsupported(
             src, f"a transcoder ({hook_in} -> {hook_out})", "Only SAEs that reconstruct their input are."
         )
 
 
-def _spec(cfg: dict[str, Any], src: Path, norms: dict[str, Any], source_format: str) -> _Spec:
+def _spec(cfg: dict[str, Any], src: Path, norms: Mapping[str, Any], source_format: str) -> _Spec:
+    """What ``cfg`` says; call ``_refuse_transcoder`` first (it checks the hook names are strings)."""
     d_model, d_sae = _sizes(cfg, src)
     hook_in = cfg.get("hook_point_in")
     hook_out = cfg.get("hook_point_out") or hook_in
     norm_in = norms.get("in", norms.get(hook_in)) if hook_in is not None else norms.get("in")
     norm_out = norms.get("out", norms.get(hook_out)) if hook_out is not None else norms.get("out")
-    use_bias = bool(cfg.get("use_decoder_bias", True))
+    use_bias = as_flag(cfg.get("use_decoder_bias"), "use_decoder_bias", src, True)
     return _Spec(
         d_model=d_model,
         d_sae=d_sae,
@@ -110,9 +117,14 @@ def _spec(cfg: dict[str, Any], src: Path, norms: dict[str, Any], source_format: 
         norm_activation=str(cfg.get("norm_activation", "dataset-wise")),
         norm_in=scalar(norm_in, "average activation norm (in)", src) if norm_in is not None else None,
         norm_out=scalar(norm_out, "average activation norm (out)", src) if norm_out is not None else None,
-        include_decoder_norm=bool(cfg.get("sparsity_include_decoder_norm", True)),
+        include_decoder_norm=as_flag(
+            cfg.get("sparsity_include_decoder_norm"), "sparsity_include_decoder_norm", src, True
+        ),
         use_decoder_bias=use_bias,
-        subtract_b_dec=use_bias and bool(cfg.get("apply_decoder_bias_to_pre_encoder", False)),
+        subtract_b_dec=use_bias
+        and as_flag(
+            cfg.get("apply_decoder_bias_to_pre_encoder"), "apply_decoder_bias_to_pre_encoder", src, False
+        ),
         hook_in=hook_in,
         source_format=source_format,
     )
@@ -208,8 +220,8 @@ def load_v1(path: Path) -> Converted:
     src = path / LLAMA_SCOPE_HYPERPARAMS
     hp = read_json(src)
     _refuse_transcoder(hp, src)
-    norms = hp.get("dataset_average_activation_norm") or {}
-    spec = _spec(hp, src, norms if isinstance(norms, dict) else {}, "llama_scope")
+    norms = as_mapping(hp.get("dataset_average_activation_norm"), "dataset_average_activation_norm", src)
+    spec = _spec(hp, src, norms, "llama_scope")
     weights = path / LLAMA_SCOPE_WEIGHTS
     raw = read_safetensors(weights)
     d, n = spec.d_model, spec.d_sae
@@ -222,7 +234,7 @@ def load_v1(path: Path) -> Converted:
     threshold = None
     if spec.act_fn == "jumprelu":
         value = scalar(require(hp, "jump_relu_threshold", src), "jump_relu_threshold", src)
-        threshold = torch.full((n,), value, dtype=torch.float32)
+        threshold = filled(n, value)
     return _convert(spec, tensors, threshold, src)
 
 
@@ -243,8 +255,10 @@ def _v2_state(file: Path) -> dict[str, Tensor]:
         return read_safetensors(file)
     obj = read_torch(file)
     state = obj.get("sae", obj) if isinstance(obj, dict) else None
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise SAEFormatError(f"{file}: expected a state dict of tensors (optionally under 'sae').")
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()
+    ):
+        raise SAEFormatError(f"{file}: expected a state dict of named tensors (optionally under 'sae').")
     return state
 
 
@@ -261,9 +275,11 @@ def load_v2(path: Path) -> Converted:
     if weights is None:
         raise SAEFormatError(f"{path}: no weights file; expected one of {list(LLAMASCOPIUM_WEIGHTS)}.")
     raw = _v2_state(weights)
-    norms = {k.removeprefix(_NORM_PREFIX): v for k, v in raw.items() if k.startswith(_NORM_PREFIX)}
-    if not norms and isinstance(cfg.get("dataset_average_activation_norm"), dict):
-        norms = cfg["dataset_average_activation_norm"]
+    norms: Mapping[str, Any] = {
+        k.removeprefix(_NORM_PREFIX): v for k, v in raw.items() if k.startswith(_NORM_PREFIX)
+    }
+    if not norms:
+        norms = as_mapping(cfg.get("dataset_average_activation_norm"), "dataset_average_activation_norm", src)
     spec = _spec(cfg, src, norms, "llamascopium")
     d, n = spec.d_model, spec.d_sae
     tensors = {

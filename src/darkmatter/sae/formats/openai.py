@@ -26,6 +26,7 @@ from darkmatter.sae.formats._common import (
     as_int,
     peek_torch_keys,
     read_torch,
+    show,
     storage_dtype,
     take,
     unsupported,
@@ -64,16 +65,18 @@ def _site(path: Path) -> tuple[str | None, dict[str, Any]]:
 
 def _activation(state: Mapping[str, Any], src: Path) -> tuple[str, int | None]:
     name = state.get("activation", "ReLU")
+    if not isinstance(name, str):
+        raise SAEFormatError(f"{src}: 'activation' must be a string such as 'TopK', got {show(name)}.")
     if name == "ReLU":
         return "relu", None
     if name != "TopK":
         raise unsupported(src, f"activation {name!r}", "Only TopK and ReLU are.")
-    extra = state.get("activation_state_dict") or {}
+    extra = state.get("activation_state_dict")
     if not isinstance(extra, Mapping) or "k" not in extra:
         raise SAEFormatError(f"{src}: a TopK checkpoint needs activation_state_dict['k'].")
     postact = extra.get("postact_fn", "ReLU")
-    if postact != "ReLU":
-        raise unsupported(src, f"TopK with postact_fn {postact!r}", "Only ReLU after the top-k is.")
+    if not isinstance(postact, str) or postact != "ReLU":
+        raise unsupported(src, f"TopK with postact_fn {show(postact)}", "Only ReLU after the top-k is.")
     return "topk", as_int(extra["k"], "activation_state_dict.k", src)
 
 

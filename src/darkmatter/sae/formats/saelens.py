@@ -30,7 +30,10 @@ from darkmatter.sae.formats._common import (
     SAELENS_WEIGHTS,
     Converted,
     SAEFormat,
+    as_flag,
     as_int,
+    as_mapping,
+    as_name,
     atomic_write_json,
     atomic_write_safetensors,
     canonical_hook_site,
@@ -109,11 +112,13 @@ def _v6_spec(cfg: dict[str, Any], src: Path) -> _Spec:
         d_in=as_int(require(cfg, "d_in", src), "d_in", src),
         d_sae=as_int(require(cfg, "d_sae", src), "d_sae", src),
         k=as_int(cfg["k"], "k", src) if cfg.get("k") is not None else None,
-        rescale_by_decoder_norm=bool(cfg.get("rescale_acts_by_decoder_norm", False)),
-        apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)),
+        rescale_by_decoder_norm=as_flag(
+            cfg.get("rescale_acts_by_decoder_norm"), "rescale_acts_by_decoder_norm", src, False
+        ),
+        apply_b_dec_to_input=as_flag(cfg.get("apply_b_dec_to_input"), "apply_b_dec_to_input", src, True),
         normalize_activations=_normalize_name(cfg.get("normalize_activations")),
-        hook_name=meta.get("hook_name"),
-        model_name=meta.get("model_name"),
+        hook_name=as_name(meta.get("hook_name"), "metadata.hook_name", src),
+        model_name=as_name(meta.get("model_name"), "metadata.model_name", src),
         finetuning_scaling=False,
         version="v6",
         kept={k: v for k, v in meta.items() if k not in ("hook_name", "model_name", "darkmatter")},
@@ -123,7 +128,7 @@ def _v6_spec(cfg: dict[str, Any], src: Path) -> _Spec:
 def _legacy_spec(cfg: dict[str, Any], src: Path) -> _Spec:
     architecture = str(cfg.get("architecture") or "standard")
     act_fn = str(cfg.get("activation_fn_str") or "relu")
-    kwargs = cfg.get("activation_fn_kwargs") or {}
+    kwargs = as_mapping(cfg.get("activation_fn_kwargs"), "activation_fn_kwargs", src)
     if architecture == "standard" and act_fn == "topk":
         architecture = "topk"
     elif architecture == "standard" and act_fn != "relu":
@@ -136,11 +141,13 @@ def _legacy_spec(cfg: dict[str, Any], src: Path) -> _Spec:
         if architecture == "topk" and "k" in kwargs
         else None,
         rescale_by_decoder_norm=False,
-        apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)),
+        apply_b_dec_to_input=as_flag(cfg.get("apply_b_dec_to_input"), "apply_b_dec_to_input", src, True),
         normalize_activations=_normalize_name(cfg.get("normalize_activations")),
-        hook_name=cfg.get("hook_name") or cfg.get("hook_point"),
-        model_name=cfg.get("model_name"),
-        finetuning_scaling=bool(cfg.get("finetuning_scaling_factor", False)),
+        hook_name=as_name(cfg.get("hook_name") or cfg.get("hook_point"), "hook_name", src),
+        model_name=as_name(cfg.get("model_name"), "model_name", src),
+        finetuning_scaling=as_flag(
+            cfg.get("finetuning_scaling_factor"), "finetuning_scaling_factor", src, False
+        ),
         version="pre-6",
         kept={k: cfg[k] for k in _LEGACY_KEPT if k in cfg},
     )
@@ -242,7 +249,7 @@ def _metadata(spec: _Spec, cfg: dict[str, Any], path: Path, mine: Any) -> tuple[
         metadata["has_sparsity_file"] = True
     k = spec.k
     if isinstance(mine, dict):
-        metadata.update(mine.get("metadata") or {})
+        metadata.update(as_mapping(mine.get("metadata"), "metadata.darkmatter.metadata", path / SAELENS_CFG))
         metadata["converted_from"] = mine.get("source_format")
         if k is None and isinstance(mine.get("k"), int):
             k = mine["k"]

@@ -16,6 +16,7 @@ from darkmatter.sae.formats._common import (
     SPARSIFY_WEIGHTS,
     Converted,
     SAEFormat,
+    as_flag,
     as_int,
     canonical_hook_site,
     read_json,
@@ -46,7 +47,9 @@ def load(path: Path) -> Converted:
     else:
         factor = scalar(require(cfg, "expansion_factor", src), "expansion_factor", src)
         d_sae = as_int(d_in * factor, "expansion_factor * d_in", src)
-    if cfg.get("transcode") or cfg.get("skip_connection"):
+    if as_flag(cfg.get("transcode"), "transcode", src, False) or as_flag(
+        cfg.get("skip_connection"), "skip_connection", src, False
+    ):
         raise unsupported(src, "a sparsify transcoder or skip connection")
     if cfg.get("activation", "topk") != "topk":
         raise unsupported(src, f"sparsify activation {cfg.get('activation')!r}", "Only topk is.")
@@ -63,7 +66,7 @@ def load(path: Path) -> Converted:
     }
     site = canonical_hook_site(path.name)
     metadata = {"hookpoint": path.name, **site_metadata(path.name, site)}
-    if cfg.get("multi_topk"):
+    if as_flag(cfg.get("multi_topk"), "multi_topk", src, False):
         metadata["multi_topk"] = True  # training-time loss only; inference keeps the top k
     sae_cfg = SAEConfig(
         d_in=d_in,
