@@ -48,8 +48,20 @@ def _file_mode() -> int:
     return 0o666 & ~umask
 
 
-def _write_error(path: Path, exc: OSError) -> WriteError:
-    if exc.errno == errno.ENOSPC:
+def _disk_full(exc: BaseException | None) -> bool:
+    """Whether ``exc`` or what caused it is a full disk, also as writers with their own error types report
+    it (safetensors: ``SafetensorError("... No space left on device (os error 28)")``)."""
+    for _ in range(8):  # a short chain of causes
+        if exc is None:
+            return False
+        if getattr(exc, "errno", None) == errno.ENOSPC or "No space left on device" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _write_error(path: Path, exc: BaseException) -> WriteError:
+    if _disk_full(exc):
         return WriteError(
             f"Disk full while writing {path}. Nothing already written was changed; free space and run the "
             "same command again to resume."
@@ -76,7 +88,7 @@ def target(path: str | Path) -> Iterator[Path]:
         yield tmp
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
-        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        if _disk_full(exc):
             raise _write_error(path, exc) from exc
         raise
     try:

@@ -247,6 +247,11 @@ def _mount_optional() -> None:
     app.add_typer(sae_app, name="sae", help="Inspect and convert SAEs.")
 
 
+def _one_line(message: str) -> str:
+    """A message on one line (a library's multi-line error text, a YAML parser's context, joined)."""
+    return " ".join(message.split())
+
+
 def _log(msg: str) -> None:
     typer.echo(msg, err=True)
 
@@ -279,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(code, int) and code:  # typer.Exit(code) comes back as the return value here
             return code
     except DarkMatterError as exc:
-        typer.echo(f"darkmatter: error: {exc}", err=True)
+        typer.echo(f"darkmatter: error: {_one_line(str(exc))}", err=True)
         return exc.exit_code
     except exits as exc:
         return int(getattr(exc, "exit_code", 0) or 0)
@@ -289,7 +294,11 @@ def main(argv: list[str] | None = None) -> int:
     except usage as exc:
         if type(exc).__name__ == "NoArgsIsHelpError":
             return 0
-        exc.show()  # type: ignore[attr-defined]
+        ctx = getattr(exc, "ctx", None)
+        message = _one_line(exc.format_message())  # type: ignore[attr-defined]
+        if ctx is not None:
+            message += f"{'' if message.endswith('.') else '.'} See '{ctx.command_path} --help'."
+        typer.echo(f"darkmatter: error: {message}", err=True)
         return int(getattr(exc, "exit_code", 2))
     except KeyboardInterrupt:
         typer.echo("darkmatter: interrupted; run the same command again to resume.", err=True)

@@ -13,7 +13,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from darkmatter.errors import RunLockedError, WriteError
+from darkmatter.errors import ConfigError, RunLockedError, WriteError
 
 LOCK_FILE = ".darkmatter.lock"
 
@@ -31,6 +31,8 @@ def run_lock(out: str | Path) -> Iterator[None]:
     if key in _HELD:
         yield
         return
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"{folder} is a file, not a folder; choose another output folder.")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)

@@ -102,7 +102,7 @@ class ActivationStore:
             store._remove_unlisted_shards()
             store._forget_missing_shards()
             return store
-        if root.exists() and any(root.iterdir()):
+        if root.exists() and not _unfinished_start(root):
             raise StoreError(
                 f"{root} exists, is not empty and holds no {MANIFEST}; refusing to write a store into it. "
                 "Choose an empty or new directory."
@@ -196,11 +196,16 @@ class ActivationStore:
             try:
                 data = path.read_bytes()
             except OSError as exc:
-                raise StoreError(f"{path} is missing: the store is damaged; harvest again.") from exc
+                raise StoreError(f"{path} is missing: the store is damaged. {self._start_over}") from exc
             if sha256_hex(data) != self.manifest["tokens_sha256"]:
-                raise StoreError(f"{path} fails its checksum: the store is damaged; harvest again.")
+                raise StoreError(f"{path} fails its checksum: the store is damaged. {self._start_over}")
             self._tokens = np.load(path, allow_pickle=False)
         return self._tokens
+
+    @property
+    def _start_over(self) -> str:
+        """What to do about damage a resumed harvest cannot repair (the token ids are written only once)."""
+        return f"Delete the folder {self.root} and run the same command again to harvest it anew."
 
     # -- writing --------------------------------------------------------------------------------------
     def write_shard(self, index: int, tensors: dict[str, torch.Tensor]) -> None:
@@ -352,6 +357,16 @@ class ActivationStore:
             "bytes": size,
             "identity_hash": self.manifest["identity_hash"],
         }
+
+
+def _unfinished_start(root: Path) -> bool:
+    """Whether ``root`` (holding no manifest) is empty or holds only what a store's creation writes before
+    its manifest (an empty shard folder, the token ids, temporary files): a killed or failed start."""
+    for p in root.iterdir():
+        empty_shards = p.name == SHARD_DIR and p.is_dir() and not any(p.iterdir())
+        if not (empty_shards or p.name == TOKENS or (p.name.startswith(".") and p.name.endswith(".tmp"))):
+            return False
+    return True
 
 
 def _npy_bytes(arr: np.ndarray) -> bytes:

@@ -50,7 +50,9 @@ class TextConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     source: str = Field(
-        "austen", description="'austen', a .txt file or folder, a .jsonl file or folder, or hf:NAME"
+        "austen",
+        min_length=1,
+        description="'austen', a .txt file or folder, a .jsonl file or folder, or hf:NAME",
     )
     ctx_len: int = Field(256, ge=2, description="Tokens per context, BOS included.")
     n_contexts: int = Field(128, ge=1, description="Number of contexts to draw.")
@@ -90,7 +92,7 @@ class Contexts:
 def austen_documents(novel: str | None = None) -> Iterator[str]:
     """The five Austen novels shipped as package data, or one of them (``emma``, ``northangerabbey``, ...)."""
     base = resources.files("darkmatter") / "data" / "austen"
-    names = AUSTEN_FILES
+    names: tuple[str, ...] = AUSTEN_FILES
     if novel is not None:
         names = tuple(n for n in AUSTEN_FILES if n.removesuffix(".txt.gz") == novel)
         if not names:

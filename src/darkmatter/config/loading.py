@@ -37,10 +37,17 @@ def load_preset(name: str) -> dict[str, Any]:
     return tomllib.loads(text)
 
 
-def _deep_update(base: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+def _deep_update(base: dict[str, Any], new: dict[str, Any], where: str = "") -> dict[str, Any]:
+    """Merge ``new`` into ``base``; a section (a table of settings) is never replaced by a plain value."""
     for k, v in new.items():
+        name = f"{where}.{k}" if where else str(k)
+        if isinstance(base.get(k), dict) and not isinstance(v, dict):
+            raise ConfigError(
+                f"Invalid configuration: {name} is a section of settings, not a value (found {v!r}); set its "
+                f"keys instead, for example {name}.<key>=<value>."
+            )
         if isinstance(v, dict) and isinstance(base.get(k), dict):
-            _deep_update(base[k], v)
+            _deep_update(base[k], v, name)
         else:
             base[k] = v
     return base
@@ -49,6 +56,8 @@ def _deep_update(base: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """Read a TOML or YAML config file into a dict."""
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"Config file {p} is a folder; pass a .toml, .yaml or .yml file.")
     if not p.is_file():
         raise ConfigError(f"Config file {p} does not exist.")
     if p.suffix not in {".toml", ".yaml", ".yml"}:

@@ -407,8 +407,8 @@ class FamilyTrainer:
                     "history": m.history,
                 }
             )
-        with atomic.target(self.checkpoint_path) as tmp:
-            torch.save(state, tmp)
+        with atomic.target(self.checkpoint_path) as tmp, tmp.open("wb") as f:
+            torch.save(state, f)  # through a Python file, a full disk is an OSError and not a RuntimeError
 
     def _load_checkpoint(self) -> bool:
         if not self.checkpoint_path.is_file():
