@@ -75,7 +75,8 @@ class Runner:
             errors = self._run_steps(selected, forced if force else set())
             if report:
                 t0 = time.perf_counter()
-                path = write_report(ctx.paths.root, formats=tuple(ctx.cfg.report.formats))
+                figs = ctx.cfg.report
+                path = write_report(ctx.paths.root, formats=tuple(figs.formats), dpi=figs.dpi)
                 self.outcomes.append(StepOutcome("report", "ran", time.perf_counter() - t0, str(path)))
                 ctx.log(f"report: {path}")
         if errors:

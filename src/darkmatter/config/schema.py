@@ -207,6 +207,7 @@ class SyntheticConfig(BaseModel):
     enabled: bool = Field(True, description="Run the synthetic simulation.")
     sae: SafeName | None = Field(None, description="SAE name; default: the k-sweep width at the family's k.")
     n_tokens: int = Field(20_000, ge=100, description="Tokens of x' = Sae(x) to simulate with.")
+    random_control: bool = Field(True, description="Also run the App. D control on random directions.")
 
 
 class PursuitConfig(BaseModel):
@@ -252,6 +253,9 @@ class InterpConfig(BaseModel):
     )
     local_model: str = Field(
         "embedded", description="Judge model for 'local': 'embedded' (SmolLM2-135M-Instruct) or a folder."
+    )
+    local_dtype: Dtype | None = Field(
+        None, description="'local': the judge's precision; empty: the study model's (bf16: faster on CPU)."
     )
     constrained: bool = Field(
         True, description="'local': decode detection answers under a 0/1 constraint (they always parse)."
@@ -304,6 +308,7 @@ class ReportConfig(BaseModel):
         min_length=1,
         description="Figure files written: png (embedded in the report) and/or pdf (for papers).",
     )
+    dpi: int = Field(150, ge=10, le=1200, description="Resolution of the PNG figures.")
 
 
 class StudyConfig(BaseModel):

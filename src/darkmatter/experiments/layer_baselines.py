@@ -350,7 +350,8 @@ def run(
     """Harvest resid_post of ``layers`` (with loss) into ``out_dir/store_layers``, train one SAE per layer
     (or reuse ``out_dir/saes_layers/<L>/``), and compute `layer_baselines`; the caller writes the result.
 
-    ``harvest_cfg`` supplies dtype, batch size and shard size (its sites and with_loss are overridden).
+    ``harvest_cfg`` supplies dtype, batch size, shard size and ``with_loss`` (without it the model-loss
+    baseline is left out and the forward stops after the last layer asked for); its sites are overridden.
     Resumable: the harvest resumes its shards, the trainer its checkpoint, saved SAEs are reused.
     """
     layers = sorted(_check_layers(layers))  # the store identity lists sites in this order
@@ -358,7 +359,7 @@ def run(
     out = Path(out_dir)
     train = train or TrainConfig()
     sites = [RESID_SITE.format(layer=layer) for layer in layers]
-    hcfg = (harvest_cfg or HarvestConfig()).model_copy(update={"sites": sites, "with_loss": True})
+    hcfg = (harvest_cfg or HarvestConfig()).model_copy(update={"sites": sites})
     contexts = make_contexts(text_cfg, lm.tokenizer, lm.bos_token_id)
     bars = progress or (lambda _name: None)
     store = harvest(lm, contexts, text_cfg, hcfg, str(out / STORE_DIR), progress=bars("layer sweep: harvest"))

@@ -23,13 +23,13 @@ def load_results(run_dir: str | Path) -> dict[str, Result]:
 
 
 def write_report(
-    run_dir: str | Path, *, redraw: bool = False, formats: tuple[str, ...] = ("png", "pdf")
+    run_dir: str | Path, *, redraw: bool = False, formats: tuple[str, ...] = ("png", "pdf"), dpi: int = fg.DPI
 ) -> Path:
     """Draw the figures from the results (all of them with ``redraw``, else those whose result, drawing
-    code or ``formats`` changed) and write the self-contained report; returns its path."""
+    code, ``formats`` or ``dpi`` changed) and write the self-contained report; returns its path."""
     run_dir = Path(run_dir)
     results = load_results(run_dir)
-    with fg.formats(formats):
+    with fg.formats(formats, dpi=dpi):
         figures = draw_figures(run_dir, results, redraw=redraw)
     path = run_dir / "report.html"
     atomic.write_text(path, render(run_dir, results, figures))

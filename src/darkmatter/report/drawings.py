@@ -266,7 +266,7 @@ def draw_figures(
 
 def _fingerprint(run_dir: Path, name: str) -> str:
     result_file = run_dir / "results" / f"{name}.json"
-    kinds = ",".join(fg.style.FORMATS.get())
+    kinds = ",".join(fg.style.FORMATS.get()) + f"@{fg.style.PNG_DPI.get()}"
     return f"{sha256_hex(result_file.read_bytes())[:16]}:{drawing_code_digest()}:{kinds}"
 
 

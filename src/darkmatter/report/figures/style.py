@@ -67,19 +67,24 @@ def _styled(fn: F) -> F:
 
 FORMATS: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("FORMATS", default=("png", "pdf"))
 """The file formats ``save`` writes; ``formats(...)`` changes them for a block."""
+PNG_DPI: contextvars.ContextVar[int] = contextvars.ContextVar("PNG_DPI", default=DPI)
+"""The resolution of PNG files (the PDF is vector graphics); ``formats(..., dpi=...)`` changes it."""
 
 
 @contextlib.contextmanager
-def formats(kinds: tuple[str, ...]) -> Iterator[None]:
-    """Write only ``kinds`` (a subset of png, pdf) in this block."""
+def formats(kinds: tuple[str, ...], *, dpi: int = DPI) -> Iterator[None]:
+    """Write only ``kinds`` (a subset of png, pdf), PNGs at ``dpi``, in this block."""
     unknown = set(kinds) - {"png", "pdf"}
-    if unknown or not kinds:
-        raise ValueError(f"figure formats must be a non-empty subset of png, pdf; got {kinds}")
-    token = FORMATS.set(tuple(kinds))
+    if unknown or not kinds or dpi < 10:
+        raise ValueError(
+            f"figure formats must be a non-empty subset of png, pdf and dpi >= 10; got {kinds}, {dpi}"
+        )
+    tokens = FORMATS.set(tuple(kinds)), PNG_DPI.set(dpi)
     try:
         yield
     finally:
-        FORMATS.reset(token)
+        FORMATS.reset(tokens[0])
+        PNG_DPI.reset(tokens[1])
 
 
 def save(fig: Figure, out_dir: Path, stem: str) -> dict[str, Path]:
@@ -98,7 +103,7 @@ def save(fig: Figure, out_dir: Path, stem: str) -> dict[str, Path]:
         with atomic.target(final) as tmp, warnings.catch_warnings():
             # Token strings may hold characters (CJK, emoji) that the default font lacks; a box is fine.
             warnings.filterwarnings("ignore", message=r"Glyph \d+ .*missing from font")
-            fig.savefig(tmp, format=ext, dpi=DPI, metadata=_METADATA[ext])
+            fig.savefig(tmp, format=ext, dpi=PNG_DPI.get(), metadata=_METADATA[ext])
         paths[ext] = final
     return paths
 

@@ -158,9 +158,10 @@ def make_judge(ctx: StudyContext) -> Judge:
         return EndpointJudge(
             icfg.endpoint_url, icfg.endpoint_model, timeout=icfg.timeout, retries=icfg.retries
         )
-    if icfg.local_model == model.name:
+    dtype = icfg.local_dtype or model.dtype
+    if icfg.local_model == model.name and dtype == model.dtype:
         return LocalJudge.from_lm(ctx.lm, constrained=icfg.constrained)
-    judge_lm = load_lm(icfg.local_model, device=model.device, dtype=model.dtype, online=model.online or None)
+    judge_lm = load_lm(icfg.local_model, device=model.device, dtype=dtype, online=model.online or None)
     return LocalJudge.from_lm(judge_lm, constrained=icfg.constrained)
 
 

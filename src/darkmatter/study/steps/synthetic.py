@@ -33,8 +33,14 @@ class SyntheticStep(Step[SyntheticStepResult]):
 
     def run(self, ctx: StudyContext) -> SyntheticStepResult:
         name = ctx.roles.chosen(ctx.cfg.synthetic.sae, "synthetic.sae")
+        syn = ctx.cfg.synthetic
         res = synthetic_simulation(
-            ctx.store, ctx.saes[name], n_tokens=ctx.cfg.synthetic.n_tokens, split=ctx.split, seed=ctx.cfg.seed
+            ctx.store,
+            ctx.saes[name],
+            n_tokens=syn.n_tokens,
+            split=ctx.split,
+            seed=ctx.cfg.seed,
+            random_control=syn.random_control,
         )
         return SyntheticStepResult(**dict(res), sae_name=name)
 
