@@ -216,3 +216,61 @@ def test_saes_on_several_sites_are_grouped(tmp_path: Path) -> None:
     dec = decompose(st, {"a": planted(0), "b": other}, split=SPLIT)
     assert set(dec.norm_grams) == {SITE, "blocks.1.hook_resid_post"}
     assert dec.stats["a"].site != dec.stats["b"].site
+
+
+def test_nonlinear_gain_in_both_variants_matches_explicit_regressions(store) -> None:
+    from darkmatter.experiments.per_token import scaling_between_saes
+
+    small, big = planted(4, amp=0.3), planted(5, amp=0.3)
+    dec = decompose(store, {"small": small, "big": big}, split=SPLIT)
+    out = scaling_between_saes(dec.norm_grams[SITE], ["small", "big"])
+    x, train = _all_rows(store)
+
+    def norms(name: str, sae: PlantedSAE) -> tuple[torch.Tensor, torch.Tensor]:
+        """‖e‖ and ‖NonlinearError‖ per token, with the engine's probe."""
+        weights, bias = dec.probes[name]
+        e = x - sae.reconstruct(x.float())[0].double()
+        nonlinear = e - torch.addmm(bias.double(), x, weights.double())
+        return e.norm(dim=1), nonlinear.norm(dim=1)
+
+    en_s, nln_s = norms("small", small)
+    en_b, _ = norms("big", big)
+
+    def gain(power: int) -> float:
+        def ss(cols: list[torch.Tensor]) -> float:
+            a = torch.stack([*cols, torch.ones_like(en_s)], 1)
+            coef = torch.linalg.lstsq(a[train], (en_b**power)[train, None]).solution
+            return float(((en_b**power)[~train, None] - a[~train] @ coef).pow(2).sum())
+
+        one, two = ss([en_s**power]), ss([en_s**power, nln_s**power])
+        return 100 * (one - two) / one
+
+    assert out["nonlinear_gain"][0][1] == pytest.approx(gain(2), abs=1e-3)
+    assert out["nonlinear_gain_plain"][0][1] == pytest.approx(gain(1), abs=1e-3)
+    assert out["nonlinear_gain"][1][0] is None and out["nonlinear_gain_plain"][1][0] is None
+
+
+def test_token_trace_shows_the_context_with_the_most_held_out_tokens(tmp_path: Path) -> None:
+    import pyarrow as pa
+
+    from darkmatter.experiments.per_token import token_trace
+
+    n_ctx, n_pos = 4, 10
+    context = np.repeat(np.arange(n_ctx), n_pos).astype(np.int32)
+    position = np.tile(np.arange(n_pos), n_ctx).astype(np.int32)
+    split = np.where(context == 2, "test", "train")  # context 0 has no held-out token, context 2 only those
+    split[(context == 1) & (position < 3)] = "test"
+    table = pa.table(
+        {
+            "context": context,
+            "position": position,
+            "token": (position + 100 * context).astype(np.int32),
+            "split": split,
+            "a:error_norm": np.arange(n_ctx * n_pos, dtype=np.float32),
+        }
+    )
+    path = tmp_path / "tokens.parquet"
+    pq.write_table(table, path)
+    trace = token_trace(path, ["a"], str, length=5)
+    assert trace["context"] == 2 and trace["split"] == ["test"] * 5
+    assert trace["tokens"] == [str(200 + i) for i in range(5)] and trace["positions"] == list(range(5))

@@ -25,8 +25,16 @@ def _changed(*overrides: str) -> set[str]:
 
 
 ALL = {s.name for s in STEPS}
-BELOW_ENGINE = {"engine", "per_token", "downstream_ce", "earlier_layers", "error_saes", "autointerp"}
-BELOW_FAMILY = BELOW_ENGINE | {"family", "synthetic", "pursuit"}
+BELOW_ENGINE = {
+    "engine",
+    "per_token",
+    "pursuit",
+    "downstream_ce",
+    "earlier_layers",
+    "error_saes",
+    "autointerp",
+}
+BELOW_FAMILY = BELOW_ENGINE | {"family", "synthetic"}
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,9 @@
-"""Fig 14: the probe from Sae(x) − b_dec to ‖Sae(x) − b_dec‖², dotted with each unit decoder direction,
-against E[w²]/E[w] of that latent's (decoder-norm scaled) activation when active (App. C.1)."""
+"""Fig 14: the probe from s = Σ f_i d_i to ‖s‖², dotted with each unit decoder direction, against
+E[w²]/E[w] of that latent's (decoder-norm scaled) activation when active (App. C.1).
+
+s is the decoder's sum over active latents in the SAE's own space (no ``b_dec``, before any input scaling
+or normalization is undone), so the result is the same for an SAE and its equivalent rewrites (an input
+scale folded in or not, a layer-norm input or not)."""
 
 from __future__ import annotations
 
@@ -7,12 +11,21 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from darkmatter.errors import DataError
 from darkmatter.sae.model import SAE
 from darkmatter.stats import Moments, evaluate, fit_ridge
 from darkmatter.stats.split import Split
 from darkmatter.store import ActivationStore
+
+
+def latent_sum(sae: SAE, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Σ f_i d_i ``[n, d_in]`` of sparse codes ``[n, m]``: the decoder's output before ``b_dec``."""
+    weights = values.to(dtype=sae.dtype)
+    if indices.shape[-1] == 0:
+        return torch.zeros(indices.shape[0], sae.cfg.d_in, dtype=sae.dtype)
+    return F.embedding_bag(indices.long(), sae.W_dec, per_sample_weights=weights, mode="sum")
 
 
 @torch.no_grad()
@@ -29,8 +42,8 @@ def probe_latents(
     dec_norm = sae.W_dec.detach().double().norm(dim=1)
     for batch in store.iter_batches([site], batch_tokens=batch_tokens):
         x = batch.acts[site].to(sae.dtype)
-        x_hat, codes = sae.reconstruct(x)
-        s = (x_hat - sae.b_dec).float()
+        codes = sae.encode_sparse(x)
+        s = latent_sum(sae, codes.indices, codes.values).float()
         train = split.mask(batch.context, batch.position)
         for part, mask in (("train", train), ("test", ~train)):
             if bool(mask.any()):

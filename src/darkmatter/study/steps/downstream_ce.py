@@ -39,7 +39,7 @@ class DownstreamCEStep(Step[DownstreamResult]):
             {n: ctx.saes[n] for n in names},
             {n: ctx.probe(n) for n in names},
             start=ctx.cfg.text.skip_positions,
-            both_batches=1,
+            both_batches=None,  # the exactness check on every batch: every CE is over the same tokens
             progress=ctx.progress("downstream CE", "ctx"),
             seed=ctx.cfg.seed,
         )

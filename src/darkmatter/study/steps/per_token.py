@@ -23,6 +23,7 @@ class TokenTrace(BaseModel):
     context: int
     positions: list[int]
     tokens: list[str]
+    split: list[str] = Field(description="train or test, per token.")
     error_norm: dict[str, list[float]] = Field(description="SAE name -> ‖e‖ per token.")
 
 
@@ -43,6 +44,9 @@ class PerTokenResult(Result):
     r2_plain: Matrix = Field(description="Unsquared norms with intercept (the original code's variant).")
     nonlinear_gain: Matrix = Field(
         description="Percent reduction of unexplained variance when ‖NonlinearError_i‖² is added (App. E)."
+    )
+    nonlinear_gain_plain: Matrix = Field(
+        description="The same with plain norms ‖e‖, ‖NonlinearError‖ (the paper's code's variant)."
     )
     trace: TokenTrace | None = None
     norm_samples: NormSamples | None = None

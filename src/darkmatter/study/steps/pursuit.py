@@ -1,5 +1,10 @@
 """Gradient pursuit (Figs 1, 10a): each width-sweep SAE's decoder with each token's own L0 as budget,
-against the plain SAE on the same tokens; the gap in FVU_nonlinear is the encoder error."""
+against the plain SAE on the same tokens; the gap in FVU_nonlinear is the encoder error.
+
+Pursuit is costly, so it runs on a few contexts, too few to fit a probe of d + 1 coefficients per output
+without overfitting. The SAE's FVU_nonlinear therefore uses the engine's probe (fitted on the whole train
+split, as in the engine's numbers); the encoder error is the paired difference of two probes refitted on
+the pursued contexts (the SAE's and its pursuit's), whose overfitting cancels."""
 
 from __future__ import annotations
 
@@ -9,13 +14,14 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from darkmatter.config.schema import StudyConfig
-from darkmatter.experiments.decomposition import decompose
+from darkmatter.experiments.decomposition import SAEStats, decompose
+from darkmatter.experiments.fixed_probes import fvu_with_probes
 from darkmatter.results import Number, Result
 from darkmatter.sae import SAE
 from darkmatter.sae.pursuit import PursuitSAE
 from darkmatter.study.context import StudyContext
 from darkmatter.study.step import Step
-from darkmatter.study.steps.family import FAMILY
+from darkmatter.study.steps.engine import ENGINE
 
 
 class PursuitRow(BaseModel):
@@ -24,11 +30,16 @@ class PursuitRow(BaseModel):
     name: str
     d_sae: int
     fvu: Number
-    fvu_nonlinear: Number
+    fvu_nonlinear: Number = Field(description="With the engine's probe (fitted on the whole train split).")
     pursuit_fvu: Number
-    pursuit_fvu_nonlinear: Number
+    pursuit_fvu_nonlinear: Number = Field(description="fvu_nonlinear − encoder_error.")
     pursuit_l0: Number
-    encoder_error: Number = Field(description="FVU_nonlinear of the SAE minus that of its pursuit.")
+    encoder_error: Number = Field(
+        description="FVU_nonlinear of the SAE minus that of its pursuit, each with a probe refitted on the "
+        "pursued contexts' train tokens: a paired difference, so the refits' overfitting cancels."
+    )
+    refit_fvu_nonlinear: Number = Field(description="The SAE's FVU_nonlinear with the refitted probe.")
+    refit_pursuit_fvu_nonlinear: Number = Field(description="The pursuit's, with its refitted probe.")
 
 
 class PursuitResult(Result):
@@ -36,6 +47,7 @@ class PursuitResult(Result):
 
     saes: list[PursuitRow]
     n_contexts: int
+    n_train: int = Field(0, description="Train tokens of the pursued contexts (the refits' data).")
     n_test: int
 
 
@@ -43,7 +55,7 @@ class PursuitStep(Step[PursuitResult]):
     name = "pursuit"
     title = "gradient pursuit and the encoder error (Figs 1, 10a)"
     result_type = PursuitResult
-    needs = (FAMILY,)
+    needs = (ENGINE,)
 
     def enabled(self, cfg: StudyConfig) -> bool:
         return cfg.pursuit.enabled
@@ -59,32 +71,42 @@ class PursuitStep(Step[PursuitResult]):
         contexts = np.arange(min(ctx.cfg.pursuit.n_contexts, ctx.store.n_contexts))
         saes: dict[str, SAE] = {n: ctx.saes[n] for n in width_sweep}
         saes |= {f"{n}+pursuit": PursuitSAE.from_sae(ctx.saes[n]) for n in width_sweep}
-        dec = decompose(
+        refit = decompose(
             ctx.store,
             saes,
             split=ctx.split,
             second_pass=False,
-            progress=ctx.progress("pursuit"),
             contexts=contexts,
+            progress=ctx.progress("pursuit"),
         )
-        st = dec.stats
+        plain = {n: ctx.saes[n] for n in width_sweep}
+        fixed, _ = fvu_with_probes(
+            ctx.store, plain, {n: ctx.probe(n) for n in width_sweep}, split=ctx.split, contexts=contexts
+        )
         rows = [
-            PursuitRow(
-                name=n,
-                d_sae=st[n].d_sae,
-                fvu=st[n].fvu,
-                fvu_nonlinear=st[n].fvu_nonlinear,
-                pursuit_fvu=st[f"{n}+pursuit"].fvu,
-                pursuit_fvu_nonlinear=st[f"{n}+pursuit"].fvu_nonlinear,
-                pursuit_l0=st[f"{n}+pursuit"].l0,
-                encoder_error=st[n].fvu_nonlinear - st[f"{n}+pursuit"].fvu_nonlinear,
-            )
-            for n in width_sweep
+            _row(n, fixed[n].fvu_nonlinear, refit.stats[n], refit.stats[f"{n}+pursuit"]) for n in width_sweep
         ]
-        return PursuitResult(saes=rows, n_contexts=len(contexts), n_test=dec.n_test)
+        return PursuitResult(saes=rows, n_contexts=len(contexts), n_train=refit.n_train, n_test=refit.n_test)
 
     def headline(self, result: PursuitResult) -> str:
         return ", ".join(f"{r.d_sae}: FVU {r.fvu:.3f}→{r.pursuit_fvu:.3f}" for r in result.saes) or "no SAEs"
+
+
+def _row(name: str, fvu_nonlinear: float, sae: SAEStats, pursued: SAEStats) -> PursuitRow:
+    """The SAE's FVU_nonlinear with the engine's probe; the encoder error from the paired refits."""
+    encoder_error = sae.fvu_nonlinear - pursued.fvu_nonlinear
+    return PursuitRow(
+        name=name,
+        d_sae=sae.d_sae,
+        fvu=sae.fvu,
+        fvu_nonlinear=fvu_nonlinear,
+        pursuit_fvu=pursued.fvu,
+        pursuit_fvu_nonlinear=fvu_nonlinear - encoder_error,
+        pursuit_l0=pursued.l0,
+        encoder_error=encoder_error,
+        refit_fvu_nonlinear=sae.fvu_nonlinear,
+        refit_pursuit_fvu_nonlinear=pursued.fvu_nonlinear,
+    )
 
 
 PURSUIT = PursuitStep()
