@@ -25,6 +25,8 @@ def _pursuit_run(run_dir: Path, shift: float = 0.0) -> None:
             pursuit_fvu_nonlinear=0.09,
             pursuit_l0=30.0,
             encoder_error=0.01,
+            refit_fvu_nonlinear=0.105,
+            refit_pursuit_fvu_nonlinear=0.095,
         )
         for i, w in enumerate((512, 1024, 2048))
     ]
