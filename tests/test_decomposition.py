@@ -274,3 +274,41 @@ def test_token_trace_shows_the_context_with_the_most_held_out_tokens(tmp_path: P
     trace = token_trace(path, ["a"], str, length=5)
     assert trace["context"] == 2 and trace["split"] == ["test"] * 5
     assert trace["tokens"] == [str(200 + i) for i in range(5)] and trace["positions"] == list(range(5))
+
+
+def test_jackknife_intervals_refit_the_probe_per_block(store) -> None:
+    """Each replicate equals a fresh engine run on the contexts outside its block; intervals hold it."""
+    sae = planted(2)
+    full = decompose(store, {"p": sae}, split=SPLIT, interval_site=SITE, interval_blocks=4, second_pass=False)
+    st = full.stats["p"]
+    assert set(st.intervals) == {"fvu", "fvu_nonlinear", "vector_r2", "norm_r2"}
+    for key, (low, high) in st.intervals.items():
+        assert low < getattr(st, key) < high, key
+    n_shards = store.n_shards
+    block_of = [(c // store.shard_contexts) * 4 // n_shards for c in range(store.n_contexts)]
+    for b in range(4):
+        others = np.asarray([c for c in range(store.n_contexts) if block_of[c] != b])
+        loo = decompose(store, {"p": sae}, split=SPLIT, contexts=others, second_pass=False).stats["p"]
+        for key in ("fvu", "fvu_nonlinear", "vector_r2", "norm_r2"):
+            assert st.jackknife[key][b] == pytest.approx(getattr(loo, key), rel=1e-6), (key, b)
+    plain = decompose(store, {"p": sae}, split=SPLIT, second_pass=False).stats["p"]
+    assert plain.fvu_nonlinear == pytest.approx(st.fvu_nonlinear, rel=1e-9) and plain.intervals == {}
+
+
+def test_per_token_intervals_come_from_grams_without_each_block(store) -> None:
+    from darkmatter.experiments.per_token import scaling_between_saes, scaling_intervals
+
+    saes = {"small": planted(4, amp=0.2), "big": planted(6, amp=0.2)}
+    dec = decompose(store, saes, split=SPLIT, interval_site=SITE, interval_blocks=4)
+    gram = dec.norm_grams[SITE]
+    assert len(gram.blocks) == 4
+    intervals = scaling_intervals(gram, ["small", "big"])
+    low, high = intervals["r2"][0][1]
+    point = scaling_between_saes(gram, ["small", "big"])["r2"][0][1]
+    assert low < point < high and intervals["r2"][1][0] is None
+    block_of = [(c // store.shard_contexts) * 4 // store.n_shards for c in range(store.n_contexts)]
+    others = np.asarray([c for c in range(store.n_contexts) if block_of[c] != 1])
+    loo = decompose(store, saes, split=SPLIT, contexts=others).norm_grams[SITE]
+    want = scaling_between_saes(loo, ["small", "big"])["r2"][0][1]
+    got = scaling_between_saes(gram.without(1), ["small", "big"])["r2"][0][1]
+    assert got == pytest.approx(want, rel=1e-6)

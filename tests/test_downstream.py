@@ -21,6 +21,7 @@ from darkmatter.experiments.downstream import (
 )
 from darkmatter.lm.hooks import capture, run, splice
 from darkmatter.sae.model import SAE, SAEConfig
+from darkmatter.stats.jackknife import jackknife_interval
 
 from conftest import ARCHS, tiny_model
 
@@ -141,6 +142,25 @@ def test_matches_explicit_full_forward(model, result) -> None:
     scores = ce_scores(r.ce, r.kl)
     assert r.ce_recovered_linear == pytest.approx(scores["ce_recovered_linear"])
     assert r.ce_loss_score_mean is not None
+
+
+def test_ce_intervals_are_delete_one_context_jackknife(model, result) -> None:
+    """Each replicate is a fresh run on the contexts without one; too few contexts give no interval."""
+    res, saes, probes = result
+    toks = contexts()
+    replicates: dict[str, list[float]] = {"ce_recovered_linear": [], "ce_recovered_nonlinear": []}
+    for c in range(len(toks)):
+        rest = downstream_ce(model, np.delete(toks, c, 0), saes, probes, start=START, batch_size=2)
+        for key, values in replicates.items():
+            values.append(getattr(rest.saes["topk"], key))
+    r = res.saes["topk"]
+    for key, values in replicates.items():
+        low, high = jackknife_interval(getattr(r, key), values)
+        assert r.intervals[key] == pytest.approx([low, high], rel=1e-6, abs=1e-9)
+        assert low < getattr(r, key) < high
+    assert res.saes["identity"].intervals == {}  # L_sae = L_clean: no CE recovered to bound
+    two = downstream_ce(model, toks[:2], saes, probes, start=START, batch_size=2)
+    assert two.saes["topk"].intervals == {}
 
 
 def test_shares_match_explicit_on_scored_positions(model, result) -> None:

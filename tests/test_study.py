@@ -47,6 +47,7 @@ BELOW_FAMILY = BELOW_ENGINE | {"family", "synthetic"}
         (["error_saes.interp.n_latents=3"], {"autointerp"}),
         (["error_saes.k=4"], {"error_saes", "autointerp"}),
         (["layer_sweep.d_sae=32"], {"layer_sweep"}),
+        (["engine.interval_blocks=5"], BELOW_ENGINE),
         (["family.widths=[64,256]"], BELOW_FAMILY),
         (["split_seed=1"], BELOW_FAMILY | {"layer_sweep"}),
         (["seed=1"], BELOW_ENGINE | {"synthetic"}),

@@ -171,6 +171,19 @@ class FamilyConfig(BaseModel):
         return specs
 
 
+class EngineConfig(BaseModel):
+    """The engine's two passes over the store (error prediction, Figs 1-6, 14)."""
+
+    model_config = ConfigDict(extra="forbid")
+    interval_blocks: int = Field(
+        8,
+        ge=0,
+        description="Blocks of whole shards for the delete-one-block jackknife intervals of the main site's "
+        "numbers (probes refitted per replicate); 0 or fewer than 3 shards: no intervals. Memory grows "
+        "with the blocks.",
+    )
+
+
 class LayerSweepConfig(BaseModel):
     """One small SAE per layer for the across-layer experiments (paper Figs 3 and 13)."""
 
@@ -324,6 +337,7 @@ class StudyConfig(BaseModel):
     text: TextConfig = Field(default_factory=TextConfig)
     harvest: HarvestConfig = Field(default_factory=HarvestConfig)
     family: FamilyConfig = Field(default_factory=FamilyConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
     layer_sweep: LayerSweepConfig = Field(default_factory=LayerSweepConfig)
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
     pursuit: PursuitConfig = Field(default_factory=PursuitConfig)

@@ -71,6 +71,7 @@ from darkmatter.progress import Progress
 from darkmatter.results import Result, sae_identity
 from darkmatter.sae.model import SAE
 from darkmatter.stats import FVU
+from darkmatter.stats.jackknife import finite_interval
 
 __all__ = [
     "CE_EPS",
@@ -134,6 +135,11 @@ class DownstreamSAE(BaseModel):
         description="|mean CE(sae+both) − mean CE(clean)| on the tokens the check ran on (must be tiny)."
     )
     both_scored_tokens: int = Field(description="Scored tokens the sae+both check ran on.")
+    intervals: dict[str, list[float]] = Field(
+        default_factory=dict,
+        description="ce_recovered_linear / ce_recovered_nonlinear -> [low, high]: 95% delete-one-context "
+        "jackknife (empty with fewer than 3 contexts).",
+    )
     variance_share_linear: float | None = Field(
         description="(FVU(x, Sae) − FVU(x, Sae + Linear)) / FVU(x, Sae) (reference predictor)."
     )
@@ -332,6 +338,7 @@ def _sae_numbers(
     clean: float,
     shares: ComponentShares,
     both_tolerance: float,
+    clean_per_context: list[float],
 ) -> DownstreamSAE:
     """One SAE's result from its tally: CE and KL per setting, scores, the exactness check, shares."""
     ce = {"clean": clean} | {k: tally.mean("ce", k) for k in tally.ce}
@@ -347,8 +354,33 @@ def _sae_numbers(
         both_mean_ce_diff=both_mean,
         both_scored_tokens=tally.n["sae+both"],
         **shares.compute(),  # type: ignore[arg-type]
+        intervals=ce_intervals(tally, clean_per_context),
         seconds=tally.seconds,
     )
+
+
+def ce_intervals(tally: UnitTally, clean: list[float]) -> dict[str, list[float]]:
+    """Jackknife intervals of each component's CE recovered, leaving out one held-out context at a time."""
+    per = tally.per_context
+    settings = ("sae", "sae+linear", "sae+nonlinear")
+    if any(len(per.get(k, [])) != len(clean) for k in settings) or len(clean) < 3:
+        return {}
+    sums = {k: sum(per[k]) for k in settings} | {"clean": sum(clean)}
+    out: dict[str, list[float]] = {}
+    for name, setting in (("ce_recovered_linear", "sae+linear"), ("ce_recovered_nonlinear", "sae+nonlinear")):
+        point = ratio(sums["sae"] - sums[setting], sums["sae"] - sums["clean"])
+        if point is None:
+            continue
+        replicates = []
+        for c in range(len(clean)):
+            gap = (sums["sae"] - per["sae"][c]) - (sums["clean"] - clean[c])
+            value = ratio((sums["sae"] - per["sae"][c]) - (sums[setting] - per[setting][c]), gap)
+            if value is not None:
+                replicates.append(value)
+        interval = finite_interval(point, replicates)
+        if interval is not None:
+            out[name] = interval
+    return out
 
 
 def downstream_ce(
@@ -386,7 +418,13 @@ def downstream_ce(
     clean = out.clean_ce_sum / out.n_scored
     per_sae = {
         u.name: _sae_numbers(
-            u, saes[u.name].cfg.d_sae, out.tallies[u.name], clean, shares[u.name], both_tolerance
+            u,
+            saes[u.name].cfg.d_sae,
+            out.tallies[u.name],
+            clean,
+            shares[u.name],
+            both_tolerance,
+            out.clean_per_context,
         )
         for u in units
     }

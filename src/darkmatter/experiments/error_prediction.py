@@ -1,5 +1,6 @@
 """Figs 1-3 beyond the engine's per-SAE numbers: the scaling law FVU(W) = c + a·W^-m over the width sweep
-and the level of FVU_nonlinear, each with a bootstrap over contexts."""
+(a bootstrap over contexts) and the level of FVU_nonlinear (a jackknife over blocks of contexts with every
+probe refitted, or, without blocks, a bootstrap over contexts with the probes held fixed)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import numpy as np
 
 from darkmatter.experiments import powerlaw
 from darkmatter.experiments.decomposition import Decomposition
+from darkmatter.stats.jackknife import jackknife_interval
 
 
 def scaling_law(
@@ -25,10 +27,14 @@ def scaling_law(
     keep = ctx.n > 0
     args = (ctx.sum_x[keep], ctx.sum_sq_x[keep], ctx.n[keep])
     nl_mean = float(np.mean([st[n].fvu_nonlinear for n in width_sweep]))
-    nl_boot = powerlaw.bootstrap_fvu(
-        np.stack([ctx.sse_nonlinear[n][keep] for n in width_sweep]), *args, n_boot=n_boot, seed=seed
-    )
-    lo, hi = np.percentile(nl_boot.mean(axis=1), [2.5, 97.5])
+    replicates = [st[n].jackknife.get("fvu_nonlinear") for n in width_sweep]
+    if all(replicates):
+        lo, hi = jackknife_interval(nl_mean, np.mean(np.asarray(replicates, dtype=float), axis=0).tolist())
+    else:
+        nl_boot = powerlaw.bootstrap_fvu(
+            np.stack([ctx.sse_nonlinear[n][keep] for n in width_sweep]), *args, n_boot=n_boot, seed=seed
+        )
+        lo, hi = np.percentile(nl_boot.mean(axis=1), [2.5, 97.5])
     widths = [st[n].d_sae for n in width_sweep]
     fit: dict[str, Any] | None = None
     if len(set(widths)) >= 3:

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from darkmatter.experiments.decomposition import NormGram, ols_from_gram
+from darkmatter.stats.jackknife import finite_interval
 
 Matrix = list[list[float | None]]
 
@@ -41,6 +42,29 @@ def scaling_between_saes(gram: NormGram, names: list[str]) -> dict[str, Matrix]:
             out["nonlinear_gain"][i][j] = _gain(gram, col, (f"{a}:e2", f"{a}:nl2"), f"{b}:e2")
             out["nonlinear_gain_plain"][i][j] = _gain(gram, col, (f"{a}:en", f"{a}:nln"), f"{b}:en")
     return out
+
+
+def scaling_intervals(gram: NormGram, names: list[str]) -> dict[str, list[list[list[float] | None]]]:
+    """95% delete-one-block jackknife intervals ``[low, high]`` of every cell of ``scaling_between_saes``
+    (empty when the Gram was not kept in blocks)."""
+    if len(gram.blocks) < 3:
+        return {}
+    point = scaling_between_saes(gram, names)
+    replicates = [scaling_between_saes(gram.without(b), names) for b in range(len(gram.blocks))]
+    out: dict[str, list[list[list[float] | None]]] = {}
+    for key, matrix in point.items():
+        out[key] = [
+            [
+                None if value is None else _cell_interval(value, [r[key][i][j] for r in replicates])
+                for j, value in enumerate(row)
+            ]
+            for i, row in enumerate(matrix)
+        ]
+    return out
+
+
+def _cell_interval(value: float, replicates: list[float | None]) -> list[float] | None:
+    return finite_interval(value, [r for r in replicates if r is not None])
 
 
 def _gain(gram: NormGram, col: dict[str, int], regressors: tuple[str, str], target: str) -> float | None:

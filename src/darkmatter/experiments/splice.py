@@ -61,10 +61,13 @@ class UnitTally:
     """Clean CE summed over the same tokens as the setting (differs from the total when limited)."""
     n: dict[str, int] = field(default_factory=dict)
     max_abs_ce_diff: dict[str, float] = field(default_factory=dict)
+    per_context: dict[str, list[float]] = field(default_factory=dict)
+    """CE summed over each context's scored tokens, per setting, contexts in order (for intervals)."""
     seconds: float = 0.0
 
     def add(self, setting: str, ce: Tensor, kl: Tensor, ce_clean: Tensor) -> None:
-        """Add one batch's per-token CE, KL and clean CE of ``setting``."""
+        """Add one batch's per-token CE, KL and clean CE ``[contexts, positions]`` of ``setting``."""
+        self.per_context.setdefault(setting, []).extend(ce.double().reshape(ce.shape[0], -1).sum(1).tolist())
         self.ce[setting] = self.ce.get(setting, 0.0) + float(ce.double().sum())
         self.kl[setting] = self.kl.get(setting, 0.0) + float(kl.double().sum())
         self.clean[setting] = self.clean.get(setting, 0.0) + float(ce_clean.double().sum())
@@ -85,6 +88,7 @@ class EngineOutput:
     n_scored: int
     tallies: dict[str, UnitTally]
     forward_passes: int
+    clean_per_context: list[float] = field(default_factory=list)  # clean CE summed per context, in order
 
 
 # --------------------------------------------------------------------------- replaying unchanged layers
@@ -345,14 +349,16 @@ def run_splices(
     resumes = sorted({resume_layer(u.site) for u in units if prefix_cache and resume_layer(u.site) > 0})
     tallies = {u.name: UnitTally() for u in units}
     clean_sum = 0.0
+    clean_per_context: list[float] = []
     ticker = Ticker(progress, n)
     with torch.no_grad():
         for batch_index, a in enumerate(range(0, n, batch_size)):
             ids = torch.as_tensor(tokens[a : a + batch_size], device=device)
             clean = passes.clean(ids, sites, resumes)
             clean_sum += float(clean.ce.double().sum())
+            clean_per_context += clean.ce.double().sum(1).tolist()
             for unit in units:
                 passes.unit(unit, clean, batch_index, tallies[unit.name])
             del clean
             ticker.advance(ids.shape[0])
-    return EngineOutput(clean_sum, n * (ctx_len - start - 1), tallies, passes.count)
+    return EngineOutput(clean_sum, n * (ctx_len - start - 1), tallies, passes.count, clean_per_context)

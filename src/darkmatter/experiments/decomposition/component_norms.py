@@ -31,14 +31,17 @@ class ComponentNorms:
         self.plan, self.probes, self.contexts = plan, probes, contexts
         self.moments: dict[tuple[str, str], Moments] = {}
         self.gram_columns: dict[str, list[str]] = {}
-        self.grams: dict[str, dict[str, np.ndarray]] = {}
+        self.grams: dict[str, dict[str, list[np.ndarray]]] = {}  # site -> part -> one Gram per block
         for site, names in plan.groups.items():
             targets = {"x2": 1} | {f"{n}:{q}": 1 for n in names for q in NORM_TEST_QUANTITIES[1:]}
             for part in ("train", "test"):
                 self.moments[(site, part)] = Moments(plan.width[site], targets)
             self.gram_columns[site] = [f"{n}:{q}" for q in GRAM_QUANTITIES for n in names]
             size = len(self.gram_columns[site]) + 1
-            self.grams[site] = {"train": np.zeros((size, size)), "test": np.zeros((size, size))}
+            blocks = plan.blocks(site)
+            self.grams[site] = {
+                part: [np.zeros((size, size)) for _ in range(blocks)] for part in ("train", "test")
+            }
         self.cosine = {n: Cosine(sae.cfg.d_in) for n, sae in plan.saes.items()}
         self.sse_nonlinear = dict.fromkeys(plan.saes, 0.0)
         self.norm_sums = {n: np.zeros(3) for n in plan.saes}  # Σ‖e‖, Σ‖linear‖, Σ‖nonlinear‖ on test
@@ -60,7 +63,8 @@ class ComponentNorms:
                     buf = storage[site][: len(x_tok_d)]
                     moments = (self.moments[(site, "train")], self.moments[(site, "test")])
                     packed = SplitBuffer(*moments, n_train, buf)
-                    self._add_site(site, x_tok_d, n_train, ctx_test, packed, table_cols)
+                    block = plan.block_of(site, int(batch.context[0]))
+                    self._add_site(site, x_tok_d, n_train, ctx_test, packed, table_cols, block)
                     packed.commit()
                 plan.batch_done(len(order))
                 if writer is not None:
@@ -77,6 +81,7 @@ class ComponentNorms:
         ctx_test: Tensor,
         packed: SplitBuffer,
         table_cols: dict[str, Tensor],
+        block: int,
     ) -> None:
         packed.put("x", x_tok_d)
         packed.put("x2", x_tok_d.pow(2).sum(1, keepdim=True))
@@ -90,7 +95,7 @@ class ComponentNorms:
         z = torch.cat([err_sq, nonlin_sq, err_sq.sqrt(), nonlin_sq.sqrt(), ones], 1).double()
         for part, rows in (("train", slice(0, n_train)), ("test", slice(n_train, None))):
             z_part = z[rows]
-            self.grams[site][part] += (z_part.T @ z_part).cpu().numpy()
+            self.grams[site][part][block] += (z_part.T @ z_part).cpu().numpy()
 
     def _add_sae(
         self,
@@ -144,6 +149,13 @@ class ComponentNorms:
                 mean = self.norm_sums[n] / max(n_test, 1)
                 st.mean_error_norm, st.mean_linear_norm, st.mean_nonlinear_norm = (float(v) for v in mean)
         return {
-            site: NormGram(self.gram_columns[site], self.grams[site]["train"], self.grams[site]["test"])
+            site: NormGram(
+                self.gram_columns[site],
+                np.sum(self.grams[site]["train"], axis=0),
+                np.sum(self.grams[site]["test"], axis=0),
+                blocks=list(zip(self.grams[site]["train"], self.grams[site]["test"], strict=True))
+                if len(self.grams[site]["train"]) > 1
+                else [],
+            )
             for site in self.plan.groups
         }

@@ -23,27 +23,39 @@ Tensor = torch.Tensor
 
 @dataclass
 class ErrorMoments:
-    """Pass 1's sums: moments per (site, split), held-out metrics per SAE, per-context sums per site."""
+    """Pass 1's sums: moments per (site, split) in blocks of contexts, held-out metrics per SAE, per-context
+    sums per site."""
 
-    moments: dict[tuple[str, str], Moments]
+    moments: dict[tuple[str, str], list[Moments]]  # (site, part) -> one accumulator per block
     held_out: dict[str, HeldOut]
     contexts: dict[str, ContextAccumulator]
     n_train: int = 0
     n_test: int = 0
+
+    def total(self, site: str, part: str, *, without: int | None = None) -> Moments:
+        """The moments of ``site``'s ``part`` over every block (or every block but ``without``)."""
+        blocks = self.moments[(site, part)]
+        if len(blocks) == 1 and without is None:
+            return blocks[0]
+        total = Moments(blocks[0].d_x, blocks[0].target_dims)
+        for b, block in enumerate(blocks):
+            if b != without:
+                total.merge(block)
+        return total
 
 
 def accumulate_error_moments(plan: EnginePlan) -> ErrorMoments:
     """One pass over the store. Rows of each batch are ordered train-first, so every split is a view, and
     each site's x, errors and norms go into one float64 buffer that feeds both splits' moments: one GEMM
     per chunk and split for the Gram and every SAE's cross products."""
-    moments: dict[tuple[str, str], Moments] = {}
+    moments: dict[tuple[str, str], list[Moments]] = {}
     for site, names in plan.groups.items():
         d = plan.width[site]
         targets: dict[str, int] = {}
         for n in names:
             targets.update({f"{n}:e": d, f"{n}:e2": 1, f"{n}:en": 1})
         for part in ("train", "test"):
-            moments[(site, part)] = Moments(d, targets)
+            moments[(site, part)] = [Moments(d, targets) for _ in range(plan.blocks(site))]
     sums = ErrorMoments(
         moments,
         {n: HeldOut(sae.cfg.d_sae) for n, sae in plan.saes.items()},
@@ -52,7 +64,7 @@ def accumulate_error_moments(plan: EnginePlan) -> ErrorMoments:
             for site, names in plan.groups.items()
         },
     )
-    storage = plan.packed_storage(moments)
+    storage = plan.packed_storage({key: blocks[0] for key, blocks in moments.items()})
     for batch in plan.batches():
         order, n_train = plan.split.train_first(batch.context, batch.position)
         sums.n_train += n_train
@@ -62,7 +74,8 @@ def accumulate_error_moments(plan: EnginePlan) -> ErrorMoments:
             x_tok_d = batch.acts[site][order]
             check_finite(x_tok_d, site)
             buf = storage[site][: len(x_tok_d)]
-            packed = SplitBuffer(moments[(site, "train")], moments[(site, "test")], n_train, buf)
+            b = plan.block_of(site, int(batch.context[0]))
+            packed = SplitBuffer(moments[(site, "train")][b], moments[(site, "test")][b], n_train, buf)
             _add_site(plan, sums, site, x_tok_d, n_train, ctx_test, packed)
             packed.commit()
         plan.batch_done(len(order))

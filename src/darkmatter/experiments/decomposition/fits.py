@@ -17,13 +17,14 @@ from darkmatter.experiments.decomposition.outputs import Probe, SAEStats
 from darkmatter.experiments.decomposition.plan import EnginePlan
 from darkmatter.stats import Moments, RidgeFit, evaluate, fit_ridge, fit_ridge_many
 from darkmatter.stats import fvu_with_prediction as fvu_with_pred
+from darkmatter.stats.jackknife import finite_interval
 
 
 def fit_error_probes(plan: EnginePlan, sums: ErrorMoments, stats: dict[str, SAEStats]) -> dict[str, Probe]:
     """Fit every SAE's probe, fill its probe and held-out statistics; returns b* per SAE (float32)."""
     probes: dict[str, Probe] = {}
     for site, names in plan.groups.items():
-        train, test = sums.moments[(site, "train")], sums.moments[(site, "test")]
+        train, test = sums.total(site, "train"), sums.total(site, "test")
         var_x = test.total_variance_x()
         if not var_x > 0:
             raise DataError(f"x at {site} is constant over the {test.n} test tokens; FVU is undefined.")
@@ -63,3 +64,41 @@ def _probe_stats(
 def _held_out_stats(st: SAEStats, held: HeldOut, var_x: float) -> None:
     st.fvu, st.nmse, st.norm_ratio = held.sse / var_x, held.nmse_sum / held.n, held.ratio_sum / held.n
     st.l0, st.dead_fraction = held.l0.compute(), held.l0.dead_fraction()
+
+
+JACKKNIFED = ("fvu", "fvu_nonlinear", "vector_r2", "norm_r2")
+"""The per-SAE numbers that get delete-one-block jackknife replicates (and from them intervals)."""
+
+
+def jackknife_error_stats(plan: EnginePlan, sums: ErrorMoments, stats: dict[str, SAEStats]) -> None:
+    """Refit every probe of the interval site with each block of contexts left out; store the replicates
+    and the 95% intervals of FVU, FVU_nonlinear, vector R² and norm R² in each SAE's ``SAEStats``."""
+    site = plan.interval_site
+    if site is None or plan.blocks(site) < 3:
+        return
+    names = plan.groups[site]
+    replicates: dict[str, dict[str, list[float]]] = {n: {k: [] for k in JACKKNIFED} for n in names}
+    for b in range(plan.blocks(site)):
+        train, test = sums.total(site, "train", without=b), sums.total(site, "test", without=b)
+        var_x = test.total_variance_x()
+        fits = fit_ridge_many(train, [f"{n}:e" for n in names], bias=True)
+        kept = _contexts_outside(plan, site, b)
+        for n in names:
+            ev = evaluate(fits[f"{n}:e"], test, f"{n}:e")
+            rep = replicates[n]
+            rep["fvu"].append(float(sums.contexts[site].sse[n][kept].sum()) / var_x)
+            rep["fvu_nonlinear"].append(fvu_with_pred(ev, var_x))
+            rep["vector_r2"].append(ev.r2_mean_over_dims)
+            rep["norm_r2"].append(evaluate(fit_ridge(train, f"{n}:e2", bias=True), test, f"{n}:e2").r2)
+    for n in names:
+        st = stats[n]
+        st.jackknife = {k: [float(v) for v in vals] for k, vals in replicates[n].items()}
+        intervals = {k: finite_interval(getattr(st, k), vals) for k, vals in replicates[n].items()}
+        st.intervals = {k: v for k, v in intervals.items() if v is not None}
+
+
+def _contexts_outside(plan: EnginePlan, site: str, block: int) -> torch.Tensor:
+    """Bool [n_contexts]: the contexts not in ``block``."""
+    contexts = torch.arange(plan.store.n_contexts)
+    blocks = torch.tensor([plan.block_of(site, int(c)) for c in contexts])
+    return blocks != block

@@ -42,6 +42,8 @@ class SAEStats:
     mean_linear_norm: float = float("nan")
     mean_nonlinear_norm: float = float("nan")
     norm_test: dict[str, float] = field(default_factory=dict)
+    intervals: dict[str, list[float]] = field(default_factory=dict)  # metric -> [low, high], 95%
+    jackknife: dict[str, list[float]] = field(default_factory=dict)  # metric -> one value per block left out
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -65,6 +67,12 @@ class NormGram:
     columns: list[str]
     train: np.ndarray
     test: np.ndarray
+    blocks: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)  # (train, test) per block
+
+    def without(self, block: int) -> NormGram:
+        """The Gram of every block but ``block`` (the delete-one jackknife's replicate)."""
+        tr, te = self.blocks[block]
+        return NormGram(self.columns, self.train - tr, self.test - te)
 
 
 Probe = tuple[torch.Tensor, torch.Tensor]

@@ -48,6 +48,8 @@ class EnginePlan:
     contexts: np.ndarray | None
     passes: int
     progress: Progress | None = None
+    interval_site: str | None = None
+    interval_blocks: int = 8
     groups: dict[str, list[str]] = field(init=False)
     width: dict[str, int] = field(init=False)  # site -> d
     tokens_per_pass: int = field(init=False)
@@ -65,6 +67,23 @@ class EnginePlan:
         )
         self.ticker = Ticker(self.progress, self.tokens_per_pass * self.passes)
         self.heap = HeapReleaser()  # freed batch temporaries would otherwise fragment and grow the heap
+        if self.interval_site is not None and self.interval_site not in self.groups:
+            raise DataError(
+                f"interval_site {self.interval_site!r} is not a site of the SAEs ({list(self.groups)})."
+            )
+
+    def blocks(self, site: str) -> int:
+        """Blocks of contexts the moments of ``site`` are kept in (one but at the interval site)."""
+        if site != self.interval_site:
+            return 1
+        return max(1, min(self.interval_blocks, self.store.n_shards))
+
+    def block_of(self, site: str, context: int) -> int:
+        """The block of a context at ``site``: whole shards, in order, so a batch never spans two."""
+        n = self.blocks(site)
+        if n == 1:
+            return 0
+        return (context // self.store.shard_contexts) * n // self.store.n_shards
 
     def batches(self) -> Iterator[Batch]:
         """One pass over the store (or its chosen contexts), every site of the family per batch."""

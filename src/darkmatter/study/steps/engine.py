@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from pydantic import BaseModel, Field
 from safetensors.torch import load_file
@@ -56,6 +57,14 @@ class SAEErrorStats(BaseModel):
     mean_linear_norm: Number
     mean_nonlinear_norm: Number
     norm_test: dict[str, Number] = Field(description="Fig 6: quantity -> R² of x̃ -> ‖q‖².")
+    intervals: dict[str, list[Number]] = Field(
+        default_factory=dict,
+        description="Main-site SAEs: fvu, fvu_nonlinear, vector_r2, norm_r2 -> [low, high], 95% jackknife "
+        "over blocks of contexts, every probe refitted per replicate.",
+    )
+    jackknife: dict[str, list[Number]] = Field(
+        default_factory=dict, description="The same numbers with each block of contexts left out in turn."
+    )
 
 
 class Estimate(BaseModel):
@@ -130,7 +139,7 @@ class EngineStep(Step[EngineResult]):
     version = 2
 
     def settings(self, cfg: StudyConfig) -> dict[str, Any]:
-        return {"seed": cfg.seed}
+        return {"seed": cfg.seed, "engine": cfg.section("engine")}
 
     def is_current(self, ctx: StudyContext, result: EngineResult) -> bool:
         tensors = [norm_grams_path(ctx)] + [ctx.paths.probe(s.name) for s in result.saes]
@@ -144,6 +153,8 @@ class EngineStep(Step[EngineResult]):
             split=ctx.split,
             table_path=ctx.paths.token_table,
             progress=ctx.progress("engine (2 passes)"),
+            interval_site=roles.main_site if roles.width_sweep else None,
+            interval_blocks=ctx.cfg.engine.interval_blocks,
         )
         for name, (weights, bias) in dec.probes.items():
             save_probe(ctx.paths.probe(name), weights, bias)
@@ -186,6 +197,9 @@ def save_norm_grams(path: Path, grams: dict[str, NormGram]) -> None:
     for site, gram in grams.items():
         tensors[f"{site}/train"] = torch.from_numpy(gram.train)
         tensors[f"{site}/test"] = torch.from_numpy(gram.test)
+        for b, (train, test) in enumerate(gram.blocks):
+            tensors[f"{site}/block{b}/train"] = torch.from_numpy(train)
+            tensors[f"{site}/block{b}/test"] = torch.from_numpy(test)
         columns[site] = gram.columns
     atomic.write_bytes(path, st_save(tensors, metadata={"columns": json.dumps(columns)}))
 
@@ -196,10 +210,18 @@ def load_norm_grams(path: Path) -> dict[str, NormGram]:
     with safe_open(str(path), framework="pt") as f:
         columns: dict[str, list[str]] = json.loads((f.metadata() or {})["columns"])
     tensors = load_file(str(path))
-    return {
-        site: NormGram(cols, tensors[f"{site}/train"].numpy(), tensors[f"{site}/test"].numpy())
-        for site, cols in columns.items()
-    }
+    grams = {}
+    for site, cols in columns.items():
+        blocks: list[tuple[np.ndarray, np.ndarray]] = []
+        while f"{site}/block{len(blocks)}/train" in tensors:
+            b = len(blocks)
+            blocks.append(
+                (tensors[f"{site}/block{b}/train"].numpy(), tensors[f"{site}/block{b}/test"].numpy())
+            )
+        grams[site] = NormGram(
+            cols, tensors[f"{site}/train"].numpy(), tensors[f"{site}/test"].numpy(), blocks
+        )
+    return grams
 
 
 ENGINE = EngineStep()

@@ -8,7 +8,12 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from darkmatter.config.schema import StudyConfig
-from darkmatter.experiments.per_token import norm_samples, scaling_between_saes, token_trace
+from darkmatter.experiments.per_token import (
+    norm_samples,
+    scaling_between_saes,
+    scaling_intervals,
+    token_trace,
+)
 from darkmatter.results import Result
 from darkmatter.study.context import StudyContext
 from darkmatter.study.step import Step
@@ -48,6 +53,10 @@ class PerTokenResult(Result):
     nonlinear_gain_plain: Matrix = Field(
         description="The same with plain norms ‖e‖, ‖NonlinearError‖ (the paper's code's variant)."
     )
+    intervals: dict[str, list[list[list[float] | None]]] = Field(
+        default_factory=dict,
+        description="Matrix name -> [low, high] per cell: 95% jackknife over blocks of contexts.",
+    )
     trace: TokenTrace | None = None
     norm_samples: NormSamples | None = None
     mean_linear_norm: list[float]
@@ -78,6 +87,7 @@ class PerTokenStep(Step[PerTokenResult]):
             names=names,
             widths=[stats[n].d_sae for n in names],
             **scaling_between_saes(gram, names),
+            intervals=scaling_intervals(gram, names),
             trace=trace,
             norm_samples=samples,
             mean_linear_norm=[stats[n].mean_linear_norm for n in names],
