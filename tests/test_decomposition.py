@@ -295,6 +295,20 @@ def test_jackknife_intervals_refit_the_probe_per_block(store) -> None:
     assert plain.fvu_nonlinear == pytest.approx(st.fvu_nonlinear, rel=1e-9) and plain.intervals == {}
 
 
+def test_norm_test_intervals_leave_out_each_block(store) -> None:
+    """Replicates of the norm test's probe-free quantities equal a fresh run without the block."""
+    sae = planted(2)
+    st = decompose(store, {"p": sae}, split=SPLIT, interval_site=SITE, interval_blocks=4).stats["p"]
+    quantities = ("x", "sae", "error", "linear", "nonlinear")
+    assert {f"norm_test.{q}" for q in quantities} <= set(st.intervals)
+    block_of = [(c // store.shard_contexts) * 4 // store.n_shards for c in range(store.n_contexts)]
+    for b in range(4):
+        others = np.asarray([c for c in range(store.n_contexts) if block_of[c] != b])
+        loo = decompose(store, {"p": sae}, split=SPLIT, contexts=others).stats["p"]
+        for q in ("x", "sae", "error"):  # the linear and nonlinear parts also depend on b*, held fixed
+            assert st.jackknife[f"norm_test.{q}"][b] == pytest.approx(loo.norm_test[q], rel=1e-6), (q, b)
+
+
 def test_per_token_intervals_come_from_grams_without_each_block(store) -> None:
     from darkmatter.experiments.per_token import scaling_between_saes, scaling_intervals
 

@@ -141,6 +141,7 @@ def test_error_saes_learn_their_components(store, base_sae: SAE, probe: Probe, t
     result, saes = trained
     assert set(saes) == {"linear", "nonlinear"} and result.experiment == "error_saes"
     x, train = _tokens(store)
+    ctx_ids = torch.cat([b.context for b in store.iter_batches([SITE], batch_tokens=10**6)])
     x_test = x[~train]
     parts = ErrorComponents(base_sae, probe)
     comps = parts.all(x_test)
@@ -156,6 +157,13 @@ def test_error_saes_learn_their_components(store, base_sae: SAE, probe: Probe, t
         assert curve[0].fvu > 2 * curve[-1].fvu
         assert all(0 < p.l0 <= 3 for p in curve)
         assert curve[-1].step == q.train_steps - 1
+        ctx_test = ctx_ids[~train]
+        for b, value in enumerate(q.fvu_jackknife):  # the FVU on the test tokens outside block b
+            keep = (ctx_test * 8) // store.n_contexts != b
+            with torch.no_grad():
+                assert value == pytest.approx(_fvu(comps[c][keep], sae(comps[c][keep])), rel=1e-4)
+        assert len(q.fvu_jackknife) == 8 and q.fvu_interval is not None
+        assert q.fvu_interval[0] < q.fvu < q.fvu_interval[1]
     var_x = float((x_test.double() - x_test.double().mean(0)).pow(2).sum())
     for c, v in comps.items():
         explicit = float((v.double() - v.double().mean(0)).pow(2).sum()) / var_x

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -14,7 +13,7 @@ from darkmatter.experiments.fixed_probes import fvu_with_probes
 from darkmatter.sae.model import SAE, SAEConfig
 from darkmatter.study.context import StudyContext
 from darkmatter.study.probes import save_probe
-from darkmatter.study.steps.pursuit import PURSUIT
+from darkmatter.study.steps.pursuit import PURSUIT, spread_contexts
 from synthetic import sparse_features, synthetic_store
 
 SITE = "blocks.0.hook_resid_post"
@@ -47,9 +46,10 @@ def test_pursuit_uses_the_engine_probes(store, tmp_path: Path) -> None:
     for name, (weights, bias) in engine.probes.items():
         save_probe(ctx.paths.probe(name), weights, bias)
     (row,) = PURSUIT.run(ctx).saes
-    contexts = np.arange(6)
+    contexts = spread_contexts(6, store.n_contexts)
+    assert len(contexts) == 6 and contexts[-1] == store.n_contexts - 1
     direct, _ = fvu_with_probes(store, saes, engine.probes, split=ctx.split, contexts=contexts)
-    assert row.fvu_nonlinear == pytest.approx(direct[row.name].fvu_nonlinear, rel=1e-9)
+    assert row.fvu_nonlinear == pytest.approx(direct[row.name].fvu_nonlinear, rel=1e-7)
     assert row.fvu == pytest.approx(direct[row.name].fvu, rel=1e-6)
     refit = decompose(store, saes, split=ctx.split, second_pass=False, contexts=contexts)
     assert row.refit_fvu_nonlinear == pytest.approx(refit.stats[row.name].fvu_nonlinear, rel=1e-9)
@@ -57,6 +57,11 @@ def test_pursuit_uses_the_engine_probes(store, tmp_path: Path) -> None:
     assert row.encoder_error == pytest.approx(row.refit_fvu_nonlinear - row.refit_pursuit_fvu_nonlinear)
     assert row.pursuit_fvu_nonlinear == pytest.approx(row.fvu_nonlinear - row.encoder_error)
     assert row.pursuit_fvu < row.fvu
+    assert store.n_shards == 5  # paired jackknife: both probes refitted without each block of contexts
+    low, high = row.intervals["encoder_error"]
+    assert low < row.encoder_error < high
+    low, high = row.intervals["fvu_drop"]
+    assert low < row.fvu - row.pursuit_fvu < high
 
 
 def test_with_every_context_the_engine_probe_gives_the_engine_number(store) -> None:

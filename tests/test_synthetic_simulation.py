@@ -119,6 +119,21 @@ def test_table1_diagonal_dominates(result: SyntheticResult) -> None:
     assert abs(intro_act) < 0.5 and abs(dense_rec) < 0.5
     assert len(result.table1_rows) == 2 and len(result.table1_cols) == 2
     assert result.table1_paper == [[0.9842, 0.1417], [0.0988, 0.9036]]
+    for row, bounds in zip(result.table1, result.table1_intervals, strict=True):
+        for r, interval in zip(row, bounds, strict=True):
+            assert interval is not None and interval[0] < float(r or 0.0) < interval[1]
+
+
+def test_correlation_interval_is_fisher_z() -> None:
+    from darkmatter.experiments.synthetic_summary import correlation_interval
+
+    low, high = correlation_interval(0.5, 25) or [0.0, 0.0]
+    half = 1.959963984540054 / math.sqrt(22)
+    assert low == pytest.approx(math.tanh(math.atanh(0.5) - half), rel=1e-12)
+    assert high == pytest.approx(math.tanh(math.atanh(0.5) + half), rel=1e-12)
+    assert (low, high) == pytest.approx((0.13, 0.75), abs=5e-3)  # the textbook r = 0.5, n = 25 interval
+    assert correlation_interval(1.0, 25) is None and correlation_interval(None, 25) is None
+    assert correlation_interval(0.3, 3) is None
 
 
 def test_fvu_rec_rises_with_ablation(result: SyntheticResult) -> None:

@@ -26,6 +26,7 @@ from darkmatter.progress import Progress
 from darkmatter.results import Result, config_hash, sae_identity, store_summary
 from darkmatter.sae.model import SAE
 from darkmatter.sae.train import DerivedInput, FamilyTrainer, SAESpec, TrainConfig, TrainingPoint
+from darkmatter.stats.jackknife import finite_interval
 from darkmatter.stats.metrics import FVU, L0, NMSE
 from darkmatter.stats.split import Split
 from darkmatter.store import ActivationStore, Batch
@@ -113,6 +114,10 @@ class ErrorComponents:
         return f"{check_component(name)}:{self._digest}"
 
 
+JACKKNIFE_BLOCKS = 8
+"""Blocks of contexts (by id) the held-out FVU of each error SAE is jackknifed over."""
+
+
 class ErrorSAEQuality(BaseModel):
     """Held-out quality of the SAE trained on one component."""
 
@@ -125,6 +130,11 @@ class ErrorSAEQuality(BaseModel):
     dead_fraction: float = Field(description="Share of latents never active on the test split.")
     train_steps: int = Field(description="Optimiser steps taken.")
     train_tokens: int = Field(description="Training tokens seen (with repeats over epochs).")
+    fvu_jackknife: list[float] = Field(
+        default_factory=list,
+        description=f"FVU with each of {JACKKNIFE_BLOCKS} blocks of test contexts left out (the SAE fixed).",
+    )
+    fvu_interval: list[float] | None = Field(None, description="95% jackknife interval of fvu.")
 
 
 class ErrorSAEsResult(Result):
@@ -251,6 +261,19 @@ class _TotalVariance:
         return float((ss - s**2 / self.n).clamp_min(0).sum())
 
 
+def _jackknife_fvu(blocks: list[FVU]) -> list[float]:
+    """FVU over every block but one, for each block that holds tokens."""
+    out = []
+    for b, block in enumerate(blocks):
+        if block.n == 0:
+            continue
+        rest = FVU(block.d)
+        for other in blocks[:b] + blocks[b + 1 :]:
+            rest.merge(other)
+        out.append(rest.compute())
+    return out
+
+
 @torch.no_grad()
 def _evaluate(
     store: ActivationStore,
@@ -260,7 +283,7 @@ def _evaluate(
     split: Split,
     device: str,
     batch_tokens: int = 4096,
-) -> tuple[dict[str, dict[str, float]], dict[str, float], int]:
+) -> tuple[dict[str, dict[str, Any]], dict[str, float], int]:
     """Per-component quality, variance ratios and the token count: one streaming pass over the test split."""
     site = _site(store, parts.sae)
     for c, s in saes.items():
@@ -270,11 +293,13 @@ def _evaluate(
     nmse = {c: NMSE(s.cfg.d_in) for c, s in saes.items()}
     l0 = {c: L0(s.cfg.d_sae) for c, s in saes.items()}
     var = {q: _TotalVariance() for q in ("x", *COMPONENTS)}
+    blocks = {c: [FVU(s.cfg.d_in) for _ in range(JACKKNIFE_BLOCKS)] for c, s in saes.items()}
     for batch in store.iter_batches([site], batch_tokens=batch_tokens):
         test = ~split.mask(batch.context, batch.position)
         if not bool(test.any()):
             continue
         x = batch.acts[site][test]
+        block_of = (batch.context[test].cpu() * JACKKNIFE_BLOCKS) // store.n_contexts
         comps = parts.all(x)
         var["x"].update(x)
         for q, v in comps.items():
@@ -283,20 +308,26 @@ def _evaluate(
             target = comps[c].to(s.device)
             x_hat, codes = s.reconstruct(target)
             fvu[c].update(target, x_hat)
+            for b in block_of.unique().tolist():
+                rows = (block_of == b).to(target.device)
+                blocks[c][b].update(target[rows], x_hat[rows])
             nmse[c].update(target, x_hat)
             l0[c].update_sparse(codes.indices, codes.values)
     var_x = var["x"].compute()
     if not var_x > 0:
         raise DataError(f"Activations at {site} are constant on the test split; their variance is zero.")
-    quality = {
+    quality: dict[str, dict[str, Any]] = {
         c: {
             "fvu": fvu[c].compute(),
             "nmse": nmse[c].compute(),
             "l0": l0[c].compute(),
             "dead_fraction": l0[c].dead_fraction(),
+            "fvu_jackknife": _jackknife_fvu(blocks[c]),
         }
         for c in saes
     }
+    for numbers in quality.values():
+        numbers["fvu_interval"] = finite_interval(numbers["fvu"], numbers["fvu_jackknife"])
     return quality, {q: var[q].compute() / var_x for q in COMPONENTS}, var["x"].n
 
 
@@ -308,7 +339,7 @@ def evaluate_error_saes(
     *,
     split: Split,
     device: str = "cpu",
-) -> dict[str, dict[str, float]]:
+) -> dict[str, dict[str, Any]]:
     """Test-split fvu, nmse, l0 and dead_fraction of SAEs keyed by the component each was trained on."""
     for c in error_saes:
         check_component(c)

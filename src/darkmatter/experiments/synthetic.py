@@ -158,6 +158,10 @@ class SimulationOutcome(BaseModel):
         description="Pearson r over the levels×levels grid at 0% ablation (rows, columns as labelled); "
         "None where an estimate is constant over the grid."
     )
+    table1_intervals: list[list[list[float] | None]] = Field(
+        default_factory=list,
+        description="95% Fisher-z interval [low, high] of each Table 1 correlation over the grid's settings.",
+    )
     table1_rows: list[str] = Field(default_factory=lambda: list(TABLE1_ROWS))
     table1_cols: list[str] = Field(default_factory=lambda: list(TABLE1_COLS))
     diagonal_ok: bool = Field(description="min(diagonal of table1) > max |off-diagonal|.")

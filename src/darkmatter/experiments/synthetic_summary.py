@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from scipy.stats import norm as _normal
 
 from darkmatter.experiments.synthetic_moments import Scores
 
@@ -106,4 +107,20 @@ def summarise(
     curves = [_curve(scores, sa, sr, ablations) for sa, sr in FIG15_SETTINGS if (sa, sr) in settings]
     floor = scores[(0.0, 0.0, 0)][0] if (0.0, 0.0) in settings else None
     table1 = [[v if math.isfinite(v) else None for v in row] for row in table]  # JSON has no NaN
-    return {"grid": grid, "table1": table1, "diagonal_ok": ok, "curves": curves, "fvu_floor": floor}
+    intervals = [[correlation_interval(v, len(pairs)) for v in row] for row in table1]
+    return {
+        "grid": grid,
+        "table1": table1,
+        "table1_intervals": intervals,
+        "diagonal_ok": ok,
+        "curves": curves,
+        "fvu_floor": floor,
+    }
+
+
+def correlation_interval(r: float | None, n: int, level: float = 0.95) -> list[float] | None:
+    """Fisher-z interval ``tanh(atanh r ± z/√(n − 3))`` of a Pearson r over ``n`` points (None: undefined)."""
+    if r is None or not math.isfinite(r) or abs(r) >= 1.0 or n < 4:
+        return None
+    z = float(_normal.ppf(0.5 + level / 2)) / math.sqrt(n - 3)
+    return [math.tanh(math.atanh(r) - z), math.tanh(math.atanh(r) + z)]

@@ -104,3 +104,14 @@ class HeldOut:
         self.ratio_sum += float((x_hat_norm.to(x_norm.device) / x_norm).sum())
         self.n += len(e2)
         self.l0.update_sparse(indices, values)
+
+
+def merged(blocks: list[Moments], without: int | None = None) -> Moments:
+    """The moments of every block (or every block but ``without``) merged into one."""
+    if len(blocks) == 1 and without is None:
+        return blocks[0]
+    total = Moments(blocks[0].d_x, blocks[0].target_dims)
+    for b, block in enumerate(blocks):
+        if b != without:
+            total.merge(block)
+    return total

@@ -13,11 +13,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from darkmatter.experiments.decomposition.accumulators import ContextAccumulator, SplitBuffer
+from darkmatter.experiments.decomposition.accumulators import ContextAccumulator, SplitBuffer, merged
 from darkmatter.experiments.decomposition.outputs import NORM_TEST_QUANTITIES, NormGram, Probe, SAEStats
 from darkmatter.experiments.decomposition.plan import RECONSTRUCT_CHUNK, EnginePlan
 from darkmatter.experiments.decomposition.table import TokenTableWriter
 from darkmatter.stats import Cosine, Moments, evaluate, fit_ridge
+from darkmatter.stats.jackknife import finite_interval
 
 Tensor = torch.Tensor
 GRAM_QUANTITIES = ("e2", "nl2", "en", "nln")
@@ -29,16 +30,16 @@ class ComponentNorms:
 
     def __init__(self, plan: EnginePlan, probes: dict[str, Probe], contexts: dict[str, ContextAccumulator]):
         self.plan, self.probes, self.contexts = plan, probes, contexts
-        self.moments: dict[tuple[str, str], Moments] = {}
+        self.moments: dict[tuple[str, str], list[Moments]] = {}  # (site, part) -> one per block
         self.gram_columns: dict[str, list[str]] = {}
         self.grams: dict[str, dict[str, list[np.ndarray]]] = {}  # site -> part -> one Gram per block
         for site, names in plan.groups.items():
             targets = {"x2": 1} | {f"{n}:{q}": 1 for n in names for q in NORM_TEST_QUANTITIES[1:]}
+            blocks = plan.blocks(site)
             for part in ("train", "test"):
-                self.moments[(site, part)] = Moments(plan.width[site], targets)
+                self.moments[(site, part)] = [Moments(plan.width[site], targets) for _ in range(blocks)]
             self.gram_columns[site] = [f"{n}:{q}" for q in GRAM_QUANTITIES for n in names]
             size = len(self.gram_columns[site]) + 1
-            blocks = plan.blocks(site)
             self.grams[site] = {
                 part: [np.zeros((size, size)) for _ in range(blocks)] for part in ("train", "test")
             }
@@ -49,7 +50,7 @@ class ComponentNorms:
     def run(self, table_path: Path | None) -> None:
         """The pass over the store, writing the per-token table when ``table_path`` is given."""
         plan = self.plan
-        storage = plan.packed_storage(self.moments)
+        storage = plan.packed_storage({key: blocks[0] for key, blocks in self.moments.items()})
         with contextlib.ExitStack() as stack:
             writer = None
             if table_path is not None:
@@ -61,9 +62,9 @@ class ComponentNorms:
                 for site in plan.groups:
                     x_tok_d = batch.acts[site][order]
                     buf = storage[site][: len(x_tok_d)]
-                    moments = (self.moments[(site, "train")], self.moments[(site, "test")])
-                    packed = SplitBuffer(*moments, n_train, buf)
                     block = plan.block_of(site, int(batch.context[0]))
+                    moments = (self.moments[(site, "train")][block], self.moments[(site, "test")][block])
+                    packed = SplitBuffer(*moments, n_train, buf)
                     self._add_site(site, x_tok_d, n_train, ctx_test, packed, table_cols, block)
                     packed.commit()
                 plan.batch_done(len(order))
@@ -135,19 +136,16 @@ class ComponentNorms:
     def finish(self, stats: dict[str, SAEStats], n_test: int) -> dict[str, NormGram]:
         """Fill the norm-test, cosine and mean-norm statistics; returns the norm Gram of each site."""
         for site, names in self.plan.groups.items():
-            train, test = self.moments[(site, "train")], self.moments[(site, "test")]
-            x_fit = evaluate(fit_ridge(train, "x2", bias=True), test, "x2").r2
+            train, test = self._total(site, "train"), self._total(site, "test")
             var_x = test.total_variance_x()
             for n in names:
                 st = stats[n]
-                st.norm_test = {"x": x_fit} | {
-                    q: evaluate(fit_ridge(train, f"{n}:{q}", bias=True), test, f"{n}:{q}").r2
-                    for q in NORM_TEST_QUANTITIES[1:]
-                }
+                st.norm_test = _norm_test(train, test, n)
                 st.cos_linear_x = self.cosine[n].compute()
                 st.fvu_nonlinear_pass2 = self.sse_nonlinear[n] / var_x
                 mean = self.norm_sums[n] / max(n_test, 1)
                 st.mean_error_norm, st.mean_linear_norm, st.mean_nonlinear_norm = (float(v) for v in mean)
+        self._norm_test_intervals(stats)
         return {
             site: NormGram(
                 self.gram_columns[site],
@@ -159,3 +157,34 @@ class ComponentNorms:
             )
             for site in self.plan.groups
         }
+
+    def _total(self, site: str, part: str, without: int | None = None) -> Moments:
+        return merged(self.moments[(site, part)], without)
+
+    def _norm_test_intervals(self, stats: dict[str, SAEStats]) -> None:
+        """Delete-one-block jackknife of the norm test at the interval site (the probes b* held fixed)."""
+        site = self.plan.interval_site
+        if site is None or self.plan.blocks(site) < 3:
+            return
+        names = self.plan.groups[site]
+        replicates: dict[str, dict[str, list[float]]] = {n: {} for n in names}
+        for b in range(self.plan.blocks(site)):
+            train, test = self._total(site, "train", b), self._total(site, "test", b)
+            for n in names:
+                for q, r2 in _norm_test(train, test, n).items():
+                    replicates[n].setdefault(q, []).append(r2)
+        for n in names:
+            st = stats[n]
+            for q, values in replicates[n].items():
+                st.jackknife[f"norm_test.{q}"] = values
+                interval = finite_interval(st.norm_test[q], values)
+                if interval is not None:
+                    st.intervals[f"norm_test.{q}"] = interval
+
+
+def _norm_test(train: Moments, test: Moments, name: str) -> dict[str, float]:
+    """Held-out R² of x̃ -> ‖q‖² for q in x and each of ``name``'s components (Fig 6)."""
+    out = {"x": evaluate(fit_ridge(train, "x2", bias=True), test, "x2").r2}
+    for q in NORM_TEST_QUANTITIES[1:]:
+        out[q] = evaluate(fit_ridge(train, f"{name}:{q}", bias=True), test, f"{name}:{q}").r2
+    return out

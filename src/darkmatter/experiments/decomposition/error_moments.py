@@ -13,6 +13,7 @@ from darkmatter.experiments.decomposition.accumulators import (
     HeldOut,
     SplitBuffer,
     check_finite,
+    merged,
     row_norms,
 )
 from darkmatter.experiments.decomposition.plan import RECONSTRUCT_CHUNK, EnginePlan
@@ -34,14 +35,7 @@ class ErrorMoments:
 
     def total(self, site: str, part: str, *, without: int | None = None) -> Moments:
         """The moments of ``site``'s ``part`` over every block (or every block but ``without``)."""
-        blocks = self.moments[(site, part)]
-        if len(blocks) == 1 and without is None:
-            return blocks[0]
-        total = Moments(blocks[0].d_x, blocks[0].target_dims)
-        for b, block in enumerate(blocks):
-            if b != without:
-                total.merge(block)
-        return total
+        return merged(self.moments[(site, part)], without)
 
 
 def accumulate_error_moments(plan: EnginePlan) -> ErrorMoments:

@@ -24,6 +24,7 @@ class DownstreamCEStep(Step[DownstreamResult]):
     title = "downstream CE with spliced reconstructions (Figs 8, 9)"
     result_type = DownstreamResult
     needs = (ENGINE,)
+    version = 2
 
     def enabled(self, cfg: StudyConfig) -> bool:
         return cfg.downstream_ce.enabled

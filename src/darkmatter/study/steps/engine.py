@@ -136,7 +136,7 @@ class EngineStep(Step[EngineResult]):
     title = "error prediction, FVU_nonlinear and the scaling law (Figs 1-3, 6, 14)"
     result_type = EngineResult
     needs = (FAMILY,)
-    version = 2
+    version = 3
 
     def settings(self, cfg: StudyConfig) -> dict[str, Any]:
         return {"seed": cfg.seed, "engine": cfg.section("engine")}

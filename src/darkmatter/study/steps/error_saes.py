@@ -37,6 +37,7 @@ class ErrorSAEsStep(Step[ErrorSAEsStepResult]):
     title = "SAEs trained on the linear and nonlinear error (Figs 7, 8)"
     result_type = ErrorSAEsStepResult
     needs = (ENGINE,)
+    version = 2
 
     def enabled(self, cfg: StudyConfig) -> bool:
         return cfg.error_saes.enabled

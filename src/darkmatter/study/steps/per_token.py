@@ -68,6 +68,7 @@ class PerTokenStep(Step[PerTokenResult]):
     title = "per-token scaling of error norms across widths (Figs 4, 5, 12, 16)"
     result_type = PerTokenResult
     needs = (ENGINE,)
+    version = 2
 
     def settings(self, cfg: StudyConfig) -> dict[str, Any]:
         return {"seed": cfg.seed}

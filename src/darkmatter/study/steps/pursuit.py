@@ -19,6 +19,7 @@ from darkmatter.experiments.fixed_probes import fvu_with_probes
 from darkmatter.results import Number, Result
 from darkmatter.sae import SAE
 from darkmatter.sae.pursuit import PursuitSAE
+from darkmatter.stats.jackknife import finite_interval
 from darkmatter.study.context import StudyContext
 from darkmatter.study.step import Step
 from darkmatter.study.steps.engine import ENGINE
@@ -40,6 +41,11 @@ class PursuitRow(BaseModel):
     )
     refit_fvu_nonlinear: Number = Field(description="The SAE's FVU_nonlinear with the refitted probe.")
     refit_pursuit_fvu_nonlinear: Number = Field(description="The pursuit's, with its refitted probe.")
+    intervals: dict[str, list[Number]] = Field(
+        default_factory=dict,
+        description="fvu_drop (fvu − pursuit_fvu) and encoder_error -> [low, high]: 95% delete-one-block "
+        "jackknife over the pursued contexts, both probes refitted per block (empty with < 3 blocks).",
+    )
 
 
 class PursuitResult(Result):
@@ -56,6 +62,7 @@ class PursuitStep(Step[PursuitResult]):
     title = "gradient pursuit and the encoder error (Figs 1, 10a)"
     result_type = PursuitResult
     needs = (ENGINE,)
+    version = 2
 
     def enabled(self, cfg: StudyConfig) -> bool:
         return cfg.pursuit.enabled
@@ -68,7 +75,7 @@ class PursuitStep(Step[PursuitResult]):
         if not width_sweep:
             ctx.log("pursuit: the family has no width sweep at the main site; nothing to pursue")
             return PursuitResult(saes=[], n_contexts=0, n_test=0)
-        contexts = np.arange(min(ctx.cfg.pursuit.n_contexts, ctx.store.n_contexts))
+        contexts = spread_contexts(ctx.cfg.pursuit.n_contexts, ctx.store.n_contexts)
         saes: dict[str, SAE] = {n: ctx.saes[n] for n in width_sweep}
         saes |= {f"{n}+pursuit": PursuitSAE.from_sae(ctx.saes[n]) for n in width_sweep}
         refit = decompose(
@@ -78,6 +85,8 @@ class PursuitStep(Step[PursuitResult]):
             second_pass=False,
             contexts=contexts,
             progress=ctx.progress("pursuit"),
+            interval_site=ctx.roles.main_site,
+            interval_blocks=ctx.cfg.engine.interval_blocks,
         )
         plain = {n: ctx.saes[n] for n in width_sweep}
         fixed, _ = fvu_with_probes(
@@ -90,6 +99,25 @@ class PursuitStep(Step[PursuitResult]):
 
     def headline(self, result: PursuitResult) -> str:
         return ", ".join(f"{r.d_sae}: FVU {r.fvu:.3f}→{r.pursuit_fvu:.3f}" for r in result.saes) or "no SAEs"
+
+
+def spread_contexts(n: int, n_contexts: int) -> np.ndarray:
+    """``n`` context ids spread evenly over the store, so they fall in every shard (the jackknife blocks)."""
+    return np.unique(np.linspace(0, n_contexts - 1, num=min(n, n_contexts)).round().astype(np.int64))
+
+
+def _paired_intervals(sae: SAEStats, pursued: SAEStats) -> dict[str, list[float]]:
+    """Jackknife intervals of the FVU drop and the encoder error from the paired per-block replicates."""
+    out: dict[str, list[float]] = {}
+    for key, stat, point in (
+        ("fvu_drop", "fvu", sae.fvu - pursued.fvu),
+        ("encoder_error", "fvu_nonlinear", sae.fvu_nonlinear - pursued.fvu_nonlinear),
+    ):
+        a, b = sae.jackknife.get(stat, []), pursued.jackknife.get(stat, [])
+        interval = finite_interval(point, [x - y for x, y in zip(a, b, strict=True)]) if a and b else None
+        if interval is not None:
+            out[key] = interval
+    return out
 
 
 def _row(name: str, fvu_nonlinear: float, sae: SAEStats, pursued: SAEStats) -> PursuitRow:
@@ -106,6 +134,7 @@ def _row(name: str, fvu_nonlinear: float, sae: SAEStats, pursued: SAEStats) -> P
         encoder_error=encoder_error,
         refit_fvu_nonlinear=sae.fvu_nonlinear,
         refit_pursuit_fvu_nonlinear=pursued.fvu_nonlinear,
+        intervals=_paired_intervals(sae, pursued),
     )
 
 

@@ -24,6 +24,7 @@ class SyntheticStep(Step[SyntheticStepResult]):
     title = "the synthetic simulation (Table 1, Fig 15, App. D)"
     result_type = SyntheticStepResult
     needs = (FAMILY,)
+    version = 2
 
     def enabled(self, cfg: StudyConfig) -> bool:
         return cfg.synthetic.enabled
