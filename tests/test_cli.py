@@ -35,8 +35,11 @@ def test_run_writes_store_results_and_report(
         "Norm-prediction test",
         "Norm probe",
         "across layers",
+        "Claims: what reproduces here",
     ):
         assert section in report
+    claims = json.loads((out / "results" / "claims.json").read_text())
+    assert len(claims["claims"]) >= 15 and sum(claims["counts"].values()) == len(claims["claims"])
     for name in ("family", "engine", "per_token", "layer_sweep", "synthetic", "pursuit"):
         assert json.loads((out / "results" / f"{name}.json").read_text())["experiment"] == name
     assert report.count("<img") >= 8

@@ -148,16 +148,32 @@ def test_ce_intervals_are_delete_one_context_jackknife(model, result) -> None:
     """Each replicate is a fresh run on the contexts without one; too few contexts give no interval."""
     res, saes, probes = result
     toks = contexts()
-    replicates: dict[str, list[float]] = {"ce_recovered_linear": [], "ce_recovered_nonlinear": []}
+    replicates: dict[str, list[float]] = {"lin": [], "nl": []}
     for c in range(len(toks)):
-        rest = downstream_ce(model, np.delete(toks, c, 0), saes, probes, start=START, batch_size=2)
-        for key, values in replicates.items():
-            values.append(getattr(rest.saes["topk"], key))
+        others = np.delete(toks, c, 0)
+        rest = downstream_ce(model, others, saes, probes, start=START, batch_size=2).saes["topk"]
+        replicates["lin"].append(rest.ce_recovered_linear or math.nan)
+        replicates["nl"].append(rest.ce_recovered_nonlinear or math.nan)
     r = res.saes["topk"]
-    for key, values in replicates.items():
-        low, high = jackknife_interval(getattr(r, key), values)
+    lin, nl = r.ce_recovered_linear or math.nan, r.ce_recovered_nonlinear or math.nan
+    pairs = list(zip(replicates["lin"], replicates["nl"], strict=True))
+    expected = {
+        "ce_recovered_linear": (lin, replicates["lin"]),
+        "ce_recovered_nonlinear": (nl, replicates["nl"]),
+        "ce_recovered_sum": (
+            lin + nl,
+            [a + b for a, b in pairs],
+        ),
+        "ce_recovered_gap": (
+            lin - nl,
+            [a - b for a, b in pairs],
+        ),
+    }
+    assert set(r.intervals) == set(expected)
+    for key, (point, values) in expected.items():
+        low, high = jackknife_interval(point, values)
         assert r.intervals[key] == pytest.approx([low, high], rel=1e-6, abs=1e-9)
-        assert low < getattr(r, key) < high
+        assert low < point < high
     assert res.saes["identity"].intervals == {}  # L_sae = L_clean: no CE recovered to bound
     two = downstream_ce(model, toks[:2], saes, probes, start=START, batch_size=2)
     assert two.saes["topk"].intervals == {}

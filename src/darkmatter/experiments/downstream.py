@@ -137,8 +137,9 @@ class DownstreamSAE(BaseModel):
     both_scored_tokens: int = Field(description="Scored tokens the sae+both check ran on.")
     intervals: dict[str, list[float]] = Field(
         default_factory=dict,
-        description="ce_recovered_linear / ce_recovered_nonlinear -> [low, high]: 95% delete-one-context "
-        "jackknife (empty with fewer than 3 contexts).",
+        description="ce_recovered_linear, ce_recovered_nonlinear, ce_recovered_sum (linear + nonlinear) and "
+        "ce_recovered_gap (linear − nonlinear) -> [low, high]: 95% delete-one-context jackknife (empty with "
+        "fewer than 3 contexts).",
     )
     variance_share_linear: float | None = Field(
         description="(FVU(x, Sae) − FVU(x, Sae + Linear)) / FVU(x, Sae) (reference predictor)."
@@ -360,24 +361,37 @@ def _sae_numbers(
 
 
 def ce_intervals(tally: UnitTally, clean: list[float]) -> dict[str, list[float]]:
-    """Jackknife intervals of each component's CE recovered, leaving out one held-out context at a time."""
+    """Jackknife intervals of each component's CE recovered, their sum and their gap (linear − nonlinear),
+    leaving out one held-out context at a time."""
     per = tally.per_context
     settings = ("sae", "sae+linear", "sae+nonlinear")
     if any(len(per.get(k, [])) != len(clean) for k in settings) or len(clean) < 3:
         return {}
     sums = {k: sum(per[k]) for k in settings} | {"clean": sum(clean)}
+
+    def recovered(without: int | None) -> dict[str, float] | None:
+        left = {
+            k: v - (0.0 if without is None else (per[k] if k != "clean" else clean)[without])
+            for k, v in sums.items()
+        }
+        lin = ratio(left["sae"] - left["sae+linear"], left["sae"] - left["clean"])
+        nl = ratio(left["sae"] - left["sae+nonlinear"], left["sae"] - left["clean"])
+        if lin is None or nl is None:
+            return None
+        return {
+            "ce_recovered_linear": lin,
+            "ce_recovered_nonlinear": nl,
+            "ce_recovered_sum": lin + nl,
+            "ce_recovered_gap": lin - nl,
+        }
+
+    point = recovered(None)
+    if point is None:
+        return {}
+    replicates = [r for r in (recovered(c) for c in range(len(clean))) if r is not None]
     out: dict[str, list[float]] = {}
-    for name, setting in (("ce_recovered_linear", "sae+linear"), ("ce_recovered_nonlinear", "sae+nonlinear")):
-        point = ratio(sums["sae"] - sums[setting], sums["sae"] - sums["clean"])
-        if point is None:
-            continue
-        replicates = []
-        for c in range(len(clean)):
-            gap = (sums["sae"] - per["sae"][c]) - (sums["clean"] - clean[c])
-            value = ratio((sums["sae"] - per["sae"][c]) - (sums[setting] - per[setting][c]), gap)
-            if value is not None:
-                replicates.append(value)
-        interval = finite_interval(point, replicates)
+    for name, value in point.items():
+        interval = finite_interval(value, [r[name] for r in replicates])
         if interval is not None:
             out[name] = interval
     return out

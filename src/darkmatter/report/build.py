@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from darkmatter import atomic
+from darkmatter.claims import evaluate_claims, write_claims
 from darkmatter.report import figures as fg
 from darkmatter.report.drawings import draw_figures
 from darkmatter.report.html import render
@@ -26,11 +27,14 @@ def write_report(
     run_dir: str | Path, *, redraw: bool = False, formats: tuple[str, ...] = ("png", "pdf"), dpi: int = fg.DPI
 ) -> Path:
     """Draw the figures from the results (all of them with ``redraw``, else those whose result, drawing
-    code, ``formats`` or ``dpi`` changed) and write the self-contained report; returns its path."""
+    code, ``formats`` or ``dpi`` changed), test the paper's claims on the results (``results/claims.json``)
+    and write the self-contained report; returns its path."""
     run_dir = Path(run_dir)
     results = load_results(run_dir)
     with fg.formats(formats, dpi=dpi):
         figures = draw_figures(run_dir, results, redraw=redraw)
+    claims = evaluate_claims(results)
+    write_claims(run_dir, claims)
     path = run_dir / "report.html"
-    atomic.write_text(path, render(run_dir, results, figures))
+    atomic.write_text(path, render(run_dir, results, figures, claims))
     return path

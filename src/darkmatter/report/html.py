@@ -7,7 +7,10 @@ from pathlib import Path
 from typing import Any
 
 from darkmatter import __version__
-from darkmatter.report.sections import SECTIONS, Figures, esc, key_value_table
+from darkmatter.claims import ClaimsTable
+from darkmatter.report.claims_section import claims_section
+from darkmatter.report.markup import Figures, esc, key_value_table
+from darkmatter.report.sections import SECTIONS
 from darkmatter.results import Result
 
 CSS = """
@@ -19,6 +22,7 @@ table{border-collapse:collapse;margin:.6rem 0}
 td,th{border:1px solid #d0d7de;padding:.25rem .6rem;text-align:left}
 th{background:#f6f8fa}figure{margin:1rem 0}img{max-width:100%;height:auto}
 pre{background:#f6f8fa;padding:.8rem;overflow:auto;font-size:.8rem}.note{color:#57606a}
+.ci{color:#57606a;font-size:.85em;white-space:nowrap}
 """
 
 
@@ -29,8 +33,11 @@ def _provenance(name: str, res: Result) -> str:
     return f"<h3>{esc(name)}</h3><pre>{cfg_json}</pre>" + key_value_table(rows)
 
 
-def render(run_dir: Path, results: dict[str, Result], figures: dict[str, Figures]) -> str:
-    """The report's HTML for typed ``results`` (step name -> result) and their drawn ``figures``."""
+def render(
+    run_dir: Path, results: dict[str, Result], figures: dict[str, Figures], claims: ClaimsTable | None = None
+) -> str:
+    """The report's HTML for typed ``results`` (step name -> result), their drawn ``figures`` and the
+    ``claims`` tested on them (shown first)."""
     parts = [
         "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
         "<title>sae-darkmatter report</title>",
@@ -40,6 +47,8 @@ def render(run_dir: Path, results: dict[str, Result], figures: dict[str, Figures
         "reconstruct, and how that error splits into linearly predictable and nonlinear parts "
         "(Engels, Smith &amp; Tegmark, arXiv 2410.14670).</p>",
     ]
+    if claims is not None:
+        parts.append(claims_section(claims))
     for name, section in SECTIONS:
         if name in results:
             parts.append(section(results[name], figures.get(name, {}), run_dir))

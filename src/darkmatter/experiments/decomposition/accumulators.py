@@ -115,3 +115,14 @@ def merged(blocks: list[Moments], without: int | None = None) -> Moments:
         if b != without:
             total.merge(block)
     return total
+
+
+def replicates_fit(blocks_train: list[Moments], blocks_test: list[Moments]) -> bool:
+    """Whether every delete-one-block replicate keeps enough tokens for a probe with bias (more train
+    tokens than coefficients, at least two test tokens)."""
+    n_train, n_test = sum(m.n for m in blocks_train), sum(m.n for m in blocks_test)
+    d = blocks_train[0].d_x
+    return all(
+        n_train - tr.n > d + 1 and n_test - te.n >= 2
+        for tr, te in zip(blocks_train, blocks_test, strict=True)
+    )

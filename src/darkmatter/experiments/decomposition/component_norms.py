@@ -13,7 +13,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from darkmatter.experiments.decomposition.accumulators import ContextAccumulator, SplitBuffer, merged
+from darkmatter.experiments.decomposition.accumulators import (
+    ContextAccumulator,
+    SplitBuffer,
+    merged,
+    replicates_fit,
+)
 from darkmatter.experiments.decomposition.outputs import NORM_TEST_QUANTITIES, NormGram, Probe, SAEStats
 from darkmatter.experiments.decomposition.plan import RECONSTRUCT_CHUNK, EnginePlan
 from darkmatter.experiments.decomposition.table import TokenTableWriter
@@ -165,6 +170,8 @@ class ComponentNorms:
         """Delete-one-block jackknife of the norm test at the interval site (the probes b* held fixed)."""
         site = self.plan.interval_site
         if site is None or self.plan.blocks(site) < 3:
+            return
+        if not replicates_fit(self.moments[(site, "train")], self.moments[(site, "test")]):
             return
         names = self.plan.groups[site]
         replicates: dict[str, dict[str, list[float]]] = {n: {} for n in names}

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from darkmatter.errors import DataError
-from darkmatter.experiments.decomposition.accumulators import HeldOut
+from darkmatter.experiments.decomposition.accumulators import HeldOut, replicates_fit
 from darkmatter.experiments.decomposition.error_moments import ErrorMoments
 from darkmatter.experiments.decomposition.outputs import Probe, SAEStats
 from darkmatter.experiments.decomposition.plan import EnginePlan
@@ -76,6 +76,8 @@ def jackknife_error_stats(plan: EnginePlan, sums: ErrorMoments, stats: dict[str,
     site = plan.interval_site
     if site is None or plan.blocks(site) < 3:
         return
+    if not replicates_fit(sums.moments[(site, "train")], sums.moments[(site, "test")]):
+        return  # too few tokens to refit the probes without a block: no intervals
     names = plan.groups[site]
     replicates: dict[str, dict[str, list[float]]] = {n: {k: [] for k in JACKKNIFED} for n in names}
     for b in range(plan.blocks(site)):
