@@ -115,7 +115,10 @@ def test_both_equals_clean_and_zero_differs(result) -> None:
     assert abs(r.ce["zero"] - r.ce["clean"]) > 1e-3 and r.kl["zero"] > 1e-4
     assert r.kl["sae"] > r.kl["sae+both"]
     assert res.scored_tokens == 5 * (24 - START - 1) == r.both_scored_tokens
-    assert res.forward_passes == 3 * (1 + 2 * 6)  # 3 batches: clean + 2 SAEs x 6 settings
+    # 3 batches: clean, 2 SAEs x 4 settings, and zero and mean ablation once for the site they share
+    assert res.forward_passes == 3 * (1 + 2 * 4 + 2)
+    other = res.saes["identity"]
+    assert other.ce["zero"] == r.ce["zero"] and other.ce["mean"] == r.ce["mean"]
 
 
 def test_identity_sae_recovers_clean_exactly(result) -> None:

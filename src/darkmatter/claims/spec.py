@@ -41,7 +41,9 @@ class ClaimSpec:
             interval=bounds,
             interval_kind=kind if bounds is not None else "",
             verdict=decide(bounds, region),
-            note=note if bounds is not None else (note + " " if note else "") + "No interval: inconclusive.",
+            note=note
+            if bounds is not None
+            else (note + "; " if note else "") + "no interval, so inconclusive",
         )
 
     def _text(self) -> dict[str, object]:

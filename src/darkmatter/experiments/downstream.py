@@ -245,14 +245,9 @@ class ComponentShares:
 
 
 def _sae_unit(
-    name: str,
-    site: Site,
-    sae: SAE,
-    probe: tuple[Tensor, Tensor],
-    mean: Tensor | None,
-    shares: ComponentShares,
+    name: str, site: Site, sae: SAE, probe: tuple[Tensor, Tensor], shares: ComponentShares
 ) -> SpliceUnit:
-    """The splice unit of one SAE: Sae(x), each error component added back, zero and mean ablation."""
+    """The splice unit of one SAE: Sae(x) and each error component added back."""
     w, b = probe
 
     def compute(x: Tensor, _ups: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
@@ -265,16 +260,30 @@ def _sae_unit(
             "sae+linear": sae_x + lin,
             "sae+nonlinear": sae_x + nl,
             "sae+both": sae_x + lin + nl,
-            "zero": torch.zeros_like(xf),
         }
-        if mean is not None:
-            reps["mean"] = mean.to(xf).expand_as(xf)
         return reps, {"sae": sae_x, "linear": lin}
 
     def observe(x: Tensor, extras: Mapping[str, Tensor]) -> None:
         shares.update(x.float(), extras["sae"], extras["linear"])
 
     return SpliceUnit(name=name, site=site, compute=compute, observe=observe)
+
+
+def _ablation_unit(site: Site, mean: Tensor | None) -> SpliceUnit:
+    """Zero (and mean) ablation of a site: one pass each per batch, shared by every SAE of the site."""
+
+    def compute(x: Tensor, _ups: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        xf = x.float()
+        reps = {"zero": torch.zeros_like(xf)}
+        if mean is not None:
+            reps["mean"] = mean.to(xf).expand_as(xf)
+        return reps, {}
+
+    return SpliceUnit(name=_ablation_name(site), site=site, compute=compute)
+
+
+def _ablation_name(site: Site) -> str:
+    return f"ablation@{site.name}"
 
 
 def check_both(name: str, ce_both: float, ce_clean: float, tolerance: float) -> float:
@@ -314,36 +323,40 @@ def _sae_units(
     probes: Mapping[str, tuple[Tensor, Tensor]],
     mean_acts: Mapping[str, Tensor] | None,
     both_batches: int | None,
-) -> tuple[list[SpliceUnit], dict[str, ComponentShares]]:
-    """A checked splice unit per SAE, with the reference predictors each one feeds."""
+) -> tuple[list[SpliceUnit], dict[str, ComponentShares], dict[str, str]]:
+    """A checked splice unit per SAE, one ablation unit per site, the reference predictors each SAE feeds,
+    and the ablation unit of each SAE."""
     d = model_width(model)
-    units, shares = [], {}
+    units, shares, ablations, ablation_of = [], {}, {}, {}
     for name, sae in saes.items():
         site = check_sae_site(model, name, sae)
         if name not in probes:
             raise ConfigError(f"No error probe given for SAE {name!r}; probes has {sorted(probes)}.")
         probe = check_probe(name, probes[name], d)
-        mean = _mean_act(mean_acts, site, d)
+        if site.name not in ablations:
+            ablations[site.name] = _ablation_unit(site, _mean_act(mean_acts, site, d))
+        ablation_of[name] = _ablation_name(site)
         shares[name] = ComponentShares(d)
-        unit = _sae_unit(name, site, sae, probe, mean, shares[name])
+        unit = _sae_unit(name, site, sae, probe, shares[name])
         if both_batches is not None:
             unit.limit_batches["sae+both"] = both_batches
         units.append(unit)
-    return units, shares
+    return units + list(ablations.values()), shares, ablation_of
 
 
 def _sae_numbers(
     unit: SpliceUnit,
     d_sae: int,
     tally: UnitTally,
+    ablation: UnitTally,
     clean: float,
     shares: ComponentShares,
     both_tolerance: float,
     clean_per_context: list[float],
 ) -> DownstreamSAE:
     """One SAE's result from its tally: CE and KL per setting, scores, the exactness check, shares."""
-    ce = {"clean": clean} | {k: tally.mean("ce", k) for k in tally.ce}
-    kl = {k: tally.mean("kl", k) for k in tally.kl}
+    ce = {"clean": clean} | {k: t.mean("ce", k) for t in (tally, ablation) for k in t.ce}
+    kl = {k: t.mean("kl", k) for t in (tally, ablation) for k in t.kl}
     both_mean = check_both(unit.name, ce["sae+both"], tally.mean("clean", "sae+both"), both_tolerance)
     return DownstreamSAE(
         site=unit.site.name,
@@ -418,14 +431,14 @@ def downstream_ce(
     ``probes[name] = (weights [d, d], bias [d])`` is its error probe. ``mean_acts[site]`` (a ``[d]`` mean
     activation, e.g. over the store's train tokens) adds the ``mean`` ablation for SAEs at that site.
     ``both_batches`` runs the ``sae+both`` check on the first N batches only (None: all; it costs one
-    spliced pass per SAE and batch, 1/5 of the spliced work); its CE and KL then cover those batches and
+    spliced pass per SAE and batch, 1/4 of its spliced work); its CE and KL then cover those batches and
     are compared with the clean CE on the same tokens. ``seed`` is only recorded (nothing is random).
     """
     t_start = time.perf_counter()
     model = model_of(lm)
     _check_options(saes, both_tolerance, both_batches)
     tokens = check_tokens(contexts_tokens, model, start)
-    units, shares = _sae_units(model, saes, probes, mean_acts, both_batches)
+    units, shares, ablation_of = _sae_units(model, saes, probes, mean_acts, both_batches)
     out = run_splices(
         model, tokens, units, start=start, batch_size=batch_size, prefix_cache=prefix_cache, progress=progress
     )
@@ -435,12 +448,14 @@ def downstream_ce(
             u,
             saes[u.name].cfg.d_sae,
             out.tallies[u.name],
+            out.tallies[ablation_of[u.name]],
             clean,
             shares[u.name],
             both_tolerance,
             out.clean_per_context,
         )
         for u in units
+        if u.name in saes
     }
     config = {
         "start": int(start),
