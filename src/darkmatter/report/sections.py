@@ -52,6 +52,14 @@ def harvest_section(res: HarvestResult, figs: Figures, run_dir: Path) -> str:
 
 
 def family_section(res: FamilyResult, figs: Figures, run_dir: Path) -> str:
+    tol = res.converge_tol
+
+    def converged(change: float | None, ok: bool | None) -> str:
+        if change is None or ok is None or tol is None:
+            return "—"
+        moved = f"{abs(change):.1%}" if change >= 0 else f"rose {abs(change):.1%}"
+        return f"yes ({moved})" if ok else f"no ({moved} > {100 * tol:g}%)"
+
     rows = [
         [
             esc(r.name),
@@ -61,14 +69,32 @@ def family_section(res: FamilyResult, figs: Figures, run_dir: Path) -> str:
             f"{r.fvu:.4f}",
             f"{r.l0:.1f}",
             f"{r.dead_fraction:.1%}",
+            converged(r.val_fvu_change, r.converged),
         ]
         for r in res.saes
     ]
-    note = f"Trained in {res.train_seconds:.0f} s." if res.train_seconds else ""
+    notes = [f"Trained in {res.train_seconds:.0f} s."] if res.train_seconds else []
+    measured = [r for r in res.saes if r.converged is not None and r.val_fvu_change is not None]
+    if tol is not None and measured:
+        notes.append(
+            f"Converged: the FVU on {res.validation_tokens or 0:,} fixed held-out validation tokens changed "
+            f"by at most {100 * tol:g}% (relative) over the last quarter of training."
+        )
+        missed = [r for r in measured if not r.converged]
+        if missed:
+            worst = max(missed, key=lambda r: abs(r.val_fvu_change or 0.0))
+            notes.append(
+                f"{len(missed)} of {len(measured)} SAEs miss it, by up to "
+                f"{abs(worst.val_fvu_change or 0.0):.1%} ({esc(worst.name)}): their FVU would still move "
+                "with more training."
+            )
+        else:
+            notes.append(f"All {len(measured)} SAEs meet it.")
+    note = " ".join(notes)
     return (
         "<h2>The SAE family</h2>"
         + p("Reconstruction quality on held-out (test-split) tokens. " + note)
-        + grid(["SAE", "site", "latents", "k", "FVU", "L0", "dead"], rows)
+        + grid(["SAE", "site", "latents", "k", "FVU", "L0", "dead", "converged"], rows)
     )
 
 

@@ -10,6 +10,11 @@ Recipe (Gao et al. 2024 and Bussmann et al. 2024, as used by sparsify and SAELen
 - everything seeded; a checkpoint every ``checkpoint_every`` steps makes a killed run resume to the same
   weights it would have reached without the kill.
 Training uses the train split of tokens (``darkmatter.stats.split``); quality is reported on the test split.
+Every ``eval_every`` steps, at 3/4 of the run and at its last step, each SAE as it would be exported is
+measured on a fixed validation set of test-split tokens (``darkmatter.sae.validation``); the history's
+``val_fvu`` feeds the convergence criterion (``darkmatter.sae.convergence``). Training always runs its
+full budget: the schedule's linear decay is defined on the total steps, and stopping once the criterion holds
+would cut it short, so the criterion is measured and reported, never acted on.
 An SAE can also read a *derived input*: a function of a stored site computed on the fly for every loaded
 shard (for example another SAE's error), named by its own identity so checkpoints never mix inputs.
 """
@@ -18,81 +23,32 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
 
 from darkmatter import atomic
 from darkmatter.errors import ConfigError, DataError, ShapeError, StoreError
 from darkmatter.hashing import stable_hash
 from darkmatter.lm.loading import resolve_device
 from darkmatter.progress import Progress
+from darkmatter.sae.convergence import window_start
 from darkmatter.sae.model import SAE, SAEConfig
 from darkmatter.sae.topk import topk
+from darkmatter.sae.train_config import DerivedInput, SAESpec, TrainConfig, TrainingPoint
+from darkmatter.sae.validation import ValidationSet
 from darkmatter.stats.split import Split
 from darkmatter.store import ActivationStore
 
+__all__ = ["DerivedInput", "FamilyTrainer", "SAESpec", "TrainConfig", "TrainingPoint"]
+
 Tensor = torch.Tensor
 DERIVE_CHUNK = 4096  # rows per call of a derived input's function (bounds its working memory)
-
-
-class SAESpec(BaseModel):
-    """One SAE of a family."""
-
-    model_config = ConfigDict(extra="forbid")
-    name: str = Field(description="Unique name, also the folder name.")
-    site: str = Field(description="Hook site it reads, e.g. blocks.15.hook_resid_post, or a derived input.")
-    d_sae: int = Field(ge=1, description="Number of latents.")
-    k: int = Field(ge=1, description="Active latents per token (TopK) or on average (BatchTopK).")
-    kind: Literal["topk", "batchtopk"] = Field("topk", description="Sparsity mechanism.")
-
-
-class TrainingPoint(BaseModel):
-    """One logged training step of an SAE (on its train batch)."""
-
-    step: float
-    fvu: float
-    l0: float
-    aux: float = Field(description="AuxK loss.")
-    dead_fraction: float
-
-
-class TrainConfig(BaseModel):
-    """Optimisation settings shared by every SAE of a family."""
-
-    model_config = ConfigDict(extra="forbid")
-    epochs: float = Field(4.0, gt=0, description="Passes over the train split (fractions allowed).")
-    batch_size: int = Field(2048, ge=1, description="Tokens per step.")
-    lr: float = Field(2e-4, gt=0, description="Adam lr at 16384 latents; scaled by 1/sqrt(d_sae/16384).")
-    warmup_fraction: float = Field(0.05, ge=0, lt=1, description="Linear warm-up share of steps.")
-    decay_fraction: float = Field(0.2, ge=0, lt=1, description="Linear decay to 0 over this last share.")
-    aux_k: int = Field(256, ge=0, description="Dead latents used by the AuxK loss (0 disables it).")
-    aux_coef: float = Field(1 / 32, ge=0, description="Weight of the AuxK loss.")
-    dead_tokens: int = Field(20_000, ge=1, description="Tokens without firing after which a latent is dead.")
-    seed: int = Field(0, description="Seed for initialisation and batch order.")
-    checkpoint_every: int = Field(100, ge=1, description="Steps between checkpoints.")
-    device: str = Field(
-        "cpu", pattern=r"^(auto|cpu|mps|cuda(:[0-9]+)?)$", description="Training device: cpu, cuda:N, auto."
-    )
-
-
-@dataclass(frozen=True)
-class DerivedInput:
-    """An SAE input computed from a stored site: ``fn(x [n, d]) -> [n, d']``, run in float32 without grad.
-
-    ``identity`` must change whenever ``fn`` would (it enters the checkpoint signature); the exported SAE's
-    ``hook_site`` is ``source`` and its metadata names the derived input and its identity.
-    """
-
-    source: str
-    fn: Callable[[Tensor], Tensor]
-    identity: str
 
 
 @dataclass
@@ -178,6 +134,7 @@ class FamilyTrainer:
         self.step = 0
         self.scale: dict[str, float] = {}
         self.members: list[_Member] = []
+        self.validation: ValidationSet | None = None  # loaded by ``train``
 
     # -- data -----------------------------------------------------------------------------------------
     def _count_train_tokens(self) -> int:
@@ -323,51 +280,80 @@ class FamilyTrainer:
 
     def _train_step(self, batch: dict[str, Tensor]) -> None:
         factor = self._lr_factor(self.step)
+        last = self.step == self.total_steps - 1
+        val = self.validation if self._validation_due(self.step) else None
         for m in self.members:
             x = batch[m.spec.site].to(self.device, torch.float32) * self.scale[m.spec.site]
-            idx, vals, pre = self._encode(m, x)
-            recon = self._decode(m, idx, vals)
-            err = x - recon
-            var = (x - x.mean(0)).pow(2).sum()
-            loss = err.pow(2).sum() / var
-            aux = torch.zeros(())
-            with torch.no_grad():
-                fired = torch.zeros(m.spec.d_sae, dtype=torch.bool, device=self.device)
-                fired[idx[vals > 0]] = True
-                m.since_fired += x.shape[0]
-                m.since_fired[fired] = 0
-                dead = m.since_fired >= self.cfg.dead_tokens
-            n_dead = int(dead.sum())
-            if self.cfg.aux_k and self.cfg.aux_coef and n_dead:
-                k_aux = min(self.cfg.aux_k, n_dead)
-                a_vals, a_idx = pre.masked_fill(~dead, float("-inf")).topk(k_aux, dim=1, sorted=False)
-                a_rec = F.embedding_bag(a_idx, m.W_dec, per_sample_weights=a_vals.relu(), mode="sum")
-                e = err.detach()
-                aux = (e - a_rec).pow(2).sum() / (e - e.mean(0)).pow(2).sum().clamp_min(1e-12)
-                aux = torch.nan_to_num(aux, nan=0.0)
-            total = loss + self.cfg.aux_coef * aux
-            m.opt.zero_grad(set_to_none=True)
-            total.backward()
-            with torch.no_grad():
-                g, w = m.W_dec.grad, m.W_dec
-                if g is not None:
-                    g -= (g * w).sum(1, keepdim=True) * w
-            for group in m.opt.param_groups:
-                group["lr"] = m.lr * factor
-            m.opt.step()
-            with torch.no_grad():
-                m.W_dec /= m.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
-            if self.step % 10 == 0 or self.step == self.total_steps - 1:
-                m.history.append(
-                    {
-                        "step": float(self.step),
-                        "fvu": float(loss.detach()),
-                        "l0": float((vals > 0).sum()) / x.shape[0],
-                        "aux": float(aux.detach()),
-                        "dead_fraction": n_dead / m.spec.d_sae,
-                    }
-                )
+            point = self._update(m, x, factor)
+            if self.step % 10 == 0 or last or val is not None:
+                fvu = None if val is None else val.fvu(self.export(m).to(self.device), m.spec.site)
+                if fvu is not None:
+                    point["val_fvu"] = fvu
+                m.history.append({"step": float(self.step), **point})
         self.step += 1
+
+    def _update(self, m: _Member, x: Tensor, factor: float) -> dict[str, float]:
+        """One Adam step of ``m`` on scaled inputs ``x``; the train-batch statistics of the step."""
+        idx, vals, pre = self._encode(m, x)
+        recon = self._decode(m, idx, vals)
+        err = x - recon
+        var = (x - x.mean(0)).pow(2).sum()
+        loss = err.pow(2).sum() / var
+        aux = torch.zeros(())
+        with torch.no_grad():
+            fired = torch.zeros(m.spec.d_sae, dtype=torch.bool, device=self.device)
+            fired[idx[vals > 0]] = True
+            m.since_fired += x.shape[0]
+            m.since_fired[fired] = 0
+            dead = m.since_fired >= self.cfg.dead_tokens
+        n_dead = int(dead.sum())
+        if self.cfg.aux_k and self.cfg.aux_coef and n_dead:
+            k_aux = min(self.cfg.aux_k, n_dead)
+            a_vals, a_idx = pre.masked_fill(~dead, float("-inf")).topk(k_aux, dim=1, sorted=False)
+            a_rec = F.embedding_bag(a_idx, m.W_dec, per_sample_weights=a_vals.relu(), mode="sum")
+            e = err.detach()
+            aux = (e - a_rec).pow(2).sum() / (e - e.mean(0)).pow(2).sum().clamp_min(1e-12)
+            aux = torch.nan_to_num(aux, nan=0.0)
+        total = loss + self.cfg.aux_coef * aux
+        m.opt.zero_grad(set_to_none=True)
+        total.backward()
+        with torch.no_grad():
+            g, w = m.W_dec.grad, m.W_dec
+            if g is not None:
+                g -= (g * w).sum(1, keepdim=True) * w
+        for group in m.opt.param_groups:
+            group["lr"] = m.lr * factor
+        m.opt.step()
+        with torch.no_grad():
+            m.W_dec /= m.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        return {
+            "fvu": float(loss.detach()),
+            "l0": float((vals > 0).sum()) / x.shape[0],
+            "aux": float(aux.detach()),
+            "dead_fraction": n_dead / m.spec.d_sae,
+        }
+
+    # -- validation -----------------------------------------------------------------------------------
+    def _validation_due(self, step: int) -> bool:
+        """Validate after every ``eval_every`` steps, at the start of the convergence window, at the end."""
+        return (
+            (step + 1) % self.cfg.eval_every == 0
+            or step == self.total_steps - 1
+            or step == window_start(self.total_steps)
+        )
+
+    def _load_validation(self) -> ValidationSet | None:
+        if self.cfg.validation_tokens == 0:
+            return None
+        val = ValidationSet.build(
+            self.store,
+            self.split,
+            self.sites,
+            self.cfg.validation_tokens,
+            source=lambda n: self.derived[n].source if n in self.derived else n,
+            derive=self._derive,
+        )
+        return val if val.n_tokens >= 2 else None
 
     # -- checkpoints ----------------------------------------------------------------------------------
     @property
@@ -439,6 +425,7 @@ class FamilyTrainer:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._init()
         self._load_checkpoint()
+        self.validation = self._load_validation()
         resumed_at = self.step
         t0 = time.perf_counter()
         for i, batch in enumerate(self.batches()):

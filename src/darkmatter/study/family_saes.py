@@ -30,7 +30,15 @@ class SAERecord(BaseModel):
     l0: float
     dead_fraction: float
     eval_tokens: int
-    history: list[TrainingPoint] = Field(default_factory=list, description="Training curve (train FVU).")
+    history: list[TrainingPoint] = Field(
+        default_factory=list, description="Training curve (train-batch FVU; validation FVU where measured)."
+    )
+    converged: bool | None = Field(
+        None, description="Validation FVU met the convergence criterion; None: external or not measured."
+    )
+    val_fvu_change: float | None = Field(
+        None, description="Relative fall of the validation FVU over the last quarter of training."
+    )
 
 
 class FamilyResult(Result):
@@ -39,6 +47,8 @@ class FamilyResult(Result):
     saes: list[SAERecord]
     train_seconds: float = 0.0
     train_tokens_per_second: float | None = None
+    converge_tol: float | None = Field(None, description="Tolerance of the convergence criterion.")
+    validation_tokens: int | None = Field(None, description="Tokens of the trainer's validation set.")
 
 
 def load_external(cfg: StudyConfig, store: ActivationStore) -> dict[str, SAE]:

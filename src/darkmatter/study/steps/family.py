@@ -4,10 +4,12 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from darkmatter.config.schema import StudyConfig
 from darkmatter.sae import SAE, load_sae, save_sae
+from darkmatter.sae.convergence import convergence
 from darkmatter.sae.quality import evaluate_saes
 from darkmatter.sae.train import FamilyTrainer, TrainingPoint
 from darkmatter.study.context import StudyContext
@@ -36,29 +38,49 @@ class FamilyStep(Step[FamilyResult]):
 
     def run(self, ctx: StudyContext) -> FamilyResult:
         t0 = time.perf_counter()
-        rate: float | None = None
-        histories: dict[str, list[dict[str, float]]] = {}
+        trained: _Trained | None = None
         if ctx.cfg.family.external:
             saes = load_external(ctx.cfg, ctx.store)
             paths = {e.name: e.path for e in ctx.cfg.family.external}
         else:
-            saes, paths, histories, rate = _train(ctx)
+            trained = _train(ctx)
+            saes, paths = trained.saes, trained.paths
         train_seconds = time.perf_counter() - t0
         ctx.use_family(saes)
         quality = evaluate_saes(ctx.store, saes, split=ctx.split, part="test")
+        histories = trained.histories if trained else {}
         records = [_record(n, s, paths[n], histories.get(n, []), quality[n], ctx) for n, s in saes.items()]
+        tol = ctx.cfg.family.train.converge_tol
         for r in records:
             ctx.log(f"family: {r.name:<24} FVU {r.fvu:.4f}  L0 {r.l0:6.1f}  dead {r.dead_fraction:.1%}")
-        return FamilyResult(saes=records, train_seconds=train_seconds, train_tokens_per_second=rate)
+            if r.converged is False and r.val_fvu_change is not None:
+                ctx.log(
+                    f"family: {r.name} not converged: validation FVU changed {abs(r.val_fvu_change):.1%} "
+                    f"over the last quarter of training (tolerance {tol:.1%})"
+                )
+        return FamilyResult(
+            saes=records,
+            train_seconds=train_seconds,
+            train_tokens_per_second=trained.rate if trained else None,
+            converge_tol=None if trained is None else tol,
+            validation_tokens=trained.validation_tokens if trained else None,
+        )
 
     def headline(self, result: FamilyResult) -> str:
         fvus = [s.fvu for s in result.saes]
         return f"{len(fvus)} SAEs, held-out FVU {min(fvus):.3f}-{max(fvus):.3f}"
 
 
-def _train(
-    ctx: StudyContext,
-) -> tuple[dict[str, SAE], dict[str, str], dict[str, list[dict[str, float]]], float | None]:
+@dataclass
+class _Trained:
+    saes: dict[str, SAE]
+    paths: dict[str, str]
+    histories: dict[str, list[dict[str, float]]]
+    rate: float | None
+    validation_tokens: int
+
+
+def _train(ctx: StudyContext) -> _Trained:
     """Train the family in one pass over the train split; save each SAE and load it back as a rerun would."""
     fam = ctx.cfg.family
     workdir = ctx.paths.saes / ".training"
@@ -79,7 +101,8 @@ def _train(
         saes[spec.name] = load_sae(folder)  # exactly what a resumed run will load
         paths[spec.name] = ctx.paths.relative(folder)
     histories = {m.spec.name: m.history for m in trainer.members}
-    return saes, paths, histories, rates[-1] if rates else None
+    n_val = trainer.validation.n_tokens if trainer.validation else 0
+    return _Trained(saes, paths, histories, rates[-1] if rates else None, n_val)
 
 
 def _record(
@@ -90,6 +113,7 @@ def _record(
     quality: dict[str, float],
     ctx: StudyContext,
 ) -> SAERecord:
+    conv = convergence(history, ctx.cfg.family.train.converge_tol) if history else None
     return SAERecord(
         name=name,
         site=str(sae.cfg.hook_site),
@@ -105,6 +129,8 @@ def _record(
         dead_fraction=quality["dead_fraction"],
         eval_tokens=int(quality["tokens"]),
         history=[TrainingPoint.model_validate(h) for h in history],
+        converged=None if conv is None else conv.converged,
+        val_fvu_change=None if conv is None else conv.change,
     )
 
 
