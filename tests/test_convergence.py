@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from darkmatter.report.sections import family_section
-from darkmatter.sae.convergence import convergence, window_start
+from darkmatter.sae.convergence import convergence, window, window_steps
 from darkmatter.sae.train import FamilyTrainer, SAESpec, TrainConfig, TrainingPoint
 from darkmatter.sae.validation import load_validation, validation_contexts
 from darkmatter.stats import Split
@@ -48,27 +48,40 @@ def store(tmp_path_factory: pytest.TempPathFactory):
 
 
 def test_criterion_on_hand_made_curves() -> None:
-    # 100 steps (indices 0..99): the window starts after 75 steps done, i.e. at step index 74.
-    flat = convergence(_points({24: 0.30, 49: 0.201, 74: 0.2005, 99: 0.200}), tol=0.01)
+    # 100 steps (indices 0..99), no decay: the window runs from 75 steps done (index 74) to the end.
+    flat = convergence(_points({24: 0.30, 49: 0.201, 74: 0.2005, 99: 0.200}), tol=0.01, decay_fraction=0)
     assert flat is not None and flat.converged and flat.change == pytest.approx(0.0025)
-    falling = convergence(_points({24: 0.30, 49: 0.25, 74: 0.22, 99: 0.20}), tol=0.01)
+    falling = convergence(_points({24: 0.30, 49: 0.25, 74: 0.22, 99: 0.20}), tol=0.01, decay_fraction=0)
     assert falling is not None and not falling.converged and falling.change == pytest.approx(0.1)
-    rising = convergence(_points({49: 0.20, 74: 0.20, 99: 0.21}), tol=0.01)
+    rising = convergence(_points({49: 0.20, 74: 0.20, 99: 0.21}), tol=0.01, decay_fraction=0)
     assert rising is not None and not rising.converged and rising.change == pytest.approx(-0.01 / 0.21)
     # no point at the mark: interpolated linearly between steps done 50 and 100 (FVU 0.3 -> 0.2)
-    interp = convergence(_points({49: 0.30, 99: 0.20}), tol=0.5)
+    interp = convergence(_points({49: 0.30, 99: 0.20}), tol=0.5, decay_fraction=0)
     assert interp is not None and interp.change == pytest.approx((0.25 - 0.2) / 0.2)
     # train-only points (val_fvu None) are ignored; TrainingPoint objects work as dicts do
     mixed = [TrainingPoint.model_validate(p) for p in _points({9: None, 74: 0.2, 99: 0.2})]
-    assert convergence(mixed, tol=0.01) == convergence(_points({74: 0.2, 99: 0.2}), tol=0.01)
+    assert convergence(mixed, 0.01, 0) == convergence(_points({74: 0.2, 99: 0.2}), 0.01, 0)
 
 
-def test_criterion_needs_two_points_reaching_back_to_the_window() -> None:
-    assert convergence([], tol=0.01) is None
-    assert convergence(_points({99: 0.2}), tol=0.01) is None
-    assert convergence(_points({9: None, 99: 0.2}), tol=0.01) is None
-    assert convergence(_points({80: 0.21, 99: 0.2}), tol=0.01) is None  # first point inside the window
-    assert window_start(100) == 74 and window_start(1) == 0
+def test_criterion_window_ends_where_the_learning_rate_decays() -> None:
+    # decay over the last 20 of 100 steps: the window is 55 -> 80 steps done; the annealing drop after it
+    # (0.2 -> 0.18) does not count, a drop inside it does.
+    annealed = _points({54: 0.201, 79: 0.200, 99: 0.180})
+    plateau = convergence(annealed, tol=0.01, decay_fraction=0.2)
+    assert plateau is not None and plateau.converged and plateau.change == pytest.approx(0.005)
+    assert not convergence(annealed, tol=0.01, decay_fraction=0).converged  # type: ignore[union-attr]
+    still = convergence(_points({54: 0.23, 79: 0.200, 99: 0.180}), tol=0.01, decay_fraction=0.2)
+    assert still is not None and not still.converged and still.change == pytest.approx(0.15)
+    assert window(100, 0.2) == (55, 80) and window_steps(100, 0.2) == (54, 79)
+
+
+def test_criterion_needs_points_spanning_the_window() -> None:
+    assert convergence([], tol=0.01, decay_fraction=0) is None
+    assert convergence(_points({99: 0.2}), tol=0.01, decay_fraction=0) is None
+    assert convergence(_points({9: None, 99: 0.2}), tol=0.01, decay_fraction=0) is None
+    assert convergence(_points({80: 0.21, 99: 0.2}), tol=0.01, decay_fraction=0) is None  # starts too late
+    assert convergence(_points({9: 0.2, 99: 0.2}), tol=0.01, decay_fraction=0.9) is None  # no window
+    assert window_steps(100, 0) == (74, 99) and window_steps(1, 0) == (0, 0)
 
 
 # -- the validation set -------------------------------------------------------------------------------
@@ -108,7 +121,7 @@ def test_trainer_records_validation_fvu_at_the_expected_steps(store, tmp_path: P
     trainer = FamilyTrainer(store, specs, _cfg(eval_every=5, validation_tokens=300), tmp_path, split=SPLIT)
     saes = trainer.train()
     total = trainer.total_steps
-    expected = {s for s in range(total) if (s + 1) % 5 == 0} | {window_start(total), total - 1}
+    expected = {s for s in range(total) if (s + 1) % 5 == 0} | {*window_steps(total, 0.2), total - 1}
     x = load_validation(store, SPLIT, [SITE], 300)[SITE]
     assert trainer.validation is not None and trainer.validation.n_tokens == len(x) == 300
     for m, sae in zip(trainer.members, saes, strict=True):
@@ -116,7 +129,7 @@ def test_trainer_records_validation_fvu_at_the_expected_steps(store, tmp_path: P
         assert set(val) == expected
         assert val[total - 1] == pytest.approx(_independent_fvu(sae, x), abs=1e-5)
         assert val[min(expected)] > val[total - 1]  # it learns
-        assert convergence(m.history, tol=0.01) is not None
+        assert convergence(m.history, tol=0.01, decay_fraction=0.2) is not None
 
 
 def test_no_validation_when_switched_off(store, tmp_path: Path) -> None:
@@ -125,7 +138,7 @@ def test_no_validation_when_switched_off(store, tmp_path: Path) -> None:
     trainer.train()
     assert trainer.validation is None
     assert all("val_fvu" not in h for h in trainer.members[0].history)
-    assert convergence(trainer.members[0].history, tol=0.01) is None
+    assert convergence(trainer.members[0].history, tol=0.01, decay_fraction=0.2) is None
 
 
 RESUME = textwrap.dedent(
@@ -193,10 +206,10 @@ def test_family_record_and_report_show_convergence(tmp_path: Path) -> None:
     ctx = SimpleNamespace(cfg=SimpleNamespace(family=SimpleNamespace(external=[], train=_cfg())))
     sae = SimpleNamespace(cfg=SimpleNamespace(hook_site=SITE, d_in=12, d_sae=16, k=2, activation="topk"))
     quality = {"fvu": 0.2, "nmse": 0.2, "l0": 2.0, "dead_fraction": 0.0, "tokens": 100.0}
-    history = _points({24: 0.30, 49: 0.25, 74: 0.22, 99: 0.20})
+    history = _points({24: 0.30, 54: 0.24, 79: 0.20, 99: 0.18})  # window 55 -> 80 steps done (decay 0.2)
     rec = family_step._record("a", sae, "saes/a", history, quality, ctx)  # type: ignore[arg-type]
-    assert rec.converged is False and rec.val_fvu_change == pytest.approx(0.1)
-    assert rec.history[-1].val_fvu == 0.2
+    assert rec.converged is False and rec.val_fvu_change == pytest.approx(0.2)
+    assert rec.history[-1].val_fvu == 0.18
     res = FamilyResult(
         saes=[rec, _record("b", 0.004, True), _record("ext", None, None)],
         converge_tol=0.01,
@@ -204,8 +217,8 @@ def test_family_record_and_report_show_convergence(tmp_path: Path) -> None:
     )
     html = family_section(res, {}, tmp_path)
     assert "<th>converged</th>" in html
-    assert "<td>no (10.0% > 1%)</td>" in html and "<td>yes (0.4%)</td>" in html and "<td>—</td>" in html
-    assert "8,192" in html and "1 of 2 SAEs miss it, by up to 10.0% (a)" in html
+    assert "<td>no (20.0% > 1%)</td>" in html and "<td>yes (0.4%)</td>" in html and "<td>—</td>" in html
+    assert "8,192" in html and "1 of 2 SAEs miss it, by up to 20.0% (a)" in html
 
 
 def test_old_family_files_still_load(tmp_path: Path) -> None:

@@ -78,7 +78,8 @@ def family_section(res: FamilyResult, figs: Figures, run_dir: Path) -> str:
     if tol is not None and measured:
         notes.append(
             f"Converged: the FVU on {res.validation_tokens or 0:,} fixed held-out validation tokens changed "
-            f"by at most {100 * tol:g}% (relative) over the last quarter of training."
+            f"by at most {100 * tol:g}% (relative) over the last quarter of training before the learning "
+            "rate decays (the decay itself lowers it by several percent, however long the run)."
         )
         missed = [r for r in measured if not r.converged]
         if missed:

@@ -10,7 +10,7 @@ Recipe (Gao et al. 2024 and Bussmann et al. 2024, as used by sparsify and SAELen
 - everything seeded; a checkpoint every ``checkpoint_every`` steps makes a killed run resume to the same
   weights it would have reached without the kill.
 Training uses the train split of tokens (``darkmatter.stats.split``); quality is reported on the test split.
-Every ``eval_every`` steps, at 3/4 of the run and at its last step, each SAE as it would be exported is
+Every ``eval_every`` steps, at the convergence window's bounds and at the last step, each SAE as exported is
 measured on a fixed validation set of test-split tokens (``darkmatter.sae.validation``); the history's
 ``val_fvu`` feeds the convergence criterion (``darkmatter.sae.convergence``). Training always runs its
 full budget: the schedule's linear decay is defined on the total steps, and stopping once the criterion holds
@@ -37,7 +37,7 @@ from darkmatter.errors import ConfigError, DataError, ShapeError, StoreError
 from darkmatter.hashing import stable_hash
 from darkmatter.lm.loading import resolve_device
 from darkmatter.progress import Progress
-from darkmatter.sae.convergence import window_start
+from darkmatter.sae.convergence import window_steps
 from darkmatter.sae.model import SAE, SAEConfig
 from darkmatter.sae.topk import topk
 from darkmatter.sae.train_config import DerivedInput, SAESpec, TrainConfig, TrainingPoint
@@ -335,12 +335,9 @@ class FamilyTrainer:
 
     # -- validation -----------------------------------------------------------------------------------
     def _validation_due(self, step: int) -> bool:
-        """Validate after every ``eval_every`` steps, at the start of the convergence window, at the end."""
-        return (
-            (step + 1) % self.cfg.eval_every == 0
-            or step == self.total_steps - 1
-            or step == window_start(self.total_steps)
-        )
+        """Validate after every ``eval_every`` steps, at the convergence window's bounds and at the end."""
+        marks = window_steps(self.total_steps, self.cfg.decay_fraction)
+        return (step + 1) % self.cfg.eval_every == 0 or step == self.total_steps - 1 or step in marks
 
     def _load_validation(self) -> ValidationSet | None:
         if self.cfg.validation_tokens == 0:

@@ -54,7 +54,8 @@ class TrainConfig(BaseModel):
     eval_every: int = Field(
         100,
         ge=1,
-        description="Steps between validation FVU measurements (also at 3/4 of the run and at the end).",
+        description="Steps between validation FVU measurements (also where the convergence window starts "
+        "and ends, and at the last step).",
     )
     validation_tokens: int = Field(
         8192,
@@ -64,7 +65,8 @@ class TrainConfig(BaseModel):
     converge_tol: float = Field(
         0.01,
         gt=0,
-        description="Converged: validation FVU changed by at most this fraction over the last quarter.",
+        description="Converged: validation FVU changed by at most this fraction over the quarter of the "
+        "steps before the learning rate decays.",
     )
 
 

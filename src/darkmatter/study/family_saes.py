@@ -37,7 +37,9 @@ class SAERecord(BaseModel):
         None, description="Validation FVU met the convergence criterion; None: external or not measured."
     )
     val_fvu_change: float | None = Field(
-        None, description="Relative fall of the validation FVU over the last quarter of training."
+        None,
+        description="Relative fall of the validation FVU over the convergence window (last quarter "
+        "before the learning-rate decay).",
     )
 
 

@@ -56,7 +56,7 @@ class FamilyStep(Step[FamilyResult]):
             if r.converged is False and r.val_fvu_change is not None:
                 ctx.log(
                     f"family: {r.name} not converged: validation FVU changed {abs(r.val_fvu_change):.1%} "
-                    f"over the last quarter of training (tolerance {tol:.1%})"
+                    f"over the last quarter of training before the learning rate decays (tolerance {tol:.1%})"
                 )
         return FamilyResult(
             saes=records,
@@ -113,7 +113,8 @@ def _record(
     quality: dict[str, float],
     ctx: StudyContext,
 ) -> SAERecord:
-    conv = convergence(history, ctx.cfg.family.train.converge_tol) if history else None
+    train = ctx.cfg.family.train
+    conv = convergence(history, train.converge_tol, train.decay_fraction) if history else None
     return SAERecord(
         name=name,
         site=str(sae.cfg.hook_site),
