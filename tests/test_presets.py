@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import json
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ import torch
 from darkmatter.cli import main
 from darkmatter.config import StudyConfig, resolve_config
 from darkmatter.errors import ConfigError, TextError
+from darkmatter.lm.loading import load_tokenizer
 from darkmatter.text import TextConfig, make_contexts
 
 from conftest import tiny_model, tiny_tokenizer
@@ -510,3 +512,20 @@ def test_every_preset_file_validates_and_names_itself() -> None:
     assert {"demo", "tiny", *PAPER_PRESETS} <= set(names)
     for name in names:
         assert resolve_config(name).preset == name
+
+
+def test_smollm2_full_is_the_converged_study_it_says() -> None:
+    """Widths spanning 32x, five k values, a million distinct tokens; the offline line in its header works."""
+    cfg = resolve_config("smollm2-full")
+    fam = cfg.family
+    assert cfg.model.name == "embedded" and max(fam.widths) / min(fam.widths) >= 32
+    assert len({fam.k, *fam.ks}) >= 4 and fam.width_for_ks in fam.widths
+    assert cfg.text.n_contexts * (cfg.text.ctx_len - cfg.text.skip_positions) >= 1_000_000
+    assert {s.d_sae for s in fam.specs(cfg.layer)} >= set(fam.widths)
+    header = (resources.files("darkmatter.config") / "presets" / "smollm2-full.toml").read_text()
+    sets = [w.split()[0] for w in header.split("--set ")[1:] if w.startswith("text.") and "PILE" not in w]
+    offline_cfg = resolve_config("smollm2-full", overrides=sets)
+    assert offline_cfg.text.source == "austen" and offline_cfg.text.packing == "chunk"
+    tokenizer, bos = load_tokenizer("embedded")
+    contexts = make_contexts(offline_cfg.text, tokenizer, bos)
+    assert contexts.tokens.shape == (offline_cfg.text.n_contexts, offline_cfg.text.ctx_len)
