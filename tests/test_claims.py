@@ -8,10 +8,13 @@ import pytest
 
 from darkmatter.claims import evaluate_claims
 from darkmatter.claims.error_claims import PER_TOKEN, per_token_claims, synthetic_claim
+from darkmatter.claims.intervention_claims import EARLIER, earlier_claim
 from darkmatter.claims.rule import decide
 from darkmatter.claims.spec import paired
+from darkmatter.experiments.earlier_layers import EarlierLayersResult
 from darkmatter.experiments.synthetic_summary import correlation_interval
 from darkmatter.stats.jackknife import jackknife_interval
+from darkmatter.study.steps.earlier_layers import EarlierLayersStepResult
 from darkmatter.study.steps.per_token import PerTokenResult
 from darkmatter.study.steps.synthetic import SyntheticStepResult
 
@@ -89,3 +92,32 @@ def test_the_papers_own_table1_reproduces() -> None:
     assert claim.interval is not None and 0 < claim.interval[0] < claim.value < claim.interval[1]
     swapped = synthetic_claim(result([[0.1417, 0.9842], [0.9036, 0.0988]]))
     assert swapped.verdict == "deviates"
+
+
+def _earlier(gap_intervals: dict[str, list[float]]) -> EarlierLayersStepResult:
+    r2 = {
+        "prev": {"linear": 0.32, "nonlinear": 0.14, "error": 0.09},
+        "mlp": {"linear": 0.16, "nonlinear": 0.07, "error": 0.07},
+        "self": {"linear": 0.34, "nonlinear": 0.49, "error": 0.06},  # not an earlier component
+    }
+    pred = EarlierLayersResult.model_construct(
+        regressors=[*r2, "joint"], r2=r2 | {"joint": r2["self"]}, gap_intervals=gap_intervals
+    )
+    return EarlierLayersStepResult.model_construct(target="t", predictors=pred)
+
+
+@pytest.mark.parametrize(
+    ("mlp_gap", "verdict"),
+    [([0.05, 0.13], "reproduces"), ([-0.12, -0.02], "deviates"), ([-0.01, 0.19], "inconclusive")],
+)
+def test_earlier_claim_takes_the_interval_of_the_smallest_gap(mlp_gap: list[float], verdict: str) -> None:
+    claim = earlier_claim(_earlier({"prev": [0.1, 0.3], "mlp": mlp_gap, "self": [-0.2, -0.1]}))
+    assert claim.id == EARLIER.id and claim.verdict == verdict
+    assert claim.value == pytest.approx(0.09) and claim.interval == mlp_gap and claim.note == "mlp"
+    assert "jackknife" in claim.interval_kind
+
+
+def test_earlier_claim_without_intervals_is_inconclusive() -> None:
+    claim = earlier_claim(_earlier({}))  # e.g. fewer than 3 blocks, or a result from before intervals
+    assert claim.verdict == "inconclusive" and claim.interval is None and "no interval" in claim.note
+    assert earlier_claim(None).verdict == "not run"

@@ -1,7 +1,9 @@
-"""earlier_layer_predictors against explicit lstsq, the joint map and its CE splice, and the MLP probe."""
+"""earlier_layer_predictors against explicit lstsq, its jackknife intervals against refits without each
+block, the joint map and its CE splice, and the MLP probe."""
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from darkmatter.experiments.earlier_layers import (
 from darkmatter.lm.hooks import capture, splice
 from darkmatter.sae.model import SAE, SAEConfig
 from darkmatter.stats import Split
+from darkmatter.stats.jackknife import finite_interval
 from darkmatter.store import ActivationStore
 from synthetic import synthetic_store
 
@@ -180,6 +183,99 @@ def test_bad_inputs(setup, tmp_path: Path) -> None:
     small = synthetic_store(tmp_path / "small", components(), n_contexts=2, ctx_len=16)
     with pytest.raises(DataError):  # 32 tokens for a 48-column joint regression
         earlier_layer_predictors(small, target, probe, regs, **kw)
+
+
+# --------------------------------------------------------------------------- jackknife intervals
+
+
+def _flat(res) -> dict[str, float]:
+    """Every point estimate of a result, by name."""
+    out = {"fvu_sae": res.fvu_sae, "fvu_sae_linear": res.fvu_sae_linear, "joint_nl": res.fvu_sae_linear_joint}
+    for table in ("r2", "r2_variance_weighted", "r2_train"):
+        for r, row in getattr(res, table).items():
+            out |= {f"{table}.{r}.{t}": v for t, v in row.items()}
+    return out | {f"fvu_with.{r}": v for r, v in res.fvu_with.items()}
+
+
+def test_blocks_leave_the_point_estimates_unchanged(setup) -> None:
+    """One block is the old single accumulator (bitwise); four blocks (one per shard) only reorder sums."""
+    store, target, regs, probe, res, *_ = setup
+    assert store.n_shards == 4 and res.interval_blocks == 4 and res.intervals
+    one = earlier_layer_predictors(
+        store, target, probe, regs, split=SPLIT, batch_tokens=256, interval_blocks=1
+    )
+    assert one.interval_blocks == 0 and not (one.intervals or one.gap_intervals or one.jackknife)
+    blocked, single = _flat(res), _flat(one)
+    assert blocked.keys() == single.keys()
+    for k, v in single.items():
+        assert blocked[k] == pytest.approx(v, rel=1e-11, abs=1e-12), k
+    assert (res.n_train, res.n_test) == (one.n_train, one.n_test)
+
+
+def _without_block(monkeypatch: pytest.MonkeyPatch, store: ActivationStore, shard: int) -> None:
+    """Make ``store`` stream every context but those of ``shard`` (the block a 4-block run leaves out)."""
+    start, stop = store.shard_range(shard)
+    kept = np.asarray([c for c in range(store.n_contexts) if not start <= c < stop])
+    monkeypatch.setattr(store, "iter_batches", functools.partial(store.iter_batches, contexts=kept))
+
+
+def test_replicates_equal_refits_without_the_block(setup, monkeypatch: pytest.MonkeyPatch) -> None:
+    store, target, regs, probe, res, *_ = setup
+    kw = {"split": SPLIT, "batch_tokens": 256, "interval_blocks": 1}
+    refits = []
+    for b in range(store.n_shards):  # 4 shards, 4 blocks: block b is shard b
+        with monkeypatch.context() as m:
+            _without_block(m, store, b)
+            refits.append(earlier_layer_predictors(store, target, probe, regs, **kw))
+        assert refits[-1].n_test + refits[-1].n_train < res.n_train + res.n_test
+    for r in res.regressors:
+        for t in TARGETS:
+            want = [f.r2[r][t] for f in refits]
+            assert res.jackknife[r][t] == pytest.approx(want, abs=1e-8), (r, t)
+            ci = finite_interval(res.r2[r][t], want)
+            assert ci is not None and res.intervals[r][t] == pytest.approx(ci, abs=1e-8)
+        gaps = [f.r2[r]["linear"] - f.r2[r]["nonlinear"] for f in refits]
+        ci = finite_interval(res.r2[r]["linear"] - res.r2[r]["nonlinear"], gaps)
+        assert ci is not None and res.gap_intervals[r] == pytest.approx(ci, abs=1e-8)
+    for key, point in (("sae", res.fvu_sae), (JOINT, res.fvu_with[JOINT])):
+        want = [f.fvu_sae if key == "sae" else f.fvu_with[JOINT] for f in refits]
+        ci = finite_interval(point, want)
+        assert ci is not None and res.fvu_intervals[key] == pytest.approx(ci, rel=1e-8)
+
+
+def test_intervals_cover_the_estimate_and_shrink_with_more_contexts(setup, tmp_path: Path) -> None:
+    _store, target, regs, probe, *_ = setup
+    widths: dict[int, list[float]] = {}
+    for n_ctx in (32, 128):  # 4 blocks of 1 shard, then of 4 shards each
+        store = synthetic_store(tmp_path / f"s{n_ctx}", components(), n_contexts=n_ctx, ctx_len=40)
+        res = earlier_layer_predictors(
+            store, target, probe, regs, split=SPLIT, batch_tokens=512, interval_blocks=4
+        )
+        assert res.interval_blocks == 4
+        widths[n_ctx] = []
+        for r in res.regressors:
+            for t in TARGETS:
+                low, high = res.intervals[r][t]
+                assert low < res.r2[r][t] < high
+                widths[n_ctx].append(high - low)
+            low, high = res.gap_intervals[r]
+            assert low < res.r2[r]["linear"] - res.r2[r]["nonlinear"] < high
+        for key, point in (("sae", res.fvu_sae), (JOINT, res.fvu_with[JOINT])):
+            assert res.fvu_intervals[key][0] < point < res.fvu_intervals[key][1]
+    ratios = sorted(b / a for a, b in zip(widths[32], widths[128], strict=True))
+    assert 0.3 < ratios[len(ratios) // 2] < 0.75  # 4x the contexts: about half as wide
+
+
+def test_too_few_usable_blocks_give_no_interval(setup, tmp_path: Path) -> None:
+    store, target, regs, probe, *_ = setup
+    kw = {"split": SPLIT, "batch_tokens": 256}
+    two = earlier_layer_predictors(store, target, probe, regs, interval_blocks=2, **kw)
+    assert two.interval_blocks == 0 and two.intervals == {} and two.gap_intervals == {}
+    assert two.fvu_intervals == {} and two.jackknife == {}
+    # 3 shards of 2 contexts: the joint fit (49 coefficients) runs on ~67 train tokens, not without a shard
+    small = synthetic_store(tmp_path / "small", components(), n_contexts=6, ctx_len=16, shard_contexts=2)
+    res = earlier_layer_predictors(small, target, probe, regs, **kw)
+    assert res.n_train > 49 and res.r2[JOINT] and res.intervals == {} and res.gap_intervals == {}
 
 
 # --------------------------------------------------------------------------- CE with the joint map

@@ -174,6 +174,6 @@ def earlier_claim(res: EarlierLayersStepResult | None) -> Claim:
         return EARLIER.not_run("no earlier-component regressors")
     margins = {n: pred.r2[n]["linear"] - pred.r2[n]["nonlinear"] for n in earlier}
     name = min(margins, key=lambda n: margins[n])
-    return EARLIER.measured(
-        margins[name], None, note=f"{name}; the regressions are not kept per block of contexts"
-    )
+    interval = pred.gap_intervals.get(name)
+    note = name if interval is not None else f"{name}; fewer than 3 usable blocks of contexts"
+    return EARLIER.measured(margins[name], interval, JACKKNIFE + " (every regression refitted)", note=note)

@@ -9,6 +9,10 @@ with bias on train tokens, scored exactly on test tokens from streaming float64 
 single-regressor moments are blocks of the joint ones (a regression on a subset of columns needs only the
 sub-blocks of the Gram and cross moments), so the singles cost nothing extra.
 
+Intervals (``earlier_intervals``): the moments are kept per block of whole shards and every fit is refitted
+with each block left out, giving delete-one-block jackknife intervals of every R², of the paired
+R²(LinearError) − R²(NonlinearError) and of the two FVUs.
+
 Beyond the paper: the joint map J predicting SaeError gives an improved reconstruction
 x̂' = Sae(x) + J([regressor reconstructions]); we report FVU(x, Sae(x)) and FVU(x, x̂') on test tokens and
 return J (``result.joint_map``, a ``JointMap`` from ``joint_map``) so ``downstream_ce_with_joint``
@@ -23,11 +27,22 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from pydantic import Field, PrivateAttr
 
 from darkmatter.errors import ConfigError, DataError
+from darkmatter.experiments.earlier_intervals import (
+    BlockMoments,
+    block_of,
+    fvu_intervals,
+    gap_intervals,
+    jackknife_replicates,
+    n_blocks,
+    r2_intervals,
+    sub_moments,
+)
 from darkmatter.experiments.inputs import check_probe, check_store_sae, sae_recon
 from darkmatter.experiments.joint_ce import JointCEResult, downstream_ce_with_joint
 from darkmatter.experiments.joint_map import JOINT, SELF, Block, JointMap, joint_replacement, regressors
@@ -103,6 +118,27 @@ class EarlierLayersResult(Result):
     ridge: dict[str, float] = Field(description="Absolute ridge λ of each regressor's fit.")
     n_train: int
     n_test: int
+    interval_blocks: int = Field(
+        0, description="Blocks of whole shards left out one at a time for the intervals (0: no intervals)."
+    )
+    jackknife: dict[str, dict[str, list[float]]] = Field(
+        default_factory=dict,
+        description="regressor -> target -> test R² with each block left out, every fit refitted.",
+    )
+    intervals: dict[str, dict[str, list[float]]] = Field(
+        default_factory=dict,
+        description="regressor -> target -> [low, high]: 95% delete-one-block jackknife interval of the R² "
+        "(empty with fewer than 3 blocks).",
+    )
+    gap_intervals: dict[str, list[float]] = Field(
+        default_factory=dict,
+        description="regressor -> 95% jackknife interval of R²(LinearError) − R²(NonlinearError), from the "
+        "paired replicates.",
+    )
+    fvu_intervals: dict[str, list[float]] = Field(
+        default_factory=dict,
+        description="'sae': interval of fvu_sae; 'joint': of fvu_with['joint'] (FVU(x, x̂')).",
+    )
     paper_r2: dict[str, dict[str, float]] = Field(
         default_factory=lambda: PAPER_R2, description="The paper's Fig 9b values, for reference."
     )
@@ -113,24 +149,6 @@ class EarlierLayersResult(Result):
     def joint_map(self) -> JointMap | None:
         """The joint map predicting SaeError (not serialised; ``JointMap.save`` writes it)."""
         return self._joint_map
-
-
-def _sub_moments(m: Moments, cols: slice) -> Moments:
-    """The moments of a column block of x (same targets): exact, as shifted sums slice per column."""
-    state = m.state_dict()
-    sub = Moments(cols.stop - cols.start, m.target_dims)
-    new = {
-        "n": state["n"],
-        "x.ref": state["x.ref"][cols],
-        "x.sum": state["x.sum"][cols],
-        "x.gram": state["x.gram"][cols, cols],
-    }
-    for name in m.target_dims:
-        for key in ("ref", "sum", "sumsq"):
-            new[f"y.{name}.{key}"] = state[f"y.{name}.{key}"]
-        new[f"y.{name}.cross"] = state[f"y.{name}.cross"][cols]
-    sub.load_state_dict(new)
-    return sub
 
 
 @dataclass
@@ -182,11 +200,18 @@ def _train_mask(batch: Batch, split: Split) -> Tensor:
 
 @dataclass
 class _Accumulated:
-    """Train and test moments of (joint input, targets), and the test moments of x alone."""
+    """Train and test moments of (joint input, targets) and the test moments of x alone: the totals and,
+    for the intervals, the same per block of whole shards (the totals are their sum)."""
 
     train: Moments
     test: Moments
     x_test: Moments
+    blocks: BlockMoments
+
+    @classmethod
+    def of(cls, blocks: BlockMoments) -> _Accumulated:
+        """The totals merged from the blocks (with one block, that block itself)."""
+        return cls(blocks.total("train"), blocks.total("test"), blocks.total("x_test"), blocks)
 
 
 def _accumulate(
@@ -199,13 +224,14 @@ def _accumulate(
     split: Split,
     batch_tokens: int,
     device: str,
+    blocks: int,
     progress: Progress | None,
 ) -> _Accumulated:
-    """One pass over the store: the moments of every regression, split into train and test tokens."""
+    """One pass over the store: the moments of every regression, split into train and test tokens, in
+    ``blocks`` blocks of whole shards."""
     w, b = probe
     dims = dict.fromkeys(TARGETS, layout.d)
-    mom = {part: Moments(layout.width, dims) for part in ("train", "test")}
-    x_test = Moments(layout.d)
+    mom = BlockMoments.empty(blocks, layout.width, dims, layout.d)
     skip = int(store.identity.get("skip_positions", 0))
     ticker = Ticker(progress, store.n_contexts * (store.ctx_len - skip))
     for batch in store.iter_batches(layout.sites, batch_tokens=batch_tokens, device=device):
@@ -221,13 +247,15 @@ def _accumulate(
         linear = torch.addmm(b, x, w)
         ys = {"nonlinear": error - linear, "error": error, "linear": linear}
         z = regressors(layout.blocks, sae_x, batch.acts, regressor_saes)
-        for part, mask in (("train", train), ("test", ~train)):
+        k = block_of(store, blocks, int(batch.context[0]))
+        for part, mask in ((mom.train[k], train), (mom.test[k], ~train)):
             if bool(mask.any()):
-                mom[part].update(z[mask], {k: v[mask] for k, v in ys.items()})
+                part.update(z[mask], {name: v[mask] for name, v in ys.items()})
         if bool((~train).any()):
-            x_test.update(x[~train])
-    _check_counts(mom["train"].n, mom["test"].n, layout.width)
-    return _Accumulated(mom["train"], mom["test"], x_test)
+            mom.x_test[k].update(x[~train])
+    acc = _Accumulated.of(mom)
+    _check_counts(acc.train.n, acc.test.n, layout.width)
+    return acc
 
 
 def _check_counts(n_train: int, n_test: int, width: int) -> None:
@@ -256,8 +284,8 @@ def _fit_all(names: list[str], acc: _Accumulated, layout: _Layout, var_x: float)
     """Fit every (regressor, target) pair on train moments (a sub-block for a single regressor); score."""
     out = _Fits()
     for name in names:
-        tr = acc.train if name == JOINT else _sub_moments(acc.train, layout.spans[name])
-        te = acc.test if name == JOINT else _sub_moments(acc.test, layout.spans[name])
+        tr = acc.train if name == JOINT else sub_moments(acc.train, layout.spans[name])
+        te = acc.test if name == JOINT else sub_moments(acc.test, layout.spans[name])
         fits = fit_ridge_many(tr, list(TARGETS), bias=True)
         ev = {t: evaluate(fits[t], te, t) for t in TARGETS}
         out.r2[name] = {t: ev[t].r2_mean_over_dims for t in TARGETS}
@@ -268,6 +296,23 @@ def _fit_all(names: list[str], acc: _Accumulated, layout: _Layout, var_x: float)
         if name == JOINT:
             out.joint, out.joint_ev = fits, ev
     return out
+
+
+def _interval_fields(
+    acc: _Accumulated, layout: _Layout, fits: _Fits, fvu: dict[str, float]
+) -> dict[str, Any]:
+    """The result's jackknife fields: every fit refitted with each block left out (none without enough)."""
+    spans = {name: layout.spans[name] for name in fits.r2}
+    reps = jackknife_replicates(acc.blocks, spans, TARGETS)
+    if reps is None:
+        return {}
+    return {
+        "interval_blocks": len(acc.blocks.train),
+        "jackknife": reps.r2,
+        "intervals": r2_intervals(fits.r2, reps),
+        "gap_intervals": gap_intervals(fits.r2, reps),
+        "fvu_intervals": fvu_intervals(fvu, reps),
+    }
 
 
 def _joint_map(layout: _Layout, fit: RidgeFit) -> JointMap:
@@ -290,12 +335,15 @@ def earlier_layer_predictors(
     split: Split,
     batch_tokens: int = 4096,
     device: str = "cpu",
+    interval_blocks: int = 8,
     progress: Progress | None = None,
 ) -> EarlierLayersResult:
     """R² of each error component of ``target_sae`` from each regressor (see the module docstring).
 
     ``probe = (W [d, d], b [d])`` is the target SAE's error probe, fitted on the train tokens of the same
-    ``split`` so that every test number is out of sample.
+    ``split`` so that every test number is out of sample. ``interval_blocks``: keep the moments in that
+    many blocks of whole shards (at most one per shard) for delete-one-block jackknife intervals; with
+    fewer than 3 there are none. Memory grows with the blocks (each holds the joint regression's moments).
     """
     t0 = time.perf_counter()
     _check_names(regressor_saes)
@@ -311,11 +359,13 @@ def earlier_layer_predictors(
         split=split,
         batch_tokens=batch_tokens,
         device=device,
+        blocks=n_blocks(store, interval_blocks),
         progress=progress,
     )
     var_x = acc.x_test.total_variance_x()
     names = [*regressor_saes, SELF, JOINT]
     fits = _fit_all(names, acc, layout, var_x)
+    fvu_sae = float(acc.test.target_sum_sq("error").sum()) / var_x
     config = {
         "split_seed": split.seed,
         "train_fraction": split.fraction,
@@ -323,6 +373,7 @@ def earlier_layer_predictors(
         "target": sae_identity(target_sae),
         "regressors": {n: sae_identity(s) for n, s in regressor_saes.items()},
         "probe_sha": stable_hash([float(w.double().sum()), float(b.double().sum())]),
+        "interval_blocks": interval_blocks,
     }
     result = EarlierLayersResult(
         config_hash=stable_hash(config),
@@ -335,13 +386,14 @@ def earlier_layer_predictors(
         r2=fits.r2,
         r2_variance_weighted=fits.r2_w,
         r2_train=fits.r2_tr,
-        fvu_sae=float(acc.test.target_sum_sq("error").sum()) / var_x,
+        fvu_sae=fvu_sae,
         fvu_sae_linear=float(acc.test.target_sum_sq("nonlinear").sum()) / var_x,
         fvu_with=fits.fvu_with,
         fvu_sae_linear_joint=fvu_with_prediction(fits.joint_ev["nonlinear"], var_x),
         ridge=fits.ridge,
         n_train=acc.train.n,
         n_test=acc.test.n,
+        **_interval_fields(acc, layout, fits, {"sae": fvu_sae, JOINT: fits.fvu_with[JOINT]}),
         seconds=time.perf_counter() - t0,
     )
     result._joint_map = _joint_map(layout, fits.joint["error"])

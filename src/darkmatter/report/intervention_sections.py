@@ -99,24 +99,31 @@ def earlier_section(res: EarlierLayersStepResult, figs: Figures, run_dir: Path) 
     rows = [
         [
             esc(r),
-            *[f"{el.r2[r][t]:.3f}" for t in targets],
+            *[with_ci(el.r2[r][t], el.intervals.get(r, {}).get(t)) for t in targets],
+            with_ci(el.r2[r]["linear"] - el.r2[r]["nonlinear"], el.gap_intervals.get(r)),
             " / ".join(f"{paper[r][t]:.2f}" for t in targets) if r in paper else "",
         ]
         for r in el.regressors
     ]
+    joint = el.fvu_with.get("joint", float("nan"))
     text = (
         f"R² (mean over dimensions, held out) of the error components of {esc(res.target)} regressed on "
         "other SAEs' reconstructions; 'joint' uses all of them (beyond the paper). With the joint map FVU "
-        f"goes from {el.fvu_sae:.3f} (Sae(x)) to {el.fvu_with.get('joint', float('nan')):.3f}. These "
-        "regressions carry no interval: their moments are not kept per block of contexts (the joint "
-        "regression's would take hundreds of MB per block)."
+        f"goes from {with_ci(el.fvu_sae, el.fvu_intervals.get('sae'))} (Sae(x)) to "
+        f"{with_ci(joint, el.fvu_intervals.get('joint'))}. "
+    )
+    text += (
+        f"Brackets: 95% delete-one-block jackknife over {el.interval_blocks} blocks of contexts, every "
+        "regression refitted without the block; the linear − nonlinear column is paired per block."
+        if el.intervals
+        else "No intervals: fewer than 3 usable blocks of contexts."
     )
     if res.mlp_probe is not None:
         text += (
             " An MLP probe on top of the linear probe explains "
             f"{res.mlp_probe.r2_nonlinear_mean_over_dims:.1%} of the nonlinear error (mean-over-dims R²)."
         )
-    header = ["regressor", "NonlinearError", "SaeError", "LinearError", "paper"]
+    header = ["regressor", "NonlinearError", "SaeError", "LinearError", "linear − nonlinear", "paper"]
     return title + p(text) + grid(header, rows) + images(run_dir, figs)
 
 

@@ -61,6 +61,7 @@ class EarlierLayersStep(Step[EarlierLayersStepResult]):
     title = "earlier-layer predictors, the joint map's CE, an MLP probe (Figs 9b, 10b)"
     result_type = EarlierLayersStepResult
     needs = (ENGINE,)
+    version = 2
 
     def enabled(self, cfg: StudyConfig) -> bool:
         return cfg.earlier_layers.enabled
@@ -70,6 +71,7 @@ class EarlierLayersStep(Step[EarlierLayersStepResult]):
             "earlier_layers": cfg.section("earlier_layers"),
             "ce_contexts": cfg.downstream_ce.n_contexts,
             "seed": cfg.seed,
+            "interval_blocks": cfg.engine.interval_blocks,
         }
 
     def run(self, ctx: StudyContext) -> EarlierLayersStepResult:
@@ -116,7 +118,13 @@ def _predictors(ctx: StudyContext, res: EarlierLayersStepResult, regressors: dic
     target_sae, probe = ctx.saes[res.target], ctx.probe(res.target)
     try:
         res.predictors = earlier_layer_predictors(
-            ctx.store, target_sae, probe, regressors, split=ctx.split, progress=ctx.progress("earlier layers")
+            ctx.store,
+            target_sae,
+            probe,
+            regressors,
+            split=ctx.split,
+            interval_blocks=ctx.cfg.engine.interval_blocks,
+            progress=ctx.progress("earlier layers"),
         )
     except DataError as exc:  # e.g. too few tokens for the joint regression: say so, keep the run going
         res.notes.append(str(exc))

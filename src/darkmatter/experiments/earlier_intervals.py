@@ -1,0 +1,157 @@
+"""Delete-one-block jackknife intervals for the earlier-layer regressions (``earlier_layers``).
+
+As in the engine, blocks are contiguous groups of whole store shards and the train and test moments are
+kept per block (moments are additive, so the totals are their sum). Replicate b refits every (regressor,
+target) pair on the train moments of every block but b and scores it on the test moments of every block but
+b, so each interval includes the fits' own variance. Fewer than 3 blocks, or blocks too big to leave out
+(too few tokens would remain for the joint fit), give no intervals.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from darkmatter.errors import DataError
+from darkmatter.experiments.decomposition.accumulators import merged, replicates_fit
+from darkmatter.experiments.joint_map import JOINT
+from darkmatter.stats import Moments, evaluate, fit_ridge_many, fvu_with_prediction
+from darkmatter.stats.jackknife import finite_interval
+from darkmatter.store import ActivationStore
+
+Table = dict[str, dict[str, float]]
+"""regressor -> target -> number."""
+
+
+def n_blocks(store: ActivationStore, interval_blocks: int) -> int:
+    """Blocks the moments are kept in: ``interval_blocks``, at most one per shard, at least one."""
+    return max(1, min(interval_blocks, store.n_shards))
+
+
+def block_of(store: ActivationStore, blocks: int, context: int) -> int:
+    """The block of a context: whole shards, in order (a batch never spans two shards)."""
+    if blocks == 1:
+        return 0
+    return (context // store.shard_contexts) * blocks // store.n_shards
+
+
+def sub_moments(m: Moments, cols: slice) -> Moments:
+    """The moments of a column block of x (same targets): exact, as shifted sums slice per column."""
+    state = m.state_dict()
+    sub = Moments(cols.stop - cols.start, m.target_dims)
+    new = {
+        "n": state["n"],
+        "x.ref": state["x.ref"][cols],
+        "x.sum": state["x.sum"][cols],
+        "x.gram": state["x.gram"][cols, cols],
+    }
+    for name in m.target_dims:
+        for key in ("ref", "sum", "sumsq"):
+            new[f"y.{name}.{key}"] = state[f"y.{name}.{key}"]
+        new[f"y.{name}.cross"] = state[f"y.{name}.cross"][cols]
+    sub.load_state_dict(new)
+    return sub
+
+
+@dataclass
+class BlockMoments:
+    """Per block: train and test moments of (joint input, targets) and the test moments of x alone."""
+
+    train: list[Moments]
+    test: list[Moments]
+    x_test: list[Moments]
+
+    @classmethod
+    def empty(cls, blocks: int, width: int, targets: dict[str, int], d: int) -> BlockMoments:
+        """``blocks`` empty accumulators per part: inputs of ``width`` with ``targets``; x of width ``d``."""
+        return cls(
+            [Moments(width, targets) for _ in range(blocks)],
+            [Moments(width, targets) for _ in range(blocks)],
+            [Moments(d) for _ in range(blocks)],
+        )
+
+    def total(self, part: str, without: int | None = None) -> Moments:
+        """``part`` ('train', 'test' or 'x_test') merged over every block (or every block but ``without``)."""
+        blocks: list[Moments] = getattr(self, part)
+        return merged(blocks, without)
+
+
+@dataclass
+class Replicates:
+    """One value per block left out: R² (mean over dims) per regressor and target; FVU of Sae(x) ('sae')
+    and of Sae(x) + the joint prediction of SaeError ('joint')."""
+
+    r2: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    fvu: dict[str, list[float]] = field(default_factory=dict)
+
+
+def _replicate(
+    blocks: BlockMoments, b: int, spans: dict[str, slice], targets: Sequence[str]
+) -> tuple[Table, dict[str, float]]:
+    """Every fit refitted and scored without block ``b``."""
+    train, test = blocks.total("train", b), blocks.total("test", b)
+    var_x = blocks.total("x_test", b).total_variance_x()
+    if not var_x > 0:
+        raise DataError(f"x is constant on the test tokens without block {b}.")
+    r2: Table = {}
+    fvu = {"sae": float(test.target_sum_sq("error").sum()) / var_x}
+    for name, cols in spans.items():
+        tr = train if name == JOINT else sub_moments(train, cols)
+        te = test if name == JOINT else sub_moments(test, cols)
+        fits = fit_ridge_many(tr, list(targets), bias=True)
+        ev = {t: evaluate(fits[t], te, t) for t in targets}
+        r2[name] = {t: ev[t].r2_mean_over_dims for t in targets}
+        if name == JOINT:
+            fvu[JOINT] = fvu_with_prediction(ev["error"], var_x)
+    return r2, fvu
+
+
+def jackknife_replicates(
+    blocks: BlockMoments, spans: dict[str, slice], targets: Sequence[str]
+) -> Replicates | None:
+    """The delete-one-block replicates of every regressor in ``spans``, or None when there are fewer than
+    3 blocks, a block leaves too few tokens for the joint fit, or a refit fails."""
+    n = len(blocks.train)
+    if n < 3 or not replicates_fit(blocks.train, blocks.test):
+        return None
+    out = Replicates({name: {t: [] for t in targets} for name in spans}, {"sae": [], JOINT: []})
+    try:
+        for b in range(n):
+            r2, fvu = _replicate(blocks, b, spans, targets)
+            for name, row in r2.items():
+                for t, v in row.items():
+                    out.r2[name][t].append(v)
+            for key, v in fvu.items():
+                out.fvu[key].append(v)
+    except DataError:
+        return None
+    return out
+
+
+def r2_intervals(r2: Table, reps: Replicates) -> dict[str, dict[str, list[float]]]:
+    """regressor -> target -> 95% jackknife interval of its R² (pairs without a finite one left out)."""
+    out: dict[str, dict[str, list[float]]] = {}
+    for name, row in r2.items():
+        found = {t: finite_interval(v, reps.r2[name][t]) for t, v in row.items()}
+        kept = {t: ci for t, ci in found.items() if ci is not None}
+        if kept:
+            out[name] = kept
+    return out
+
+
+def gap_intervals(r2: Table, reps: Replicates) -> dict[str, list[float]]:
+    """regressor -> interval of R²(LinearError) − R²(NonlinearError), from the paired replicates."""
+    out: dict[str, list[float]] = {}
+    for name, row in r2.items():
+        lin, nl = reps.r2[name]["linear"], reps.r2[name]["nonlinear"]
+        diffs = [a - b for a, b in zip(lin, nl, strict=True)]
+        ci = finite_interval(row["linear"] - row["nonlinear"], diffs)
+        if ci is not None:
+            out[name] = ci
+    return out
+
+
+def fvu_intervals(point: dict[str, float], reps: Replicates) -> dict[str, list[float]]:
+    """'sae' / 'joint' -> interval of FVU(x, Sae(x)) / FVU(x, x̂') on the test tokens."""
+    found = {k: finite_interval(point[k], reps.fvu[k]) for k in point}
+    return {k: ci for k, ci in found.items() if ci is not None}
