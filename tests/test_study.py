@@ -44,6 +44,7 @@ BELOW_FAMILY = BELOW_ENGINE | {"family", "synthetic"}
         (["synthetic.n_tokens=1234"], {"synthetic"}),
         (["downstream_ce.n_contexts=3"], {"downstream_ce", "earlier_layers"}),
         (["earlier_layers.mlp_hidden=8"], {"earlier_layers"}),
+        (["earlier_layers.ce_contexts=3"], {"earlier_layers"}),
         (["error_saes.interp.n_latents=3"], {"autointerp"}),
         (["error_saes.k=4"], {"error_saes", "autointerp"}),
         (["layer_sweep.d_sae=32"], {"layer_sweep"}),
@@ -58,6 +59,13 @@ BELOW_FAMILY = BELOW_ENGINE | {"family", "synthetic"}
 )
 def test_what_changes_which_step_key(overrides: list[str], expected: set[str]) -> None:
     assert _changed(*overrides) == expected
+
+
+def test_earlier_layers_with_its_own_ce_contexts_ignores_downstream_ce_count() -> None:
+    a = resolve_config("tiny", overrides=["earlier_layers.ce_contexts=2", "downstream_ce.n_contexts=3"])
+    b = resolve_config("tiny", overrides=["earlier_layers.ce_contexts=2", "downstream_ce.n_contexts=5"])
+    changed = {s.name for s in STEPS if s.key(a) != s.key(b)}
+    assert changed == {"downstream_ce"}
 
 
 def test_keys_are_stable_and_steps_are_in_dependency_order() -> None:

@@ -253,6 +253,12 @@ class EarlierLayersConfig(BaseModel):
     enabled: bool = Field(True, description="Run the earlier-layer predictors and the MLP probe.")
     mlp_hidden: int = Field(256, ge=1, description="Hidden width of the MLP probe.")
     mlp_epochs: int = Field(4, ge=1, description="Epochs of the MLP probe over the train split.")
+    ce_contexts: int | None = Field(
+        None,
+        ge=1,
+        description="Held-out contexts for the joint map's CE (the first of downstream_ce's); None: as many "
+        "as downstream_ce.n_contexts.",
+    )
 
 
 class InterpConfig(BaseModel):

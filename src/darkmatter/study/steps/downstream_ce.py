@@ -13,10 +13,12 @@ from darkmatter.study.steps.engine import ENGINE
 from darkmatter.text import held_out_contexts
 
 
-def held_out_tokens(ctx: StudyContext) -> Any:
-    """The held-out contexts of the CE splices ``[n, ctx_len]`` (shared with the earlier-layer step)."""
+def held_out_tokens(ctx: StudyContext, n_contexts: int | None = None) -> Any:
+    """The held-out contexts of the CE splices ``[n, ctx_len]`` (shared with the earlier-layer step, which
+    may take fewer: the first ``n_contexts``)."""
     lm = ctx.lm
-    return held_out_contexts(ctx.cfg.text, lm.tokenizer, lm.bos_token_id, ctx.cfg.downstream_ce.n_contexts)
+    n = ctx.cfg.downstream_ce.n_contexts if n_contexts is None else n_contexts
+    return held_out_contexts(ctx.cfg.text, lm.tokenizer, lm.bos_token_id, n)
 
 
 class DownstreamCEStep(Step[DownstreamResult]):

@@ -69,7 +69,7 @@ class EarlierLayersStep(Step[EarlierLayersStepResult]):
     def settings(self, cfg: StudyConfig) -> dict[str, Any]:
         return {
             "earlier_layers": cfg.section("earlier_layers"),
-            "ce_contexts": cfg.downstream_ce.n_contexts,
+            "ce_contexts": cfg.earlier_layers.ce_contexts or cfg.downstream_ce.n_contexts,
             "seed": cfg.seed,
             "interval_blocks": cfg.engine.interval_blocks,
         }
@@ -134,7 +134,7 @@ def _predictors(ctx: StudyContext, res: EarlierLayersStepResult, regressors: dic
     assert joint_map is not None
     res.joint_ce = downstream_ce_with_joint(
         ctx.lm,
-        held_out_tokens(ctx),
+        held_out_tokens(ctx, ctx.cfg.earlier_layers.ce_contexts),
         target_sae,
         regressors,
         joint_map,
