@@ -185,3 +185,19 @@ def test_a_disabled_step_skips_the_steps_that_need_it(fake: Any) -> None:
     ]
     with pytest.raises(ConfigError, match="disabled"):
         run("b")
+
+
+def test_layer_sweep_records_the_loss_whatever_the_main_harvest(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fig 13's model-loss predictor needs the loss; the sweep's own store always records it."""
+    from types import SimpleNamespace
+
+    from darkmatter.study.steps import layer_sweep
+
+    seen: dict[str, Any] = {}
+    monkeypatch.setattr(layer_sweep.layer_baselines, "run", lambda *a, **kw: seen.update(kw))
+    cfg = resolve_config("tiny", overrides=["harvest.with_loss=false"])
+    lm = SimpleNamespace(identity={"n_layers": 4})
+    ctx = SimpleNamespace(cfg=cfg, lm=lm, paths=SimpleNamespace(layers=Path("x")), split=None, log=print)
+    ctx.progress = print
+    layer_sweep.LAYER_SWEEP.run(ctx)  # type: ignore[arg-type]
+    assert seen["harvest_cfg"].with_loss is True and seen["harvest_cfg"].sites == []

@@ -16,6 +16,7 @@ class LayerSweepStep(Step[LayerBaselinesResult]):
     name = "layer_sweep"
     title = "error-norm baselines across layers (Figs 3, 13)"
     result_type = LayerBaselinesResult
+    version = 2
 
     def enabled(self, cfg: StudyConfig) -> bool:
         return cfg.layer_sweep.enabled
@@ -42,7 +43,8 @@ class LayerSweepStep(Step[LayerBaselinesResult]):
             k=sweep.k,
             kind=sweep.kind,
             train=sweep.train,
-            harvest_cfg=cfg.harvest.model_copy(update={"sites": []}),
+            # the sweep runs every layer anyway: its store always records the per-token loss (Fig 13)
+            harvest_cfg=cfg.harvest.model_copy(update={"sites": [], "with_loss": True}),
             split=ctx.split,
             log=ctx.log,
             progress=ctx.progress,
