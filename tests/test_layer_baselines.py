@@ -17,8 +17,11 @@ import torch
 from darkmatter.errors import ConfigError, DataError, ShapeError, StoreError
 from darkmatter.experiments import layer_baselines as lb
 from darkmatter.experiments.layer_baselines import LayerBaselinesResult, layer_baselines
+from darkmatter.experiments.layer_intervals import layer_groups, layer_shard_contexts
+from darkmatter.experiments.layer_sums import layer_bytes
 from darkmatter.harvest import HarvestConfig
 from darkmatter.lm.loading import LoadedLM
+from darkmatter.report.sections import layer_section
 from darkmatter.results import read_result, write_result
 from darkmatter.sae import SAE, SAEConfig
 from darkmatter.sae.train import FamilyTrainer, TrainConfig
@@ -311,13 +314,198 @@ def test_run_end_to_end_trains_once_and_reuses(
     assert all(np.isfinite(v).all() and max(v) <= 1 for v in res.r2.values())
     assert all(0 < f < 2 for f in res.fvu) and all(0 < v <= 4 for v in res.l0)
     assert res.n_train_tokens + res.n_test_tokens == 12 * (32 - 2 - 1)
-    assert ActivationStore.open(out / "store_layers").sites == [site(0), site(2)]
+    store = ActivationStore.open(out / "store_layers")
+    assert store.sites == [site(0), site(2)]
+    # 12 contexts, 8 blocks: shards of 1 context (the harvest's 4 would give 3 blocks)
+    assert store.shard_contexts == 1 and res.interval_blocks == 8
+    assert set(res.intervals) == set(res.r2)
     assert sorted(p.name for p in (out / "saes_layers").iterdir()) == ["0", "2"]  # no leftovers
     again = lb.run(lm, text, [0, 2], out, **kw)
     assert len(trainings) == 1
-    assert again.r2 == res.r2 and again.fvu == res.fvu
+    assert again.r2 == res.r2 and again.fvu == res.fvu and again.intervals == res.intervals
     assert any("reused" in n for n in again.notes)
+    # without intervals the harvest's 4 contexts per shard would be asked for: the store of 1 per shard is
+    # reused as it is (not re-harvested, not mixed), and so are the SAEs
+    plain = lb.run(lm, text, [0, 2], out, **kw, interval_blocks=0)
+    assert len(trainings) == 1 and ActivationStore.open(out / "store_layers").shard_contexts == 1
+    assert plain.config["harvest"]["shard_contexts"] == 1 and plain.intervals == {}
+    for name in res.r2:
+        np.testing.assert_allclose(plain.r2[name], res.r2[name], rtol=1e-12, atol=1e-14)
     with pytest.raises(ConfigError, match="other settings"):
         lb.run(lm, text, [0, 2], out, **{**kw, "k": 2})
     with pytest.raises(ConfigError, match="other settings"):  # SAEs trained on another split
         lb.run(lm, text, [0, 2], out, **{**kw, "split": Split(seed=1, fraction=0.8)})
+
+
+# ---------------------------------------------------------------- delete-one-block jackknife intervals
+
+SHARD = 8  # contexts per shard of the planted store (write_store): 5 shards, so 5 blocks of one shard
+
+
+def numpy_r2(ref: dict[str, np.ndarray], name: str, train: np.ndarray, test: np.ndarray) -> float:
+    """Held-out R² of one predictor, fitted on ``train`` and scored on ``test`` rows, in plain numpy."""
+    y = ref["y"]
+    if name == "token_identity":
+        tok = ref["token"]
+        means = {t: y[train & (tok == t)].mean() for t in np.unique(tok[train])}
+        pred = np.array([means.get(t, y[train].mean()) for t in tok[test]])
+        return r2(y[test], pred)
+    inputs = {
+        "activations": ref["x"],
+        "l0": ref["l0"],
+        "activation_norm": np.linalg.norm(ref["x"], axis=1),
+        "model_loss": ref["loss"],
+    }
+    xt = np.column_stack([inputs[name].reshape(len(y), -1), np.ones(len(y))])
+    w = np.linalg.lstsq(xt[train], y[train], rcond=None)[0]
+    return r2(y[test], xt[test] @ w)
+
+
+@pytest.fixture(scope="module")
+def replicates(planted: dict) -> tuple[LayerBaselinesResult, dict[int, dict[str, list[float]]]]:
+    """The planted result and every layer's replicates, as `layer_replicates` returned them."""
+    seen: dict[int, dict[str, list[float]]] = {}
+    original = lb.layer_replicates
+
+    def spy(acc, *args):
+        seen[acc.layer] = out = original(acc, *args)
+        return out
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(lb, "layer_replicates", spy)
+        res = layer_baselines(planted["store"], planted["saes"], split=SPLIT, batch_tokens=97)
+    return res, seen
+
+
+def test_point_estimates_do_not_depend_on_the_blocks(planted: dict, result: LayerBaselinesResult) -> None:
+    one = layer_baselines(planted["store"], planted["saes"], split=SPLIT, batch_tokens=97, interval_blocks=1)
+    assert result.interval_blocks == 5 and one.interval_blocks == 0 and one.intervals == {}
+    assert one.r2.keys() == result.r2.keys()
+    for name in one.r2:
+        np.testing.assert_allclose(result.r2[name], one.r2[name], rtol=1e-12, atol=1e-14, err_msg=name)
+    np.testing.assert_allclose(result.fvu, one.fvu, rtol=1e-12)
+    np.testing.assert_allclose(result.l0, one.l0, rtol=1e-12)
+    assert (result.n_train_tokens, result.n_test_tokens) == (one.n_train_tokens, one.n_test_tokens)
+    assert one.notes == [n for n in result.notes if not n.startswith("Intervals:")]
+
+
+def test_each_replicate_is_a_refit_without_its_block(planted: dict, replicates: tuple) -> None:
+    res, seen = replicates
+    ctx, _pos = analysed((N_CTX, CTX_LEN))
+    block = (ctx // SHARD).numpy()  # 5 shards -> 5 blocks of one shard each
+    assert sorted(seen) == res.layers
+    for layer in res.layers:
+        ref = reference(planted, layer)
+        train = ref["train"]
+        assert set(seen[layer]) == set(res.r2), layer
+        for name, reps in seen[layer].items():
+            assert len(reps) == 5
+            for b, got in enumerate(reps):
+                keep = block != b
+                expected = numpy_r2(ref, name, train & keep, ~train & keep)
+                assert got == pytest.approx(expected, abs=1e-8), (layer, name, b)
+
+
+def test_token_identity_replicates_recompute_the_means(planted: dict, replicates: tuple) -> None:
+    """Leaving a block out moves the per-id means (not only the scored tokens)."""
+    _res, seen = replicates
+    ref = reference(planted, MIXED)  # y is not a function of the id here, so the means move
+    ctx, _pos = analysed((N_CTX, CTX_LEN))
+    keep = (ctx // SHARD).numpy() != 0
+    y, tok, train = ref["y"], ref["token"], ref["train"]
+    stale = {t: y[train & (tok == t)].mean() for t in np.unique(tok[train])}  # with block 0's train tokens
+    test = ~train & keep
+    frozen = r2(y[test], np.array([stale.get(t, y[train].mean()) for t in tok[test]]))
+    got = seen[MIXED]["token_identity"][0]
+    assert got == pytest.approx(numpy_r2(ref, "token_identity", train & keep, test), abs=1e-9)
+    assert abs(got - frozen) > 1e-6
+
+
+def test_intervals_contain_the_estimates(result: LayerBaselinesResult) -> None:
+    assert set(result.intervals) == set(result.r2)
+    for name, rows in result.intervals.items():
+        assert len(rows) == len(result.layers)
+        for value, row in zip(result.r2[name], rows, strict=True):
+            assert len(row) == 2 and row[0] <= value + 1e-12 and value - 1e-12 <= row[1], name
+    assert any(n.startswith("Intervals: 95% delete-one-block jackknife over 5 blocks") for n in result.notes)
+    back = LayerBaselinesResult.model_validate(
+        {k: v for k, v in result.model_dump().items() if k not in ("intervals", "interval_blocks")}
+    )
+    assert back.intervals == {} and back.interval_blocks == 0  # result files written before load
+
+
+def noisy_layers(gen: torch.Generator, n_ctx: int, ctx_len: int) -> dict[str, torch.Tensor]:
+    """Two layers whose squared error norm (x3² + x4² under the planted SAE) is only partly predictable."""
+
+    def layer(shift: float) -> torch.Tensor:
+        return torch.stack([torch.randn(n_ctx, ctx_len, generator=gen) + shift * i for i in range(4)], -1)
+
+    return {site(0): layer(0.7), site(1): layer(1.5)}
+
+
+def test_intervals_narrow_with_more_contexts(tmp_path: Path) -> None:
+    widths = []
+    for n_ctx in (24, 384):  # 16 times the contexts: about a quarter of the width
+        store = synthetic_store(
+            tmp_path / str(n_ctx),
+            noisy_layers,
+            n_contexts=n_ctx,
+            ctx_len=16,
+            shard_contexts=n_ctx // 8,
+            with_loss=True,
+        )
+        res = layer_baselines(store, {0: planted_sae(0), 1: planted_sae(1)}, split=SPLIT)
+        assert res.interval_blocks == 8
+        rows = {(k, i): row for k, per_layer in res.intervals.items() for i, row in enumerate(per_layer)}
+        widths.append({key: high - low for key, (low, high) in rows.items()})
+    small, large = widths
+    assert set(small) == set(large)
+    assert {k for k, _ in small} >= {"activations", "activation_norm", "model_loss", "token_identity"}
+    for key, width in small.items():
+        assert large[key] < width, key
+
+
+def test_too_few_shards_give_no_interval(tmp_path: Path) -> None:
+    store = synthetic_store(tmp_path / "s", noisy_layers, n_contexts=20, ctx_len=16, shard_contexts=10)
+    res = layer_baselines(store, {0: planted_sae(0)}, split=SPLIT, interval_blocks=8)
+    assert store.n_shards == 2 and res.intervals == {} and res.interval_blocks == 0
+    assert all(np.isfinite(v).all() for v in res.r2.values())
+    assert any(n.startswith("No intervals: the store has 2 shard(s)") for n in res.notes)
+    html = layer_section(res, {}, tmp_path)
+    assert "class='ci'" not in html and "Brackets" not in html
+
+
+def test_report_shows_the_intervals(result: LayerBaselinesResult, tmp_path: Path) -> None:
+    html = layer_section(result, {}, tmp_path)
+    low, high = result.intervals["activations"][0]
+    assert f"{result.r2['activations'][0]:.3f} <span class='ci'>[{low:.3f}, {high:.3f}]</span>" in html
+    assert "delete-one-block jackknife" in html and "5 blocks" in html
+
+
+def test_layer_groups_bound_memory_without_changing_numbers(
+    planted: dict, result: LayerBaselinesResult, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = []
+    original = ActivationStore.iter_batches
+
+    def counting(self, sites, *args, **kwargs):
+        calls.append(list(sites))
+        return original(self, sites, *args, **kwargs)
+
+    monkeypatch.setattr(ActivationStore, "iter_batches", counting)
+    per_layer = layer_baselines(planted["store"], planted["saes"], split=SPLIT, batch_tokens=97, pass_bytes=1)
+    assert calls == [[site(layer)] for layer in result.layers]  # one pass per layer
+    assert per_layer.r2 == result.r2 and per_layer.intervals == result.intervals
+    assert per_layer.fvu == result.fvu and per_layer.config_hash == result.config_hash
+    assert any("passes over the store" in n for n in per_layer.notes)
+
+
+def test_layer_store_shard_size() -> None:
+    assert layer_shard_contexts(32, 48, 8) == 6  # the demo: 8 shards, not 2
+    assert layer_shard_contexts(4, 100, 8) == 4  # never above the harvest's
+    assert layer_shard_contexts(32, 5, 8) == 1
+    assert layer_shard_contexts(32, 48, 0) == 32 and layer_shard_contexts(32, 48, 2) == 32  # no intervals
+    assert layer_groups({0: 576, 1: 576, 2: 576}, 100, 8, True, budget=10**12) == [[0, 1, 2]]
+    assert layer_groups({0: 576, 1: 576, 2: 576}, 100, 8, True, budget=1) == [[0], [1], [2]]
+    five = {i: 576 for i in range(5)}
+    assert layer_groups(five, 100, 8, True, budget=3 * layer_bytes(576, 100, 8, True)) == [[0, 1, 2], [3, 4]]

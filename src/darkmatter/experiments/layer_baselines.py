@@ -9,17 +9,24 @@ held-out (test-split) tokens:
 - ``l0``, ``activation_norm``, ``model_loss``: linear regression with bias on the SAE's per-token L0, on
   ‖x‖, and on the next-token loss.
 
-Every number comes from sums gathered in ONE streaming pass over the store for all layers together: the
-regressions from train and test `Moments` (fit on train, scored exactly on test), the token baseline from
-per-token-id sums of y and y² (over the vocabulary, not the tokens), FVU and L0 from the test moments.
-Memory is O(layers · (d² + vocab)), independent of the token count. The last position of every context
-is left out for all predictors (it has no next-token loss), so they are all scored on the same tokens.
+Every number comes from streaming sums: the regressions from train and test `Moments` (fit on train,
+scored exactly on test), the token baseline from per-token-id sums of y and y² (over the ids the store
+holds, not the tokens), FVU and L0 from the test moments. The last position of every context is left out
+for all predictors (it has no next-token loss), so they are all scored on the same tokens.
+
+Intervals: every sum is kept per block of whole shards (``interval_blocks``) and each R² gets a 95%
+delete-one-block jackknife interval, every fit (and the per-id means) refitted without the block
+(`layer_intervals`). Memory is O(blocks · (d² + ids)) per layer, independent of the token count; the layers
+are processed in groups within a byte budget (`PASS_BYTES`), one pass over the store per group, each layer's
+SAE running once; with one block (no intervals) and small d that is a single pass.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,15 +34,23 @@ import torch
 from pydantic import Field
 
 from darkmatter.errors import ConfigError, StoreError
+from darkmatter.experiments.earlier_intervals import block_of, n_blocks
+from darkmatter.experiments.layer_intervals import (
+    PASS_BYTES,
+    layer_groups,
+    layer_replicates,
+    layer_shard_contexts,
+    per_layer_intervals,
+)
 from darkmatter.experiments.layer_sums import REGRESSIONS, LayerSums
-from darkmatter.harvest import HarvestConfig, harvest
+from darkmatter.harvest import HarvestConfig, harvest, store_identity
 from darkmatter.lm.loading import LoadedLM
 from darkmatter.progress import Progress
 from darkmatter.results import Result, config_hash, sae_identity, store_summary
 from darkmatter.sae import SAE, load_sae, save_sae
 from darkmatter.sae.train import FamilyTrainer, SAESpec, TrainConfig
 from darkmatter.stats import DEFAULT_RELATIVE_RIDGE, Split
-from darkmatter.store import ActivationStore
+from darkmatter.store import MANIFEST, ActivationStore, identity_hash
 from darkmatter.text import TextConfig, make_contexts
 
 __all__ = [
@@ -74,6 +89,15 @@ class LayerBaselinesResult(Result):
     l0: list[float] = Field(description="The SAE's mean L0 on the test tokens, per layer.")
     n_train_tokens: int = Field(description="Tokens the fits and per-token means were computed on.")
     n_test_tokens: int = Field(description="Tokens every R², FVU and L0 is measured on.")
+    interval_blocks: int = Field(
+        0, description="Blocks of whole shards left out one at a time for the intervals (0: no intervals)."
+    )
+    intervals: dict[str, list[list[float]]] = Field(
+        default_factory=dict,
+        description="predictor -> per layer (as r2) the 95% delete-one-block jackknife interval [low, high] "
+        "of its R², every fit refitted without the block; [] for a layer without one, and empty with fewer "
+        "than 3 blocks.",
+    )
     notes: list[str] = Field(default_factory=list, description="Choices and degenerate cases, in words.")
 
 
@@ -109,56 +133,84 @@ def _check_inputs(store: ActivationStore, saes: Mapping[int, SAE], site_template
     return sites
 
 
+def _id_index(store: ActivationStore) -> tuple[Tensor, int]:
+    """(lookup [max id + 1] from a token id to its row in the per-id sums, rows): one row per id the store
+    holds, so the per-id sums scale with the ids seen, not the vocabulary."""
+    tokens = torch.as_tensor(store.tokens.astype("int64")).reshape(-1)
+    ids = torch.unique(tokens)
+    lookup = torch.full((int(ids[-1]) + 1,), -1, dtype=torch.int64)
+    lookup[ids] = torch.arange(len(ids))
+    return lookup, len(ids)
+
+
 def _accumulate(
     store: ActivationStore,
     layers: Mapping[int, LayerSums],
     sites: Mapping[int, str],
     *,
     split: Split,
-    vocab: int,
+    lookup: Tensor,
+    n_ids: int,
+    blocks: int,
     batch_tokens: int,
 ) -> tuple[Tensor, Tensor]:
-    """The one streaming pass: feed every layer's sums; returns the train and test token counts per id."""
+    """One streaming pass feeding ``layers``' sums; returns the train and test token counts per block and
+    id [blocks, ids]."""
     with_loss = store.has_loss
-    train_count = torch.zeros(vocab, dtype=torch.int64)  # [vocab] tokens per id, shared by all layers
-    test_count = torch.zeros(vocab, dtype=torch.int64)
+    train_count = torch.zeros(blocks, n_ids, dtype=torch.int64)  # shared by all layers
+    test_count = torch.zeros(blocks, n_ids, dtype=torch.int64)
     for batch in store.iter_batches(list(sites.values()), batch_tokens=batch_tokens, drop_last_position=True):
+        k = block_of(store, blocks, int(batch.context[0]))  # a batch never spans two shards
         train = split.mask(batch.context, batch.position)
-        train_count += torch.bincount(batch.token[train], minlength=vocab)
-        test_count += torch.bincount(batch.token[~train], minlength=vocab)
+        token = lookup[batch.token]
+        train_count[k] += torch.bincount(token[train], minlength=n_ids)
+        test_count[k] += torch.bincount(token[~train], minlength=n_ids)
         loss = batch.loss if with_loss else None
         if with_loss and loss is None:
             raise StoreError(f"Store {store.root} says it holds per-token loss but a shard has none.")
         for layer, acc in layers.items():
-            acc.update(batch.acts[sites[layer]], batch.token, loss, train)
+            acc.update(batch.acts[sites[layer]], token, loss, train, k)
     return train_count, test_count
 
 
-def _scores(
-    layers: Mapping[int, LayerSums], names: Sequence[str], train_count: Tensor, test_count: Tensor
-) -> tuple[dict[str, list[float]], list[float], list[float], int]:
-    """(R² per predictor and layer, FVU and mean L0 per layer, test tokens whose id is unseen in train)."""
-    r2: dict[str, list[float]] = {p: [] for p in names}
-    fvu: list[float] = []
-    l0: list[float] = []
+@dataclass
+class _LayerScores:
+    """One layer's numbers, kept once its sums are freed."""
+
+    r2: dict[str, float]
+    fvu: float
+    l0: float
+    unseen: int
+    constant_inputs: list[str]
+    replicates: dict[str, list[float]]
+
+
+def _score(acc: LayerSums, names: Sequence[str], train_count: Tensor, test_count: Tensor) -> _LayerScores:
+    """R² per predictor, FVU and mean L0 on the test tokens, the test tokens whose id is unseen in train,
+    and the jackknife replicates (none with fewer than 3 blocks)."""
+    r2: dict[str, float] = {}
     unseen = 0
-    for acc in layers.values():
-        for name in names:
-            if name == "token_identity":
-                value, unseen = acc.token_identity_r2(train_count, test_count)
-            else:
-                value = acc.regression_r2(name)
-            r2[name].append(value)
-        f, mean_l0 = acc.quality()
-        fvu.append(f)
-        l0.append(mean_l0)
-    return r2, fvu, l0, unseen
+    for name in names:
+        if name == "token_identity":
+            r2[name], unseen = acc.token_identity_r2(train_count, test_count)
+        else:
+            r2[name] = acc.regression_r2(name)
+    fvu, mean_l0 = acc.quality()
+    reps = layer_replicates(acc, names, train_count, test_count)
+    return _LayerScores(r2, fvu, mean_l0, unseen, list(acc.constant_inputs), reps)
 
 
 def _notes(
-    layers: Mapping[int, LayerSums], split: Split, with_loss: bool, unseen: int, n_test: int
+    scores: Mapping[int, _LayerScores],
+    split: Split,
+    with_loss: bool,
+    unseen: int,
+    n_test: int,
+    intervals: tuple[int, int, int],
 ) -> list[str]:
-    """The result's notes: the split and ridge used, the token baseline's unseen ids, degenerate inputs."""
+    """The result's notes: the split and ridge used, the token baseline's unseen ids, the intervals'
+    blocks (``intervals``: blocks asked for, blocks used (0: no intervals), store shards), degenerate
+    inputs."""
     notes = [
         "Target: the squared error norm ‖x − Sae(x)‖² per token; every R² is on the test split "
         f"(seed {split.seed}, train fraction {split.fraction}) and every regression has an intercept "
@@ -170,8 +222,25 @@ def _notes(
     ]
     if not with_loss:
         notes.append("model_loss skipped: the store holds no per-token loss (harvest with with_loss=True).")
+    asked, blocks, shards = intervals
+    if blocks:
+        notes.append(
+            f"Intervals: 95% delete-one-block jackknife over {blocks} blocks of whole shards ({shards} "
+            "shards of contexts); each replicate refits every regression and the per-token-id means without "
+            "the block and scores the test tokens outside it."
+        )
+    elif asked >= 3:
+        notes.append(
+            f"No intervals: the store has {shards} shard(s) and a jackknife block is whole shards; at least "
+            "3 are needed (harvest with smaller shard_contexts)."
+        )
+    elif asked >= 3:
+        notes.append(
+            "No intervals: leaving one block of shards out leaves too few tokens for a refit; harvest more "
+            "contexts."
+        )
     for name in REGRESSIONS:
-        flat = [layer for layer, acc in layers.items() if name in acc.constant_inputs]
+        flat = [layer for layer, sc in scores.items() if name in sc.constant_inputs]
         if flat:
             notes.append(
                 f"{name} is constant on the train tokens at layer(s) {flat} (as for a TopK SAE's L0): the "
@@ -187,27 +256,52 @@ def layer_baselines(
     split: Split,
     batch_tokens: int = 4096,
     site_template: str = RESID_SITE,
+    interval_blocks: int = 8,
+    pass_bytes: int = PASS_BYTES,
 ) -> LayerBaselinesResult:
     """R² on test tokens of predicting each layer's ‖x − Sae(x)‖² from the five baselines (module doc).
 
     ``saes`` maps a layer to its SAE; each reads ``site_template`` of its layer and runs on its own device.
-    One streaming pass over the store serves all layers. Bad input: a layer the store lacks is a
-    StoreError, an SAE of the wrong width a ShapeError, a constant target a DataError naming the layer.
+    ``interval_blocks``: keep every sum in that many blocks of whole shards (at most one per shard) for
+    delete-one-block jackknife intervals; with fewer than 3 there are none. ``pass_bytes``: budget for the
+    per-block sums of one pass; layers beyond it are processed in further passes over the store (each
+    layer's SAE runs once whatever the grouping, and the numbers do not depend on it). Bad input: a layer
+    the store lacks is a StoreError, an SAE of the wrong width a ShapeError, a constant target a DataError
+    naming the layer.
     """
     sites = _check_inputs(store, saes, site_template)
     store.require_complete()
     with_loss = store.has_loss
-    vocab = max(int(store.identity["model"].get("vocab_size") or 0), int(store.tokens.max()) + 1)
-    layers = {
-        layer: LayerSums(layer, site, saes[layer], store.d[site], vocab, with_loss)
-        for layer, site in sites.items()
-    }
-    train_count, test_count = _accumulate(
-        store, layers, sites, split=split, vocab=vocab, batch_tokens=batch_tokens
-    )
+    lookup, n_ids = _id_index(store)
+    blocks = n_blocks(store, interval_blocks)
     names = [p for p in PREDICTORS if with_loss or p != "model_loss"]
-    r2, fvu, l0, unseen = _scores(layers, names, train_count, test_count)
-    n_train, n_test = int(train_count.sum()), int(test_count.sum())
+    widths = {layer: store.d[site] for layer, site in sites.items()}
+    groups = layer_groups(widths, n_ids, blocks, with_loss, pass_bytes)
+    scores: dict[int, _LayerScores] = {}
+    counts = torch.zeros(2, dtype=torch.int64)
+    for group in groups:
+        layers = {
+            layer: LayerSums(layer, sites[layer], saes[layer], widths[layer], n_ids, with_loss, blocks)
+            for layer in group
+        }
+        train_count, test_count = _accumulate(
+            store,
+            layers,
+            {layer: sites[layer] for layer in group},
+            split=split,
+            lookup=lookup,
+            n_ids=n_ids,
+            blocks=blocks,
+            batch_tokens=batch_tokens,
+        )
+        for layer, acc in layers.items():
+            scores[layer] = _score(acc, names, train_count, test_count)
+        counts = torch.stack([train_count.sum(), test_count.sum()])
+        del layers  # free this group's per-block sums before the next pass
+    n_train, n_test = int(counts[0]), int(counts[1])
+    ordered = [scores[layer] for layer in sites]
+    r2 = {name: [sc.r2[name] for sc in ordered] for name in names}
+    intervals = per_layer_intervals(r2, [sc.replicates for sc in ordered])
     config = {
         "layers": list(sites),
         "sites": list(sites.values()),
@@ -216,7 +310,16 @@ def layer_baselines(
         "drop_last_position": True,
         "store": store_summary(store),
         "saes": {str(layer): _sae_identity(saes[layer]) for layer in sites},
+        "interval_blocks": interval_blocks,
     }
+    used = blocks if intervals else 0
+    blocks_note = (interval_blocks, used, store.n_shards)
+    notes = _notes(scores, split, with_loss, ordered[-1].unseen, n_test, blocks_note)
+    if len(groups) > 1:
+        notes.append(
+            f"The layers were read in {len(groups)} passes over the store (groups {groups}) to bound the "
+            "memory of the per-block sums; the numbers do not depend on the grouping."
+        )
     return LayerBaselinesResult(
         config_hash=config_hash(config),
         seed=split.seed,
@@ -224,11 +327,13 @@ def layer_baselines(
         layers=list(sites),
         sites=list(sites.values()),
         r2=r2,
-        fvu=fvu,
-        l0=l0,
+        fvu=[sc.fvu for sc in ordered],
+        l0=[sc.l0 for sc in ordered],
         n_train_tokens=n_train,
         n_test_tokens=n_test,
-        notes=_notes(layers, split, with_loss, unseen, n_test),
+        interval_blocks=used,
+        intervals=intervals,
+        notes=notes,
     )
 
 
@@ -330,6 +435,26 @@ def _load_or_train(
     return saes, reused
 
 
+def _earlier_shard_contexts(root: Path, identity: dict[str, Any]) -> int | None:
+    """The shard size of a store already at ``root`` whose identity is ``identity`` but for its shard size
+    (e.g. harvested before the layer store's shards were made small for the intervals), else None.
+
+    The store identity includes the shard size, so a store of another shard size is never resumed with
+    this one's layout; reusing it with its own keeps its (identical) activations instead of refusing it."""
+    path = root / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        theirs = json.loads(path.read_text()).get("identity")
+    except (OSError, ValueError, AttributeError):
+        return None  # create_or_resume reports a damaged store
+    if not isinstance(theirs, dict) or "shard_contexts" not in theirs:
+        return None
+    if identity_hash({**theirs, "shard_contexts": identity["shard_contexts"]}) != identity_hash(identity):
+        return None  # another configuration: create_or_resume refuses it
+    return int(theirs["shard_contexts"])
+
+
 def run(
     lm: LoadedLM,
     text_cfg: TextConfig,
@@ -344,15 +469,18 @@ def run(
     split: Split,
     batch_tokens: int = 4096,
     device: str = "cpu",
+    interval_blocks: int = 8,
     log: Log | None = None,
     progress: Callable[[str], Progress | None] | None = None,
 ) -> LayerBaselinesResult:
     """Harvest resid_post of ``layers`` (with loss) into ``out_dir/store_layers``, train one SAE per layer
     (or reuse ``out_dir/saes_layers/<L>/``), and compute `layer_baselines`; the caller writes the result.
 
-    ``harvest_cfg`` supplies dtype, batch size, shard size and ``with_loss`` (without it the model-loss
-    baseline is left out and the forward stops after the last layer asked for); its sites are overridden.
-    Resumable: the harvest resumes its shards, the trainer its checkpoint, saved SAEs are reused.
+    ``harvest_cfg`` supplies dtype, batch size, the largest shard size and ``with_loss`` (without it the
+    model-loss baseline is left out and the forward stops after the last layer asked for); its sites are
+    overridden, and its shard size lowered so that the store has at least ``interval_blocks`` shards (see
+    `layer_shard_contexts`). Resumable: the harvest resumes its shards, the trainer its checkpoint, saved
+    SAEs are reused; a store harvested earlier with another shard size is reused with its own (never mixed).
     """
     layers = sorted(_check_layers(layers))  # the store identity lists sites in this order
     log = log or (lambda _msg: None)
@@ -361,6 +489,16 @@ def run(
     sites = [RESID_SITE.format(layer=layer) for layer in layers]
     hcfg = (harvest_cfg or HarvestConfig()).model_copy(update={"sites": sites})
     contexts = make_contexts(text_cfg, lm.tokenizer, lm.bos_token_id)
+    n_contexts = int(contexts.tokens.shape[0])
+    shard = layer_shard_contexts(hcfg.shard_contexts, n_contexts, interval_blocks)
+    hcfg = hcfg.model_copy(update={"shard_contexts": shard})
+    earlier = _earlier_shard_contexts(out / STORE_DIR, store_identity(lm, text_cfg, hcfg, contexts))
+    if earlier is not None and earlier != shard:
+        log(
+            f"layer_baselines: {out / STORE_DIR} was harvested with {earlier} contexts per shard; reusing it "
+            f"as it is (delete it for {shard} per shard)"
+        )
+        hcfg = hcfg.model_copy(update={"shard_contexts": earlier})
     bars = progress or (lambda _name: None)
     store = harvest(lm, contexts, text_cfg, hcfg, str(out / STORE_DIR), progress=bars("layer sweep: harvest"))
     log(f"layer_baselines: store {store.root} ({store.n_contexts} contexts x {store.ctx_len} tokens)")
@@ -376,7 +514,9 @@ def run(
         store, layers, out / SAE_DIR, settings, train, split, log, bars("layer sweep: train SAEs")
     )
     saes = {layer: sae.to(device) for layer, sae in saes.items()}
-    result = layer_baselines(store, saes, split=split, batch_tokens=batch_tokens)
+    result = layer_baselines(
+        store, saes, split=split, batch_tokens=batch_tokens, interval_blocks=interval_blocks
+    )
     config = {
         **result.config,
         "text": text_cfg.model_dump(),

@@ -1,8 +1,13 @@
-"""The sums behind one layer's baselines of `layer_baselines`, gathered in its single streaming pass.
+"""The sums behind one layer's baselines of `layer_baselines`, gathered in one streaming pass.
 
 Per layer: train and test `Moments` of the squared error norm y = ‖x − Sae(x)‖² against each regression
-input, and per-token-id sums of y over the vocabulary for the held-out token-identity baseline. Every R², FVU
-and L0 of the layer is computed exactly from them; memory is O(d² + vocab), independent of the token count.
+input, and per-token-id sums of y (over the token ids the store holds) for the held-out token-identity
+baseline. Every R², FVU and L0 of the layer is computed exactly from them; memory is O(d² + ids), independent
+of the token count.
+
+For the jackknife intervals every sum is kept per block of whole shards (``blocks``): the totals are the
+blocks merged (with one block, that block itself), and a replicate leaves one block out of both the fit's
+train sums and the scored test sums, so every fit is refitted without it. Memory is ``blocks`` times larger.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from darkmatter.errors import DataError
+from darkmatter.experiments.decomposition.accumulators import merged
 from darkmatter.sae import SAE
 from darkmatter.stats import CONSTANT_TARGET_TOL, Moments, RidgeFit, evaluate, fit_ridge
 
@@ -20,19 +26,42 @@ REGRESSIONS = ("activations", "l0", "activation_norm", "model_loss")
 """The baselines that are linear regressions with bias on one input (token_identity is not)."""
 
 
-class LayerSums:
-    """One layer's sums: train/test moments per regression and per-token-id sums of y (token baseline)."""
+def sum_blocks(t: Tensor, without: int | None = None) -> Tensor:
+    """``t [blocks, ...]`` summed over its blocks (or every block but ``without``): exact, no subtraction."""
+    if without is None:
+        return t.sum(0)
+    keep = [k for k in range(t.shape[0]) if k != without]
+    return t[keep].sum(0)
 
-    def __init__(self, layer: int, site: str, sae: SAE, d: int, vocab: int, with_loss: bool) -> None:
+
+def layer_bytes(d: int, n_ids: int, blocks: int, with_loss: bool) -> int:
+    """Bytes a `LayerSums` holds: float64 train and test moments (the d x (d+1) Gram of the activations
+    regression dominates) and three per-id sums, each per block."""
+    scalars = 3 if with_loss else 2
+    moments = 2 * ((d + 1) * (d + 3) + scalars * 8)
+    return 8 * blocks * (moments + 3 * n_ids)
+
+
+class LayerSums:
+    """One layer's sums: train/test moments per regression and per-token-id sums of y (token baseline),
+    each per block of whole shards (``blocks``: one for no intervals)."""
+
+    def __init__(
+        self, layer: int, site: str, sae: SAE, d: int, n_ids: int, with_loss: bool, blocks: int = 1
+    ) -> None:
         self.layer, self.site, self.sae = layer, site, sae
         self.device = sae.device
+        self.blocks = blocks
         names = [n for n in REGRESSIONS if with_loss or n != "model_loss"]
+        width = {n: d if n == "activations" else 1 for n in names}
         self.moments = {
-            part: {n: Moments(d if n == "activations" else 1, {"y": 1}) for n in names}
+            part: {n: [Moments(width[n], {"y": 1}) for _ in range(blocks)] for n in names}
             for part in ("train", "test")
         }
         self.ref: Tensor | None = None  # shift for the per-token sums of y (first chunk's mean)
-        zeros = lambda: torch.zeros(vocab, dtype=F64, device=self.device)  # noqa: E731
+        zeros = lambda: torch.zeros(blocks, n_ids, dtype=F64, device=self.device)  # noqa: E731
+        # [blocks, ids]: per block, Σ(y − ref) over the id's train tokens, and Σ(y − ref), Σ(y − ref)² over
+        # its test tokens
         self.train_sum, self.test_sum, self.test_sumsq = zeros(), zeros(), zeros()
         self.constant_inputs: list[str] = []  # scalar predictors constant on the train tokens
 
@@ -40,8 +69,9 @@ class LayerSums:
         return f"layer {self.layer} ({self.site}), {what}"
 
     @torch.no_grad()
-    def update(self, x: Tensor, token: Tensor, loss: Tensor | None, train: Tensor) -> None:
-        """x [n, d] float32, token [n] int64, loss [n] or None, train [n] bool (all on CPU)."""
+    def update(self, x: Tensor, token: Tensor, loss: Tensor | None, train: Tensor, block: int = 0) -> None:
+        """x [n, d] float32, token [n] int64 (the id's index in the per-id sums), loss [n] or None,
+        train [n] bool (all on CPU), all from ``block``."""
         x = x.to(self.device)
         x_hat, codes = self.sae.reconstruct(x.to(self.sae.dtype))
         y = (x - x_hat.to(x.dtype)).double().pow(2).sum(1)  # [n] squared error norm
@@ -65,30 +95,36 @@ class LayerSums:
             if idx.numel() == 0:
                 continue
             y_s = y.index_select(0, idx)
-            for name, m in self.moments[part].items():
+            for name, per_block in self.moments[part].items():
                 try:
-                    m.update(inputs[name].index_select(0, idx), {"y": y_s})
+                    per_block[block].update(inputs[name].index_select(0, idx), {"y": y_s})
                 except DataError as exc:
                     raise DataError(f"{self.where(name)}: {exc}") from exc
             tok, ys_s = token.index_select(0, idx), ys.index_select(0, idx)
             if part == "train":
-                self.train_sum.index_add_(0, tok, ys_s)
+                self.train_sum[block].index_add_(0, tok, ys_s)
             else:
-                self.test_sum.index_add_(0, tok, ys_s)
-                self.test_sumsq.index_add_(0, tok, ys_s * ys_s)
+                self.test_sum[block].index_add_(0, tok, ys_s)
+                self.test_sumsq[block].index_add_(0, tok, ys_s * ys_s)
 
-    def regression_r2(self, name: str) -> float:
-        """Fit y ~ [input, 1] on train moments and score it exactly on test moments."""
-        train, test = self.moments["train"][name], self.moments["test"][name]
+    def total(self, part: str, name: str, without: int | None = None) -> Moments:
+        """The ``part`` moments of regression ``name`` over every block (or every block but ``without``)."""
+        return merged(self.moments[part][name], without)
+
+    def regression_r2(self, name: str, without: int | None = None) -> float:
+        """Fit y ~ [input, 1] on train moments and score it exactly on test moments; ``without``: leave
+        that block out of both (a jackknife replicate)."""
+        train, test = self.total("train", name, without), self.total("test", name, without)
         try:
             if train.n == 0:
                 raise DataError("no train tokens")
-            fit = self._constant_input_fit(name, train) or fit_ridge(train, "y", bias=True)
+            fit = self._constant_input_fit(name, train, record=without is None)
+            fit = fit or fit_ridge(train, "y", bias=True)
             return evaluate(fit, test, "y").r2
         except DataError as exc:
             raise DataError(f"{self.where(f'predictor {name!r} of the squared error norm')}: {exc}") from exc
 
-    def _constant_input_fit(self, name: str, train: Moments) -> RidgeFit | None:
+    def _constant_input_fit(self, name: str, train: Moments, *, record: bool = True) -> RidgeFit | None:
         """A scalar input constant on the train tokens (a TopK SAE's L0) carries no information beyond the
         intercept: the regression's limit is the train mean of y. Return that fit (None otherwise)."""
         if train.d_x != 1:
@@ -96,7 +132,8 @@ class LayerSums:
         spread = float(train.centred_gram()[0, 0])
         if spread > CONSTANT_TARGET_TOL * float(train.gram()[0, 0]):
             return None
-        self.constant_inputs.append(name)
+        if record:
+            self.constant_inputs.append(name)
         zero = torch.zeros(1, 1, dtype=F64, device=train.mean_x().device)
         return RidgeFit(
             weights=zero,
@@ -107,23 +144,30 @@ class LayerSums:
             n_train=train.n,
         )
 
-    def token_identity_r2(self, train_count: Tensor, test_count: Tensor) -> tuple[float, int]:
+    def token_identity_r2(
+        self, train_count: Tensor, test_count: Tensor, without: int | None = None
+    ) -> tuple[float, int]:
         """(Held-out R² of the per-token-id train mean, test tokens whose id never occurs in train).
 
         Per id: Σ_test (y − m)² = S2 − 2·m·S1 + n·m², with S1, S2 the test sums of y and y² (shifted by
         `ref` against cancellation) and m the id's train mean (the global train mean for unseen ids).
+        ``train_count``, ``test_count`` [blocks, ids]: tokens per block and id. ``without``: leave that
+        block out of the means and of the scored tokens (a jackknife replicate; its ids may become unseen).
         """
-        tr_n, te_n = train_count.to(self.device, F64), test_count.to(self.device, F64)
+        tr_n = sum_blocks(train_count, without).to(self.device, F64)
+        te_n = sum_blocks(test_count, without).to(self.device, F64)
+        train_sum = sum_blocks(self.train_sum, without)
+        test_sum, test_sumsq = sum_blocks(self.test_sum, without), sum_blocks(self.test_sumsq, without)
         n_train, n_test = float(tr_n.sum()), float(te_n.sum())
         if n_train == 0 or n_test < 2:
             raise DataError(
                 f"{self.where('token_identity')}: {int(n_train)} train and {int(n_test)} test tokens; "
                 "need at least 1 and 2"
             )
-        global_mean = self.train_sum.sum() / n_train
-        mean = torch.where(tr_n > 0, self.train_sum / tr_n.clamp_min(1), global_mean)
-        ss_res = float((self.test_sumsq - 2 * mean * self.test_sum + te_n * mean * mean).sum().clamp_min(0))
-        s1, s2 = self.test_sum.sum(), self.test_sumsq.sum()
+        global_mean = train_sum.sum() / n_train
+        mean = torch.where(tr_n > 0, train_sum / tr_n.clamp_min(1), global_mean)
+        ss_res = float((test_sumsq - 2 * mean * test_sum + te_n * mean * mean).sum().clamp_min(0))
+        s1, s2 = test_sum.sum(), test_sumsq.sum()
         ss_tot = float((s2 - s1 * s1 / n_test).clamp_min(0))
         assert self.ref is not None
         raw_sq = float(s2 + 2 * self.ref * s1 + n_test * self.ref * self.ref)
@@ -137,7 +181,7 @@ class LayerSums:
 
     def quality(self) -> tuple[float, float]:
         """(FVU, mean L0) of the SAE on the test tokens, from the test moments."""
-        acts = self.moments["test"]["activations"]
+        acts = self.total("test", "activations")
         try:
             var = acts.total_variance_x()
             if not var > 0:
@@ -145,4 +189,4 @@ class LayerSums:
             fvu = float(acts.mean_target("y")[0]) * acts.n / var
         except DataError as exc:
             raise DataError(f"{self.where('FVU')}: {exc}") from exc
-        return fvu, float(self.moments["test"]["l0"].mean_x()[0])
+        return fvu, float(self.total("test", "l0").mean_x()[0])

@@ -16,7 +16,7 @@ class LayerSweepStep(Step[LayerBaselinesResult]):
     name = "layer_sweep"
     title = "error-norm baselines across layers (Figs 3, 13)"
     result_type = LayerBaselinesResult
-    version = 2
+    version = 3
 
     def enabled(self, cfg: StudyConfig) -> bool:
         return cfg.layer_sweep.enabled
@@ -29,6 +29,7 @@ class LayerSweepStep(Step[LayerBaselinesResult]):
             "layer_sweep": cfg.section("layer_sweep"),
             "split_seed": cfg.split_seed,
             "train_fraction": cfg.train_fraction,
+            "interval_blocks": cfg.engine.interval_blocks,
         }
 
     def run(self, ctx: StudyContext) -> LayerBaselinesResult:
@@ -46,6 +47,8 @@ class LayerSweepStep(Step[LayerBaselinesResult]):
             # the sweep runs every layer anyway: its store always records the per-token loss (Fig 13)
             harvest_cfg=cfg.harvest.model_copy(update={"sites": [], "with_loss": True}),
             split=ctx.split,
+            # jackknife blocks of whole shards, as the engine's; the layer store's shards shrink to match
+            interval_blocks=cfg.engine.interval_blocks,
             log=ctx.log,
             progress=ctx.progress,
         )
