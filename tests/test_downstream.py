@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ from darkmatter.experiments.downstream import (
     replay_prefix,
 )
 from darkmatter.lm.hooks import capture, run, splice
+from darkmatter.report.intervention_sections import downstream_section
 from darkmatter.sae.model import SAE, SAEConfig
 from darkmatter.stats.jackknife import jackknife_interval
 
@@ -273,7 +275,7 @@ def test_component_shares_planted() -> None:
     assert out["fvu_sae"] == pytest.approx(25 * n / var_x, rel=1e-5)
 
 
-def test_both_batches_limits_the_check(model) -> None:
+def test_both_batches_limits_the_check(model, tmp_path: Path) -> None:
     sae = topk_sae()
     res = downstream_ce(
         model,
@@ -288,6 +290,11 @@ def test_both_batches_limits_the_check(model) -> None:
     assert r.both_scored_tokens == 2 * (24 - START - 1) < res.scored_tokens
     assert res.forward_passes == 3 + 3 * 4 + 1
     assert r.both_mean_ce_diff < 1e-4
+    # a check on fewer tokens is not reported beside CEs over all of them
+    assert "sae+both" not in r.ce and "sae+both" not in r.kl
+    assert {"clean", "sae", "sae+linear", "sae+nonlinear", "zero"} <= set(r.ce)
+    html = downstream_section(res, {}, tmp_path)  # the report says where the check ran
+    assert f"on {r.both_scored_tokens:,} of the {res.scored_tokens:,} scored tokens" in html
 
 
 def test_bad_inputs(model) -> None:

@@ -115,8 +115,11 @@ class DownstreamSAE(BaseModel):
 
     site: str = Field(description="Hook site the SAE reads and the splice replaces.")
     d_sae: int = Field(description="Latents of the SAE.")
-    ce: dict[str, float] = Field(description="Mean next-token CE (nats) per setting, 'clean' included.")
-    kl: dict[str, float] = Field(description="Mean KL(clean ‖ setting) (nats) per spliced setting.")
+    ce: dict[str, float] = Field(
+        description="Mean next-token CE (nats) per setting, 'clean' included, all over the same scored "
+        "tokens ('sae+both' only when its check ran on every batch)."
+    )
+    kl: dict[str, float] = Field(description="Mean KL(clean ‖ setting) (nats) per spliced setting (as ce).")
     ce_recovered_linear: float | None = Field(
         description="(L_sae − L_sae+linear) / (L_sae − L_clean), the paper's CE recovered (a fraction)."
     )
@@ -355,9 +358,14 @@ def _sae_numbers(
     clean_per_context: list[float],
 ) -> DownstreamSAE:
     """One SAE's result from its tally: CE and KL per setting, scores, the exactness check, shares."""
-    ce = {"clean": clean} | {k: t.mean("ce", k) for t in (tally, ablation) for k in t.ce}
-    kl = {k: t.mean("kl", k) for t in (tally, ablation) for k in t.kl}
-    both_mean = check_both(unit.name, ce["sae+both"], tally.mean("clean", "sae+both"), both_tolerance)
+    both_mean = check_both(
+        unit.name, tally.mean("ce", "sae+both"), tally.mean("clean", "sae+both"), both_tolerance
+    )
+    # every CE and KL reported is over the same scored tokens: a check limited to the first batches is
+    # reported by its own fields (both_*), not beside settings that ran on every context
+    full = tally.n["sae"]
+    ce = {"clean": clean} | {k: t.mean("ce", k) for t in (tally, ablation) for k in t.ce if t.n[k] == full}
+    kl = {k: t.mean("kl", k) for t in (tally, ablation) for k in t.kl if t.n[k] == full}
     return DownstreamSAE(
         site=unit.site.name,
         d_sae=d_sae,

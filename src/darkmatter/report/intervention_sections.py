@@ -47,6 +47,15 @@ def pursuit_section(res: PursuitResult, figs: Figures, run_dir: Path) -> str:
     return "<h2>Gradient pursuit (Figs 1, 10a)</h2>" + p(text) + grid(header, rows) + images(run_dir, figs)
 
 
+def _both_checked(res: DownstreamResult) -> str:
+    """Where the sae+both check ran, when not on every scored token."""
+    checked = {r.both_scored_tokens for r in res.saes.values()}
+    if not checked or checked == {res.scored_tokens}:
+        return ""
+    worst = max(r.both_mean_ce_diff for r in res.saes.values())
+    return f", on {min(checked):,} of the {res.scored_tokens:,} scored tokens: mean |ΔCE| ≤ {worst:.1e} nats"
+
+
 def downstream_section(res: DownstreamResult, figs: Figures, run_dir: Path) -> str:
     header = [
         "SAE",
@@ -72,8 +81,8 @@ def downstream_section(res: DownstreamResult, figs: Figures, run_dir: Path) -> s
         f"Splicing Sae(x) plus one error component at positions ≥ {res.start} of {res.n_contexts} held-out "
         "contexts (never harvested). CE recovered = (L_sae − L_component)/(L_sae − L_clean). Paper (Gemma 2 "
         "9B): both components recover CE roughly in proportion to their size, linear slightly more, summing "
-        "past 100%. Splicing Sae(x) + both components reproduces the clean CE (checked on every run). "
-        "Brackets: 95% delete-one-context jackknife."
+        "past 100%. Splicing Sae(x) + both components reproduces the clean CE (checked on every run"
+        f"{_both_checked(res)}). Brackets: 95% delete-one-context jackknife."
     )
     return (
         "<h2>Downstream cross-entropy (Figs 8, 9)</h2>" + p(text) + grid(header, rows) + images(run_dir, figs)
