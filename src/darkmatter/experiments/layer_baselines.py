@@ -24,7 +24,6 @@ SAE running once; with one block (no intervals) and small d that is a single pas
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,13 +41,22 @@ from darkmatter.experiments.layer_intervals import (
     layer_shard_contexts,
     per_layer_intervals,
 )
+from darkmatter.experiments.layer_saes import (
+    RESID_SITE,
+    SAE_KEY,
+    Log,
+    check_layers,
+    layer_site,
+    load_or_train,
+    train_layer_saes,
+)
 from darkmatter.experiments.layer_sums import REGRESSIONS, LayerSums
 from darkmatter.harvest import HarvestConfig, harvest, store_identity
 from darkmatter.lm.loading import LoadedLM
 from darkmatter.progress import Progress
 from darkmatter.results import Result, config_hash, sae_identity, store_summary
-from darkmatter.sae import SAE, load_sae, save_sae
-from darkmatter.sae.train import FamilyTrainer, SAESpec, TrainConfig
+from darkmatter.sae import SAE
+from darkmatter.sae.train import TrainConfig
 from darkmatter.stats import DEFAULT_RELATIVE_RIDGE, Split
 from darkmatter.store import MANIFEST, ActivationStore, identity_hash
 from darkmatter.text import TextConfig, make_contexts
@@ -65,14 +73,11 @@ __all__ = [
 ]
 
 Tensor = torch.Tensor
-Log = Callable[[str], None]
 
 EXPERIMENT = "layer_baselines"
-RESID_SITE = "blocks.{layer}.hook_resid_post"
 PREDICTORS = ("activations", "token_identity", "l0", "activation_norm", "model_loss")
 STORE_DIR = "store_layers"
 SAE_DIR = "saes_layers"
-SAE_KEY = "layer_baselines_key"  # SAE metadata entry: hash of the settings a trained SAE came from
 
 
 class LayerBaselinesResult(Result):
@@ -105,17 +110,11 @@ def _sae_identity(sae: SAE) -> dict[str, Any]:
     return {**sae_identity(sae), "key": sae.cfg.metadata.get(SAE_KEY)}
 
 
-def _layer_site(site_template: str, layer: int) -> str:
-    if "{layer}" not in site_template:
-        raise ConfigError(f"site_template must contain '{{layer}}', found {site_template!r}.")
-    return site_template.format(layer=layer)
-
-
 def _check_inputs(store: ActivationStore, saes: Mapping[int, SAE], site_template: str) -> dict[int, str]:
     """Each layer's site, once every SAE is known to fit the store (layers ascending)."""
     if not saes:
         raise ConfigError("layer_baselines needs at least one SAE (a mapping layer -> SAE).")
-    sites = {int(layer): _layer_site(site_template, int(layer)) for layer in sorted(saes)}
+    sites = {int(layer): layer_site(site_template, int(layer)) for layer in sorted(saes)}
     missing = {layer: s for layer, s in sites.items() if s not in store.sites}
     if missing:
         raise StoreError(
@@ -249,6 +248,21 @@ def _notes(
     return notes
 
 
+def _config(
+    store: ActivationStore, saes: Mapping[int, SAE], sites: dict[int, str], split: Split, interval_blocks: int
+) -> dict[str, Any]:
+    return {
+        "layers": list(sites),
+        "sites": list(sites.values()),
+        "split_seed": split.seed,
+        "train_fraction": split.fraction,
+        "drop_last_position": True,
+        "store": store_summary(store),
+        "saes": {str(layer): _sae_identity(saes[layer]) for layer in sites},
+        "interval_blocks": interval_blocks,
+    }
+
+
 def layer_baselines(
     store: ActivationStore,
     saes: Mapping[int, SAE],
@@ -302,16 +316,7 @@ def layer_baselines(
     ordered = [scores[layer] for layer in sites]
     r2 = {name: [sc.r2[name] for sc in ordered] for name in names}
     intervals = per_layer_intervals(r2, [sc.replicates for sc in ordered])
-    config = {
-        "layers": list(sites),
-        "sites": list(sites.values()),
-        "split_seed": split.seed,
-        "train_fraction": split.fraction,
-        "drop_last_position": True,
-        "store": store_summary(store),
-        "saes": {str(layer): _sae_identity(saes[layer]) for layer in sites},
-        "interval_blocks": interval_blocks,
-    }
+    config = _config(store, saes, sites, split, interval_blocks)
     used = blocks if intervals else 0
     blocks_note = (interval_blocks, used, store.n_shards)
     notes = _notes(scores, split, with_loss, ordered[-1].unseen, n_test, blocks_note)
@@ -335,104 +340,6 @@ def layer_baselines(
         intervals=intervals,
         notes=notes,
     )
-
-
-def _check_layers(layers: Sequence[int]) -> list[int]:
-    out = [int(layer) for layer in layers]
-    if not out:
-        raise ConfigError("Give at least one layer.")
-    if len(set(out)) != len(out) or any(layer < 0 for layer in out):
-        raise ConfigError(f"Layers must be distinct non-negative integers, found {list(layers)}.")
-    return out
-
-
-def train_layer_saes(
-    store: ActivationStore,
-    layers: Sequence[int],
-    *,
-    d_sae: int,
-    k: int,
-    train: TrainConfig,
-    workdir: str | Path,
-    split: Split,
-    kind: Literal["topk", "batchtopk"] = "topk",
-    site_template: str = RESID_SITE,
-    progress: Progress | None = None,
-) -> dict[int, SAE]:
-    """One SAE per layer on ``site_template`` (resid_post), all trained together by one FamilyTrainer run
-    on the same batches of the train tokens of ``split``; the trainer checkpoints in ``workdir`` and resumes
-    from it."""
-    layers = _check_layers(layers)
-    sites = {layer: _layer_site(site_template, layer) for layer in layers}
-    missing = [layer for layer, s in sites.items() if s not in store.sites]
-    if missing:
-        raise StoreError(
-            f"Store {store.root} has no activations for layer(s) {missing}; it holds {store.sites}."
-        )
-    specs = [
-        SAESpec(name=f"layer{layer}", site=sites[layer], d_sae=d_sae, k=k, kind=kind) for layer in layers
-    ]
-    trainer = FamilyTrainer(store, specs, train, workdir, split=split)
-    return dict(zip(layers, trainer.train(progress=progress), strict=True))
-
-
-def _load_or_train(
-    store: ActivationStore,
-    layers: list[int],
-    root: Path,
-    settings: dict[str, Any],
-    train: TrainConfig,
-    split: Split,
-    log: Log,
-    progress: Progress | None = None,
-) -> tuple[dict[int, SAE], list[int]]:
-    """Reuse ``root/<L>/`` SAEs (checking they match the settings), train the rest together, save them."""
-    key = config_hash({**settings, "store": store.manifest["identity_hash"]})
-    saes: dict[int, SAE] = {}
-    todo: list[int] = []
-    reused: list[int] = []
-    for layer in layers:
-        folder = root / str(layer)
-        if not folder.exists():
-            todo.append(layer)
-            continue
-        sae = load_sae(folder)
-        site = RESID_SITE.format(layer=layer)
-        theirs = sae.cfg.metadata.get(SAE_KEY)
-        if sae.cfg.hook_site not in (None, site) or (theirs is not None and theirs != key):
-            raise ConfigError(
-                f"{folder} holds an SAE trained for {sae.cfg.hook_site!r} with other settings than requested "
-                f"(d_sae={settings['d_sae']}, k={settings['k']}, kind={settings['kind']}, training, split, "
-                "store). Delete the folder to retrain it, or use another output directory."
-            )
-        saes[layer] = sae
-        reused.append(layer)
-    if reused:
-        log(f"layer_baselines: reusing SAEs for layers {reused} from {root}")
-    if todo:
-        workdir = root / f".training-{config_hash({'key': key, 'layers': todo})}"
-        log(f"layer_baselines: training SAEs for layers {todo}")
-        trained = train_layer_saes(
-            store,
-            todo,
-            d_sae=settings["d_sae"],
-            k=settings["k"],
-            kind=settings["kind"],
-            train=train,
-            workdir=workdir,
-            split=split,
-            progress=progress,
-        )
-        for layer, sae in trained.items():
-            sae.cfg.metadata[SAE_KEY] = key
-            tmp = root / f".saving-{layer}"
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            save_sae(sae, tmp)
-            tmp.rename(root / str(layer))  # a folder appears complete or not at all
-            saes[layer] = sae
-        shutil.rmtree(workdir, ignore_errors=True)  # optimizer state; the saved SAEs are what we keep
-    return saes, reused
 
 
 def _earlier_shard_contexts(root: Path, identity: dict[str, Any]) -> int | None:
@@ -482,7 +389,7 @@ def run(
     `layer_shard_contexts`). Resumable: the harvest resumes its shards, the trainer its checkpoint, saved
     SAEs are reused; a store harvested earlier with another shard size is reused with its own (never mixed).
     """
-    layers = sorted(_check_layers(layers))  # the store identity lists sites in this order
+    layers = sorted(check_layers(layers))  # the store identity lists sites in this order
     log = log or (lambda _msg: None)
     out = Path(out_dir)
     train = train or TrainConfig()
@@ -510,7 +417,7 @@ def run(
         "split_seed": split.seed,
         "train_fraction": split.fraction,
     }
-    saes, reused = _load_or_train(
+    saes, reused = load_or_train(
         store, layers, out / SAE_DIR, settings, train, split, log, bars("layer sweep: train SAEs")
     )
     saes = {layer: sae.to(device) for layer, sae in saes.items()}
