@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import string
 from pathlib import Path
 from typing import Any
@@ -142,3 +143,35 @@ def tiny_study_overrides(model_dir: Path, corpus: Path) -> list[str]:
         "error_saes.interp.n_per_decile=1",
         "error_saes.interp.n_negatives=2",
     ]
+
+
+# -- comparing two runs' results ---------------------------------------------------------------------------
+IGNORED_RESULT_KEYS = ("second", "provenance", "time", "elapsed", "n_cached")  # timings, cache bookkeeping
+
+
+def strip_volatile(obj: Any) -> Any:
+    """A result JSON without the keys that differ between identical runs (timings, provenance)."""
+    if isinstance(obj, dict):
+        return {k: strip_volatile(v) for k, v in obj.items() if not any(t in k for t in IGNORED_RESULT_KEYS)}
+    if isinstance(obj, list):
+        return [strip_volatile(v) for v in obj]
+    return obj
+
+
+def json_diffs(a: Any, b: Any, where: str = "") -> list[str]:
+    """Where two JSON values differ: keys, lengths, floats beyond rel 1e-6 (NaN equals NaN), other values."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        if set(a) != set(b):
+            return [f"{where}: keys {sorted(set(a) ^ set(b))}"]
+        return [d for k in a for d in json_diffs(a[k], b[k], f"{where}.{k}")]
+    if isinstance(a, list) and isinstance(b, list):
+        if len(a) != len(b):
+            return [f"{where}: lengths {len(a)} vs {len(b)}"]
+        return [
+            d for i, (x, y) in enumerate(zip(a, b, strict=True)) for d in json_diffs(x, y, f"{where}[{i}]")
+        ]
+    if isinstance(a, float) and isinstance(b, float):
+        if math.isnan(a) and math.isnan(b):
+            return []
+        return [] if math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9) else [f"{where}: {a} vs {b}"]
+    return [] if a == b else [f"{where}: {a!r} vs {b!r}"]

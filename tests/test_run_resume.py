@@ -9,7 +9,6 @@ is completed and every result is compared with a clean run's.
 from __future__ import annotations
 
 import json
-import math
 import signal
 import subprocess
 import sys
@@ -18,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from conftest import tiny_study_overrides
+from conftest import json_diffs, strip_volatile, tiny_study_overrides
 
 CHILD = r"""
 import os, signal, sys
@@ -60,7 +59,6 @@ KILL_POINTS = [
     ("autointerp-linear.json", 1, "after"),  # error SAEs trained, auto-interp part-way
     ("report.html", 1, "before"),
 ]
-IGNORED_KEYS = ("second", "provenance", "time", "elapsed", "n_cached")  # timings and cache bookkeeping
 
 
 def _run(args: list[str], kill_at: str | None = None) -> int:
@@ -79,32 +77,10 @@ def _run(args: list[str], kill_at: str | None = None) -> int:
     return proc.returncode
 
 
-def _strip(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: _strip(v) for k, v in obj.items() if not any(t in k for t in IGNORED_KEYS)}
-    if isinstance(obj, list):
-        return [_strip(v) for v in obj]
-    return obj
-
-
-def _same(a: Any, b: Any, where: str = "") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        if set(a) != set(b):
-            return [f"{where}: keys {sorted(set(a) ^ set(b))}"]
-        return [d for k in a for d in _same(a[k], b[k], f"{where}.{k}")]
-    if isinstance(a, list) and isinstance(b, list):
-        if len(a) != len(b):
-            return [f"{where}: lengths {len(a)} vs {len(b)}"]
-        return [d for i, (x, y) in enumerate(zip(a, b, strict=True)) for d in _same(x, y, f"{where}[{i}]")]
-    if isinstance(a, float) and isinstance(b, float):
-        if math.isnan(a) and math.isnan(b):
-            return []
-        return [] if math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9) else [f"{where}: {a} vs {b}"]
-    return [] if a == b else [f"{where}: {a!r} vs {b!r}"]
-
-
 def _results(out: Path) -> dict[str, Any]:
-    return {p.stem: _strip(json.loads(p.read_text())) for p in sorted((out / "results").glob("*.json"))}
+    return {
+        p.stem: strip_volatile(json.loads(p.read_text())) for p in sorted((out / "results").glob("*.json"))
+    }
 
 
 @pytest.mark.slow
@@ -123,7 +99,7 @@ def test_killed_at_every_step_resumes_to_the_same_results(
     assert kills == len(KILL_POINTS)
     want, got = _results(clean), _results(killed)
     assert set(got) == set(want)
-    diffs = [d for name in want for d in _same(want[name], got[name], name)]
+    diffs = [d for name in want for d in json_diffs(want[name], got[name], name)]
     assert not diffs, diffs[:10]
     assert (killed / "report.html").is_file()
     leftovers = [p for p in killed.rglob("*.tmp")]

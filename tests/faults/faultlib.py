@@ -24,7 +24,6 @@ import errno
 import hashlib
 import importlib.util
 import json
-import math
 import os
 import re
 import select
@@ -45,7 +44,6 @@ TESTS = FAULTS.parent
 REPO = TESTS.parent
 STAGES = (*(step.name for step in STEPS), "report")
 """The study's steps in run order, then the report stage."""
-IGNORED_KEYS = ("second", "provenance", "time", "elapsed", "n_cached")  # as tests/test_run_resume.py
 LOCK = ".darkmatter.lock"
 WORDS = [  # the words of tests/conftest.py's corpus_file
     *("the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog"),
@@ -82,36 +80,12 @@ def study_args(out: Path, model_dir: Path, corpus: Path, *extra: str) -> list[st
 
 
 # -- comparing runs ---------------------------------------------------------------------------------------
-def _strip(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: _strip(v) for k, v in obj.items() if not any(t in k for t in IGNORED_KEYS)}
-    if isinstance(obj, list):
-        return [_strip(v) for v in obj]
-    return obj
-
-
-def _diff(a: Any, b: Any, where: str) -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        if set(a) != set(b):
-            return [f"{where}: keys {sorted(set(a) ^ set(b))}"]
-        return [d for k in a for d in _diff(a[k], b[k], f"{where}.{k}")]
-    if isinstance(a, list) and isinstance(b, list):
-        if len(a) != len(b):
-            return [f"{where}: lengths {len(a)} vs {len(b)}"]
-        return [d for i, (x, y) in enumerate(zip(a, b, strict=True)) for d in _diff(x, y, f"{where}[{i}]")]
-    if isinstance(a, float) and isinstance(b, float):
-        if math.isnan(a) and math.isnan(b):
-            return []
-        return [] if math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9) else [f"{where}: {a} vs {b}"]
-    return [] if a == b else [f"{where}: {a!r} vs {b!r}"]
-
-
 def results(out: Path) -> dict[str, Any]:
     """Every result JSON of a run folder, timings and provenance left out (an unreadable one as a string)."""
     found: dict[str, Any] = {}
     for p in sorted((out / "results").glob("*.json")):
         try:
-            found[p.stem] = _strip(json.loads(p.read_text()))
+            found[p.stem] = _tests_conftest().strip_volatile(json.loads(p.read_text()))
         except (ValueError, UnicodeDecodeError) as exc:
             found[p.stem] = f"unreadable: {exc}"
     return found
@@ -122,7 +96,7 @@ def result_diffs(want: dict[str, Any], out: Path) -> list[str]:
     got = results(out)
     if set(got) != set(want):
         return [f"result files differ: {sorted(set(got) ^ set(want))}"]
-    return [d for name in want for d in _diff(want[name], got[name], name)]
+    return [d for name in want for d in _tests_conftest().json_diffs(want[name], got[name], name)]
 
 
 def temporaries(out: Path) -> list[Path]:

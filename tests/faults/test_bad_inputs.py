@@ -19,6 +19,7 @@ from pathlib import Path
 
 import faultlib
 import pytest
+from fault_fixtures import suite_fixture, table_fixture  # noqa: F401  (the session fixtures)
 from faultlib import Collector, Suite
 
 from sae_helpers import write_saelens
@@ -278,16 +279,6 @@ def _damaged_store(i: Inputs) -> Path:
 def _foreign_store(i: Inputs) -> list[str]:
     faultlib.copy_run(i.suite.clean / "store", i.out / "store")
     return i.run("text.ctx_len=16")
-
-
-@pytest.fixture(scope="session")
-def suite(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Suite:
-    return faultlib.suite(tmp_path_factory, tiny_model_dir)
-
-
-@pytest.fixture(scope="session")
-def table(request: pytest.FixtureRequest) -> Collector:
-    return faultlib.collector(request)
 
 
 def _params(cases: list[Case]) -> list[object]:

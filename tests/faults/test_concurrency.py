@@ -6,25 +6,15 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import faultlib
 import pytest
+from fault_fixtures import suite_fixture, table_fixture  # noqa: F401  (the session fixtures)
 from faultlib import Collector, Suite
 
 pytestmark = pytest.mark.slow
 
 LIMIT_S = 10.0
-
-
-@pytest.fixture(scope="session")
-def suite(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Suite:
-    return faultlib.suite(tmp_path_factory, tiny_model_dir)
-
-
-@pytest.fixture(scope="session")
-def table(request: pytest.FixtureRequest) -> Collector:
-    return faultlib.collector(request)
 
 
 def test_a_second_run_on_a_busy_folder_is_refused_naming_the_first(suite: Suite, table: Collector) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import faultlib
 import pytest
+from fault_fixtures import suite_fixture, table_fixture  # noqa: F401  (the session fixtures)
 from faultlib import Collector, Suite
 
 pytestmark = pytest.mark.slow
@@ -98,16 +99,6 @@ CASES = [
     Case("corrupt figure stamps", "clean", "figures/.drawn.json", garbage, "redone"),
     Case("deleted figure", "clean", "figures/synthetic.png", delete, "redone"),
 ]
-
-
-@pytest.fixture(scope="session")
-def suite(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Suite:
-    return faultlib.suite(tmp_path_factory, tiny_model_dir)
-
-
-@pytest.fixture(scope="session")
-def table(request: pytest.FixtureRequest) -> Collector:
-    return faultlib.collector(request)
 
 
 def _store(out: Path) -> dict[str, str]:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import faultlib
 import pytest
+from fault_fixtures import suite_fixture, table_fixture  # noqa: F401  (the session fixtures)
 from faultlib import Collector, Suite, Zygote
 
 pytestmark = pytest.mark.slow
@@ -39,16 +40,6 @@ SITES = [
     ("report HTML over an old one", "clean", "report.html", 1, ()),
 ]
 MESSAGE = re.compile(r"^darkmatter: error: Disk full while writing (\S+)\. .*run the same command again")
-
-
-@pytest.fixture(scope="session")
-def suite(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Suite:
-    return faultlib.suite(tmp_path_factory, tiny_model_dir)
-
-
-@pytest.fixture(scope="session")
-def table(request: pytest.FixtureRequest) -> Collector:
-    return faultlib.collector(request)
 
 
 def _changed(before: dict[str, str], out: Path, rewritten: set[str]) -> list[str]:

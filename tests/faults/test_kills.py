@@ -11,26 +11,16 @@ clean run's, with no temporary file left.
 from __future__ import annotations
 
 import random
-from pathlib import Path
 
 import faultlib
 import pytest
+from fault_fixtures import suite_fixture, table_fixture  # noqa: F401  (the session fixtures)
 from faultlib import STAGES, Collector, Suite
 
 pytestmark = pytest.mark.slow
 
 N_KILLS = 20
 SEED = 20241017
-
-
-@pytest.fixture(scope="session")
-def suite(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Suite:
-    return faultlib.suite(tmp_path_factory, tiny_model_dir)
-
-
-@pytest.fixture(scope="session")
-def table(request: pytest.FixtureRequest) -> Collector:
-    return faultlib.collector(request)
 
 
 def kill_moments(events: dict[str, int], n: int = N_KILLS, seed: int = SEED) -> list[tuple[str, int]]:
