@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -139,44 +136,6 @@ def test_no_validation_when_switched_off(store, tmp_path: Path) -> None:
     assert trainer.validation is None
     assert all("val_fvu" not in h for h in trainer.members[0].history)
     assert convergence(trainer.members[0].history, tol=0.01, decay_fraction=0.2) is None
-
-
-RESUME = textwrap.dedent(
-    """
-    import os, signal, sys
-    sys.path.insert(0, {tests!r})
-    from darkmatter.store import ActivationStore
-    import darkmatter.sae.train as tr
-    from test_convergence import _cfg, SITE, SPLIT
-
-    original = tr.FamilyTrainer._train_step
-    def dying(self, batch):
-        if self.step == {kill_at}:
-            os.kill(os.getpid(), signal.SIGKILL)
-        original(self, batch)
-    tr.FamilyTrainer._train_step = dying
-    specs = [tr.SAESpec(name="a", site=SITE, d_sae=16, k=2)]
-    cfg = _cfg(eval_every=5, validation_tokens=300)
-    tr.FamilyTrainer(ActivationStore.open({store!r}), specs, cfg, {work!r}, split=SPLIT).train()
-    """
-)
-
-
-def test_validation_points_survive_a_resume(store, tmp_path: Path) -> None:
-    specs = [SAESpec(name="a", site=SITE, d_sae=16, k=2)]
-    cfg = _cfg(eval_every=5, validation_tokens=300)
-    ref = FamilyTrainer(store, specs, cfg, tmp_path / "ref", split=SPLIT)
-    ref.train()
-    work = tmp_path / "killed"
-    tests = str(Path(__file__).parent)
-    script = RESUME.format(tests=tests, kill_at=30, store=str(store.root), work=str(work))
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=300)
-    assert proc.returncode == -9, proc.stderr.decode()[-2000:]
-    saved = torch.load(work / "checkpoint.pt", weights_only=True)
-    assert saved["step"] == 28 and [h["step"] for h in saved["members"][0]["history"] if "val_fvu" in h]
-    resumed = FamilyTrainer(store, specs, cfg, work, split=SPLIT)
-    resumed.train()
-    assert resumed.members[0].history == ref.members[0].history
 
 
 # -- the family record and the report --------------------------------------------------------------------

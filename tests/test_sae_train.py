@@ -92,26 +92,33 @@ RESUME = textwrap.dedent(
         original(self, batch)
     tr.FamilyTrainer._train_step = dying
     specs = [SAESpec(name="a", site=SITE, d_sae=16, k=2), SAESpec(name="b", site=SITE, d_sae=8, k=1)]
-    FamilyTrainer(ActivationStore.open({store!r}), specs, _cfg(epochs=3), {work!r}, split=SPLIT).train()
+    cfg = _cfg(epochs=3, eval_every=5, validation_tokens=200)
+    FamilyTrainer(ActivationStore.open({store!r}), specs, cfg, {work!r}, split=SPLIT).train()
     """
 )
 
 
-def test_resume_after_sigkill_reaches_identical_weights(store, tmp_path: Path) -> None:
+def test_resume_after_sigkill_reaches_identical_weights_and_curves(store, tmp_path: Path) -> None:
+    """A killed run resumes to the same weights and the same training curves, validation FVU included."""
     specs = [SAESpec(name="a", site=SITE, d_sae=16, k=2), SAESpec(name="b", site=SITE, d_sae=8, k=1)]
-    ref = FamilyTrainer(store, specs, _cfg(epochs=3), tmp_path / "ref", split=SPLIT).train()
+    cfg = _cfg(epochs=3, eval_every=5, validation_tokens=200)
+    ref_trainer = FamilyTrainer(store, specs, cfg, tmp_path / "ref", split=SPLIT)
+    ref = ref_trainer.train()
     work = tmp_path / "killed"
     script = RESUME.format(
         tests=str(Path(__file__).parent), kill_at=17, store=str(store.root), work=str(work)
     )
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=300)
     assert proc.returncode == -9, proc.stderr.decode()[-2000:]
-    assert (work / "checkpoint.pt").is_file()
-    trainer = FamilyTrainer(store, specs, _cfg(epochs=3), work, split=SPLIT)
+    saved = torch.load(work / "checkpoint.pt", weights_only=True)
+    assert [h["step"] for h in saved["members"][0]["history"] if "val_fvu" in h]  # curves are checkpointed
+    trainer = FamilyTrainer(store, specs, cfg, work, split=SPLIT)
     resumed = trainer.train()
     for a, b in zip(ref, resumed, strict=True):
         for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
             torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=0, atol=0)
+    for m_ref, m_res in zip(ref_trainer.members, trainer.members, strict=True):
+        assert m_res.history == m_ref.history and any(h.get("val_fvu") for h in m_res.history)
 
 
 def test_bad_family_input(store, tmp_path: Path) -> None:
