@@ -17,22 +17,9 @@ from darkmatter.experiments.decomposition.accumulators import merged, replicates
 from darkmatter.experiments.joint_map import JOINT
 from darkmatter.stats import Moments, evaluate, fit_ridge_many, fvu_with_prediction
 from darkmatter.stats.jackknife import finite_interval
-from darkmatter.store import ActivationStore
 
 Table = dict[str, dict[str, float]]
 """regressor -> target -> number."""
-
-
-def n_blocks(store: ActivationStore, interval_blocks: int) -> int:
-    """Blocks the moments are kept in: ``interval_blocks``, at most one per shard, at least one."""
-    return max(1, min(interval_blocks, store.n_shards))
-
-
-def block_of(store: ActivationStore, blocks: int, context: int) -> int:
-    """The block of a context: whole shards, in order (a batch never spans two shards)."""
-    if blocks == 1:
-        return 0
-    return (context // store.shard_contexts) * blocks // store.n_shards
 
 
 def sub_moments(m: Moments, cols: slice) -> Moments:

@@ -33,13 +33,12 @@ import torch
 from pydantic import Field, PrivateAttr
 
 from darkmatter.errors import ConfigError, DataError
+from darkmatter.experiments.decomposition.accumulators import block_of, n_blocks
 from darkmatter.experiments.earlier_intervals import (
     BlockMoments,
-    block_of,
     fvu_intervals,
     gap_intervals,
     jackknife_replicates,
-    n_blocks,
     r2_intervals,
     sub_moments,
 )

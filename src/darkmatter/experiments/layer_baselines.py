@@ -33,7 +33,7 @@ import torch
 from pydantic import Field
 
 from darkmatter.errors import ConfigError, StoreError
-from darkmatter.experiments.earlier_intervals import block_of, n_blocks
+from darkmatter.experiments.decomposition.accumulators import block_of, n_blocks
 from darkmatter.experiments.layer_intervals import (
     PASS_BYTES,
     layer_groups,

@@ -7,6 +7,7 @@ import torch
 from darkmatter.errors import DataError
 from darkmatter.experiments.decomposition.outputs import ContextSums
 from darkmatter.stats import L0, Moments
+from darkmatter.store import ActivationStore
 
 Tensor = torch.Tensor
 
@@ -104,6 +105,18 @@ class HeldOut:
         self.ratio_sum += float((x_hat_norm.to(x_norm.device) / x_norm).sum())
         self.n += len(e2)
         self.l0.update_sparse(indices, values)
+
+
+def n_blocks(store: ActivationStore, interval_blocks: int) -> int:
+    """Blocks the moments are kept in: ``interval_blocks``, at most one per shard, at least one."""
+    return max(1, min(interval_blocks, store.n_shards))
+
+
+def block_of(store: ActivationStore, blocks: int, context: int) -> int:
+    """The block of a context: whole shards, in order (a batch never spans two shards)."""
+    if blocks == 1:
+        return 0
+    return (context // store.shard_contexts) * blocks // store.n_shards
 
 
 def merged(blocks: list[Moments], without: int | None = None) -> Moments:

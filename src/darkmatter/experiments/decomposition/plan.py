@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from darkmatter.errors import DataError, StoreError
+from darkmatter.experiments.decomposition.accumulators import block_of, n_blocks
 from darkmatter.heap import HeapReleaser
 from darkmatter.progress import Progress, Ticker
 from darkmatter.sae.model import SAE
@@ -74,16 +75,11 @@ class EnginePlan:
 
     def blocks(self, site: str) -> int:
         """Blocks of contexts the moments of ``site`` are kept in (one but at the interval site)."""
-        if site != self.interval_site:
-            return 1
-        return max(1, min(self.interval_blocks, self.store.n_shards))
+        return n_blocks(self.store, self.interval_blocks) if site == self.interval_site else 1
 
     def block_of(self, site: str, context: int) -> int:
         """The block of a context at ``site``: whole shards, in order, so a batch never spans two."""
-        n = self.blocks(site)
-        if n == 1:
-            return 0
-        return (context // self.store.shard_contexts) * n // self.store.n_shards
+        return block_of(self.store, self.blocks(site), context)
 
     def batches(self) -> Iterator[Batch]:
         """One pass over the store (or its chosen contexts), every site of the family per batch."""
