@@ -318,6 +318,40 @@ class ErrorSAEsConfig(BaseModel):
     interp: InterpConfig = Field(default_factory=InterpConfig)
 
 
+class AnalysisConfig(BaseModel):
+    """Where the analysis steps compute, and the precision SAEs run in there."""
+
+    model_config = ConfigDict(extra="forbid")
+    device: str | None = Field(
+        None,
+        pattern=DEVICE_PATTERN,
+        description="Device of every step's tensors (SAEs, batches, accumulators, training); empty: "
+        "model.device.",
+    )
+    sae_dtype: Dtype = Field(
+        "fp32",
+        description="Precision of the SAEs' weights on the device (bf16/fp16: faster encoder GEMMs); "
+        "moments stay float64.",
+    )
+
+
+class ResourcesConfig(BaseModel):
+    """Memory and disk a study may use: SAEs are streamed in groups that fit, and `darkmatter run` stops
+    before any work when the plan cannot fit. Not part of any result (streamed results equal
+    all-at-once results)."""
+
+    model_config = ConfigDict(extra="forbid")
+    device_memory_gb: float | None = Field(
+        None, gt=0, description="Accelerator memory budget in GB; empty: 90% of the device's memory."
+    )
+    host_memory_gb: float | None = Field(
+        None, gt=0, description="Host memory budget in GB; empty: 80% of the memory available at start."
+    )
+    disk_gb: float | None = Field(
+        None, gt=0, description="Disk budget for the run folder in GB; empty: the free space there."
+    )
+
+
 class ReportConfig(BaseModel):
     """The report stage: figures drawn from the results, then the HTML page."""
 
@@ -350,6 +384,8 @@ class StudyConfig(BaseModel):
     downstream_ce: DownstreamCEConfig = Field(default_factory=DownstreamCEConfig)
     earlier_layers: EarlierLayersConfig = Field(default_factory=EarlierLayersConfig)
     error_saes: ErrorSAEsConfig = Field(default_factory=ErrorSAEsConfig)
+    analysis: AnalysisConfig = Field(default_factory=AnalysisConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
 
     @model_validator(mode="before")
@@ -366,6 +402,15 @@ class StudyConfig(BaseModel):
     def split(self) -> Split:
         """The train/test split of tokens every step shares."""
         return Split(self.split_seed, self.train_fraction)
+
+    @property
+    def analysis_device(self) -> str:
+        """The device name every analysis step computes on: ``analysis.device``, else ``model.device``."""
+        return self.analysis.device or self.model.device
+
+    def train_device(self, train: TrainConfig) -> str:
+        """Where an SAE trainer runs: its own ``device`` if set, else the analysis device."""
+        return train.device or self.analysis_device
 
     @property
     def main_site(self) -> str:

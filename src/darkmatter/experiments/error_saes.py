@@ -198,7 +198,7 @@ def train_error_saes(
     specs = [SAESpec(name=c, site=names[c], d_sae=d_sae, k=k, kind="topk") for c in comps]
     trainer = FamilyTrainer(store, specs, train, workdir, split=split, derived=derived)
     saes = dict(zip(comps, trainer.train(progress), strict=True))
-    quality, ratios, n_test = _evaluate(store, parts, saes, split=split, device=train.device)
+    quality, ratios, n_test = _evaluate(store, parts, saes, split=split, device=str(trainer.device))
     config = {
         "sae": sae_identity(sae),
         "inputs": {c: parts.identity(c) for c in comps},

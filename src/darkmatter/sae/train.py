@@ -119,7 +119,7 @@ class FamilyTrainer:
         self.store, self.specs, self.cfg = store, specs, cfg
         self.split = split
         self.workdir = Path(workdir)
-        self.device = resolve_device(cfg.device)
+        self.device = resolve_device(cfg.device or "cpu")
         self.sites = sorted({s.site for s in specs})  # the inputs SAEs read: stored sites or derived names
         self.derived = {n: derived[n] for n in self.sites if n in derived}
         self._load_sites = sorted({self.derived[n].source if n in self.derived else n for n in self.sites})

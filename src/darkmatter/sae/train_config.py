@@ -48,8 +48,11 @@ class TrainConfig(BaseModel):
     dead_tokens: int = Field(20_000, ge=1, description="Tokens without firing after which a latent is dead.")
     seed: int = Field(0, description="Seed for initialisation and batch order.")
     checkpoint_every: int = Field(100, ge=1, description="Steps between checkpoints.")
-    device: str = Field(
-        "cpu", pattern=r"^(auto|cpu|mps|cuda(:[0-9]+)?)$", description="Training device: cpu, cuda:N, auto."
+    device: str | None = Field(
+        None,
+        pattern=r"^(auto|cpu|mps|cuda(:[0-9]+)?)$",
+        description="Training device: cpu, cuda:N, auto; empty: the study's analysis device (cpu outside "
+        "a study).",
     )
     eval_every: int = Field(
         100,

@@ -8,12 +8,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from darkmatter.config.schema import StudyConfig
 from darkmatter.errors import ConfigError, StoreError
-from darkmatter.lm.loading import LoadedLM, load_lm, load_tokenizer
+from darkmatter.lm.loading import LoadedLM, load_lm, load_tokenizer, parse_dtype, resolve_device
 from darkmatter.progress import ProgressFactory, no_progress
 from darkmatter.results import R, read_result
 from darkmatter.sae import SAE
+from darkmatter.sae.train_config import TrainConfig
 from darkmatter.stats.split import Split
 from darkmatter.store import MANIFEST, ActivationStore
 from darkmatter.study.family_saes import FamilyResult, load_family
@@ -105,6 +108,20 @@ class StudyContext:
         self._store: ActivationStore | None = None
         self._saes: dict[str, SAE] | None = None
         self._roles: FamilyRoles | None = None
+
+    @property
+    def device(self) -> torch.device:
+        """The device every step computes on (``analysis.device``, else ``model.device``), resolved."""
+        return resolve_device(self.cfg.analysis_device)
+
+    @property
+    def sae_dtype(self) -> torch.dtype:
+        """The precision SAEs run in on the device (``analysis.sae_dtype``)."""
+        return parse_dtype(self.cfg.analysis.sae_dtype)
+
+    def train_config(self, train: TrainConfig) -> TrainConfig:
+        """``train`` with its device settled (its own, else the study's analysis device)."""
+        return train.model_copy(update={"device": self.cfg.train_device(train)})
 
     @property
     def lm(self) -> LoadedLM:

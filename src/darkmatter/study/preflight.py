@@ -32,9 +32,10 @@ def preflight(cfg: StudyConfig) -> ModelShape:
 def _check_devices(cfg: StudyConfig) -> None:
     devices = {
         "model.device": cfg.model.device,
-        "family.train.device": cfg.family.train.device,
-        "layer_sweep.train.device": cfg.layer_sweep.train.device,
-        "error_saes.train.device": cfg.error_saes.train.device,
+        "analysis.device": cfg.analysis_device,
+        "family.train.device": cfg.train_device(cfg.family.train),
+        "layer_sweep.train.device": cfg.train_device(cfg.layer_sweep.train),
+        "error_saes.train.device": cfg.train_device(cfg.error_saes.train),
     }
     for setting, device in devices.items():
         try:

@@ -59,7 +59,7 @@ class ErrorSAEsStep(Step[ErrorSAEsStepResult]):
             components=tuple(settings.components),
             d_sae=settings.d_sae or sae.cfg.d_sae,
             k=settings.k or sae.cfg.k or ctx.cfg.family.k,
-            train=settings.train,
+            train=ctx.train_config(settings.train),
             workdir=ctx.paths.error_saes / ".training",
             split=ctx.split,
             progress=ctx.progress("train error SAEs"),

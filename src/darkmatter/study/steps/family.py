@@ -84,7 +84,9 @@ def _train(ctx: StudyContext) -> _Trained:
     """Train the family in one pass over the train split; save each SAE and load it back as a rerun would."""
     fam = ctx.cfg.family
     workdir = ctx.paths.saes / ".training"
-    trainer = FamilyTrainer(ctx.store, fam.specs(ctx.cfg.layer), fam.train, workdir, split=ctx.split)
+    trainer = FamilyTrainer(
+        ctx.store, fam.specs(ctx.cfg.layer), ctx.train_config(fam.train), workdir, split=ctx.split
+    )
     bar = ctx.progress("train SAEs")
     rates: list[float] = []
 

@@ -43,7 +43,7 @@ class LayerSweepStep(Step[LayerBaselinesResult]):
             d_sae=sweep.d_sae,
             k=sweep.k,
             kind=sweep.kind,
-            train=sweep.train,
+            train=ctx.train_config(sweep.train),
             # the sweep runs every layer anyway: its store always records the per-token loss (Fig 13)
             harvest_cfg=cfg.harvest.model_copy(update={"sites": [], "with_loss": True}),
             split=ctx.split,
