@@ -19,6 +19,7 @@ from darkmatter.sae import SAE
 from darkmatter.sae.train_config import TrainConfig
 from darkmatter.stats.split import Split
 from darkmatter.store import MANIFEST, ActivationStore
+from darkmatter.study.budget import Budget, detect_budget
 from darkmatter.study.family_saes import FamilyResult, load_family
 from darkmatter.study.probes import Probe, load_probe
 from darkmatter.study.roles import FamilyRoles, family_roles
@@ -108,6 +109,7 @@ class StudyContext:
         self._store: ActivationStore | None = None
         self._saes: dict[str, SAE] | None = None
         self._roles: FamilyRoles | None = None
+        self._budget: Budget | None = None
 
     @property
     def device(self) -> torch.device:
@@ -118,6 +120,13 @@ class StudyContext:
     def sae_dtype(self) -> torch.dtype:
         """The precision SAEs run in on the device (``analysis.sae_dtype``)."""
         return parse_dtype(self.cfg.analysis.sae_dtype)
+
+    @property
+    def budget(self) -> Budget:
+        """The study's memory and disk budget (``resources``, else detected once)."""
+        if self._budget is None:
+            self._budget = detect_budget(self.cfg.resources, self.device, self.paths.root)
+        return self._budget
 
     def train_config(self, train: TrainConfig) -> TrainConfig:
         """``train`` with its device settled (its own, else the study's analysis device)."""
