@@ -323,3 +323,25 @@ def test_bad_inputs(model) -> None:
             downstream_ce(model, bad, {"s": sae}, {"s": probe}, start=start)
     with pytest.raises(DataError, match="not exact"):
         check_both("s", 3.0, 2.0, 1e-3)
+
+
+def test_groups_merge_to_the_one_run(model, result) -> None:
+    """SAEs spliced one group at a time (memory budget) give the one run's result (passes aside)."""
+    from darkmatter.study.steps.downstream_ce import merge_groups
+
+    whole, saes, probes = result
+    mean = site_acts(model, contexts(4, 24, seed=7), SITE).mean(0)
+    parts = [
+        downstream_ce(
+            model, contexts(), {n: s}, {n: probes[n]}, start=START, batch_size=2, mean_acts={SITE: mean}
+        )
+        for n, s in saes.items()
+    ]
+    merged = merge_groups(parts)
+    assert merged.forward_passes > whole.forward_passes
+    volatile = {"seconds", "forward_passes", "provenance", "created"}
+    a = whole.model_dump(exclude=volatile)
+    b = merged.model_dump(exclude=volatile)
+    for row in (*a["saes"].values(), *b["saes"].values()):
+        row.pop("seconds")
+    assert a == b

@@ -350,6 +350,12 @@ class ResourcesConfig(BaseModel):
     disk_gb: float | None = Field(
         None, gt=0, description="Disk budget for the run folder in GB; empty: the free space there."
     )
+    sae_memory_gb: float | None = Field(
+        None,
+        gt=0,
+        description="Device memory in GB for the SAEs a step holds at once (weights, their moments and "
+        "scratch); empty: the device budget less the step's fixed part. Smaller: more groups, more passes.",
+    )
 
 
 class ReportConfig(BaseModel):

@@ -3,7 +3,7 @@ the store, the split, the SAE family and its roles. Steps read and write only th
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,8 +19,8 @@ from darkmatter.sae import SAE
 from darkmatter.sae.train_config import TrainConfig
 from darkmatter.stats.split import Split
 from darkmatter.store import MANIFEST, ActivationStore
-from darkmatter.study.budget import Budget, detect_budget
-from darkmatter.study.family_saes import FamilyResult, load_family
+from darkmatter.study.budget import GB, Budget, detect_budget, engine_sae_bytes, group_saes
+from darkmatter.study.family_saes import FamilyResult, SAEFamily, SAEShape, load_family
 from darkmatter.study.probes import Probe, load_probe
 from darkmatter.study.roles import FamilyRoles, family_roles
 
@@ -107,7 +107,7 @@ class StudyContext:
         self._lm: LoadedLM | None = None
         self._tokenizer: tuple[Any, int | None] | None = None
         self._store: ActivationStore | None = None
-        self._saes: dict[str, SAE] | None = None
+        self._saes: SAEFamily | None = None
         self._roles: FamilyRoles | None = None
         self._budget: Budget | None = None
 
@@ -170,19 +170,47 @@ class StudyContext:
         return self._store
 
     @property
-    def saes(self) -> dict[str, SAE]:
-        """The SAE family, as the family step left it."""
+    def saes(self) -> SAEFamily:
+        """The SAE family as the family step recorded it: each SAE loads on first use onto the study's
+        device in ``analysis.sae_dtype`` and stays until released (``ctx.saes.release(names)``)."""
         if self._saes is None:
             result = self.result("family", FamilyResult)
-            self._saes = load_family(self.cfg, self.paths.root, self.store, result)
+            self._saes = load_family(
+                self.cfg, self.paths.root, self.store, result, device=self.device, dtype=self.sae_dtype
+            )
         return self._saes
 
     @property
     def roles(self) -> FamilyRoles:
-        """Which SAE plays which part; computed once."""
+        """Which SAE plays which part; computed once, from the family's shapes (no weights)."""
         if self._roles is None:
-            self._roles = family_roles(self.cfg, self.saes)
+            self._roles = family_roles(self.cfg, self.saes.shapes)
         return self._roles
+
+    def sae_groups(
+        self,
+        names: Sequence[str],
+        *,
+        what: str,
+        fixed_bytes: int = 0,
+        blocks: int = 1,
+        copies: int = 1,
+        shapes: Mapping[str, SAEShape] | None = None,
+    ) -> list[list[str]]:
+        """``names`` in groups whose cost fits ``resources.sae_memory_gb``, else the device budget after
+        ``fixed_bytes``. Each SAE costs its weights, ``blocks`` jackknife blocks of engine moments (0: none)
+        and a chunk of pre-activations, ``copies`` times (a pursuit twin has moments of its own).
+        ``shapes``: of SAEs not (yet) in the family record."""
+        shapes = self.saes.shapes if shapes is None else shapes
+        width = self.sae_dtype.itemsize
+        costs = {
+            n: engine_sae_bytes(shapes[n].d_in, shapes[n].d_sae, dtype_bytes=width, blocks=blocks)
+            for n in names
+        }
+        chosen = self.cfg.resources.sae_memory_gb
+        if chosen is not None:
+            return group_saes(costs, int(chosen * GB), what=what, setting="resources.sae_memory_gb")
+        return group_saes(costs, self.budget.device_bytes - fixed_bytes, what=what)
 
     def probe(self, sae_name: str) -> Probe:
         """The engine's error probe b* of an SAE of the family."""
@@ -202,6 +230,6 @@ class StudyContext:
         """The store the harvest step just wrote (the family and its roles are read anew)."""
         self._store, self._saes, self._roles = store, None, None
 
-    def use_family(self, saes: dict[str, SAE]) -> None:
-        """The SAEs the family step just wrote or loaded."""
-        self._saes, self._roles = saes, None
+    def use_family(self, saes: Mapping[str, SAE] | None) -> None:
+        """SAEs already in memory as the family (None: read the family step's record again)."""
+        self._saes, self._roles = (None if saes is None else SAEFamily.of(saes)), None

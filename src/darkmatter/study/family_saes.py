@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from pydantic import BaseModel, Field
 
-from darkmatter.config.schema import StudyConfig
+from darkmatter.config.schema import ExternalSAE, StudyConfig
 from darkmatter.errors import ShapeError
 from darkmatter.results import Result
 from darkmatter.sae import SAE, load_sae
@@ -53,26 +56,91 @@ class FamilyResult(Result):
     validation_tokens: int | None = Field(None, description="Tokens of the trainer's validation set.")
 
 
-def load_external(cfg: StudyConfig, store: ActivationStore) -> dict[str, SAE]:
-    """The configured external SAEs, with their site overrides, checked against the store."""
-    saes: dict[str, SAE] = {}
-    for ext in cfg.family.external:
-        sae = load_sae(ext.path, format=ext.format, hookpoint=ext.hookpoint, online=cfg.model.online)
-        if ext.site:
-            sae.cfg.hook_site = ext.site
-        if sae.cfg.hook_site not in store.sites:
-            raise ShapeError(
-                f"SAE {ext.name!r} reads {sae.cfg.hook_site!r}, which the store lacks "
-                f"({store.sites}); set its 'site' or add the site to harvest.sites."
-            )
-        if sae.cfg.d_in != store.d[sae.cfg.hook_site]:
-            raise ShapeError(
-                f"SAE {ext.name!r} ({ext.path}) reads vectors of width {sae.cfg.d_in}, but the model's "
-                f"{sae.cfg.hook_site} has width {store.d[sae.cfg.hook_site]}: the SAE belongs to another "
-                "model; check model.name and the SAE's path."
-            )
-        saes[ext.name] = sae
-    return saes
+@dataclass(frozen=True)
+class SAEShape:
+    """What the roles and the planner need of an SAE, without its weights."""
+
+    site: str
+    d_in: int
+    d_sae: int
+    k: int | None
+
+
+class SAEFamily(Mapping[str, SAE]):
+    """The family's SAEs by name, each loaded from disk on first use, moved to the study's device in its
+    SAE dtype, and kept until `release`d. Iterating or sizing it loads nothing (`shapes` has the metadata),
+    so a step holds only the SAEs it is using."""
+
+    def __init__(
+        self,
+        shapes: dict[str, SAEShape],
+        load: Callable[[str], SAE],
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.shapes = shapes
+        self._load = load
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self._loaded: dict[str, SAE] = {}
+
+    @classmethod
+    def of(cls, saes: Mapping[str, SAE]) -> SAEFamily:
+        """A family over SAEs already in memory (kept where they are)."""
+        shapes = {n: shape_of(s) for n, s in saes.items()}
+        family = cls(shapes, lambda n: saes[n])
+        family._loaded = dict(saes)
+        return family
+
+    def __getitem__(self, name: str) -> SAE:
+        if name not in self.shapes:
+            raise KeyError(name)
+        sae = self._loaded.get(name)
+        if sae is None:
+            sae = self._load(name).to(device=self.device, dtype=self.dtype)
+            self._loaded[name] = sae
+        return sae
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.shapes)
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+    @property
+    def loaded(self) -> list[str]:
+        """Names of the SAEs held in memory now."""
+        return list(self._loaded)
+
+    def release(self, names: Iterable[str] | None = None) -> None:
+        """Drop the named SAEs (all when None) from memory; they load again on next use."""
+        for n in list(self._loaded) if names is None else list(names):
+            self._loaded.pop(n, None)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def shape_of(sae: SAE) -> SAEShape:
+    return SAEShape(str(sae.cfg.hook_site), sae.cfg.d_in, sae.cfg.d_sae, sae.cfg.k)
+
+
+def load_external_one(cfg: StudyConfig, ext: ExternalSAE, store: ActivationStore) -> SAE:
+    """One configured external SAE, with its site override, checked against the store."""
+    sae = load_sae(ext.path, format=ext.format, hookpoint=ext.hookpoint, online=cfg.model.online)
+    if ext.site:
+        sae.cfg.hook_site = ext.site
+    if sae.cfg.hook_site not in store.sites:
+        raise ShapeError(
+            f"SAE {ext.name!r} reads {sae.cfg.hook_site!r}, which the store lacks "
+            f"({store.sites}); set its 'site' or add the site to harvest.sites."
+        )
+    if sae.cfg.d_in != store.d[sae.cfg.hook_site]:
+        raise ShapeError(
+            f"SAE {ext.name!r} ({ext.path}) reads vectors of width {sae.cfg.d_in}, but the model's "
+            f"{sae.cfg.hook_site} has width {store.d[sae.cfg.hook_site]}: the SAE belongs to another "
+            "model; check model.name and the SAE's path."
+        )
+    return sae
 
 
 def trained_paths(run_dir: Path, result: FamilyResult) -> dict[str, Path]:
@@ -81,10 +149,22 @@ def trained_paths(run_dir: Path, result: FamilyResult) -> dict[str, Path]:
 
 
 def load_family(
-    cfg: StudyConfig, run_dir: Path, store: ActivationStore, result: FamilyResult
-) -> dict[str, SAE]:
-    """The family as the family step left it: trained SAEs from the run folder, external ones as configured
-    (format, hookpoint and site overrides applied)."""
-    if cfg.family.external:
-        return load_external(cfg, store)
-    return {name: load_sae(path) for name, path in trained_paths(run_dir, result).items()}
+    cfg: StudyConfig,
+    run_dir: Path,
+    store: ActivationStore,
+    result: FamilyResult,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> SAEFamily:
+    """The family as the family step recorded it, loading each SAE lazily."""
+    paths = trained_paths(run_dir, result)
+    external = {e.name: e for e in cfg.family.external}
+
+    def load(name: str) -> SAE:
+        if name in external:
+            return load_external_one(cfg, external[name], store)
+        return load_sae(paths[name])
+
+    shapes = {r.name: SAEShape(r.site, r.d_in, r.d_sae, r.k) for r in result.saes}
+    return SAEFamily(shapes, load, device, dtype)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from darkmatter.config.schema import StudyConfig
 from darkmatter.errors import ConfigError
 from darkmatter.sae.model import SAE
+from darkmatter.study.family_saes import SAEShape, shape_of
 
 
 @dataclass(frozen=True)
@@ -40,25 +41,24 @@ class FamilyRoles:
         return name
 
 
-def family_roles(cfg: StudyConfig, saes: Mapping[str, SAE]) -> FamilyRoles:
-    """The roles of ``saes`` in the study ``cfg`` (a trained family has known k and widths)."""
+def family_roles(cfg: StudyConfig, family: Mapping[str, SAE | SAEShape]) -> FamilyRoles:
+    """The roles of the SAEs in the study ``cfg`` (a trained family has known k and widths)."""
     fam, layer, main_site = cfg.family, cfg.layer, cfg.main_site
-    main = {n: s for n, s in saes.items() if s.cfg.hook_site == main_site}
+    saes = {n: s if isinstance(s, SAEShape) else shape_of(s) for n, s in family.items()}
+    main = {n: s for n, s in saes.items() if s.site == main_site}
     if fam.external:
         first_of_width: dict[int, str] = {}
         for n, s in main.items():
-            first_of_width.setdefault(s.cfg.d_sae, n)
-        width_sweep = sorted(first_of_width.values(), key=lambda n: main[n].cfg.d_sae)
-        k_sweep = sorted(main, key=lambda n: (main[n].cfg.k or 0, n))
+            first_of_width.setdefault(s.d_sae, n)
+        width_sweep = sorted(first_of_width.values(), key=lambda n: main[n].d_sae)
+        k_sweep = sorted(main, key=lambda n: (main[n].k or 0, n))
     else:
-        width_sweep = sorted(
-            (n for n, s in main.items() if s.cfg.k == fam.k), key=lambda n: main[n].cfg.d_sae
-        )
+        width_sweep = sorted((n for n, s in main.items() if s.k == fam.k), key=lambda n: main[n].d_sae)
         k_sweep = sorted(
-            (n for n, s in main.items() if s.cfg.d_sae == fam.width_for_ks),
-            key=lambda n: (main[n].cfg.k or 0, n),
+            (n for n, s in main.items() if s.d_sae == fam.width_for_ks),
+            key=lambda n: (main[n].k or 0, n),
         )
-    preferred = [n for n, s in main.items() if s.cfg.d_sae == fam.width_for_ks and s.cfg.k == fam.k]
+    preferred = [n for n, s in main.items() if s.d_sae == fam.width_for_ks and s.k == fam.k]
     target = (preferred or width_sweep or list(main) or list(saes))[0]
     aux_sites = {
         f"blocks.{layer - 1}.hook_resid_post",
@@ -72,5 +72,5 @@ def family_roles(cfg: StudyConfig, saes: Mapping[str, SAE]) -> FamilyRoles:
         k_sweep=k_sweep,
         target=target,
         widest=width_sweep[-1] if width_sweep else next(iter(saes)),
-        regressors=[n for n, s in saes.items() if s.cfg.hook_site in aux_sites],
+        regressors=[n for n, s in saes.items() if s.site in aux_sites],
     )

@@ -1,14 +1,11 @@
 """Pass 2: b* applied to every token. LinearError = b*x̃, NonlinearError = e − b*x̃.
 
 It gives the cosine of b*x̃ with x, the norm-prediction test (R² of ‖q‖² from x̃ for q in x, Sae(x), e,
-linear, nonlinear), the Gram of per-token norms behind the per-token scaling regressions, and the
-per-token table.
+linear, nonlinear), and the per-token norms and table columns (spilled to disk: see ``spill``) behind the
+per-token scaling regressions and the per-token table.
 """
 
 from __future__ import annotations
-
-import contextlib
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -19,65 +16,55 @@ from darkmatter.experiments.decomposition.accumulators import (
     merged,
     replicates_fit,
 )
-from darkmatter.experiments.decomposition.outputs import NORM_TEST_QUANTITIES, NormGram, Probe, SAEStats
+from darkmatter.experiments.decomposition.outputs import NORM_TEST_QUANTITIES, Probe, SAEStats
 from darkmatter.experiments.decomposition.plan import RECONSTRUCT_CHUNK, EnginePlan
-from darkmatter.experiments.decomposition.table import TokenTableWriter
+from darkmatter.experiments.decomposition.spill import GroupSpill
 from darkmatter.stats import Cosine, Moments, evaluate, fit_ridge
 from darkmatter.stats.jackknife import finite_interval
 
 Tensor = torch.Tensor
-GRAM_QUANTITIES = ("e2", "nl2", "en", "nln")
-"""Per-token scalars of each SAE in the norm Gram: ‖e‖², ‖NonlinearError‖², ‖e‖, ‖NonlinearError‖."""
 
 
 class ComponentNorms:
-    """Pass 2's accumulators: norm moments per (site, split), norm Grams, per-SAE held-out sums."""
+    """Pass 2's accumulators: norm moments per (site, split) and per-SAE held-out sums."""
 
     def __init__(self, plan: EnginePlan, probes: dict[str, Probe], contexts: dict[str, ContextAccumulator]):
         self.plan, self.probes, self.contexts = plan, probes, contexts
         self.moments: dict[tuple[str, str], list[Moments]] = {}  # (site, part) -> one per block
-        self.gram_columns: dict[str, list[str]] = {}
-        self.grams: dict[str, dict[str, list[np.ndarray]]] = {}  # site -> part -> one Gram per block
         for site, names in plan.groups.items():
             targets = {"x2": 1} | {f"{n}:{q}": 1 for n in names for q in NORM_TEST_QUANTITIES[1:]}
             blocks = plan.blocks(site)
             for part in ("train", "test"):
                 self.moments[(site, part)] = [Moments(plan.width[site], targets) for _ in range(blocks)]
-            self.gram_columns[site] = [f"{n}:{q}" for q in GRAM_QUANTITIES for n in names]
-            size = len(self.gram_columns[site]) + 1
-            self.grams[site] = {
-                part: [np.zeros((size, size)) for _ in range(blocks)] for part in ("train", "test")
-            }
         self.cosine = {n: Cosine(sae.cfg.d_in) for n, sae in plan.saes.items()}
         self.sse_nonlinear = dict.fromkeys(plan.saes, 0.0)
         self.norm_sums = {n: np.zeros(3) for n in plan.saes}  # Σ‖e‖, Σ‖linear‖, Σ‖nonlinear‖ on test
 
-    def run(self, table_path: Path | None) -> None:
-        """The pass over the store, writing the per-token table when ``table_path`` is given."""
+    def run(self, spill: GroupSpill) -> None:
+        """The pass over the store; per-token norms and table columns go to ``spill``."""
         plan = self.plan
         storage = plan.packed_storage({key: blocks[0] for key, blocks in self.moments.items()})
-        with contextlib.ExitStack() as stack:
-            writer = None
-            if table_path is not None:
-                writer = stack.enter_context(TokenTableWriter(table_path, list(plan.saes)))
-            for batch in plan.batches():
-                order, n_train = plan.split.train_first(batch.context, batch.position)
-                ctx_test = batch.context[order[n_train:]].cpu()
-                table_cols: dict[str, Tensor] = {}
-                for site in plan.groups:
-                    x_tok_d = batch.acts[site][order]
-                    buf = storage[site][: len(x_tok_d)]
-                    block = plan.block_of(site, int(batch.context[0]))
-                    moments = (self.moments[(site, "train")][block], self.moments[(site, "test")][block])
-                    packed = SplitBuffer(*moments, n_train, buf)
-                    self._add_site(site, x_tok_d, n_train, ctx_test, packed, table_cols, block)
-                    packed.commit()
-                plan.batch_done(len(order))
-                if writer is not None:
-                    inverse = torch.argsort(order)
-                    train = torch.zeros(len(order), dtype=torch.bool, device=order.device)
-                    train[:n_train] = True
-                    writer.write(batch, train[inverse], {k: v[inverse] for k, v in table_cols.items()})
+        for batch in plan.batches():
+            order, n_train = plan.split.train_first(batch.context, batch.position)
+            ctx_test = batch.context[order[n_train:]].cpu()
+            table_cols: dict[str, Tensor] = {}
+            norms: dict[str, Tensor] = {}
+            blocks: dict[str, int] = {}
+            for site in plan.groups:
+                x_tok_d = batch.acts[site][order]
+                buf = storage[site][: len(x_tok_d)]
+                blocks[site] = block = plan.block_of(site, int(batch.context[0]))
+                moments = (self.moments[(site, "train")][block], self.moments[(site, "test")][block])
+                packed = SplitBuffer(*moments, n_train, buf)
+                norms[site] = self._add_site(site, x_tok_d, n_train, ctx_test, packed, table_cols)
+                packed.commit()
+            plan.batch_done(len(order))
+            inverse = torch.argsort(order)
+            train = torch.zeros(len(order), dtype=torch.bool, device=order.device)
+            train[:n_train] = True
+            spill.add(
+                batch, train[inverse], norms, {k: v[inverse] for k, v in table_cols.items()}, n_train, blocks
+            )
 
     def _add_site(
         self,
@@ -87,21 +74,15 @@ class ComponentNorms:
         ctx_test: Tensor,
         packed: SplitBuffer,
         table_cols: dict[str, Tensor],
-        block: int,
-    ) -> None:
+    ) -> Tensor:
         packed.put("x", x_tok_d)
         packed.put("x2", x_tok_d.pow(2).sum(1, keepdim=True))
         norms = [
             self._add_sae(site, n, x_tok_d, n_train, ctx_test, packed, table_cols)
             for n in self.plan.groups[site]
         ]
-        err_sq = torch.cat([e2 for e2, _ in norms], 1)  # [n, SAEs]
-        nonlin_sq = torch.cat([nl2 for _, nl2 in norms], 1)
-        ones = torch.ones_like(err_sq[:, :1])
-        z = torch.cat([err_sq, nonlin_sq, err_sq.sqrt(), nonlin_sq.sqrt(), ones], 1).double()
-        for part, rows in (("train", slice(0, n_train)), ("test", slice(n_train, None))):
-            z_part = z[rows]
-            self.grams[site][part][block] += (z_part.T @ z_part).cpu().numpy()
+        # [n, 2·SAEs] float32, rows train-first: the norm Gram's inputs, finished in `merge_spills`
+        return torch.cat([e2 for e2, _ in norms] + [nl2 for _, nl2 in norms], 1)
 
     def _add_sae(
         self,
@@ -138,8 +119,8 @@ class ComponentNorms:
             table_cols[f"{name}:{k}_norm"] = sq[k][:, 0].sqrt().float()
         return sq["error"], sq["nonlinear"]
 
-    def finish(self, stats: dict[str, SAEStats], n_test: int) -> dict[str, NormGram]:
-        """Fill the norm-test, cosine and mean-norm statistics; returns the norm Gram of each site."""
+    def finish(self, stats: dict[str, SAEStats], n_test: int) -> None:
+        """Fill the norm-test, cosine and mean-norm statistics."""
         for site, names in self.plan.groups.items():
             train, test = self._total(site, "train"), self._total(site, "test")
             var_x = test.total_variance_x()
@@ -151,17 +132,6 @@ class ComponentNorms:
                 mean = self.norm_sums[n] / max(n_test, 1)
                 st.mean_error_norm, st.mean_linear_norm, st.mean_nonlinear_norm = (float(v) for v in mean)
         self._norm_test_intervals(stats)
-        return {
-            site: NormGram(
-                self.gram_columns[site],
-                np.sum(self.grams[site]["train"], axis=0),
-                np.sum(self.grams[site]["test"], axis=0),
-                blocks=list(zip(self.grams[site]["train"], self.grams[site]["test"], strict=True))
-                if len(self.grams[site]["train"]) > 1
-                else [],
-            )
-            for site in self.plan.groups
-        }
 
     def _total(self, site: str, part: str, without: int | None = None) -> Moments:
         return merged(self.moments[(site, part)], without)

@@ -7,6 +7,7 @@ from typing import Any
 
 from darkmatter.config.schema import StudyConfig
 from darkmatter.experiments.downstream import DownstreamResult, downstream_ce
+from darkmatter.hashing import stable_hash
 from darkmatter.study.context import StudyContext
 from darkmatter.study.step import Step
 from darkmatter.study.steps.engine import ENGINE
@@ -41,16 +42,25 @@ class DownstreamCEStep(Step[DownstreamResult]):
 
     def run(self, ctx: StudyContext) -> DownstreamResult:
         names = ctx.roles.width_sweep
-        return downstream_ce(
-            ctx.lm,
-            held_out_tokens(ctx),
-            {n: ctx.saes[n] for n in names},
-            {n: ctx.probe(n) for n in names},
-            start=ctx.cfg.text.skip_positions,
-            both_batches=BOTH_BATCHES,
-            progress=ctx.progress("downstream CE", "ctx"),
-            seed=ctx.cfg.seed,
-        )
+        tokens = held_out_tokens(ctx)
+        model_bytes = sum(p.numel() * p.element_size() for p in ctx.lm.model.parameters())
+        fixed = model_bytes if next(ctx.lm.model.parameters()).device == ctx.device else 0
+        parts = []
+        for group in ctx.sae_groups(names, what="downstream CE", blocks=0, fixed_bytes=fixed):
+            parts.append(
+                downstream_ce(
+                    ctx.lm,
+                    tokens,
+                    {n: ctx.saes[n] for n in group},
+                    {n: ctx.probe(n) for n in group},
+                    start=ctx.cfg.text.skip_positions,
+                    both_batches=BOTH_BATCHES,
+                    progress=ctx.progress("downstream CE", "ctx"),
+                    seed=ctx.cfg.seed,
+                )
+            )
+            ctx.saes.release(group)
+        return merge_groups(parts)
 
     def headline(self, result: DownstreamResult) -> str:
         def share(v: float | None) -> str:
@@ -62,3 +72,22 @@ class DownstreamCEStep(Step[DownstreamResult]):
 
 
 DOWNSTREAM_CE = DownstreamCEStep()
+
+
+def merge_groups(parts: list[DownstreamResult]) -> DownstreamResult:
+    """The result of SAEs spliced group by group, as one run over every SAE would record it: each SAE's
+    numbers depend only on the model, the tokens and that SAE; the clean CE is the same in every group."""
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    config = dict(first.config)
+    config["saes"] = {name: sae for p in parts for name, sae in p.config["saes"].items()}
+    return first.model_copy(
+        update={
+            "config": config,
+            "config_hash": stable_hash(config),
+            "saes": {name: row for p in parts for name, row in p.saes.items()},
+            "forward_passes": sum(p.forward_passes for p in parts),
+            "seconds": sum(p.seconds for p in parts),
+        }
+    )

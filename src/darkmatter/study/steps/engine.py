@@ -19,9 +19,11 @@ from safetensors.torch import save as st_save
 from darkmatter import atomic
 from darkmatter.config.schema import StudyConfig
 from darkmatter.experiments.decomposition import NormGram, decompose
+from darkmatter.experiments.decomposition.accumulators import n_blocks
 from darkmatter.experiments.error_prediction import scaling_law
 from darkmatter.experiments.probe_latents import probe_latents
 from darkmatter.results import Number, Result
+from darkmatter.study.budget import describe_groups
 from darkmatter.study.context import StudyContext
 from darkmatter.study.probes import save_probe
 from darkmatter.study.readable import parquet_ok, safetensors_ok
@@ -147,20 +149,28 @@ class EngineStep(Step[EngineResult]):
 
     def run(self, ctx: StudyContext) -> EngineResult:
         saes, roles = ctx.saes, ctx.roles
+        blocks = n_blocks(ctx.store, ctx.cfg.engine.interval_blocks)
+        groups = ctx.sae_groups(list(saes), what="engine", blocks=blocks)
+        if len(groups) > 1:
+            ctx.log(f"engine: SAEs streamed in {describe_groups(groups)} to fit the device memory budget")
         dec = decompose(
             ctx.store,
             saes,
             split=ctx.split,
+            device=ctx.device,
             table_path=ctx.paths.token_table,
             progress=ctx.progress("engine (2 passes)"),
             interval_site=roles.main_site if roles.width_sweep else None,
             interval_blocks=ctx.cfg.engine.interval_blocks,
+            groups=groups,
+            release=saes.release,
         )
         for name, (weights, bias) in dec.probes.items():
             save_probe(ctx.paths.probe(name), weights, bias)
         save_norm_grams(norm_grams_path(ctx), dec.norm_grams)
         fit, nl_mean, nl_ci = scaling_law(dec, roles.width_sweep, roles.main_site, seed=ctx.cfg.seed)
         latents = probe_latents(ctx.store, saes[roles.widest], split=ctx.split)
+        saes.release([roles.widest])
         for n in roles.width_sweep + [n for n in roles.k_sweep if n not in roles.width_sweep]:
             s = dec.stats[n]
             ctx.log(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from darkmatter.config.schema import StudyConfig
@@ -12,8 +13,9 @@ from darkmatter.sae import SAE, load_sae, save_sae
 from darkmatter.sae.convergence import convergence
 from darkmatter.sae.quality import evaluate_saes
 from darkmatter.sae.train import FamilyTrainer, TrainingPoint
+from darkmatter.study.budget import GB, engine_sae_bytes, group_saes
 from darkmatter.study.context import StudyContext
-from darkmatter.study.family_saes import FamilyResult, SAERecord, load_external, trained_paths
+from darkmatter.study.family_saes import FamilyResult, SAERecord, load_external_one, shape_of, trained_paths
 from darkmatter.study.readable import sae_folder_ok
 from darkmatter.study.step import Step
 from darkmatter.study.steps.harvest import HARVEST
@@ -39,17 +41,19 @@ class FamilyStep(Step[FamilyResult]):
     def run(self, ctx: StudyContext) -> FamilyResult:
         t0 = time.perf_counter()
         trained: _Trained | None = None
-        if ctx.cfg.family.external:
-            saes = load_external(ctx.cfg, ctx.store)
-            paths = {e.name: e.path for e in ctx.cfg.family.external}
+        fam = ctx.cfg.family
+        if fam.external:
+            records = _external_records(ctx)
+            train_seconds = time.perf_counter() - t0
         else:
             trained = _train(ctx)
-            saes, paths = trained.saes, trained.paths
-        train_seconds = time.perf_counter() - t0
-        ctx.use_family(saes)
-        quality = evaluate_saes(ctx.store, saes, split=ctx.split, part="test")
-        histories = trained.histories if trained else {}
-        records = [_record(n, s, paths[n], histories.get(n, []), quality[n], ctx) for n, s in saes.items()]
+            train_seconds = time.perf_counter() - t0
+            records = []
+            shapes = {n: shape_of(s) for n, s in trained.saes.items()}
+            for group in ctx.sae_groups(list(shapes), what="family quality", shapes=shapes):
+                members = {n: trained.saes[n] for n in group}
+                records += _records(ctx, members, trained.paths, trained.histories)
+        ctx.use_family(None)
         tol = ctx.cfg.family.train.converge_tol
         for r in records:
             ctx.log(f"family: {r.name:<24} FVU {r.fvu:.4f}  L0 {r.l0:6.1f}  dead {r.dead_fraction:.1%}")
@@ -105,6 +109,54 @@ def _train(ctx: StudyContext) -> _Trained:
     histories = {m.spec.name: m.history for m in trainer.members}
     n_val = trainer.validation.n_tokens if trainer.validation else 0
     return _Trained(saes, paths, histories, rates[-1] if rates else None, n_val)
+
+
+def _records(
+    ctx: StudyContext,
+    saes: dict[str, SAE],
+    paths: dict[str, str],
+    histories: dict[str, list[dict[str, float]]],
+) -> list[SAERecord]:
+    """Records of SAEs in memory, measured in one pass over the store's test split."""
+    quality = evaluate_saes(ctx.store, saes, split=ctx.split, part="test", device=str(ctx.device))
+    return [_record(n, s, paths[n], histories.get(n, []), quality[n], ctx) for n, s in saes.items()]
+
+
+def _external_records(ctx: StudyContext) -> list[SAERecord]:
+    """The external SAEs, loaded one at a time onto the study's device and measured in groups that fit the
+    device budget (each SAE's size estimated from its files before it loads); each group is released."""
+    chosen = ctx.cfg.resources.sae_memory_gb
+    capacity = int(chosen * GB) if chosen is not None else ctx.budget.device_bytes
+    width = ctx.sae_dtype.itemsize
+    records: list[SAERecord] = []
+    group: dict[str, SAE] = {}
+    used = 0
+    paths = {e.name: e.path for e in ctx.cfg.family.external}
+    for ext in ctx.cfg.family.external:
+        estimate = _bytes_on_disk(Path(ext.path).expanduser())
+        if group and used + estimate > capacity:
+            records += _records(ctx, group, paths, {})
+            group, used = {}, 0
+        sae = load_external_one(ctx.cfg, ext, ctx.store).to(device=ctx.device, dtype=ctx.sae_dtype)
+        cost = engine_sae_bytes(sae.cfg.d_in, sae.cfg.d_sae, dtype_bytes=width, blocks=0)
+        group_saes({ext.name: cost}, capacity, what="family quality")  # one SAE too large: a clear error
+        if group and used + cost > capacity:
+            records += _records(ctx, group, paths, {})
+            group, used = {}, 0
+        group[ext.name] = sae
+        used += cost
+    if group:
+        records += _records(ctx, group, paths, {})
+    return records
+
+
+def _bytes_on_disk(path: Path) -> int:
+    """Bytes of an SAE's files (0 when not local): an estimate of its weights before loading them."""
+    if path.is_file():
+        return path.stat().st_size
+    if path.is_dir():
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    return 0
 
 
 def _record(

@@ -15,6 +15,7 @@ from pydantic import BaseModel, Field
 
 from darkmatter.config.schema import StudyConfig
 from darkmatter.experiments.decomposition import SAEStats, decompose
+from darkmatter.experiments.decomposition.accumulators import n_blocks
 from darkmatter.experiments.fixed_probes import fvu_with_probes
 from darkmatter.results import Number, Result
 from darkmatter.sae import SAE
@@ -76,26 +77,35 @@ class PursuitStep(Step[PursuitResult]):
             ctx.log("pursuit: the family has no width sweep at the main site; nothing to pursue")
             return PursuitResult(saes=[], n_contexts=0, n_test=0)
         contexts = spread_contexts(ctx.cfg.pursuit.n_contexts, ctx.store.n_contexts)
-        saes: dict[str, SAE] = {n: ctx.saes[n] for n in width_sweep}
-        saes |= {f"{n}+pursuit": PursuitSAE.from_sae(ctx.saes[n]) for n in width_sweep}
-        refit = decompose(
-            ctx.store,
-            saes,
-            split=ctx.split,
-            second_pass=False,
-            contexts=contexts,
-            progress=ctx.progress("pursuit"),
-            interval_site=ctx.roles.main_site,
-            interval_blocks=ctx.cfg.engine.interval_blocks,
-        )
-        plain = {n: ctx.saes[n] for n in width_sweep}
-        fixed, _ = fvu_with_probes(
-            ctx.store, plain, {n: ctx.probe(n) for n in width_sweep}, split=ctx.split, contexts=contexts
-        )
-        rows = [
-            _row(n, fixed[n].fvu_nonlinear, refit.stats[n], refit.stats[f"{n}+pursuit"]) for n in width_sweep
-        ]
-        return PursuitResult(saes=rows, n_contexts=len(contexts), n_train=refit.n_train, n_test=refit.n_test)
+        blocks = n_blocks(ctx.store, ctx.cfg.engine.interval_blocks)
+        rows: list[PursuitRow] = []
+        n_train = n_test = 0
+        # each SAE and its pursuit (same weights, moments of their own) are in the same group
+        for group in ctx.sae_groups(width_sweep, what="pursuit", blocks=blocks, copies=2):
+            saes: dict[str, SAE] = {n: ctx.saes[n] for n in group}
+            saes |= {f"{n}+pursuit": PursuitSAE.from_sae(ctx.saes[n]) for n in group}
+            refit = decompose(
+                ctx.store,
+                saes,
+                split=ctx.split,
+                device=ctx.device,
+                second_pass=False,
+                contexts=contexts,
+                progress=ctx.progress("pursuit"),
+                interval_site=ctx.roles.main_site,
+                interval_blocks=ctx.cfg.engine.interval_blocks,
+            )
+            plain = {n: ctx.saes[n] for n in group}
+            fixed, _ = fvu_with_probes(
+                ctx.store, plain, {n: ctx.probe(n) for n in group}, split=ctx.split, contexts=contexts
+            )
+            rows += [
+                _row(n, fixed[n].fvu_nonlinear, refit.stats[n], refit.stats[f"{n}+pursuit"]) for n in group
+            ]
+            n_train, n_test = refit.n_train, refit.n_test
+            del saes, plain
+            ctx.saes.release(group)
+        return PursuitResult(saes=rows, n_contexts=len(contexts), n_train=n_train, n_test=n_test)
 
     def headline(self, result: PursuitResult) -> str:
         return ", ".join(f"{r.d_sae}: FVU {r.fvu:.3f}→{r.pursuit_fvu:.3f}" for r in result.saes) or "no SAEs"
