@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field
 from darkmatter.config.schema import StudyConfig
 from darkmatter.experiments.decomposition import SAEStats, decompose
 from darkmatter.experiments.fixed_probes import fvu_with_probes
+from darkmatter.experiments.inputs import on_device, probe_on
 from darkmatter.results import Number, Result
 from darkmatter.sae import SAE
 from darkmatter.sae.pursuit import PursuitSAE
@@ -76,21 +77,28 @@ class PursuitStep(Step[PursuitResult]):
             ctx.log("pursuit: the family has no width sweep at the main site; nothing to pursue")
             return PursuitResult(saes=[], n_contexts=0, n_test=0)
         contexts = spread_contexts(ctx.cfg.pursuit.n_contexts, ctx.store.n_contexts)
-        saes: dict[str, SAE] = {n: ctx.saes[n] for n in width_sweep}
-        saes |= {f"{n}+pursuit": PursuitSAE.from_sae(ctx.saes[n]) for n in width_sweep}
+        plain = {n: on_device(ctx.saes[n], ctx.device, ctx.sae_dtype) for n in width_sweep}
+        saes: dict[str, SAE] = dict(plain)
+        saes |= {f"{n}+pursuit": PursuitSAE.from_sae(plain[n]) for n in width_sweep}
         refit = decompose(
             ctx.store,
             saes,
             split=ctx.split,
+            device=str(ctx.device),
             second_pass=False,
             contexts=contexts,
             progress=ctx.progress("pursuit"),
             interval_site=ctx.roles.main_site,
             interval_blocks=ctx.cfg.engine.interval_blocks,
         )
-        plain = {n: ctx.saes[n] for n in width_sweep}
         fixed, _ = fvu_with_probes(
-            ctx.store, plain, {n: ctx.probe(n) for n in width_sweep}, split=ctx.split, contexts=contexts
+            ctx.store,
+            plain,
+            {n: probe_on(ctx.probe(n), ctx.device) for n in width_sweep},
+            split=ctx.split,
+            contexts=contexts,
+            device=ctx.device,
+            dtype=ctx.sae_dtype,
         )
         rows = [
             _row(n, fixed[n].fvu_nonlinear, refit.stats[n], refit.stats[f"{n}+pursuit"]) for n in width_sweep
