@@ -142,3 +142,8 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
         current = torch.cuda.current_device() if a.type == "cuda" and torch.cuda.is_available() else 0
         return (a.index if a.index is not None else current) == (b.index if b.index is not None else current)
     return a.index == b.index
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of a model's weights: where its forward passes, and so the splices, compute."""
+    return next(model.parameters()).device

@@ -34,6 +34,7 @@ from pydantic import Field
 
 from darkmatter.errors import ConfigError, StoreError
 from darkmatter.experiments.decomposition.accumulators import block_of, n_blocks
+from darkmatter.experiments.inputs import on_device, placement
 from darkmatter.experiments.layer_intervals import (
     PASS_BYTES,
     layer_groups,
@@ -51,7 +52,6 @@ from darkmatter.experiments.layer_saes import (
     train_layer_saes,
 )
 from darkmatter.experiments.layer_sums import REGRESSIONS, LayerSums
-from darkmatter.experiments.inputs import on_device, placement
 from darkmatter.harvest import HarvestConfig, harvest, store_identity
 from darkmatter.lm.loading import LoadedLM
 from darkmatter.progress import Progress

@@ -50,6 +50,7 @@ class DownstreamCEStep(Step[DownstreamResult]):
             both_batches=BOTH_BATCHES,
             progress=ctx.progress("downstream CE", "ctx"),
             seed=ctx.cfg.seed,
+            dtype=ctx.sae_dtype,  # the splices run on the model's device; the SAEs and probes go there
         )
 
     def headline(self, result: DownstreamResult) -> str:
