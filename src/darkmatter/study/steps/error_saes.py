@@ -63,6 +63,7 @@ class ErrorSAEsStep(Step[ErrorSAEsStepResult]):
             workdir=ctx.paths.error_saes / ".training",
             split=ctx.split,
             progress=ctx.progress("train error SAEs"),
+            dtype=ctx.sae_dtype,  # on the trainer's device, the analysis device unless train.device is set
         )
         for component, error_sae in trained.items():
             save_sae(error_sae, error_sae_folder(ctx, component))
