@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
+import torch
 
 from darkmatter.config import StudyConfig, resolve_config
 from darkmatter.errors import ConfigError, StepIncompleteError
@@ -200,5 +201,6 @@ def test_layer_sweep_records_the_loss_whatever_the_main_harvest(monkeypatch: pyt
     ctx = SimpleNamespace(cfg=cfg, lm=lm, paths=SimpleNamespace(layers=Path("x")), split=None, log=print)
     ctx.progress = print
     ctx.train_config = lambda train: train
+    ctx.device, ctx.sae_dtype = torch.device("cpu"), torch.float32
     layer_sweep.LAYER_SWEEP.run(ctx)  # type: ignore[arg-type]
     assert seen["harvest_cfg"].with_loss is True and seen["harvest_cfg"].sites == []

@@ -50,9 +50,12 @@ from darkmatter.experiments.inputs import (
     check_probe,
     check_sae_site,
     check_tokens,
+    model_device,
     model_identity,
     model_of,
     model_width,
+    on_device,
+    probe_on,
     sae_recon,
     site_order,
 )
@@ -212,9 +215,9 @@ class ComponentShares:
     and norm shares (definitions in the module docstring).
     """
 
-    def __init__(self, d: int) -> None:
+    def __init__(self, d: int, device: str | torch.device = "cpu") -> None:
         self.fvu = {k: FVU(d) for k in ("sae", "sae+linear", "sae+nonlinear")}
-        self.norm_sums = torch.zeros(3, dtype=torch.float64)
+        self.norm_sums = torch.zeros(3, dtype=torch.float64, device=device)
         self.n = 0
 
     def update(self, x: Tensor, sae_x: Tensor, linear: Tensor) -> None:
@@ -224,7 +227,7 @@ class ComponentShares:
         self.fvu["sae+linear"].update(x, sae_x + linear)  # x − that = NonlinearError
         self.fvu["sae+nonlinear"].update(x, sae_x + nonlinear)  # x − that = LinearError
         norms = torch.stack([error.norm(dim=1), linear.norm(dim=1), nonlinear.norm(dim=1)])
-        self.norm_sums += norms.double().sum(1).cpu()
+        self.norm_sums += norms.double().sum(1)
         self.n += int(x.shape[0])
 
     def compute(self) -> dict[str, float | None]:
@@ -250,13 +253,14 @@ class ComponentShares:
 def _sae_unit(
     name: str, site: Site, sae: SAE, probe: tuple[Tensor, Tensor], shares: ComponentShares
 ) -> SpliceUnit:
-    """The splice unit of one SAE: Sae(x) and each error component added back."""
+    """The splice unit of one SAE: Sae(x) and each error component added back (the SAE and its probe on
+    the model's device)."""
     w, b = probe
 
     def compute(x: Tensor, _ups: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         xf = x.float()
         sae_x = sae_recon(sae, x)
-        lin = torch.addmm(b.to(x.device), xf, w.to(x.device))
+        lin = torch.addmm(b, xf, w)
         nl = (xf - sae_x) - lin
         reps = {
             "sae": sae_x,
@@ -326,21 +330,24 @@ def _sae_units(
     probes: Mapping[str, tuple[Tensor, Tensor]],
     mean_acts: Mapping[str, Tensor] | None,
     both_batches: int | None,
+    dtype: torch.dtype | None = None,
 ) -> tuple[list[SpliceUnit], dict[str, ComponentShares], dict[str, str]]:
     """A checked splice unit per SAE, one ablation unit per site, the reference predictors each SAE feeds,
-    and the ablation unit of each SAE."""
+    and the ablation unit of each SAE; every SAE (in ``dtype``, None: its own), probe and sum is on the
+    model's device."""
     d = model_width(model)
+    device = model_device(model)
     units, shares, ablations, ablation_of = [], {}, {}, {}
     for name, sae in saes.items():
         site = check_sae_site(model, name, sae)
         if name not in probes:
             raise ConfigError(f"No error probe given for SAE {name!r}; probes has {sorted(probes)}.")
-        probe = check_probe(name, probes[name], d)
+        probe = probe_on(check_probe(name, probes[name], d), device)
         if site.name not in ablations:
             ablations[site.name] = _ablation_unit(site, _mean_act(mean_acts, site, d))
         ablation_of[name] = _ablation_name(site)
-        shares[name] = ComponentShares(d)
-        unit = _sae_unit(name, site, sae, probe, shares[name])
+        shares[name] = ComponentShares(d, device)
+        unit = _sae_unit(name, site, on_device(sae, device, dtype), probe, shares[name])
         if both_batches is not None:
             unit.limit_batches["sae+both"] = both_batches
         units.append(unit)
@@ -432,6 +439,7 @@ def downstream_ce(
     both_batches: int | None = None,
     seed: int = 0,
     progress: Progress | None = None,
+    dtype: torch.dtype | None = None,
 ) -> DownstreamResult:
     """Paper Figs 8/9 on held-out contexts ``[n, ctx_len]`` (see the module docstring).
 
@@ -441,12 +449,13 @@ def downstream_ce(
     ``both_batches`` runs the ``sae+both`` check on the first N batches only (None: all; it costs one
     spliced pass per SAE and batch, 1/4 of its spliced work); its CE and KL then cover those batches and
     are compared with the clean CE on the same tokens. ``seed`` is only recorded (nothing is random).
+    Everything runs on the model's device: the SAEs (in ``dtype``, None: their own) and probes go there.
     """
     t_start = time.perf_counter()
     model = model_of(lm)
     _check_options(saes, both_tolerance, both_batches)
     tokens = check_tokens(contexts_tokens, model, start)
-    units, shares, ablation_of = _sae_units(model, saes, probes, mean_acts, both_batches)
+    units, shares, ablation_of = _sae_units(model, saes, probes, mean_acts, both_batches, dtype)
     out = run_splices(
         model, tokens, units, start=start, batch_size=batch_size, prefix_cache=prefix_cache, progress=progress
     )

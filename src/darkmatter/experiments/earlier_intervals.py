@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import torch
+
 from darkmatter.errors import DataError
 from darkmatter.experiments.decomposition.accumulators import merged, replicates_fit
 from darkmatter.experiments.joint_map import JOINT
@@ -25,7 +27,7 @@ Table = dict[str, dict[str, float]]
 def sub_moments(m: Moments, cols: slice) -> Moments:
     """The moments of a column block of x (same targets): exact, as shifted sums slice per column."""
     state = m.state_dict()
-    sub = Moments(cols.stop - cols.start, m.target_dims)
+    sub = Moments(cols.stop - cols.start, m.target_dims, device=m.device)
     new = {
         "n": state["n"],
         "x.ref": state["x.ref"][cols],
@@ -49,12 +51,21 @@ class BlockMoments:
     x_test: list[Moments]
 
     @classmethod
-    def empty(cls, blocks: int, width: int, targets: dict[str, int], d: int) -> BlockMoments:
-        """``blocks`` empty accumulators per part: inputs of ``width`` with ``targets``; x of width ``d``."""
+    def empty(
+        cls,
+        blocks: int,
+        width: int,
+        targets: dict[str, int],
+        d: int,
+        *,
+        device: str | torch.device | None = None,
+    ) -> BlockMoments:
+        """``blocks`` empty accumulators per part on ``device``: inputs of ``width`` with ``targets``; x of
+        width ``d``."""
         return cls(
-            [Moments(width, targets) for _ in range(blocks)],
-            [Moments(width, targets) for _ in range(blocks)],
-            [Moments(d) for _ in range(blocks)],
+            [Moments(width, targets, device=device) for _ in range(blocks)],
+            [Moments(width, targets, device=device) for _ in range(blocks)],
+            [Moments(d, device=device) for _ in range(blocks)],
         )
 
     def total(self, part: str, without: int | None = None) -> Moments:

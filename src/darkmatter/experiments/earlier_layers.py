@@ -42,7 +42,7 @@ from darkmatter.experiments.earlier_intervals import (
     r2_intervals,
     sub_moments,
 )
-from darkmatter.experiments.inputs import check_probe, check_store_sae, sae_recon
+from darkmatter.experiments.inputs import check_probe, check_store_sae, on_device, sae_recon
 from darkmatter.experiments.joint_ce import JointCEResult, downstream_ce_with_joint
 from darkmatter.experiments.joint_map import JOINT, SELF, Block, JointMap, joint_replacement, regressors
 from darkmatter.experiments.mlp_probe import mlp_probe
@@ -222,7 +222,7 @@ def _accumulate(
     *,
     split: Split,
     batch_tokens: int,
-    device: str,
+    device: str | torch.device,
     blocks: int,
     progress: Progress | None,
 ) -> _Accumulated:
@@ -230,7 +230,7 @@ def _accumulate(
     ``blocks`` blocks of whole shards."""
     w, b = probe
     dims = dict.fromkeys(TARGETS, layout.d)
-    mom = BlockMoments.empty(blocks, layout.width, dims, layout.d)
+    mom = BlockMoments.empty(blocks, layout.width, dims, layout.d, device=device)
     skip = int(store.identity.get("skip_positions", 0))
     ticker = Ticker(progress, store.n_contexts * (store.ctx_len - skip))
     for batch in store.iter_batches(layout.sites, batch_tokens=batch_tokens, device=device):
@@ -333,7 +333,8 @@ def earlier_layer_predictors(
     *,
     split: Split,
     batch_tokens: int = 4096,
-    device: str = "cpu",
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
     interval_blocks: int = 8,
     progress: Progress | None = None,
 ) -> EarlierLayersResult:
@@ -343,10 +344,14 @@ def earlier_layer_predictors(
     ``split`` so that every test number is out of sample. ``interval_blocks``: keep the moments in that
     many blocks of whole shards (at most one per shard) for delete-one-block jackknife intervals; with
     fewer than 3 there are none. Memory grows with the blocks (each holds the joint regression's moments).
+    Every SAE (in ``dtype``, None: its own), the probe, the batches and the float64 moments are on
+    ``device``.
     """
     t0 = time.perf_counter()
     _check_names(regressor_saes)
     target_site = check_store_sae(store, "target", target_sae)
+    target_sae = on_device(target_sae, device, dtype)
+    regressor_saes = {n: on_device(s, device, dtype) for n, s in regressor_saes.items()}
     w, b = (t.to(device) for t in check_probe("target", probe, store.d[target_site]))
     layout = _layout(store, target_site, regressor_saes)
     acc = _accumulate(

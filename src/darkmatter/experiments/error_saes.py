@@ -21,7 +21,9 @@ import torch
 from pydantic import BaseModel, Field
 
 from darkmatter.errors import ConfigError, DataError, ShapeError, StoreError
+from darkmatter.experiments.inputs import on_device, placement
 from darkmatter.hashing import sha256_hex, stable_hash
+from darkmatter.lm.loading import resolve_device
 from darkmatter.progress import Progress
 from darkmatter.results import Result, config_hash, sae_identity, store_summary
 from darkmatter.sae.model import SAE
@@ -180,9 +182,11 @@ def train_error_saes(
     workdir: str | Path,
     split: Split,
     progress: Progress | None = None,
+    dtype: torch.dtype | None = None,
 ) -> tuple[ErrorSAEsResult, dict[str, SAE]]:
     """Train one TopK SAE per component together on the train tokens of ``split`` (resuming from ``workdir``),
-    then evaluate them on its test tokens.
+    then evaluate them on its test tokens. Everything runs on ``train.device`` (None: the CPU), where the
+    components are computed with ``sae`` in ``dtype`` (None: its own).
 
     The returned SAEs have ``hook_site`` = the SAE's site and name their input in
     ``cfg.metadata["derived_input"]``; compute their inputs with ``ErrorComponents``.
@@ -191,14 +195,15 @@ def train_error_saes(
     if not comps or len(set(comps)) != len(comps):
         raise ConfigError(f"Give each error component at most once and at least one, got {list(components)}.")
     _check_width(d_sae, k)
-    parts = ErrorComponents(sae, probe)
+    device = resolve_device(train.device or "cpu")
+    parts = ErrorComponents(on_device(sae, device, dtype), probe)
     site = _site(store, sae)
     names = {c: f"{site}:{c}_error" for c in comps}
     derived = {names[c]: DerivedInput(site, parts.component(c), parts.identity(c)) for c in comps}
     specs = [SAESpec(name=c, site=names[c], d_sae=d_sae, k=k, kind="topk") for c in comps]
     trainer = FamilyTrainer(store, specs, train, workdir, split=split, derived=derived)
     saes = dict(zip(comps, trainer.train(progress), strict=True))
-    quality, ratios, n_test = _evaluate(store, parts, saes, split=split, device=str(trainer.device))
+    quality, ratios, n_test = _evaluate(store, parts, saes, split=split, device=trainer.device)
     config = {
         "sae": sae_identity(sae),
         "inputs": {c: parts.identity(c) for c in comps},
@@ -244,7 +249,7 @@ class _TotalVariance:
         self.state: tuple[Tensor, Tensor, Tensor] | None = None
 
     def update(self, x: Tensor) -> None:
-        x = x.detach().to("cpu", torch.float64)
+        x = x.detach().to(torch.float64)  # the sums stay on x's device
         if self.state is None:
             ref = x.mean(0)
             self.state = (ref, torch.zeros_like(ref), torch.zeros_like(ref))
@@ -281,35 +286,36 @@ def _evaluate(
     saes: Mapping[str, SAE],
     *,
     split: Split,
-    device: str,
+    device: str | torch.device,
     batch_tokens: int = 4096,
 ) -> tuple[dict[str, dict[str, Any]], dict[str, float], int]:
-    """Per-component quality, variance ratios and the token count: one streaming pass over the test split."""
+    """Per-component quality, variance ratios and the token count: one streaming pass over the test split,
+    on ``device`` (the components' SAE must be there)."""
     site = _site(store, parts.sae)
     for c, s in saes.items():
         s.check_input_width(parts.sae.cfg.d_in, f"{c} error of {site}")
-    on_device = {c: SAE.from_tensors(s.cfg, dict(s.named_tensors()), device=device) for c, s in saes.items()}
+    placed = {c: on_device(s, device) for c, s in saes.items()}
     fvu = {c: FVU(s.cfg.d_in) for c, s in saes.items()}
     nmse = {c: NMSE(s.cfg.d_in) for c, s in saes.items()}
     l0 = {c: L0(s.cfg.d_sae) for c, s in saes.items()}
     var = {q: _TotalVariance() for q in ("x", *COMPONENTS)}
     blocks = {c: [FVU(s.cfg.d_in) for _ in range(JACKKNIFE_BLOCKS)] for c, s in saes.items()}
-    for batch in store.iter_batches([site], batch_tokens=batch_tokens):
+    for batch in store.iter_batches([site], batch_tokens=batch_tokens, device=device):
         test = ~split.mask(batch.context, batch.position)
         if not bool(test.any()):
             continue
         x = batch.acts[site][test]
-        block_of = (batch.context[test].cpu() * JACKKNIFE_BLOCKS) // store.n_contexts
+        block_of = (batch.context[test] * JACKKNIFE_BLOCKS) // store.n_contexts
         comps = parts.all(x)
         var["x"].update(x)
         for q, v in comps.items():
             var[q].update(v)
-        for c, s in on_device.items():
-            target = comps[c].to(s.device)
+        for c, s in placed.items():
+            target = comps[c]
             x_hat, codes = s.reconstruct(target)
             fvu[c].update(target, x_hat)
             for b in block_of.unique().tolist():
-                rows = (block_of == b).to(target.device)
+                rows = block_of == b
                 blocks[c][b].update(target[rows], x_hat[rows])
             nmse[c].update(target, x_hat)
             l0[c].update_sparse(codes.indices, codes.values)
@@ -338,21 +344,34 @@ def evaluate_error_saes(
     error_saes: Mapping[str, SAE],
     *,
     split: Split,
-    device: str = "cpu",
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Test-split fvu, nmse, l0 and dead_fraction of SAEs keyed by the component each was trained on."""
+    """Test-split fvu, nmse, l0 and dead_fraction of SAEs keyed by the component each was trained on, on
+    ``device`` (``sae`` in ``dtype``, None: its own)."""
     for c in error_saes:
         check_component(c)
-    quality, _, _ = _evaluate(store, ErrorComponents(sae, probe), error_saes, split=split, device=device)
+    parts = ErrorComponents(on_device(sae, device, dtype), probe)
+    quality, _, _ = _evaluate(store, parts, error_saes, split=split, device=device)
     return quality
 
 
 def component_activations_fn(
-    sae: SAE, probe: Probe, error_sae: SAE, component: str, latents: Sequence[int]
+    sae: SAE,
+    probe: Probe,
+    error_sae: SAE,
+    component: str,
+    latents: Sequence[int],
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
 ) -> Callable[[Batch], Tensor]:
     """A function from a store batch to ``[n, len(latents)]`` float32 CPU activations of ``error_sae``'s
-    chosen latents on ``component``, computed from ``batch.acts[sae.cfg.hook_site]``."""
-    fn = ErrorComponents(sae, probe).component(component)
+    chosen latents on ``component``, computed from ``batch.acts[sae.cfg.hook_site]`` on ``device`` (None:
+    ``sae``'s), both SAEs there in ``dtype`` (None: their own); the result is moved to the host."""
+    dev = placement(device, sae)
+    fn = ErrorComponents(on_device(sae, dev, dtype), probe).component(component)
+    error_sae = on_device(error_sae, dev, dtype)
     site = sae.cfg.hook_site
     if site is None:
         raise ConfigError("The SAE names no hook site, so its activations cannot be found in a batch.")

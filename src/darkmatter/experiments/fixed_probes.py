@@ -15,6 +15,7 @@ import torch
 
 from darkmatter.errors import DataError
 from darkmatter.experiments.decomposition import RECONSTRUCT_CHUNK, Probe
+from darkmatter.experiments.inputs import on_device
 from darkmatter.progress import Progress, Ticker
 from darkmatter.sae.model import SAE
 from darkmatter.stats.split import Split
@@ -40,20 +41,26 @@ def fvu_with_probes(
     contexts: np.ndarray | None = None,
     batch_tokens: int = 1024,
     progress: Progress | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
 ) -> tuple[dict[str, HeldOutFit], int]:
     """Per SAE, FVU(x, x̂) and FVU(x, x̂ + x W + b) with ``probes[name] = (W, b)``, on test tokens of
-    ``contexts`` (all when None); returns them and the number of test tokens. One pass over the store."""
+    ``contexts`` (all when None); returns them and the number of test tokens. One pass over the store, on
+    ``device``: the SAEs (in ``dtype``, None: their own), the probes, the batches and the float64 sums."""
     sites = sorted({str(s.cfg.hook_site) for s in saes.values()})
     if len(sites) != 1:
         raise DataError(f"fvu_with_probes needs SAEs of one site, found {sites}.")
     site = sites[0]
     d = store.d[site]
-    sum_x = torch.zeros(d, dtype=torch.float64)
+    dev = torch.device(device)
+    saes = {name: on_device(sae, dev, dtype) for name, sae in saes.items()}
+    probes = {name: (w.to(dev), b.to(dev)) for name, (w, b) in probes.items() if name in saes}
+    sum_x = torch.zeros(d, dtype=torch.float64, device=dev)
     sum_sq = n = 0.0
     sse = {name: [0.0, 0.0, 0.0] for name in saes}  # Σ‖x − x̂‖², Σ‖x − x̂ − Wx − b‖², Σ L0
     n_ctx = store.n_contexts if contexts is None else len(np.unique(contexts))
     ticker = Ticker(progress, n_ctx * (store.ctx_len - int(store.identity.get("skip_positions", 0))))
-    for batch in store.iter_batches([site], batch_tokens=batch_tokens, contexts=contexts):
+    for batch in store.iter_batches([site], batch_tokens=batch_tokens, contexts=contexts, device=dev):
         ticker.advance(len(batch))
         test = ~split.mask(batch.context, batch.position)
         x = batch.acts[site][test]

@@ -112,3 +112,38 @@ def site_order(site: Site) -> tuple[int, int]:
 def sae_recon(sae: SAE, x: Tensor) -> Tensor:
     """Sae(x) as float32 on x's device (the SAE runs in its own device and dtype)."""
     return sae(x.to(device=sae.device, dtype=sae.dtype)).to(device=x.device, dtype=torch.float32)
+
+
+def placement(device: str | torch.device | None, sae: SAE) -> torch.device:
+    """The device an experiment computes on: ``device`` when given, else the SAE's own."""
+    return sae.device if device is None else torch.device(device)
+
+
+def on_device(sae: SAE, device: str | torch.device, dtype: torch.dtype | None = None) -> SAE:
+    """``sae`` on ``device`` in ``dtype`` (None: its own): itself when it is already there, else a copy
+    there, so the caller's SAE is never moved."""
+    dev, dt = torch.device(device), dtype or sae.dtype
+    if _same_device(sae.device, dev) and sae.dtype == dt:
+        return sae
+    return type(sae).from_tensors(sae.cfg, dict(sae.named_tensors()), device=dev, dtype=dt, validate=False)
+
+
+def probe_on(probe: tuple[Tensor, Tensor], device: str | torch.device) -> tuple[Tensor, Tensor]:
+    """An error probe (weights, bias) on ``device`` (float32, as `check_probe` returns it)."""
+    w, b = probe
+    return w.to(device), b.to(device)
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """``cuda`` and ``cuda:0`` (the current device) name the same device."""
+    if a.type != b.type:
+        return False
+    if a.index is None or b.index is None:
+        current = torch.cuda.current_device() if a.type == "cuda" and torch.cuda.is_available() else 0
+        return (a.index if a.index is not None else current) == (b.index if b.index is not None else current)
+    return a.index == b.index
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of a model's weights: where its forward passes, and so the splices, compute."""
+    return next(model.parameters()).device

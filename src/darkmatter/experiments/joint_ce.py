@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -20,9 +21,12 @@ from darkmatter.experiments.inputs import (
     check_probe,
     check_sae_site,
     check_tokens,
+    model_device,
     model_identity,
     model_of,
     model_width,
+    on_device,
+    probe_on,
     sae_recon,
     site_order,
 )
@@ -147,6 +151,7 @@ def downstream_ce_with_joint(
     both_tolerance: float = 1e-3,
     seed: int = 0,
     progress: Progress | None = None,
+    dtype: torch.dtype | None = None,
 ) -> JointCEResult:
     """Mean CE on held-out contexts of splicing x̂' at the target site for positions ``>= start``.
 
@@ -156,7 +161,9 @@ def downstream_ce_with_joint(
     at the target reads them; with it (the default) they come from the batch's clean pass, which holds
     the same values, and the unchanged layers are replayed (the splice engine). Settings: ``sae``,
     ``sae+joint`` (x̂'), ``sae+joint+rest`` (x̂' + (x − x̂') = x, the exactness check), ``zero``, and
-    ``sae+linear`` when the target's ``probe`` is given, for comparison with the linear probe.
+    ``sae+linear`` when the target's ``probe`` is given, for comparison with the linear probe. Everything
+    runs on the model's device: the SAEs (in ``dtype``, None: their own), the joint map and the probe go
+    there.
     """
     t0 = time.perf_counter()
     model = model_of(lm)
@@ -165,9 +172,12 @@ def downstream_ce_with_joint(
     blocks = check_joint_map(joint_map, target_sae, regressor_saes)
     d = model_width(model)
     upstream = _upstream_sites(model, target, blocks, regressor_saes)
-    pr = None if probe is None else check_probe("target", probe, d)
+    device = model_device(model)
+    pr = None if probe is None else probe_on(check_probe("target", probe, d), device)
     fvu = {k: FVU(d) for k in ("sae", "sae+joint", "sae+linear")}
-    unit = _joint_unit(target, target_sae, regressor_saes, joint_map, upstream, pr, fvu)
+    placed = {n: on_device(s, device, dtype) for n, s in regressor_saes.items()}
+    jm = replace(joint_map, weights=joint_map.weights.to(device), bias=joint_map.bias.to(device))
+    unit = _joint_unit(target, on_device(target_sae, device, dtype), placed, jm, upstream, pr, fvu)
     out = run_splices(
         model, arr, [unit], start=start, batch_size=batch_size, prefix_cache=prefix_cache, progress=progress
     )

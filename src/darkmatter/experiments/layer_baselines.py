@@ -34,6 +34,7 @@ from pydantic import Field
 
 from darkmatter.errors import ConfigError, StoreError
 from darkmatter.experiments.decomposition.accumulators import block_of, n_blocks
+from darkmatter.experiments.inputs import on_device, placement
 from darkmatter.experiments.layer_intervals import (
     PASS_BYTES,
     layer_groups,
@@ -132,14 +133,14 @@ def _check_inputs(store: ActivationStore, saes: Mapping[int, SAE], site_template
     return sites
 
 
-def _id_index(store: ActivationStore) -> tuple[Tensor, int]:
-    """(lookup [max id + 1] from a token id to its row in the per-id sums, rows): one row per id the store
-    holds, so the per-id sums scale with the ids seen, not the vocabulary."""
+def _id_index(store: ActivationStore, device: torch.device) -> tuple[Tensor, int]:
+    """(lookup [max id + 1] on ``device`` from a token id to its row in the per-id sums, rows): one row per
+    id the store holds, so the per-id sums scale with the ids seen, not the vocabulary."""
     tokens = torch.as_tensor(store.tokens.astype("int64")).reshape(-1)
     ids = torch.unique(tokens)
     lookup = torch.full((int(ids[-1]) + 1,), -1, dtype=torch.int64)
     lookup[ids] = torch.arange(len(ids))
-    return lookup, len(ids)
+    return lookup.to(device), len(ids)
 
 
 def _accumulate(
@@ -152,13 +153,17 @@ def _accumulate(
     n_ids: int,
     blocks: int,
     batch_tokens: int,
+    device: torch.device,
 ) -> tuple[Tensor, Tensor]:
-    """One streaming pass feeding ``layers``' sums; returns the train and test token counts per block and
-    id [blocks, ids]."""
+    """One streaming pass on ``device`` feeding ``layers``' sums; returns the train and test token counts
+    per block and id [blocks, ids] (on ``device``)."""
     with_loss = store.has_loss
-    train_count = torch.zeros(blocks, n_ids, dtype=torch.int64)  # shared by all layers
-    test_count = torch.zeros(blocks, n_ids, dtype=torch.int64)
-    for batch in store.iter_batches(list(sites.values()), batch_tokens=batch_tokens, drop_last_position=True):
+    train_count = torch.zeros(blocks, n_ids, dtype=torch.int64, device=device)  # shared by all layers
+    test_count = torch.zeros(blocks, n_ids, dtype=torch.int64, device=device)
+    batches = store.iter_batches(
+        list(sites.values()), batch_tokens=batch_tokens, drop_last_position=True, device=device
+    )
+    for batch in batches:
         k = block_of(store, blocks, int(batch.context[0]))  # a batch never spans two shards
         train = split.mask(batch.context, batch.position)
         token = lookup[batch.token]
@@ -272,6 +277,8 @@ def layer_baselines(
     site_template: str = RESID_SITE,
     interval_blocks: int = 8,
     pass_bytes: int = PASS_BYTES,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
 ) -> LayerBaselinesResult:
     """R² on test tokens of predicting each layer's ‖x − Sae(x)‖² from the five baselines (module doc).
 
@@ -281,18 +288,21 @@ def layer_baselines(
     per-block sums of one pass; layers beyond it are processed in further passes over the store (each
     layer's SAE runs once whatever the grouping, and the numbers do not depend on it). Bad input: a layer
     the store lacks is a StoreError, an SAE of the wrong width a ShapeError, a constant target a DataError
-    naming the layer.
+    naming the layer. Everything runs on ``device`` (None: the first SAE's), each SAE in ``dtype`` (None:
+    its own); the float64 sums stay there.
     """
     sites = _check_inputs(store, saes, site_template)
+    dev = placement(device, saes[min(saes)])
+    saes = {layer: on_device(sae, dev, dtype) for layer, sae in saes.items()}
     store.require_complete()
     with_loss = store.has_loss
-    lookup, n_ids = _id_index(store)
+    lookup, n_ids = _id_index(store, dev)
     blocks = n_blocks(store, interval_blocks)
     names = [p for p in PREDICTORS if with_loss or p != "model_loss"]
     widths = {layer: store.d[site] for layer, site in sites.items()}
     groups = layer_groups(widths, n_ids, blocks, with_loss, pass_bytes)
     scores: dict[int, _LayerScores] = {}
-    counts = torch.zeros(2, dtype=torch.int64)
+    counts = torch.zeros(2, dtype=torch.int64, device=dev)
     for group in groups:
         layers = {
             layer: LayerSums(layer, sites[layer], saes[layer], widths[layer], n_ids, with_loss, blocks)
@@ -307,6 +317,7 @@ def layer_baselines(
             n_ids=n_ids,
             blocks=blocks,
             batch_tokens=batch_tokens,
+            device=dev,
         )
         for layer, acc in layers.items():
             scores[layer] = _score(acc, names, train_count, test_count)
@@ -375,13 +386,15 @@ def run(
     harvest_cfg: HarvestConfig | None = None,
     split: Split,
     batch_tokens: int = 4096,
-    device: str = "cpu",
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
     interval_blocks: int = 8,
     log: Log | None = None,
     progress: Callable[[str], Progress | None] | None = None,
 ) -> LayerBaselinesResult:
     """Harvest resid_post of ``layers`` (with loss) into ``out_dir/store_layers``, train one SAE per layer
-    (or reuse ``out_dir/saes_layers/<L>/``), and compute `layer_baselines`; the caller writes the result.
+    (or reuse ``out_dir/saes_layers/<L>/``), and compute `layer_baselines` on ``device`` with the SAEs in
+    ``dtype`` (None: as trained); the caller writes the result. The SAEs train on ``train.device``.
 
     ``harvest_cfg`` supplies dtype, batch size, the largest shard size and ``with_loss`` (without it the
     model-loss baseline is left out and the forward stops after the last layer asked for); its sites are
@@ -420,9 +433,14 @@ def run(
     saes, reused = load_or_train(
         store, layers, out / SAE_DIR, settings, train, split, log, bars("layer sweep: train SAEs")
     )
-    saes = {layer: sae.to(device) for layer, sae in saes.items()}
     result = layer_baselines(
-        store, saes, split=split, batch_tokens=batch_tokens, interval_blocks=interval_blocks
+        store,
+        saes,
+        split=split,
+        batch_tokens=batch_tokens,
+        interval_blocks=interval_blocks,
+        device=device,
+        dtype=dtype,
     )
     config = {
         **result.config,

@@ -55,7 +55,7 @@ class LayerSums:
         names = [n for n in REGRESSIONS if with_loss or n != "model_loss"]
         width = {n: d if n == "activations" else 1 for n in names}
         self.moments = {
-            part: {n: [Moments(width[n], {"y": 1}) for _ in range(blocks)] for n in names}
+            part: {n: [Moments(width[n], {"y": 1}, device=self.device) for _ in range(blocks)] for n in names}
             for part in ("train", "test")
         }
         self.ref: Tensor | None = None  # shift for the per-token sums of y (first chunk's mean)
@@ -71,7 +71,7 @@ class LayerSums:
     @torch.no_grad()
     def update(self, x: Tensor, token: Tensor, loss: Tensor | None, train: Tensor, block: int = 0) -> None:
         """x [n, d] float32, token [n] int64 (the id's index in the per-id sums), loss [n] or None,
-        train [n] bool (all on CPU), all from ``block``."""
+        train [n] bool, all from ``block`` and on the SAE's device (the sums live there too)."""
         x = x.to(self.device)
         x_hat, codes = self.sae.reconstruct(x.to(self.sae.dtype))
         y = (x - x_hat.to(x.dtype)).double().pow(2).sum(1)  # [n] squared error norm

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from darkmatter.errors import ConfigError, DataError
-from darkmatter.experiments.inputs import check_probe, check_store_sae, sae_recon
+from darkmatter.experiments.inputs import check_probe, check_store_sae, on_device, sae_recon
 from darkmatter.progress import Progress, Ticker
 from darkmatter.sae.model import SAE
 from darkmatter.stats import CONSTANT_TARGET_TOL, Split
@@ -113,7 +113,9 @@ def _check_hparams(hidden: int, epochs: int, minibatch: int, lr: float) -> None:
         raise ConfigError(f"mlp_probe: lr must be a positive number, found {lr}.")
 
 
-def _split_chunks(store: ActivationStore, site: str, split: Split, batch_tokens: int, device: str) -> Chunks:
+def _split_chunks(
+    store: ActivationStore, site: str, split: Split, batch_tokens: int, device: str | torch.device
+) -> Chunks:
     """The ``Chunks`` of ``site``: each store batch's train (or test) rows, empty ones skipped."""
 
     def chunks(train: bool) -> Iterator[Tensor]:
@@ -147,7 +149,7 @@ def _train_epoch(
     sae: SAE,
     minibatch: int,
     gen: torch.Generator,
-    device: str,
+    device: str | torch.device,
 ) -> float:
     """One Adam pass over the train tokens (minibatches shuffled within each chunk); mean MSE."""
     total, count = 0.0, 0
@@ -172,7 +174,7 @@ def _evaluate(
     """Test sums of x, SaeError and NonlinearError, and SS_res per dim of the MLP and the linear probe."""
     w, b = probe
     sums = {k: _DimSums() for k in ("x", "error", "nonlinear")}
-    ss_res = {k: torch.zeros(d, dtype=torch.float64) for k in ("mlp", "probe")}
+    ss_res = {k: torch.zeros(d, dtype=torch.float64, device=w.device) for k in ("mlp", "probe")}
     with torch.no_grad():
         for x in chunks(False):
             err = x - sae_recon(sae, x)
@@ -181,11 +183,11 @@ def _evaluate(
             resid = err - net(x)
             for k, t in (("x", x), ("error", err), ("nonlinear", nl)):
                 sums[k].add(t)
-            ss_res["mlp"] += resid.double().pow(2).sum(0).cpu()
-            ss_res["probe"] += nl.double().pow(2).sum(0).cpu()
+            ss_res["mlp"] += resid.double().pow(2).sum(0)
+            ss_res["probe"] += nl.double().pow(2).sum(0)
     if sums["x"].n < 2:
         raise DataError(f"mlp_probe: {sums['x'].n} test token(s); at least 2 are needed.")
-    return {k: v.cpu() for k, v in sums.items()}, ss_res
+    return {k: v.cpu() for k, v in sums.items()}, {k: v.cpu() for k, v in ss_res.items()}
 
 
 def _scores(sums: dict[str, _DimSums], ss_res: dict[str, Tensor]) -> dict[str, float]:
@@ -220,7 +222,8 @@ def mlp_probe(
     on_probe: bool = True,
     seed: int = 0,
     batch_tokens: int = 4096,
-    device: str = "cpu",
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Train a one-hidden-layer MLP on ``split``'s train tokens to predict SaeError from x; score on test.
@@ -232,11 +235,13 @@ def mlp_probe(
     each store chunk of ``batch_tokens``, ``epochs`` passes over the train tokens (a fixed budget), all
     seeded by ``seed``. Returns held-out R² (mean over dims and variance-weighted) for SaeError and
     NonlinearError, those of the linear probe, and FVU(x, Sae(x)), FVU(x, Sae(x) + LinearError) (the
-    probe's FVU_nonlinear) and FVU(x, Sae(x) + MLP(x)).
+    probe's FVU_nonlinear) and FVU(x, Sae(x) + MLP(x)). The SAE (in ``dtype``, None: its own), the probe,
+    the MLP, the batches and the float64 sums are on ``device``; the sums come back to the host at the end.
     """
     t0 = time.perf_counter()
     _check_hparams(hidden, epochs, minibatch, lr)
     site = check_store_sae(store, "sae", sae)
+    sae = on_device(sae, device, dtype)
     d = store.d[site]
     w, b = (t.to(device) for t in check_probe("sae", probe, d))
     chunks = _split_chunks(store, site, split, batch_tokens, device)

@@ -66,6 +66,7 @@ import torch
 from pydantic import BaseModel, Field
 
 from darkmatter.errors import ConfigError, DataError, StoreError
+from darkmatter.experiments.inputs import on_device, placement
 from darkmatter.experiments.synthetic_data import (
     CHUNK,
     RandomSource,
@@ -238,7 +239,8 @@ def _read(
     store: ActivationStore, sae: SAE, n_tokens: int, reencode: bool
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, float, float]:
     """The first n_tokens at the SAE's site, as (what the pass encodes [N, d] float32, context ids,
-    positions, latent mass, the SAE's mean L0 on x, x′'s rms per-dimension std)."""
+    positions, latent mass, the SAE's mean L0 on x, x′'s rms per-dimension std), all on the SAE's
+    device."""
     site = sae.cfg.hook_site
     if site is None or site not in store.sites:
         raise StoreError(
@@ -249,19 +251,19 @@ def _read(
     enc, x_prime, ctx, pos = [], [], [], []
     mass = torch.zeros(sae.cfg.d_sae, dtype=F64, device=sae.device)
     l0, got = 0.0, 0
-    for batch in store.iter_batches([site], batch_tokens=CHUNK):
+    for batch in store.iter_batches([site], batch_tokens=CHUNK, device=sae.device):
         take = min(len(batch), n_tokens - got)
         x = batch.acts[site][:take]
         if not bool(torch.isfinite(x).all()):
             raise DataError(f"The store holds NaN or inf activations at {site}; re-harvest in fp32.")
-        x_hat, codes = sae.reconstruct(x.to(device=sae.device, dtype=sae.dtype))
+        x_hat, codes = sae.reconstruct(x.to(sae.dtype))
         mass.index_add_(0, codes.indices.reshape(-1), codes.values.reshape(-1).to(F64))
         l0 += float(codes.l0().sum())
-        x_prime.append(x_hat.float().cpu())
+        x_prime.append(x_hat.float())
         if not reencode:
-            enc.append(x.float().cpu())
-        ctx.append(batch.context[:take].cpu())
-        pos.append(batch.position[:take].cpu())
+            enc.append(x.float())
+        ctx.append(batch.context[:take])
+        pos.append(batch.position[:take])
         got += take
         if got >= n_tokens:
             break
@@ -328,11 +330,18 @@ def _scale(scale: float | None, rms: float) -> float:
 
 
 def _simulate(
-    source: SAESource | RandomSource, mass: Tensor, grid: _Grid, n_train: int, d: int, s: float, seed: int
+    source: SAESource | RandomSource,
+    mass: Tensor,
+    grid: _Grid,
+    n_train: int,
+    d: int,
+    s: float,
+    seed: int,
 ) -> dict[str, Any]:
-    """The `SimulationOutcome` fields of one data set: the pass over its rows, then the exact algebra."""
+    """The `SimulationOutcome` fields of one data set: the pass over its rows (on the device of its latent
+    ``mass``), then the exact algebra."""
     keep, counts = keeps(mass, grid.ablations)
-    tr, te = accumulate(source, n_train, len(source), d, keep, seed)
+    tr, te = accumulate(source, n_train, len(source), d, keep, seed, mass.device)
     scores = score(tr, te, s, grid.settings, len(grid.ablations))
     return summarise(scores, grid.settings, grid.ablations, counts, grid.levels)
 
@@ -385,6 +394,8 @@ def synthetic_simulation(
     reencode: bool = True,
     control_l0: float | None = None,
     control_exponent: float = 1.0,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
 ) -> SyntheticResult:
     """Run the synthetic decomposition test on the first ``n_tokens`` tokens at the SAE's site.
 
@@ -392,9 +403,12 @@ def synthetic_simulation(
     ablation fraction. ``scale`` defaults to x′'s rms per-dimension std / 4; the control then uses its own
     rms / 4. ``seed`` drives the noise and, offset, the control's data; ``split`` is the train/test split
     of the tokens. ``control_l0`` defaults to the SAE's mean L0 on x. The module docstring gives every
-    choice. Compute is two fp64 passes of ≈ 2·N·2d·9d flops each (SAE data, then the control).
+    choice. Compute is two fp64 passes of ≈ 2·N·2d·9d flops each (SAE data, then the control), on
+    ``device`` (None: the SAE's) with the SAE in ``dtype`` (None: its own); the noise is drawn on the host
+    (the same stream on every device) and moved there.
     """
     grid = _check(ablations, levels, extra, n_tokens, scale)
+    sae = on_device(sae, placement(device, sae), dtype)
     enc_in, ctx, pos, mass, l0, rms = _read(store, sae, n_tokens, reencode)
     n, d = enc_in.shape
     enc_in, n_train, n_test = _split_rows(split, enc_in, ctx, pos)

@@ -78,28 +78,33 @@ class BlockSums:
 
 
 def accumulate(
-    source: SAESource | RandomSource, n_train: int, n: int, d: int, keeps: list[Tensor], seed: int
+    source: SAESource | RandomSource,
+    n_train: int,
+    n: int,
+    d: int,
+    keeps: list[Tensor],
+    seed: int,
+    device: torch.device,
 ) -> tuple[BlockSums, BlockSums]:
     """One pass over rows sorted by split (train first): per split, `Moments` of [x′, ε₁] against ε₂ and
-    D_p = x′ − r_p, plus the raw per-dimension Σ D_p·ε₂."""
+    D_p = x′ − r_p, plus the raw per-dimension Σ D_p·ε₂, all float64 on ``device`` (the source's rows and
+    the noise drawn on the host are moved there chunk by chunk)."""
     names = [f"d{i}" for i in range(len(keeps))]
-    mom = {part: Moments(2 * d, {"n2": d, **dict.fromkeys(names, d)}) for part in ("train", "test")}
-    dots = {part: {k: torch.zeros(d, dtype=F64) for k in names} for part in ("train", "test")}
+    targets = {"n2": d, **dict.fromkeys(names, d)}
+    mom = {part: Moments(2 * d, targets, device=device) for part in ("train", "test")}
+    dots = {part: {k: torch.zeros(d, dtype=F64, device=device) for k in names} for part in ("train", "test")}
     spans = chunk_spans(n_train, n)
     for (a, b), (e1, e2) in zip(spans, noise_chunks(seed, spans, d), strict=True):
         part = "train" if a < n_train else "test"
         x, codes, decode = source.chunk(a, b)
-        e1, e2 = e1.to(x.device), e2.to(x.device)
-        ds = {k: x - decode(masked(codes, keep)) for k, keep in zip(names, keeps, strict=True)}
+        x, e1, e2 = x.to(device), e1.to(device), e2.to(device)
+        ds = {k: x - decode(masked(codes, keep)).to(device) for k, keep in zip(names, keeps, strict=True)}
         mom[part].update(torch.cat([x, e1], 1), {"n2": e2, **ds})
         e2d = e2.to(F64)
         for k, t in ds.items():
-            dots[part][k] += (t.to(F64) * e2d).sum(0).cpu()
-    splits = []
-    for part in ("train", "test"):
-        device = mom[part].device
-        splits.append(BlockSums.from_sums(mom[part], {k: v.to(device) for k, v in dots[part].items()}))
-    return splits[0], splits[1]
+            dots[part][k] += (t.to(F64) * e2d).sum(0)
+    tr, te = (BlockSums.from_sums(mom[part], dots[part]) for part in ("train", "test"))
+    return tr, te
 
 
 def fit_blocks(tr: BlockSums, alpha: float, blocks: list[str]) -> dict[str, RidgeFit]:

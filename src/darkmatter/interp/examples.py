@@ -304,19 +304,22 @@ def collect_examples(
     batch_tokens: int = 4096,
     skip_positions: int | None = None,
     seed: int = 0,
+    device: str | torch.device = "cpu",
 ) -> dict[int, LatentExamples]:
     """Top windows, decile samples and never-firing negatives for each latent, in two streaming passes.
 
     ``activations_fn(batch)`` gives ``[n, len(latents)]`` activations of ``latents`` (in that order).
     Latents with fewer than ``min_activations`` activating tokens, or fewer than 10 activating windows,
-    come back with ``skip_reason`` set. ``sites`` limits which store sites are loaded.
+    come back with ``skip_reason`` set. ``sites`` limits which store sites are loaded. Batches are loaded
+    on ``device`` (where ``activations_fn`` computes); the window bookkeeping is on the host, and the
+    activations are moved there explicitly.
     """
     ids = _check_latents(latents, d_sae)
     _check_sizes(n_top, n_per_decile, window, n_negatives, min_activations, max_examples)
     grid = _Grid.of(store, window, skip_positions)
     L = len(ids)
     p1 = _Pass1(L, max_examples, n_negatives, grid.n_win, seed)
-    for b in store.iter_batches(sites, batch_tokens=batch_tokens, skip_positions=grid.skip):
+    for b in store.iter_batches(sites, batch_tokens=batch_tokens, skip_positions=grid.skip, device=device):
         p1.update(grid.ids(b), _acts(activations_fn, b, L))
     p1.finish()
 
@@ -350,6 +353,7 @@ def collect_examples(
         batch_tokens=batch_tokens,
         skip=grid.skip,
         n_latents=L,
+        device=device,
     )
     for col, picks in wanted.items():
         _fill(out[ids[col]], picks, acts, col, grid, tokens)
@@ -367,6 +371,7 @@ def _pass2(
     batch_tokens: int,
     skip: int,
     n_latents: int,
+    device: str | torch.device,
 ) -> dict[tuple[int, int], np.ndarray]:
     """Per-token activations ``{(column, window id): [window length]}`` of the chosen windows."""
     need: dict[int, set[int]] = {}
@@ -378,7 +383,10 @@ def _pass2(
     sel = torch.tensor(sorted(need), dtype=torch.int64)
     contexts = np.unique(sel.numpy() // n_win)
     parts: dict[tuple[int, int], list[np.ndarray]] = {}
-    for b in store.iter_batches(sites, batch_tokens=batch_tokens, skip_positions=skip, contexts=contexts):
+    batches = store.iter_batches(
+        sites, batch_tokens=batch_tokens, skip_positions=skip, contexts=contexts, device=device
+    )
+    for b in batches:
         wid = window_ids(b)
         idx = torch.isin(wid, sel).nonzero().squeeze(1)
         if len(idx) == 0:

@@ -157,7 +157,10 @@ class FamilyTrainer:
             rows = [
                 b
                 for b in self.store.iter_batches(
-                    self._load_sites, contexts=np.arange(start, stop), batch_tokens=spc * 4096
+                    self._load_sites,
+                    contexts=np.arange(start, stop),
+                    batch_tokens=spc * 4096,
+                    device=self.device,
                 )
             ]
             loaded = {s: torch.cat([b.acts[s] for b in rows]) for s in self._load_sites}
@@ -170,7 +173,7 @@ class FamilyTrainer:
                 for s in self.sites
             }
             buf = parts if buf is None else {s: torch.cat([buf[s], parts[s]]) for s in self.sites}
-            perm = torch.randperm(len(buf[self.sites[0]]), generator=gen)
+            perm = torch.randperm(len(buf[self.sites[0]]), generator=gen).to(self.device)
             buf = {s: v[perm] for s, v in buf.items()}
             n_full = len(perm) // bs
             for i in range(n_full):
@@ -190,7 +193,7 @@ class FamilyTrainer:
                     f"Derived input {name!r} must map [n, d] rows to [n, d'] rows, but it mapped "
                     f"{tuple(chunk.shape)} to {tuple(y.shape)}."
                 )
-            y = y.to("cpu", torch.float32)
+            y = y.to(self.device, torch.float32)
             if not bool(torch.isfinite(y).all()):
                 raise DataError(f"Derived input {name!r} has NaN or infinite values; check its source.")
             out.append(y)
@@ -349,6 +352,7 @@ class FamilyTrainer:
             self.cfg.validation_tokens,
             source=lambda n: self.derived[n].source if n in self.derived else n,
             derive=self._derive,
+            device=self.device,
         )
         return val if val.n_tokens >= 2 else None
 

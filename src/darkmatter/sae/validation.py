@@ -61,14 +61,20 @@ def validation_contexts(store: ActivationStore, split: Split, n_tokens: int) -> 
 
 
 def load_validation(
-    store: ActivationStore, split: Split, sites: list[str], n_tokens: int
+    store: ActivationStore,
+    split: Split,
+    sites: list[str],
+    n_tokens: int,
+    *,
+    device: str | torch.device = "cpu",
 ) -> dict[str, Tensor]:
-    """Float32 rows ``[≤ n_tokens, d]`` of each stored site on the validation tokens (same rows for all)."""
+    """Float32 rows ``[≤ n_tokens, d]`` on ``device`` of each stored site on the validation tokens (same
+    rows for all)."""
     contexts = validation_contexts(store, split, n_tokens)
     parts: dict[str, list[Tensor]] = {s: [] for s in sites}
     have = 0
     if len(contexts):
-        for b in store.iter_batches(sites, contexts=contexts, batch_tokens=4096):
+        for b in store.iter_batches(sites, contexts=contexts, batch_tokens=4096, device=device):
             keep = ~split.mask(b.context, b.position)
             take = int(min(int(keep.sum()), n_tokens - have))
             rows = torch.nonzero(keep).flatten()[:take]
@@ -78,7 +84,8 @@ def load_validation(
             if have >= n_tokens:
                 break
     return {
-        s: torch.cat(v) if v else torch.zeros(0, store.d[s], dtype=torch.float32) for s, v in parts.items()
+        s: torch.cat(v) if v else torch.zeros(0, store.d[s], dtype=torch.float32, device=device)
+        for s, v in parts.items()
     }
 
 
@@ -99,11 +106,12 @@ class ValidationSet:
         *,
         source: Callable[[str], str],
         derive: Callable[[str, Tensor], Tensor],
+        device: str | torch.device = "cpu",
     ) -> ValidationSet:
         """``source(name)`` is the stored site an input reads; ``derive(name, rows)`` computes a derived one
-        (it is only called for inputs whose source differs from their name)."""
+        (it is only called for inputs whose source differs from their name). The rows are on ``device``."""
         stored = sorted({source(n) for n in inputs})
-        loaded = load_validation(store, split, stored, n_tokens)
+        loaded = load_validation(store, split, stored, n_tokens, device=device)
         return cls({n: loaded[n] if source(n) == n else derive(n, loaded[source(n)]) for n in inputs})
 
     @torch.no_grad()

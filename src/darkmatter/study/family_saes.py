@@ -124,9 +124,24 @@ def shape_of(sae: SAE) -> SAEShape:
     return SAEShape(str(sae.cfg.hook_site), sae.cfg.d_in, sae.cfg.d_sae, sae.cfg.k)
 
 
-def load_external_one(cfg: StudyConfig, ext: ExternalSAE, store: ActivationStore) -> SAE:
-    """One configured external SAE, with its site override, checked against the store."""
-    sae = load_sae(ext.path, format=ext.format, hookpoint=ext.hookpoint, online=cfg.model.online)
+def load_external_one(
+    cfg: StudyConfig,
+    ext: ExternalSAE,
+    store: ActivationStore,
+    *,
+    device: torch.device | str,
+    dtype: torch.dtype = torch.float32,
+) -> SAE:
+    """One configured external SAE on ``device`` in ``dtype``, with its site override, checked against the
+    store."""
+    sae = load_sae(
+        ext.path,
+        format=ext.format,
+        hookpoint=ext.hookpoint,
+        online=cfg.model.online,
+        device=device,
+        dtype=dtype,
+    )
     if ext.site:
         sae.cfg.hook_site = ext.site
     if sae.cfg.hook_site not in store.sites:
@@ -163,8 +178,8 @@ def load_family(
 
     def load(name: str) -> SAE:
         if name in external:
-            return load_external_one(cfg, external[name], store)
-        return load_sae(paths[name])
+            return load_external_one(cfg, external[name], store, device=device, dtype=dtype)
+        return load_sae(paths[name], device=device, dtype=dtype)
 
     shapes = {r.name: SAEShape(r.site, r.d_in, r.d_sae, r.k) for r in result.saes}
     return SAEFamily(shapes, load, device, dtype)

@@ -17,7 +17,7 @@ from darkmatter.errors import ConfigError, EndpointError
 from darkmatter.experiments.error_saes import component_activations_fn
 from darkmatter.interp import AutoInterpResult, EndpointJudge, LocalJudge, collect_examples, run_autointerp
 from darkmatter.interp.judges import Judge
-from darkmatter.lm.loading import load_lm
+from darkmatter.lm.loading import load_lm, resolve_device
 from darkmatter.results import Result
 from darkmatter.sae import SAE
 from darkmatter.study.context import StudyContext
@@ -95,7 +95,9 @@ def _score(
     icfg = ctx.cfg.error_saes.interp
     examples = collect_examples(
         ctx.store,
-        component_activations_fn(sae, probe, error_sae, component, latents),
+        component_activations_fn(
+            sae, probe, error_sae, component, latents, device=ctx.device, dtype=ctx.sae_dtype
+        ),
         latents,
         d_sae=error_sae.cfg.d_sae,
         n_top=icfg.n_examples_explain,
@@ -105,6 +107,7 @@ def _score(
         min_activations=icfg.min_activations,
         sites=[str(sae.cfg.hook_site)],
         seed=ctx.cfg.seed,
+        device=ctx.device,
     )
     tokenizer = ctx.lm.tokenizer
 
@@ -159,9 +162,10 @@ def make_judge(ctx: StudyContext) -> Judge:
             icfg.endpoint_url, icfg.endpoint_model, timeout=icfg.timeout, retries=icfg.retries
         )
     dtype = icfg.local_dtype or model.dtype
-    if icfg.local_model == model.name and dtype == model.dtype:
+    if icfg.local_model == model.name and dtype == model.dtype and resolve_device(model.device) == ctx.device:
         return LocalJudge.from_lm(ctx.lm, constrained=icfg.constrained)
-    judge_lm = load_lm(icfg.local_model, device=model.device, dtype=dtype, online=model.online or None)
+    # another model, precision or device: a judge of its own, on the study's (analysis) device
+    judge_lm = load_lm(icfg.local_model, device=str(ctx.device), dtype=dtype, online=model.online or None)
     return LocalJudge.from_lm(judge_lm, constrained=icfg.constrained)
 
 

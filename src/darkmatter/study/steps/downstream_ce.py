@@ -57,6 +57,7 @@ class DownstreamCEStep(Step[DownstreamResult]):
                     both_batches=BOTH_BATCHES,
                     progress=ctx.progress("downstream CE", "ctx"),
                     seed=ctx.cfg.seed,
+                    dtype=ctx.sae_dtype,  # the splices run on the model's device; SAEs and probes go there
                 )
             )
             ctx.saes.release(group)

@@ -93,6 +93,8 @@ class EarlierLayersStep(Step[EarlierLayersStepResult]):
                     hidden=settings.mlp_hidden,
                     epochs=settings.mlp_epochs,
                     seed=ctx.cfg.seed,
+                    device=ctx.device,
+                    dtype=ctx.sae_dtype,
                     progress=ctx.progress("MLP probe", "pass"),
                 )
             )
@@ -124,6 +126,8 @@ def _predictors(ctx: StudyContext, res: EarlierLayersStepResult, regressors: dic
             regressors,
             split=ctx.split,
             interval_blocks=ctx.cfg.engine.interval_blocks,
+            device=ctx.device,
+            dtype=ctx.sae_dtype,
             progress=ctx.progress("earlier layers"),
         )
     except DataError as exc:  # e.g. too few tokens for the joint regression: say so, keep the run going
@@ -141,6 +145,7 @@ def _predictors(ctx: StudyContext, res: EarlierLayersStepResult, regressors: dic
         start=ctx.cfg.text.skip_positions,
         probe=probe,
         progress=ctx.progress("CE with the joint map", "ctx"),
+        dtype=ctx.sae_dtype,  # on the model's device, as the downstream CE
     )
 
 

@@ -169,7 +169,9 @@ class EngineStep(Step[EngineResult]):
             save_probe(ctx.paths.probe(name), weights, bias)
         save_norm_grams(norm_grams_path(ctx), dec.norm_grams)
         fit, nl_mean, nl_ci = scaling_law(dec, roles.width_sweep, roles.main_site, seed=ctx.cfg.seed)
-        latents = probe_latents(ctx.store, saes[roles.widest], split=ctx.split)
+        latents = probe_latents(
+            ctx.store, saes[roles.widest], split=ctx.split, device=ctx.device, dtype=ctx.sae_dtype
+        )
         saes.release([roles.widest])
         for n in roles.width_sweep + [n for n in roles.k_sweep if n not in roles.width_sweep]:
             s = dec.stats[n]

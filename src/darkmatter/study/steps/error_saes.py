@@ -28,8 +28,12 @@ def error_sae_folder(ctx: StudyContext, component: str) -> Path:
 
 
 def load_error_saes(ctx: StudyContext) -> dict[str, SAE]:
-    """Component -> the SAE trained on it, as the error-SAE step saved it."""
-    return {c: load_sae(error_sae_folder(ctx, c)) for c in ctx.cfg.error_saes.components}
+    """Component -> the SAE trained on it, as the error-SAE step saved it, on the study's device in its SAE
+    precision."""
+    return {
+        c: load_sae(error_sae_folder(ctx, c), device=ctx.device, dtype=ctx.sae_dtype)
+        for c in ctx.cfg.error_saes.components
+    }
 
 
 class ErrorSAEsStep(Step[ErrorSAEsStepResult]):
@@ -63,6 +67,7 @@ class ErrorSAEsStep(Step[ErrorSAEsStepResult]):
             workdir=ctx.paths.error_saes / ".training",
             split=ctx.split,
             progress=ctx.progress("train error SAEs"),
+            dtype=ctx.sae_dtype,  # on the trainer's device, the analysis device unless train.device is set
         )
         for component, error_sae in trained.items():
             save_sae(error_sae, error_sae_folder(ctx, component))

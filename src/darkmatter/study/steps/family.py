@@ -104,7 +104,9 @@ def _train(ctx: StudyContext) -> _Trained:
     paths: dict[str, str] = {}
     for spec, sae in zip(trainer.specs, trained, strict=True):
         folder = save_sae(sae, ctx.paths.sae(spec.name))
-        saes[spec.name] = load_sae(folder)  # exactly what a resumed run will load
+        saes[spec.name] = load_sae(
+            folder, device=ctx.device, dtype=ctx.sae_dtype
+        )  # exactly what a resumed run will load
         paths[spec.name] = ctx.paths.relative(folder)
     histories = {m.spec.name: m.history for m in trainer.members}
     n_val = trainer.validation.n_tokens if trainer.validation else 0
@@ -137,7 +139,7 @@ def _external_records(ctx: StudyContext) -> list[SAERecord]:
         if group and used + estimate > capacity:
             records += _records(ctx, group, paths, {})
             group, used = {}, 0
-        sae = load_external_one(ctx.cfg, ext, ctx.store).to(device=ctx.device, dtype=ctx.sae_dtype)
+        sae = load_external_one(ctx.cfg, ext, ctx.store, device=ctx.device, dtype=ctx.sae_dtype)
         cost = engine_sae_bytes(sae.cfg.d_in, sae.cfg.d_sae, dtype_bytes=width, blocks=0)
         group_saes({ext.name: cost}, capacity, what="family quality")  # one SAE too large: a clear error
         if group and used + cost > capacity:

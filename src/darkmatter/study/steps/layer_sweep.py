@@ -49,6 +49,8 @@ class LayerSweepStep(Step[LayerBaselinesResult]):
             split=ctx.split,
             # jackknife blocks of whole shards, as the engine's; the layer store's shards shrink to match
             interval_blocks=cfg.engine.interval_blocks,
+            device=ctx.device,
+            dtype=ctx.sae_dtype,
             log=ctx.log,
             progress=ctx.progress,
         )

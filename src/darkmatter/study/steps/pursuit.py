@@ -17,6 +17,7 @@ from darkmatter.config.schema import StudyConfig
 from darkmatter.experiments.decomposition import SAEStats, decompose
 from darkmatter.experiments.decomposition.accumulators import n_blocks
 from darkmatter.experiments.fixed_probes import fvu_with_probes
+from darkmatter.experiments.inputs import on_device, probe_on
 from darkmatter.results import Number, Result
 from darkmatter.sae import SAE
 from darkmatter.sae.pursuit import PursuitSAE
@@ -82,8 +83,9 @@ class PursuitStep(Step[PursuitResult]):
         n_train = n_test = 0
         # each SAE and its pursuit (same weights, moments of their own) are in the same group
         for group in ctx.sae_groups(width_sweep, what="pursuit", blocks=blocks, copies=2):
-            saes: dict[str, SAE] = {n: ctx.saes[n] for n in group}
-            saes |= {f"{n}+pursuit": PursuitSAE.from_sae(ctx.saes[n]) for n in group}
+            plain = {n: on_device(ctx.saes[n], ctx.device, ctx.sae_dtype) for n in group}
+            saes: dict[str, SAE] = dict(plain)
+            saes |= {f"{n}+pursuit": PursuitSAE.from_sae(plain[n]) for n in group}
             refit = decompose(
                 ctx.store,
                 saes,
@@ -95,9 +97,14 @@ class PursuitStep(Step[PursuitResult]):
                 interval_site=ctx.roles.main_site,
                 interval_blocks=ctx.cfg.engine.interval_blocks,
             )
-            plain = {n: ctx.saes[n] for n in group}
             fixed, _ = fvu_with_probes(
-                ctx.store, plain, {n: ctx.probe(n) for n in group}, split=ctx.split, contexts=contexts
+                ctx.store,
+                plain,
+                {n: probe_on(ctx.probe(n), ctx.device) for n in group},
+                split=ctx.split,
+                contexts=contexts,
+                device=ctx.device,
+                dtype=ctx.sae_dtype,
             )
             rows += [
                 _row(n, fixed[n].fvu_nonlinear, refit.stats[n], refit.stats[f"{n}+pursuit"]) for n in group

@@ -42,6 +42,8 @@ class SyntheticStep(Step[SyntheticStepResult]):
             split=ctx.split,
             seed=ctx.cfg.seed,
             random_control=syn.random_control,
+            device=ctx.device,
+            dtype=ctx.sae_dtype,
         )
         return SyntheticStepResult(**dict(res), sae_name=name)
 
