@@ -22,16 +22,11 @@ produced, paper-experiments §7 and §15.6; these are our definitions, on the sa
   1 − Σ‖other component‖² / Σ‖SaeError‖²);
 - ``norm_share_c = mean‖c‖ / mean‖SaeError‖``.
 
-Cost (the engine is ``darkmatter.experiments.splice``). Splicing at layer L leaves layers < L (and
-layer L itself for a ``resid_post`` site) unchanged, so with ``prefix_cache`` (the default) each batch runs
-the full model once, clean, recording the output of the last unchanged decoder layer; every spliced pass
-then replays that output and computes only the layers after it (the skipped layers' ``forward`` is
-swapped for a replay for the duration of the pass; the embedding lookup, rotary tables and masks are still
-computed, which is cheap). Logits are computed only for positions ``>= start`` (``logits_to_keep``) when
-the model supports it. ``prefix_cache=False`` runs the plain full forward pass for every setting; the two
-agree to float rounding (tests check it).
-Memory is one batch: its clean activations at the needed sites and its clean log-probabilities
-``[batch, ctx_len − start − 1, vocab]`` (float32).
+Cost (see ``darkmatter.experiments.splice``): with ``prefix_cache`` (the default) each batch runs the
+model once, clean; every spliced pass replays the unchanged layers' output and computes only the later
+layers, with logits only for positions ``>= start``. ``prefix_cache=False`` runs the full forward for every setting
+(the two agree to float rounding). Memory is one batch: its clean activations at the needed sites and its
+clean log-probabilities ``[batch, ctx_len − start − 1, vocab]`` (float32).
 """
 
 from __future__ import annotations

@@ -137,6 +137,27 @@ def _ce_ratios(ce: Mapping[str, float], *, with_probe: bool) -> dict[str, float 
     }
 
 
+def _joint_config(
+    lm: Any,
+    model: torch.nn.Module,
+    arr: np.ndarray,
+    target_sae: SAE,
+    regressor_saes: Mapping[str, SAE],
+    joint_map: JointMap,
+    blocks: Any,
+) -> dict[str, Any]:
+    """What the joint-map CE depends on besides its options (for its config hash)."""
+    w_j, b_j = joint_map.weights, joint_map.bias
+    return {
+        "model": model_identity(lm, model),
+        "contexts": {"n": int(arr.shape[0]), "ctx_len": int(arr.shape[1])},
+        "target": sae_identity(target_sae),
+        "regressors": {n: sae_identity(s) for n, s in regressor_saes.items()},
+        "blocks": blocks,
+        "joint_sha": stable_hash([float(w_j.double().sum()), float(b_j.double().sum())]),
+    }
+
+
 def downstream_ce_with_joint(
     lm: Any,
     tokens: np.ndarray,
@@ -186,18 +207,8 @@ def downstream_ce_with_joint(
     ce = {"clean": clean} | {k: tally.mean("ce", k) for k in tally.ce}
     kl = {k: tally.mean("kl", k) for k in tally.kl}
     both = check_both("joint", ce["sae+joint+rest"], tally.mean("clean", "sae+joint+rest"), both_tolerance)
-    w_j, b_j = joint_map.weights, joint_map.bias
-    config = {
-        "start": int(start),
-        "batch_size": batch_size,
-        "prefix_cache": prefix_cache,
-        "model": model_identity(lm, model),
-        "contexts": {"n": int(arr.shape[0]), "ctx_len": int(arr.shape[1])},
-        "target": sae_identity(target_sae),
-        "regressors": {n: sae_identity(s) for n, s in regressor_saes.items()},
-        "blocks": blocks,
-        "joint_sha": stable_hash([float(w_j.double().sum()), float(b_j.double().sum())]),
-    }
+    config = _joint_config(lm, model, arr, target_sae, regressor_saes, joint_map, blocks)
+    config |= {"start": int(start), "batch_size": batch_size, "prefix_cache": prefix_cache}
     return JointCEResult(
         config_hash=stable_hash(config),
         seed=seed,

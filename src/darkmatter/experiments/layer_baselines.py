@@ -330,12 +330,7 @@ def layer_baselines(
     config = _config(store, saes, sites, split, interval_blocks)
     used = blocks if intervals else 0
     blocks_note = (interval_blocks, used, store.n_shards)
-    notes = _notes(scores, split, with_loss, ordered[-1].unseen, n_test, blocks_note)
-    if len(groups) > 1:
-        notes.append(
-            f"The layers were read in {len(groups)} passes over the store (groups {groups}) to bound the "
-            "memory of the per-block sums; the numbers do not depend on the grouping."
-        )
+    notes = _notes(scores, split, with_loss, ordered[-1].unseen, n_test, blocks_note) + _grouping_note(groups)
     return LayerBaselinesResult(
         config_hash=config_hash(config),
         seed=split.seed,
@@ -351,6 +346,15 @@ def layer_baselines(
         intervals=intervals,
         notes=notes,
     )
+
+
+def _grouping_note(groups: list[list[int]]) -> list[str]:
+    if len(groups) < 2:
+        return []
+    return [
+        f"The layers were read in {len(groups)} passes over the store (groups {groups}) to bound the "
+        "memory of the per-block sums; the numbers do not depend on the grouping."
+    ]
 
 
 def _earlier_shard_contexts(root: Path, identity: dict[str, Any]) -> int | None:
@@ -371,6 +375,18 @@ def _earlier_shard_contexts(root: Path, identity: dict[str, Any]) -> int | None:
     if identity_hash({**theirs, "shard_contexts": identity["shard_contexts"]}) != identity_hash(identity):
         return None  # another configuration: create_or_resume refuses it
     return int(theirs["shard_contexts"])
+
+
+def _run_notes(reused: Sequence[int], kind: str) -> list[str]:
+    notes = []
+    if reused:
+        notes.append(f"SAEs for layers {list(reused)} were reused from an earlier run (in {SAE_DIR}/).")
+    if kind == "topk":
+        notes.append(
+            "TopK SAEs have L0 = k on almost every token, so the l0 baseline says little here (the paper's "
+            "JumpReLU SAEs vary per token); kind='batchtopk' gives a per-token L0."
+        )
+    return notes
 
 
 def run(
@@ -448,12 +464,5 @@ def run(
         "harvest": hcfg.model_dump(),
         "sae_training": settings,
     }
-    notes = list(result.notes)
-    if reused:
-        notes.append(f"SAEs for layers {reused} were reused from an earlier run (in {SAE_DIR}/).")
-    if kind == "topk":
-        notes.append(
-            "TopK SAEs have L0 = k on almost every token, so the l0 baseline says little here (the paper's "
-            "JumpReLU SAEs vary per token); kind='batchtopk' gives a per-token L0."
-        )
+    notes = list(result.notes) + _run_notes(reused, kind)
     return result.model_copy(update={"config": config, "config_hash": config_hash(config), "notes": notes})

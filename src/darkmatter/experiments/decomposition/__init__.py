@@ -123,7 +123,23 @@ def decompose(
         if second_pass:
             spills = [p.spill for p in parts if p.spill is not None]
             grams = merge_spills(spills, _blocks_by_site(parts), table_path, flat)
-    first = parts[0]
+    return _merged(parts, grams, table_path if second_pass else None)
+
+
+@dataclass
+class _GroupResult:
+    stats: dict[str, SAEStats]
+    contexts: dict[str, ContextSums]
+    probes: dict[str, Probe]
+    n_train: int
+    n_test: int
+    blocks: dict[str, int]
+    spill: GroupSpill | None
+
+
+def _merged(parts: Sequence[_GroupResult], grams: dict[str, NormGram], table: Path | None) -> Decomposition:
+    """The groups' results as one: per-SAE entries joined, per-site sums of x taken from the first group
+    that read the site (every group computes them identically)."""
     contexts_by_site: dict[str, ContextSums] = {}
     for p in parts:
         for site, sums in p.contexts.items():
@@ -136,22 +152,11 @@ def decompose(
         stats={n: s for p in parts for n, s in p.stats.items()},
         contexts=contexts_by_site,
         norm_grams=grams,
-        n_train=first.n_train,
-        n_test=first.n_test,
+        n_train=parts[0].n_train,
+        n_test=parts[0].n_test,
         probes={n: pr for p in parts for n, pr in p.probes.items()},
-        table=table_path if second_pass else None,
+        table=table,
     )
-
-
-@dataclass
-class _GroupResult:
-    stats: dict[str, SAEStats]
-    contexts: dict[str, ContextSums]
-    probes: dict[str, Probe]
-    n_train: int
-    n_test: int
-    blocks: dict[str, int]
-    spill: GroupSpill | None
 
 
 def _decompose_group(plan: EnginePlan, spill: GroupSpill | None) -> _GroupResult:
