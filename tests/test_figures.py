@@ -51,12 +51,13 @@ def full_grid() -> tuple[list[int], list[float]]:
 def _maps(widths: list[int], l0s: list[float], out: Path, nan_at: int | None = None) -> dict[str, Path]:
     rng = np.random.default_rng(0)
     n = len(widths)
-    norm = list(0.8 + 0.1 * rng.random(n))
+    fvu = list(0.2 + 0.1 * rng.random(n))
     vec = list(0.3 + 0.3 * rng.random(n))
-    fvu = list(0.1 + 0.05 * rng.random(n))
+    norm = list(0.8 + 0.1 * rng.random(n))
+    nl = list(0.1 + 0.05 * rng.random(n))
     if nan_at is not None:
-        norm[nan_at] = vec[nan_at] = fvu[nan_at] = NAN
-    return F.plot_error_prediction_maps(widths, l0s, norm, vec, fvu, out)
+        fvu[nan_at] = vec[nan_at] = norm[nan_at] = nl[nan_at] = NAN
+    return F.plot_error_prediction_maps(widths, l0s, fvu, vec, norm, nl, out)
 
 
 def count_contourf(monkeypatch: pytest.MonkeyPatch) -> list[int]:
@@ -71,12 +72,38 @@ def count_contourf(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return calls
 
 
+def saved_figures(monkeypatch: pytest.MonkeyPatch) -> list[Figure]:
+    """The figures Fig 2's module saves, kept for inspection."""
+    from darkmatter.report.figures import error_prediction
+
+    figs: list[Figure] = []
+    original = error_prediction.save
+
+    def keep(fig: Figure, out_dir: Path, stem: str) -> dict[str, Path]:
+        figs.append(fig)
+        return original(fig, out_dir, stem)
+
+    monkeypatch.setattr(error_prediction, "save", keep)
+    return figs
+
+
+def map_titles(fig: Figure) -> list[str]:
+    """The titles of the figure's panels (colour bars left out)."""
+    return [ax.get_title() for ax in fig.axes if ax.get_label() != "<colorbar>"]
+
+
+FOUR_MAPS = ["FVU", "Vector probe", "Norm probe", "FVU$_"]
+
+
 def test_error_prediction_maps_sparse_family_with_nan(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    calls = count_contourf(monkeypatch)
+    calls, figs = count_contourf(monkeypatch), saved_figures(monkeypatch)
     check_outputs(_maps(*demo_family(), tmp_path, nan_at=2), tmp_path)
-    assert calls == []  # a sparse family is only scattered
+    # 4 widths and 6 L0s with finite values, not on one line: each map is interpolated over their hull
+    assert len(calls) == 4
+    titles = map_titles(figs[0])
+    assert len(titles) == 4 and all(t.startswith(s) for t, s in zip(titles, FOUR_MAPS, strict=True))
 
 
 def test_error_prediction_maps_full_grid_draws_contours(
@@ -84,7 +111,83 @@ def test_error_prediction_maps_full_grid_draws_contours(
 ) -> None:
     calls = count_contourf(monkeypatch)
     check_outputs(_maps(*full_grid(), tmp_path, nan_at=5), tmp_path)
-    assert len(calls) == 3  # one filled contour per panel on a full grid
+    assert len(calls) == 4  # one filled contour per map
+
+
+def paper_grid() -> tuple[list[int], list[float]]:
+    """The published Gemma Scope 9B layer-20 residual grid: 60 SAEs scattered over width × L0, with the
+    measured L0s off the nominal ones by up to 10%."""
+    nominal = {
+        14: [11, 20, 36, 57, 58, 68, 138, 310, 393, 408, 427],
+        15: [11, 55, 57, 334, 344, 357],
+        16: [11, 54, 55, 292, 298, 309],
+        17: [10, 11, 12, 19, 34, 51, 53, 54, 62, 114, 221, 269, 276, 288],
+        18: [10, 11, 13, 49, 50, 64, 249, 259, 276],
+        19: [10, 24, 46, 48, 78, 229, 241, 298],
+        20: [11, 19, 34, 57, 101, 193],
+    }
+    rng = np.random.default_rng(1)
+    widths = [2**e for e, l0s in nominal.items() for _ in l0s]
+    l0s = [float(n * rng.uniform(0.9, 1.1)) for l0s in nominal.values() for n in l0s]
+    return widths, l0s
+
+
+def test_error_prediction_maps_paper_grid_four_contoured_maps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls, figs = count_contourf(monkeypatch), saved_figures(monkeypatch)
+    widths, l0s = paper_grid()
+    assert len(widths) == 60 and len(set(zip(widths, l0s, strict=True))) == 60
+    # smooth metrics, as measured: FVU falls with width and L0, the probes' R² moves the other way
+    lw, ll = np.log2(widths), np.log(l0s)
+    fvu = 1.0 - 0.03 * lw - 0.05 * ll
+    vec, norm, nl = 0.2 + 0.05 * ll, 0.95 - 0.01 * lw, 0.12 + 0.002 * lw
+    check_outputs(F.plot_error_prediction_maps(widths, l0s, fvu, vec, norm, nl, tmp_path), tmp_path)
+    assert len(calls) == 4
+    (fig,) = figs
+    panels = [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
+    assert len(panels) == 4 and [ax.get_xscale() for ax in panels] == ["log"] * 4
+    assert [ax.get_yscale() for ax in panels] == ["log"] * 4
+    for ax in panels:
+        (filled,) = [c for c in ax.collections if hasattr(c, "levels")]
+        assert len(filled.levels) == 16  # 15 filled levels
+        dots = [c for c in ax.collections if not hasattr(c, "levels") and len(c.get_offsets())]
+        assert sum(len(c.get_offsets()) for c in dots) == 60  # a dot at every SAE
+
+
+@pytest.mark.parametrize(
+    ("widths", "l0s"),
+    [
+        ([256, 512, 256, 512], [8.0, 16.0, 32.0, 64.0]),  # two widths
+        ([256, 512, 1024, 2048], [16.0, 16.0, 32.0, 32.0]),  # two L0s
+        ([256, 512, 768, 1024], [10.0, 20.0, 30.0, 40.0]),  # collinear in raw coordinates
+    ],
+    ids=["two-widths", "two-l0s", "collinear"],
+)
+def test_error_prediction_maps_fall_back_to_markers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, widths: list[int], l0s: list[float]
+) -> None:
+    calls = count_contourf(monkeypatch)
+    check_outputs(_maps(widths, l0s, tmp_path), tmp_path)
+    assert calls == []
+
+
+def test_error_prediction_maps_nans_leave_too_few_points_for_contours(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = count_contourf(monkeypatch)
+    widths, l0s = [256, 512, 1024, 2048], [8.0, 16.0, 32.0, 64.0]
+    fvu = [0.3, NAN, 0.2, NAN]  # two finite values: markers only
+    check_outputs(F.plot_error_prediction_maps(widths, l0s, fvu, fvu, fvu, fvu, tmp_path), tmp_path)
+    assert calls == []
+
+
+def test_error_prediction_maps_without_a_positive_width(tmp_path: Path) -> None:
+    """Nothing can be placed on the log axes: every map says so instead of failing to draw."""
+    bad = [0, -1, 0]
+    check_outputs(_maps(bad, [8.0, 16.0, 32.0], tmp_path), tmp_path)
+    check_outputs(_maps([], [], tmp_path), tmp_path)
+    check_outputs(_maps([256, 512], [NAN, -3.0], tmp_path), tmp_path)
 
 
 PAPER_W = [16384, 32768, 65536, 131072, 262144, 524288, 1048576]
@@ -289,7 +392,7 @@ def test_synthetic_simulation(tmp_path: Path) -> None:
 
 
 ALL_NAN_CASES: list[tuple[str, Callable[[Path], dict[str, Path]]]] = [
-    ("maps", lambda o: F.plot_error_prediction_maps(DEMO_W, DEMO_K, [NAN] * 4, [NAN] * 4, [NAN] * 4, o)),
+    ("maps", lambda o: F.plot_error_prediction_maps(DEMO_W, DEMO_K, *[[NAN] * 4] * 4, o)),
     ("scaling", lambda o: F.plot_scaling_decomposition(DEMO_W, [NAN] * 4, [NAN] * 4, None, None, NAN, o)),
     ("matrix", lambda o: F.plot_per_token_matrix(["a", "b"], np.full((2, 2), NAN), o)),
     ("violins", lambda o: F.plot_norm_prediction_violins(["x"], {"x": [NAN]}, o)),
@@ -338,4 +441,6 @@ def test_mismatched_lengths_raise_shape_error(tmp_path: Path) -> None:
     with pytest.raises(ShapeError, match="fvu has 3 entries"):
         F.plot_scaling_decomposition(DEMO_W, [0.1, 0.2, 0.3], [0.1] * 4, None, None, 0.1, tmp_path)
     with pytest.raises(ShapeError):
-        F.plot_error_prediction_maps(DEMO_W, DEMO_K[:2], [0.1] * 4, [0.1] * 4, [0.1] * 4, tmp_path)
+        F.plot_error_prediction_maps(DEMO_W, DEMO_K[:2], *[[0.1] * 4] * 4, tmp_path)
+    with pytest.raises(ShapeError, match="fvu_nonlinear has 3 entries"):
+        F.plot_error_prediction_maps(DEMO_W, DEMO_K, *[[0.1] * 4] * 3, [0.1] * 3, tmp_path)

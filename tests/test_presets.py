@@ -36,6 +36,25 @@ EXPECTED_9B = [
     f"{G9}mlp:layer_20/width_16k/average_l0_41",
     f"{G9}res:layer_20/width_16k/average_l0_68",
 ]
+# The published Gemma Scope residual grids at the presets' layers: width -> nominal L0s.
+GRID_9B_L20 = {
+    "16k": [11, 20, 36, 57, 58, 68, 138, 310, 393, 408, 427],
+    "32k": [11, 55, 57, 334, 344, 357],
+    "65k": [11, 54, 55, 292, 298, 309],
+    "131k": [10, 11, 12, 19, 34, 51, 53, 54, 62, 114, 221, 269, 276, 288],
+    "262k": [10, 11, 13, 49, 50, 64, 249, 259, 276],
+    "524k": [10, 24, 46, 48, 78, 229, 241, 298],
+    "1m": [11, 19, 34, 57, 101, 193],
+}
+GRID_2B_L12 = {
+    "16k": [22, 41, 82, 176, 445],
+    "32k": [12, 22, 40, 76, 155, 360],
+    "65k": [21, 38, 72, 141, 297],
+    "131k": [12, 20, 36, 67, 129, 264],
+    "262k": [11, 21, 36, 67, 121, 243],
+    "524k": [22, 29, 46, 65, 115, 227],
+    "1m": [19, 26, 58, 73, 107, 207],
+}
 WORDS = ("the quick brown fox jumps over a lazy dog", "while seven wizards quietly hex jovial bankers")
 
 
@@ -204,14 +223,14 @@ def _check_run(out: Path, width_sweep: list[str], target: str, regressors: set[s
 def test_presets_resolve_to_the_published_saes(capsys: pytest.CaptureFixture[str]) -> None:
     shown = {p: _show(capsys, "--preset", p) for p in PAPER_PRESETS}
     nine = shown["paper-gemma-2-9b"]
-    assert [e["path"] for e in nine["family"]["external"]] == EXPECTED_9B
+    assert [e["path"] for e in nine["family"]["external"]][:10] == EXPECTED_9B
     assert nine["model"]["name"] == "google/gemma-2-9b" and nine["layer"] == 20
     assert nine["synthetic"]["sae"] == "L20-res-16k-l0_68"
     two = {e["name"]: e for e in shown["paper-gemma-2-2b"]["family"]["external"]}
     widths = ("16k", "32k", "65k", "131k", "262k", "524k", "1m")
     l0s = [two[f"L12-res-{w}"]["path"].rsplit("average_l0_", 1)[1] for w in widths]
     assert l0s == ["41", "76", "72", "67", "67", "65", "58"]
-    assert list(two)[7:] == ["L11-res-16k", "L12-mlp-16k", "L12-res-16k-l0_82"]
+    assert list(two)[7:10] == ["L11-res-16k", "L12-mlp-16k", "L12-res-16k-l0_82"]
     assert two["L12-mlp-16k"] == {
         "name": "L12-mlp-16k",
         "path": "google/gemma-scope-2b-pt-mlp:layer_12/width_16k/average_l0_44",
@@ -237,6 +256,39 @@ def test_presets_resolve_to_the_published_saes(capsys: pytest.CaptureFixture[str
         )
         assert cfg["text"]["packing"] == "truncate" and cfg["model"]["device"] == "cuda"
         assert cfg["model"]["online"] is False
+
+
+def _grid(preset: str, model: str, layer: int) -> tuple[list[tuple[str, int]], list[str]]:
+    """(width, nominal L0) of the preset's main-site SAEs, in list order, and their names."""
+    ext = [e for e in resolve_config(preset).family.external if e.site == f"blocks.{layer}.hook_resid_post"]
+    prefix = f"google/gemma-scope-{model}-pt-res:layer_{layer}/width_"
+    assert all(e.path.startswith(prefix) and e.format == "gemma_scope" for e in ext)
+    cells = [e.path.removeprefix(prefix).split("/average_l0_") for e in ext]
+    return [(w, int(n)) for w, n in cells], [e.name for e in ext]
+
+
+@pytest.mark.parametrize(
+    ("preset", "model", "layer", "published"),
+    [("paper-gemma-2-9b", "9b", 20, GRID_9B_L20), ("paper-gemma-2-2b", "2b", 12, GRID_2B_L12)],
+)
+def test_paper_presets_list_the_whole_published_grid(
+    preset: str, model: str, layer: int, published: dict[str, list[int]]
+) -> None:
+    """Every published residual SAE at the main layer, once; the L0 ~ 60 width sweep first per width."""
+    cells, names = _grid(preset, model, layer)
+    want = [(w, n) for w, l0s in published.items() for n in l0s]
+    assert len(cells) == len(set(cells)) == len(want) == (60 if model == "9b" else 40)
+    assert sorted(cells) == sorted(want)
+    first: dict[str, int] = {}
+    for w, n in cells:
+        first.setdefault(w, n)
+    assert first == {w: min(l0s, key=lambda n: abs(n - 60)) for w, l0s in published.items()}
+    assert names[:7] == [f"L{layer}-res-{w}" for w in published]
+    extra = {f"L{layer}-res-{w}-l0_{n}" for w, n in cells[7:]}
+    assert set(names[7:]) == extra and len(set(names)) == len(names)
+    cfg = resolve_config(preset)
+    others = [e.name for e in cfg.family.external if e.site != cfg.main_site]
+    assert others == ([f"L{layer - 1}-res-16k", f"L{layer}-mlp-16k"])
 
 
 def test_local_copies_replace_hub_ids(capsys: pytest.CaptureFixture[str]) -> None:
@@ -275,7 +327,7 @@ def test_offline_without_local_copies_says_what_to_do(
     for needed in (
         "'google/gemma-2-9b'",
         "hf:monology/pile-uncopyrighted",
-        "10 of family.external",
+        "62 of family.external",
         "--online",
     ):
         assert needed in msg

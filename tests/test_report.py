@@ -85,3 +85,98 @@ def test_report_of_a_folder_without_results_is_a_clear_error(
 ) -> None:
     assert main(["report", str(tmp_path)]) == 2
     assert "run 'darkmatter run" in capsys.readouterr().err
+
+
+def _engine_run(run_dir: Path) -> list[str]:
+    """An engine result over a scattered 60-SAE grid at the main site and two SAEs elsewhere."""
+    import numpy as np
+
+    from darkmatter.study.steps.engine import EngineResult, ProbeLatents, SAEErrorStats
+
+    rng = np.random.default_rng(0)
+    numbers = [
+        "fvu",
+        "nmse",
+        "l0",
+        "dead_fraction",
+        "norm_ratio",
+        "vector_r2",
+        "vector_r2_weighted",
+        "vector_r2_nobias",
+        "fvu_nonlinear",
+        "fvu_nonlinear_nobias",
+        "fvu_nonlinear_pass2",
+        "norm_r2",
+        "norm_r2_plain",
+        "norm_r2_nobias",
+        "cos_linear_x",
+        "ridge",
+        "mean_error_norm",
+        "mean_linear_norm",
+        "mean_nonlinear_norm",
+    ]
+
+    def stats(name: str, site: str, width: int, l0: float) -> SAEErrorStats:
+        values = {k: float(rng.uniform(0.1, 0.9)) for k in numbers}
+        values["l0"] = l0
+        return SAEErrorStats(
+            name=name, site=site, d_sae=width, k=None, constant_dims=0, norm_test={"x": 0.9}, **values
+        )
+
+    main = "blocks.20.hook_resid_post"
+    saes = [
+        stats(f"w{e}-{i}", main, 2**e, float(rng.uniform(8, 400))) for e in range(14, 21) for i in range(9)
+    ][:60]
+    saes += [
+        stats("prev", "blocks.19.hook_resid_post", 2**14, 60.0),
+        stats("mlp", "blocks.20.hook_mlp_out", 2**14, 40.0),
+    ]
+    width_sweep = [f"w{e}-0" for e in range(14, 21)]
+    result = EngineResult(
+        experiment="engine",
+        saes=saes,
+        width_sweep=width_sweep,
+        k_sweep=[s.name for s in saes if s.site == main],
+        norm_quantities=["x"],
+        probe_latents=ProbeLatents(
+            sae=width_sweep[-1],
+            probe_r2=0.9,
+            correlation=0.8,
+            correlation_mean=0.5,
+            n_latents=3,
+            probe_dot=[0.1, 0.2, 0.3],
+            mean_active=[1.0, 2.0, 3.0],
+        ),
+        n_train=100,
+        n_test=100,
+    )
+    write_result(run_dir, result)
+    return [s.name for s in saes if s.site == main]
+
+
+def test_fig2_maps_every_main_site_sae_in_four_panels(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_model: None
+) -> None:
+    main_site = _engine_run(tmp_path)
+    seen: list[dict[str, Any]] = []
+    original = fg.plot_error_prediction_maps
+
+    def spy(widths: Any, l0s: Any, **kwargs: Any) -> Any:
+        seen.append({"widths": list(widths), "l0s": list(l0s), **kwargs})
+        return original(widths, l0s, **kwargs)
+
+    monkeypatch.setattr(fg, "plot_error_prediction_maps", spy)
+    write_report(tmp_path)
+    (call,) = seen
+    assert len(call["widths"]) == len(main_site) == 60
+    assert {k for k in call if k not in ("widths", "l0s", "out_dir")} == {
+        "fvu",
+        "vector_r2",
+        "norm_r2",
+        "fvu_nonlinear",
+    }
+    assert all(len(call[k]) == 60 for k in ("fvu", "vector_r2", "norm_r2", "fvu_nonlinear"))
+    assert (tmp_path / "figures" / "error_prediction_maps.png").is_file()
+    html = (tmp_path / "report.html").read_text()
+    assert "Fig 2 maps four quantities over SAE width × L0 for the 60 SAEs at the main site" in html
+    assert 'alt="error prediction maps"' in html

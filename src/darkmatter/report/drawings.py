@@ -37,19 +37,30 @@ def _matrix(rows: list[list[float | None]]) -> np.ndarray:
     return np.array([[np.nan if v is None else v for v in row] for row in rows], dtype=float)
 
 
+def map_saes(res: EngineResult) -> list[str]:
+    """Fig 2's SAEs: every SAE the engine measured at the main site (that of the width and k sweeps)."""
+    swept = list(dict.fromkeys(res.width_sweep + res.k_sweep))
+    if not swept:
+        return []
+    sites = {s.name: s.site for s in res.saes}
+    main = {sites[n] for n in swept if n in sites}
+    return list(dict.fromkeys([*swept, *(s.name for s in res.saes if s.site in main)]))
+
+
 def engine_figures(res: EngineResult, figdir: Path) -> Drawn:
     """Fig 2's maps over width × L0, Fig 1's scaling decomposition, Fig 6's violins, Fig 14's scatter."""
     drawn: Drawn = {}
     st = {s.name: s for s in res.saes}
-    grid = list(dict.fromkeys(res.width_sweep + res.k_sweep))
+    grid = map_saes(res)
     if grid:
         drawn["maps"] = fg.plot_error_prediction_maps(
             [st[n].d_sae for n in grid],
             [st[n].l0 for n in grid],
-            [st[n].norm_r2 for n in grid],
-            [st[n].vector_r2 for n in grid],
-            [st[n].fvu_nonlinear for n in grid],
-            figdir,
+            fvu=[st[n].fvu for n in grid],
+            vector_r2=[st[n].vector_r2 for n in grid],
+            norm_r2=[st[n].norm_r2 for n in grid],
+            fvu_nonlinear=[st[n].fvu_nonlinear for n in grid],
+            out_dir=figdir,
         )
     if res.width_sweep and res.fvu_nonlinear_mean is not None:
         law = res.power_law

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from darkmatter.experiments.synthetic_summary import correlation_interval
+from darkmatter.report.drawings import map_saes
 from darkmatter.report.intervention_sections import (
     autointerp_section,
     downstream_section,
@@ -152,10 +153,20 @@ def error_prediction_section(res: EngineResult, figs: Figures, run_dir: Path) ->
             f" Mean FVU_nonlinear over widths: {res.fvu_nonlinear_mean:.3f} (95% CI {lo:.3f}–{hi:.3f}; "
             "paper: ≈0.122, flat in width)."
         )
+    mapped = map_saes(res)
+    maps = (
+        f"Fig 2 maps four quantities over SAE width × L0 for the {len(mapped)} SAEs at the main site: FVU, "
+        "the vector probe's R², the norm probe's R² and FVU_nonlinear. Each is interpolated linearly "
+        "between the SAEs (black dots; measured L0) and drawn as 15 filled contour levels on log-log axes, "
+        "as in the paper; with fewer than 3 distinct widths or L0s the SAEs are drawn as coloured markers."
+        if "maps" in figs
+        else ""
+    )
     return (
         "<h2>Predicting SAE error (Figs 1–3)</h2>"
         + p(text)
         + grid(header, rows)
+        + (p(maps) if maps else "")
         + images(run_dir, figs, ["maps", "scaling"], "error prediction")
     )
 
