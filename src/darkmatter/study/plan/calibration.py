@@ -82,12 +82,13 @@ def _sync(device: torch.device) -> None:
 
 
 def gemm_throughput(
-    device: torch.device, dtype: torch.dtype, m: int, k: int, n: int, seconds: float = GEMM_SECONDS
+    device: torch.device, dtype: torch.dtype, m: int, k: int, n: int, seconds: float | None = None
 ) -> float:
     """FLOP/s of ``[m, k] @ [k, n]`` in ``dtype`` on ``device`` (median-free: total work over total time)."""
     a = torch.randn(m, k, device=device, dtype=dtype)
     b = torch.randn(k, n, device=device, dtype=dtype)
     out = torch.empty(m, n, device=device, dtype=dtype)
+    seconds = GEMM_SECONDS if seconds is None else seconds
     torch.matmul(a, b, out=out)  # warm-up: thread pool, kernels
     _sync(device)
     calls, t0 = 0, time.perf_counter()
@@ -101,8 +102,9 @@ def gemm_throughput(
                 return 2.0 * m * k * n * calls / elapsed
 
 
-def disk_bandwidth(folder: Path, nbytes: int = DISK_BYTES) -> tuple[float, float]:
+def disk_bandwidth(folder: Path, nbytes: int | None = None) -> tuple[float, float]:
     """(write, read) bytes/s of a file in ``folder`` (its nearest existing ancestor)."""
+    nbytes = DISK_BYTES if nbytes is None else nbytes
     probe = Path(folder).resolve()
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent

@@ -172,7 +172,8 @@ def plan_study(
         budget = reference_budget(cfg, device, run_dir)
         inp.notes.append(
             f"{cfg.analysis_device!r} is not available here: planned for a reference GPU ({cal.device}, "
-            f"{REFERENCE_GPU_MEMORY_GB:.0f} GB, on a host of {REFERENCE_HOST_MEMORY_GB:.0f} GB, unless "
+            f"{REFERENCE_GPU_MEMORY_GB:.0f} GB, on a host of {REFERENCE_HOST_MEMORY_GB:.0f} GB with "
+            f"{REFERENCE_DISK_GB:.0f} GB of disk, unless "
             "resources says otherwise)"
         )
     else:
@@ -232,6 +233,7 @@ def check_plan(plan: StudyPlan) -> None:
 REFERENCE_GPU = "cuda:reference (H100-class, 80 GB)"
 REFERENCE_GPU_MEMORY_GB = 80.0
 REFERENCE_HOST_MEMORY_GB = 128.0
+REFERENCE_DISK_GB = 1000.0
 REFERENCE_GPU_FP32 = 40e12
 """Dense fp32 GEMM FLOP/s of the reference GPU (no TF32), about an H100's."""
 REFERENCE_GPU_FP64 = 45e12
@@ -262,10 +264,10 @@ def reference_gpu(run_dir: Path) -> Calibration:
 
 
 def reference_budget(cfg: StudyConfig, device: torch.device, run_dir: Path) -> Budget:
-    """The budget of a CUDA study planned without a GPU: the reference machine's memory (90% of the GPU's,
-    80% of the host's), this machine's disk under the run folder; ``resources`` wins."""
-    here = detect_budget(cfg.resources, torch.device("cpu"), run_dir)
+    """The budget of a CUDA study planned without a GPU: the reference machine's (90% of the GPU's memory,
+    80% of the host's, its disk): this machine will not run it; ``resources`` wins."""
     r = cfg.resources
     dev = int((r.device_memory_gb or 0.9 * REFERENCE_GPU_MEMORY_GB) * GB)
     host = int((r.host_memory_gb or 0.8 * REFERENCE_HOST_MEMORY_GB) * GB)
-    return Budget(device, dev, host, here.disk_bytes)
+    disk = int((r.disk_gb or REFERENCE_DISK_GB) * GB)
+    return Budget(device, dev, host, disk)
