@@ -157,6 +157,37 @@ def _summary_table(outcomes: list[Any]) -> str:
 
 
 @app.command()
+def plan(
+    out: OutOpt = Path("darkmatter-out"),
+    preset: PresetOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    recalibrate: Annotated[
+        bool, typer.Option("--recalibrate", help="Measure this machine's throughputs again.")
+    ] = False,
+) -> None:
+    """Estimate a study before running it: per step, tokens, FLOPs, disk, SAE groups, peak memory and time.
+
+    Reads only config files and SAE headers (no weights, no downloads). Exits non-zero when the study
+    does not fit its memory or disk budget, naming the setting to change.
+    """
+    _quiet_libraries()
+    from darkmatter.study.plan import calibrate, format_plan, plan_study
+    from darkmatter.study.plan.planner import planned_device
+
+    cfg = _resolve(preset, config, set_)
+    calibration = None
+    if recalibrate:
+        device, absent = planned_device(cfg.analysis_device)
+        if not absent:
+            calibration = calibrate(device, out, recalibrate=True)
+    study_plan = plan_study(cfg, out, calibration=calibration)
+    typer.echo(format_plan(study_plan))
+    if study_plan.problems():
+        raise typer.Exit(4)
+
+
+@app.command()
 def harvest(
     out: OutOpt = Path("darkmatter-out"),
     preset: PresetOpt = None,

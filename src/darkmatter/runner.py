@@ -70,6 +70,7 @@ class Runner:
         selected, forced = self.select(only)
         if self.check:
             preflight(ctx.cfg)
+            self.check_plan([s.name for s in selected])
         with run_lock(ctx.paths.root):  # one run per folder; cleaning up is safe only under the lock
             atomic.remove_temporaries(ctx.paths.root)
             errors = self._run_steps(selected, forced if force else set())
@@ -82,6 +83,15 @@ class Runner:
         if errors:
             raise errors[0]
         return self.outcomes
+
+    def check_plan(self, names: list[str]) -> None:
+        """Plan the steps about to run (cached calibration, no weights): log a one-line summary and stop
+        with one ``BudgetError`` when memory or disk cannot hold them."""
+        from darkmatter.study.plan import check_plan, plan_study
+
+        plan = plan_study(self.ctx.cfg, self.ctx.paths.root, steps=names)
+        self.ctx.log(plan.summary())
+        check_plan(plan)
 
     def _run_steps(self, selected: list[Step[Any]], forced: set[str]) -> list[StepIncompleteError]:
         unavailable: set[str] = set()  # steps whose results the steps below cannot use
