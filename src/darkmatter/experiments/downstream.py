@@ -24,9 +24,9 @@ produced, paper-experiments §7 and §15.6; these are our definitions, on the sa
 
 Cost (see ``darkmatter.experiments.splice``): with ``prefix_cache`` (the default) each batch runs the
 model once, clean; every spliced pass replays the unchanged layers' output and computes only the later
-layers, with logits only for positions ``>= start``. ``prefix_cache=False`` runs the full forward for every setting
-(the two agree to float rounding). Memory is one batch: its clean activations at the needed sites and its
-clean log-probabilities ``[batch, ctx_len − start − 1, vocab]`` (float32).
+layers, with logits only for positions ``>= start``. ``prefix_cache=False`` runs the full forward for
+every setting (the two agree to float rounding). Memory is one batch: its clean activations at the needed
+sites and its clean log-probabilities ``[batch, ctx_len − start − 1, vocab]`` (float32).
 """
 
 from __future__ import annotations

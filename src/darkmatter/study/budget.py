@@ -24,6 +24,13 @@ F64 = 8
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
+HOST_BASE = 700 * 1024**2
+"""Resident bytes of the process before any step: Python, torch, transformers, the package."""
+ALLOC_SLACK = 1.3
+"""Host: allocator overhead and short-lived temporaries over the counted tensors."""
+DEVICE_SLACK = 1.1
+"""GPU: the caching allocator's fragmentation over the counted tensors."""
+
 
 class BudgetError(ConfigError):
     """A study (or one SAE) does not fit the memory or disk budget."""
@@ -107,6 +114,26 @@ def engine_sae_bytes(
     moments = 2 * blocks * d_in * (d_in + 2) * F64 + 2 * blocks * (3 * (d_in + 2)) * F64
     preact = chunk_tokens * d_sae * 4 * 2  # pre-activations and the top-k scratch
     return sae_weight_bytes(d_in, d_sae, dtype_bytes) + moments + preact
+
+
+def sae_cost(d_in: int, d_sae: int, *, dtype_bytes: int, blocks: int, copies: int = 1) -> int:
+    """What a step holds per SAE: `engine_sae_bytes`, with ``copies`` sets of moments and scratch sharing
+    one copy of the weights (pursuit runs each SAE and its pursuit twin)."""
+    weights = sae_weight_bytes(d_in, d_sae, dtype_bytes)
+    return (
+        copies * (engine_sae_bytes(d_in, d_sae, dtype_bytes=dtype_bytes, blocks=blocks) - weights) + weights
+    )
+
+
+def sae_capacity(budget: Budget, *, model_bytes: int, fixed: int, sae_memory_gb: float | None) -> int:
+    """Device bytes a step may give its SAEs: ``resources.sae_memory_gb`` when set; else on a GPU the budget
+    (less the caching allocator's slack) less the step's ``fixed`` part (the model included when the step
+    runs it); on a CPU the budget less the process base, the resident model and the allocator's slack."""
+    if sae_memory_gb is not None:
+        return int(sae_memory_gb * GB)
+    if budget.device.type == "cuda":
+        return int(budget.device_bytes / DEVICE_SLACK) - fixed
+    return int((budget.device_bytes - HOST_BASE - model_bytes) / ALLOC_SLACK) - fixed
 
 
 def group_saes(

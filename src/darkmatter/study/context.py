@@ -19,7 +19,7 @@ from darkmatter.sae import SAE
 from darkmatter.sae.train_config import TrainConfig
 from darkmatter.stats.split import Split
 from darkmatter.store import MANIFEST, ActivationStore
-from darkmatter.study.budget import GB, Budget, detect_budget, engine_sae_bytes, group_saes
+from darkmatter.study.budget import Budget, detect_budget, group_saes, sae_capacity, sae_cost
 from darkmatter.study.family_saes import FamilyResult, SAEFamily, SAEShape, load_family
 from darkmatter.study.probes import Probe, load_probe
 from darkmatter.study.roles import FamilyRoles, family_roles
@@ -204,13 +204,21 @@ class StudyContext:
         shapes = self.saes.shapes if shapes is None else shapes
         width = self.sae_dtype.itemsize
         costs = {
-            n: engine_sae_bytes(shapes[n].d_in, shapes[n].d_sae, dtype_bytes=width, blocks=blocks)
+            n: sae_cost(shapes[n].d_in, shapes[n].d_sae, dtype_bytes=width, blocks=blocks, copies=copies)
             for n in names
         }
         chosen = self.cfg.resources.sae_memory_gb
-        if chosen is not None:
-            return group_saes(costs, int(chosen * GB), what=what, setting="resources.sae_memory_gb")
-        return group_saes(costs, self.budget.device_bytes - fixed_bytes, what=what)
+        room = sae_capacity(
+            self.budget, model_bytes=self._resident_model_bytes(), fixed=fixed_bytes, sae_memory_gb=chosen
+        )
+        setting = "resources.sae_memory_gb" if chosen is not None else "resources.device_memory_gb"
+        return group_saes(costs, room, what=what, setting=setting)
+
+    def _resident_model_bytes(self) -> int:
+        """Bytes of the model's weights when it is loaded (0 before)."""
+        if self._lm is None:
+            return 0
+        return sum(p.numel() * p.element_size() for p in self._lm.model.parameters())
 
     def probe(self, sae_name: str) -> Probe:
         """The engine's error probe b* of an SAE of the family."""

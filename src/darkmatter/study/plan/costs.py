@@ -1,135 +1,36 @@
-"""Cost models, one per step: tokens, FLOPs, bytes on disk, peak memory and seconds, from first principles.
-
-Seconds are FLOPs over the calibrated GEMM throughput (``Calibration.gemm_fp32`` / ``gemm_fp64``) divided
-by an efficiency: the share of the GEMM peak each kind of work reaches (top-k, gathers, Python and
-allocations around the GEMMs, small matmuls). Bytes on disk go at the calibrated disk bandwidth. Each
-efficiency and fixed cost below was measured on the demo (2 CPU cores, `bench/bench_plan.py`) as measured
-seconds against the FLOPs of the step; host memory is a measured base (the interpreter, torch,
-transformers) plus what the step holds, counted from tensor shapes.
-"""
+"""Cost models, one per step: tokens, FLOPs, bytes on disk, peak memory and seconds (see ``cost_model``)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 from darkmatter.study.budget import (
-    DTYPE_BYTES,
+    DEVICE_SLACK,
     F64,
-    Budget,
-    BudgetError,
     engine_sae_bytes,
     group_saes,
+    sae_capacity,
+    sae_cost,
     sae_weight_bytes,
 )
-from darkmatter.study.plan.calibration import Calibration
-from darkmatter.study.plan.inputs import PlannedSAE, StudyInputs, ceil_div
+from darkmatter.study.plan.cost_model import (
+    E_FORWARD,
+    E_GENERATE,
+    E_MOMENTS,
+    E_PURSUIT,
+    E_SAE_ENCODE,
+    E_SAE_TRAIN,
+    T_FIGURE_STEP,
+    T_IMPORT_MODEL,
+    T_STEP,
+    Cost,
+    Env,
+    encode_flops,
+    forward_flops,
+    load_model_seconds,
+    train_flops,
+    train_state_bytes,
+)
+from darkmatter.study.plan.inputs import PlannedSAE, ceil_div
 from darkmatter.study.plan.shapes import ModelDims
-
-# --- efficiencies: achieved share of the calibrated GEMM peak (measured on the demo, 2 CPU cores) ---
-E_FORWARD = 0.55
-"""The model's forward pass (harvest, splices): mostly large fp32 GEMMs, plus norms, rotary, softmax."""
-E_SAE_TRAIN = 0.45
-"""SAE training (encoder GEMM forward and weight gradient, top-k, sparse decoder, Adam, AuxK)."""
-E_SAE_ENCODE = 0.60
-"""An SAE's forward on stored activations (encoder GEMM, blocked top-k, sparse decode)."""
-E_MOMENTS = 0.60
-"""Float64 moment updates (Gram matrices of inputs against errors) against the fp64 GEMM peak."""
-E_PURSUIT = 0.35
-"""Gradient pursuit: k small correlation GEMMs per token chunk, support gathers, line searches."""
-E_GENERATE = 0.02
-"""Token-by-token generation of the judge: batch-1 matrix-vector products, far from the GEMM peak."""
-
-# --- fixed costs (seconds), measured ---
-T_IMPORT_MODEL = 3.0
-"""Building the model object and its tokenizer (beyond reading the weights off disk)."""
-T_STEP = 0.5
-"""Opening the store, reading results, writing JSON: every step that runs."""
-T_FIGURE_STEP = 1.0
-"""Small fits and bootstraps of a step's summary numbers (power law, intervals)."""
-
-# --- host memory ---
-HOST_BASE = 700 * 1024**2
-"""Resident bytes of the process before any step: Python, torch, transformers, the package."""
-ALLOC_SLACK = 1.3
-"""Host: allocator overhead and short-lived temporaries over the counted tensors (measured on the demo)."""
-DEVICE_SLACK = 1.1
-"""GPU: the caching allocator's fragmentation over the counted tensors."""
-
-
-@dataclass
-class Cost:
-    """What one step costs (see ``StepPlan``)."""
-
-    tokens: int = 0
-    disk_bytes: int = 0
-    flops: float = 0.0
-    seconds: float = 0.0
-    groups: list[list[str]] = field(default_factory=list)
-    passes: int = 0
-    device_bytes: int = 0
-    host_bytes: int = 0
-    """Bytes the step holds beyond the base and the resident model (added by the planner)."""
-    uses_model: bool = False
-    note: str = ""
-
-
-@dataclass
-class Env:
-    """What the cost models share: the study, the machine's throughputs and the budget."""
-
-    inp: StudyInputs
-    cal: Calibration
-    budget: Budget
-    cuda: bool
-    model_bytes: int
-
-    def gemm32(self, flops: float, efficiency: float) -> float:
-        return flops / (self.cal.gemm_fp32 * efficiency)
-
-    def gemm64(self, flops: float, efficiency: float) -> float:
-        return flops / (self.cal.gemm_fp64 * efficiency)
-
-    def write(self, nbytes: float) -> float:
-        return nbytes / self.cal.disk_write
-
-    def read(self, nbytes: float) -> float:
-        return nbytes / self.cal.disk_read
-
-    @property
-    def sae_bytes_per_value(self) -> int:
-        return DTYPE_BYTES[self.inp.cfg.analysis.sae_dtype]
-
-    @property
-    def store_value_bytes(self) -> int:
-        return DTYPE_BYTES[self.inp.cfg.harvest.dtype]
-
-
-def model_bytes(dims: ModelDims, dtype: str) -> int:
-    return dims.params() * DTYPE_BYTES[dtype]
-
-
-def forward_flops(dims: ModelDims, ctx_len: int, layers: int, head: bool) -> float:
-    """Forward FLOPs per token through ``layers`` decoder layers (and the unembedding)."""
-    return layers * dims.layer_flops(ctx_len) + (dims.head_flops() if head else 0.0)
-
-
-def load_model_seconds(env: Env) -> float:
-    return T_IMPORT_MODEL + env.read(env.model_bytes)
-
-
-def encode_flops(s: PlannedSAE) -> float:
-    """One token through an SAE: the encoder GEMM, top-k and the sparse decoder."""
-    return 2.0 * s.d_in * s.d_sae + 2.0 * s.k * s.d_in
-
-
-def train_flops(s: PlannedSAE) -> float:
-    """One training token of an SAE: encoder forward and weight gradient, sparse decoder both ways."""
-    return 4.0 * s.d_in * s.d_sae + 6.0 * s.k * s.d_in
-
-
-def train_state_bytes(s: PlannedSAE) -> int:
-    """An SAE in training: fp32 weights, their gradients and Adam's two moments."""
-    return 4 * sae_weight_bytes(s.d_in, s.d_sae, 4)
 
 
 def harvest(env: Env) -> Cost:
@@ -165,7 +66,7 @@ def family(env: Env) -> Cost:
     if cfg.family.external:
         # loaded one group at a time (each SAE read from disk, scored on the test tokens, released)
         weights = sum(sae_weight_bytes(s.d_in, s.d_sae, 4) for s in saes)
-        groups = sae_groups(env, saes, engine_fixed_bytes(env), "family")
+        groups = sae_groups(env, saes, engine_fixed_bytes(env), "family", blocks=0)
         seconds = env.read(weights) + env.gemm32(eval_flops, E_SAE_ENCODE) + T_STEP * len(saes)
         largest = max((sae_weight_bytes(s.d_in, s.d_sae, 4) for s in saes), default=0)
         group = max(
@@ -217,23 +118,28 @@ def engine_fixed_bytes(env: Env) -> int:
 
 
 def sae_groups(
-    env: Env, saes: list[PlannedSAE], fixed: int, what: str, *, copies: int = 1
+    env: Env, saes: list[PlannedSAE], fixed: int, what: str, *, copies: int = 1, blocks: int | None = None
 ) -> list[list[str]]:
-    """``group_saes`` over the engine cost of each SAE (``copies``: SAEs run per SAE, sharing its weights),
-    with the device budget less ``fixed`` and the resident model (the process base too on a CPU)."""
-    costs = {}
-    for s in saes:
-        weights = sae_weight_bytes(s.d_in, s.d_sae, env.sae_bytes_per_value)
-        costs[s.name] = copies * (_engine_bytes(env, s) - weights) + weights
-    return group_saes(costs, capacity(env, fixed), what=what)
+    """The groups the step itself will form (`sae_cost` per SAE, `sae_capacity` of the budget)."""
+    n_blocks = max(env.inp.cfg.engine.interval_blocks, 1) if blocks is None else blocks
+    costs = {
+        s.name: sae_cost(s.d_in, s.d_sae, dtype_bytes=env.sae_bytes_per_value, blocks=n_blocks, copies=copies)
+        for s in saes
+    }
+    setting = (
+        "resources.sae_memory_gb" if env.inp.cfg.resources.sae_memory_gb else "resources.device_memory_gb"
+    )
+    return group_saes(costs, capacity(env, fixed), what=what, setting=setting)
 
 
 def capacity(env: Env, fixed: int) -> int:
-    """Device bytes left for SAEs: the budget (less the allocator's slack) less the resident model (and the
-    process base on a CPU) and the step's ``fixed`` part."""
-    if env.cuda:  # the model is on the GPU only during the steps that run it
-        return int(env.budget.device_bytes / DEVICE_SLACK) - fixed
-    return int((env.budget.device_bytes - HOST_BASE - env.model_bytes) / ALLOC_SLACK) - fixed
+    """Device bytes left for SAEs (see `sae_capacity`)."""
+    return sae_capacity(
+        env.budget,
+        model_bytes=env.model_bytes,
+        fixed=fixed,
+        sae_memory_gb=env.inp.cfg.resources.sae_memory_gb,
+    )
 
 
 def _pursuit_bytes(env: Env, s: PlannedSAE) -> int:
@@ -526,7 +432,3 @@ def autointerp(env: Env, judge: ModelDims | None) -> Cost:
         host_bytes=0 if env.cuda else held,
         uses_model=True,
     )
-
-
-def budget_error(exc: BudgetError) -> str:
-    return str(exc)

@@ -12,10 +12,18 @@ import torch
 from darkmatter.config.schema import StudyConfig
 from darkmatter.errors import ConfigError
 from darkmatter.lm.loading import resolve_device
-from darkmatter.study.budget import GB, Budget, BudgetError, detect_budget
+from darkmatter.study.budget import (
+    ALLOC_SLACK,
+    DEVICE_SLACK,
+    GB,
+    HOST_BASE,
+    Budget,
+    BudgetError,
+    detect_budget,
+)
 from darkmatter.study.plan import costs
 from darkmatter.study.plan.calibration import Calibration, calibrate
-from darkmatter.study.plan.costs import HOST_BASE, Cost, Env
+from darkmatter.study.plan.cost_model import Cost, Env, model_bytes
 from darkmatter.study.plan.inputs import StudyInputs, study_inputs
 from darkmatter.study.plan.shapes import ModelDims, model_dims
 
@@ -181,7 +189,7 @@ def plan_study(
         budget = detect_budget(cfg.resources, device, run_dir)
     cuda = device.type == "cuda"
     model_on = planned_device(m.device)[0].type == "cuda"
-    env = Env(inp, cal, budget, cuda, costs.model_bytes(dims, m.dtype))
+    env = Env(inp, cal, budget, cuda, model_bytes(dims, m.dtype))
     plans: list[StepPlan] = []
     model_loaded = False
     for name, model in _enabled(cfg):
@@ -208,8 +216,8 @@ def _step_plan(
     loading = c.uses_model and not loaded  # weights pass through host memory on their way to a GPU
     model_host = env.model_bytes if (resident and not model_on_cuda) or loading else 0
     model_dev = env.model_bytes if c.uses_model and model_on_cuda else 0  # moved off between its steps
-    host = HOST_BASE + model_host + int(c.host_bytes * costs.ALLOC_SLACK)
-    device = host if env.budget.shared else int((model_dev + c.device_bytes) * costs.DEVICE_SLACK)
+    host = HOST_BASE + model_host + int(c.host_bytes * ALLOC_SLACK)
+    device = host if env.budget.shared else int((model_dev + c.device_bytes) * DEVICE_SLACK)
     return StepPlan(
         name=name,
         tokens=int(c.tokens),
