@@ -52,7 +52,7 @@ from stand_ins import (
 )
 
 GB = 1e9
-SAMPLE_TOKENS = 512
+SAMPLE_TOKENS = 1024
 _HUB = re.compile(r"^[^/]+/(?P<repo>[^:]+):(?P<sub>.+)$")
 _WIDTH_SWEEP = re.compile(r"^L(\d+)-res-(\d+[km])$")
 _L0 = re.compile(r"average_l0_(\d+)")
@@ -148,8 +148,8 @@ class SAEBuilder:
 
     def xs(self) -> torch.Tensor:
         if self._xs is None:
-            ctx_len = min(self.args.ctx_len, 1024)
-            text = {"source": "austen", "packing": "chunk", "ctx_len": ctx_len, "n_contexts": 8, "seed": 42}
+            ctx_len = min(self.args.ctx_len, 256)
+            text = {"source": "austen", "packing": "chunk", "ctx_len": ctx_len, "n_contexts": 16, "seed": 42}
             skip = min(self.args.skip_positions, ctx_len // 4)
             dev = self.args.device
             self._xs = sample_activations(self.model_dir, self.layer, text, SAMPLE_TOKENS, skip, dev)
@@ -301,14 +301,18 @@ def make_runner(ctx: Any, device: str, rows: list[dict[str, Any]]) -> Any:
             outcome = super()._visit(step, forced, unavailable)
             _sync(device)
             if outcome.status == "ran":
-                rows.append(
-                    {
-                        "step": step.name,
-                        "seconds": time.perf_counter() - t0,
-                        "peak_rss_bytes": peak_rss_kb() * 1024,
-                        "peak_device_bytes": device_peak(device),
-                        "headline": outcome.headline,
-                    }
+                row = {
+                    "step": step.name,
+                    "seconds": time.perf_counter() - t0,
+                    "peak_rss_bytes": peak_rss_kb() * 1024,
+                    "peak_device_bytes": device_peak(device),
+                    "headline": outcome.headline,
+                }
+                rows.append(row)
+                print(
+                    f"  [{step.name}: {row['seconds']:.1f} s, peak RSS {fmt_bytes(row['peak_rss_bytes'])}, "
+                    f"peak device {fmt_bytes(row['peak_device_bytes'])}]",
+                    flush=True,
                 )
             return outcome
 

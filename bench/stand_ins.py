@@ -263,8 +263,10 @@ def build_model(name: str, out: Path, log: Any = print) -> Path:
 def sample_activations(
     model_dir: Path, layer: int, text_overrides: dict[str, Any], n_tokens: int, skip: int, device: str
 ) -> torch.Tensor:
-    """``n_tokens`` residual vectors after decoder layer ``layer`` (float32, on ``device``), from the first
-    contexts of the study's text; only the layers up to ``layer + 1`` run."""
+    """``n_tokens`` residual vectors after decoder layer ``layer`` (float32, on ``device``): the same number
+    of random positions (past ``skip``) from each of the text's contexts. Spread over many contexts: the
+    tokens of one context share much of their residual direction, and a mean taken from one or two
+    contexts sets thresholds that the study's other contexts cross far more (or less) often."""
     from transformers import AutoModelForCausalLM
 
     from darkmatter.lm.loading import load_tokenizer
@@ -273,20 +275,18 @@ def sample_activations(
     tokenizer, bos = load_tokenizer(str(model_dir))
     text = TextConfig(**text_overrides)
     ctx = make_contexts(text, tokenizer, bos).tokens
+    per = math.ceil(n_tokens / ctx.shape[0])
     dtype = torch.bfloat16 if device == "cpu" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
     # hidden_states[-1] is taken after the final norm: keep one layer more than needed
     model.model.layers = model.model.layers[: layer + 2]
+    g = torch.Generator().manual_seed(0)
     rows: list[torch.Tensor] = []
-    got = 0
     for i in range(ctx.shape[0]):
         ids = torch.as_tensor(ctx[i : i + 1], dtype=torch.long, device=device)
-        out = model.model(input_ids=ids, output_hidden_states=True)
-        h = out.hidden_states[layer + 1][0, skip:].float()
-        rows.append(h)
-        got += h.shape[0]
-        if got >= n_tokens:
-            break
+        h = model.model(input_ids=ids, output_hidden_states=True).hidden_states[layer + 1][0].float()
+        pos = skip + torch.randperm(h.shape[0] - skip, generator=g)[:per]
+        rows.append(h[pos.to(device)])
     del model
     return torch.cat(rows)[:n_tokens].contiguous()
 
