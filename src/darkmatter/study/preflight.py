@@ -30,13 +30,13 @@ def preflight(cfg: StudyConfig) -> ModelShape:
 
 
 def _check_devices(cfg: StudyConfig) -> None:
-    devices = {
-        "model.device": cfg.model.device,
-        "analysis.device": cfg.analysis_device,
-        "family.train.device": cfg.train_device(cfg.family.train),
-        "layer_sweep.train.device": cfg.train_device(cfg.layer_sweep.train),
-        "error_saes.train.device": cfg.train_device(cfg.error_saes.train),
+    devices = {"model.device": cfg.model.device, "analysis.device": cfg.analysis_device}
+    trainers = {
+        "family.train.device": (not cfg.family.external, cfg.family.train),
+        "layer_sweep.train.device": (cfg.layer_sweep.enabled, cfg.layer_sweep.train),
+        "error_saes.train.device": (cfg.error_saes.enabled, cfg.error_saes.train),
     }
+    devices |= {setting: cfg.train_device(train) for setting, (used, train) in trainers.items() if used}
     for setting, device in devices.items():
         try:
             resolve_device(device)
