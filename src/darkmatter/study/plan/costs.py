@@ -21,6 +21,7 @@ from darkmatter.study.plan.cost_model import (
     T_FIGURE_STEP,
     T_IMPORT_MODEL,
     T_STEP,
+    T_SYNTHETIC,
     Cost,
     Env,
     encode_flops,
@@ -31,6 +32,7 @@ from darkmatter.study.plan.cost_model import (
 )
 from darkmatter.study.plan.inputs import PlannedSAE, ceil_div
 from darkmatter.study.plan.shapes import ModelDims
+from darkmatter.study.steps.downstream_ce import BOTH_BATCHES
 
 
 def harvest(env: Env) -> Cost:
@@ -113,7 +115,7 @@ def engine_fixed_bytes(env: Env) -> int:
     """The engine's fixed part on the device: a chunk of activations and the shared input moments."""
     inp = env.inp
     chunk = 1024 if not env.cuda else 8192
-    blocks = max(inp.cfg.engine.interval_blocks, 1)
+    blocks = inp.jackknife_blocks
     return chunk * len(inp.sites) * inp.d * 4 * 3 + 2 * blocks * (inp.d + 2) ** 2 * F64
 
 
@@ -121,7 +123,7 @@ def sae_groups(
     env: Env, saes: list[PlannedSAE], fixed: int, what: str, *, copies: int = 1, blocks: int | None = None
 ) -> list[list[str]]:
     """The groups the step itself will form (`sae_cost` per SAE, `sae_capacity` of the budget)."""
-    n_blocks = max(env.inp.cfg.engine.interval_blocks, 1) if blocks is None else blocks
+    n_blocks = env.inp.jackknife_blocks if blocks is None else blocks
     costs = {
         s.name: sae_cost(s.d_in, s.d_sae, dtype_bytes=env.sae_bytes_per_value, blocks=n_blocks, copies=copies)
         for s in saes
@@ -158,7 +160,7 @@ def engine(env: Env) -> Cost:
     tokens = inp.used_tokens
     fixed = engine_fixed_bytes(env)
     groups = sae_groups(env, saes, fixed, "engine")
-    blocks = max(inp.cfg.engine.interval_blocks, 1)
+    blocks = inp.jackknife_blocks
     f32 = 2 * tokens * sum(encode_flops(s) for s in saes)
     f64 = 2 * tokens * sum(_moment_flops(s) for s in saes)
     solves = sum((blocks + 2) * 2.0 * s.d_in**3 for s in saes)  # Cholesky solves per replicate
@@ -182,7 +184,7 @@ def engine(env: Env) -> Cost:
 
 
 def _engine_bytes(env: Env, s: PlannedSAE) -> int:
-    blocks = max(env.inp.cfg.engine.interval_blocks, 1)
+    blocks = env.inp.jackknife_blocks
     return engine_sae_bytes(s.d_in, s.d_sae, dtype_bytes=env.sae_bytes_per_value, blocks=blocks)
 
 
@@ -248,7 +250,12 @@ def synthetic(env: Env) -> Cost:
     return Cost(
         tokens=runs * n,
         flops=f32 + f64,
-        seconds=env.gemm32(f32, E_SAE_ENCODE) + env.gemm64(f64, E_MOMENTS) + T_STEP + T_FIGURE_STEP,
+        # + the Table 1 grid's many small fits and noise draws, which no GEMM count captures
+        seconds=env.gemm32(f32, E_SAE_ENCODE)
+        + env.gemm64(f64, E_MOMENTS)
+        + T_STEP
+        + T_FIGURE_STEP
+        + T_SYNTHETIC,
         groups=[[s.name]],
         passes=runs,
         device_bytes=held if env.cuda else 0,
@@ -281,10 +288,11 @@ def pursuit(env: Env) -> Cost:
 
 
 def _splice_costs(
-    env: Env, n_contexts: int, spliced_per_batch: int, batch: int = 4
+    env: Env, n_contexts: int, spliced_per_batch: int, batch: int = 4, extra_passes: int = 0
 ) -> tuple[float, int, int]:
     """(FLOPs, forward passes, memory of one batch) of splices at the study's layer: per batch one clean
-    full pass, then ``spliced_per_batch`` passes of the layers after it (the prefix replayed)."""
+    full pass, then ``spliced_per_batch`` passes of the layers after it (the prefix replayed), plus
+    ``extra_passes`` spliced passes in all (settings checked on a few batches only)."""
     inp = env.inp
     dims, ctx = inp.dims, inp.ctx_len
     batches = ceil_div(n_contexts, batch)
@@ -292,16 +300,21 @@ def _splice_costs(
     after = dims.n_layers - inp.cfg.layer - 1
     clean = ctx * forward_flops(dims, ctx, dims.n_layers, False) + scored * dims.head_flops()
     spliced = ctx * forward_flops(dims, ctx, after, False) + scored * dims.head_flops()
-    flops = n_contexts * (clean + spliced_per_batch * spliced)
+    flops = (
+        n_contexts * (clean + spliced_per_batch * spliced) + extra_passes * min(batch, n_contexts) * spliced
+    )
     memory = batch * scored * dims.vocab * 4 * 3 + batch * ctx * dims.d_model * 4 * dims.n_layers
-    return flops, batches * (1 + spliced_per_batch), memory
+    return flops, batches * (1 + spliced_per_batch) + extra_passes, memory
 
 
 def downstream_ce(env: Env) -> Cost:
     inp, cfg = env.inp, env.inp.cfg
     sweep = [inp.sae(n) for n in inp.width_sweep]
     n_ctx = cfg.downstream_ce.n_contexts
-    flops, passes, memory = _splice_costs(env, n_ctx, 5 * len(sweep))
+    # per batch: sae, sae+linear, sae+nonlinear per SAE and one zero ablation of the site; the sae+both
+    # identity check per SAE on the first BOTH_BATCHES batches only
+    both = min(BOTH_BATCHES, ceil_div(n_ctx, 4)) * len(sweep)
+    flops, passes, memory = _splice_costs(env, n_ctx, 3 * len(sweep) + 1, extra_passes=both)
     weights = {
         s.name: sae_weight_bytes(s.d_in, s.d_sae, env.sae_bytes_per_value) + s.d_in**2 * 4 for s in sweep
     }
@@ -327,7 +340,7 @@ def earlier_layers(env: Env) -> Cost:
     regs = [inp.sae(n) for n in inp.regressors]
     tokens = inp.used_tokens
     p = inp.d * (1 + len(regs))  # the joint map's features
-    blocks = max(cfg.engine.interval_blocks, 1)
+    blocks = inp.jackknife_blocks
     f_enc = tokens * sum(encode_flops(s) for s in [target, *regs])
     f64 = tokens * 2.0 * (p + 2) * (inp.d + p + 2) + (blocks + 2) * 2.0 * p**3
     hidden = el.mlp_hidden

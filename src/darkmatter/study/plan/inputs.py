@@ -52,6 +52,12 @@ class StudyInputs:
         return self.cfg.text.n_contexts * self.cfg.text.ctx_len
 
     @property
+    def jackknife_blocks(self) -> int:
+        """Blocks the main site's moments are kept in: ``engine.interval_blocks``, at most one per shard."""
+        shards = ceil_div(self.cfg.text.n_contexts, self.cfg.harvest.shard_contexts)
+        return max(1, min(self.cfg.engine.interval_blocks, shards))
+
+    @property
     def used_tokens(self) -> int:
         """Tokens the analysis reads (positions before ``skip_positions`` are left out)."""
         t = self.cfg.text
