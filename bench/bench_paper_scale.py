@@ -77,7 +77,8 @@ def args_parser() -> argparse.ArgumentParser:
     ap.add_argument("--dtype", default=None, help="Model dtype; default: the preset's on cuda, bf16 on cpu.")
     ap.add_argument("--sae-dtype", default="fp32", help="analysis.sae_dtype.")
     ap.add_argument("--budget-gb", type=float, default=None, help="resources.host/device_memory_gb.")
-    ap.add_argument("--pursuit-contexts", type=int, default=1)
+    ap.add_argument("--sae-memory-gb", type=float, default=None, help="resources.sae_memory_gb.")
+    ap.add_argument("--pursuit-contexts", type=int, default=1, help="0: no pursuit.")
     ap.add_argument("--ce-contexts", type=int, default=1)
     ap.add_argument("--skip-positions", type=int, default=16)
     ap.add_argument("--out", type=Path, default=Path("paper-scale-out"))
@@ -264,11 +265,12 @@ def study_overrides(args: argparse.Namespace, model_dir: Path, dtype: str) -> li
         "synthetic.enabled=false",
         "earlier_layers.enabled=false",
         "error_saes.enabled=false",
-        f"pursuit.n_contexts={args.pursuit_contexts}",
+        f"pursuit.n_contexts={max(args.pursuit_contexts, 1)}",
+        f"pursuit.enabled={str(args.pursuit_contexts > 0).lower()}",
         f"downstream_ce.n_contexts={args.ce_contexts}",
     ]
-    if not args.device.startswith("cuda"):  # the presets train on cuda; checked even when disabled
-        items += ["layer_sweep.train.device=cpu", "error_saes.train.device=cpu"]
+    if args.sae_memory_gb is not None:
+        items.append(f"resources.sae_memory_gb={args.sae_memory_gb}")
     if args.budget_gb is not None:
         items += [
             f"resources.host_memory_gb={args.budget_gb}",
@@ -326,21 +328,6 @@ def planned(cfg: Any, run_dir: Path) -> Any:
     except ImportError:
         return None
     return plan_study(cfg, run_dir)
-
-
-def budget_groups(cfg: Any, saes: dict[str, int], d: int, budget_gb: float | None) -> str:
-    """How ``darkmatter.study.budget`` would group the SAEs for the engine if the whole budget held SAEs."""
-    if budget_gb is None:
-        return "no budget set"
-    from darkmatter.study.budget import describe_groups, engine_sae_bytes, group_saes
-
-    nbytes = 2 if cfg.analysis.sae_dtype != "fp32" else 4
-    blocks = max(1, cfg.engine.interval_blocks)
-    costs = {n: engine_sae_bytes(d, w, dtype_bytes=nbytes, blocks=blocks) for n, w in saes.items()}
-    try:
-        return describe_groups(group_saes(costs, int(budget_gb * GB), what="engine"))
-    except Exception as exc:  # BudgetError: one SAE alone is over the budget
-        return f"does not fit: {exc}"
 
 
 def step_tokens(args: argparse.Namespace, cfg: Any) -> dict[str, int]:
@@ -501,8 +488,7 @@ def main() -> None:
         f"{cfg.text.n_contexts} x {cfg.text.ctx_len} tokens"
     )
     print(
-        f"budget: {'none (detected)' if args.budget_gb is None else f'{args.budget_gb} GB host and device'}; "
-        f"engine groups by darkmatter.study.budget: {budget_groups(cfg, widths, d, args.budget_gb)}"
+        f"budget: {'none (detected)' if args.budget_gb is None else f'{args.budget_gb} GB host and device'}"
     )
     run_dir = args.out / "runs" / args.model
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -512,7 +498,8 @@ def main() -> None:
     else:
         print(
             f"planner: {plan.total_seconds:.1f} s, peak host {fmt_bytes(plan.peak_host_bytes)}, "
-            f"peak device {fmt_bytes(plan.peak_device_bytes)}"
+            f"peak device {fmt_bytes(plan.peak_device_bytes)}; engine groups "
+            + "; ".join(", ".join(g) for g in plan.step("engine").groups)
         )
     logs: list[str] = []
     ctx = StudyContext(cfg, run_dir, log=lambda m: (logs.append(m), print("  " + m, flush=True)))

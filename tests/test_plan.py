@@ -19,6 +19,7 @@ CAL = Calibration(
     device="cpu:test",
     gemm_fp32=100e9,
     gemm_fp64=40e9,
+    gemm_bf16=200e9,
     disk_write=500e6,
     disk_read=2e9,
     threads=2,

@@ -180,12 +180,12 @@ def merge_spills(
                     z_part = z[sel]
                     grams[site][part][blocks[site]] += (z_part.T @ z_part).numpy()
             if writer is not None:
-                ids = {k: torch.from_numpy(np.asarray(v[a:b])) for k, v in first.meta.items()}
+                ids = {k: torch.from_numpy(np.array(v[a:b])) for k, v in first.meta.items()}
                 meta = _Meta(ids["context"], ids["position"], ids["token"], ids["loss"])
                 train = ids["train"]
                 cols: dict[str, Tensor] = {}
                 for s in spills:
-                    block = torch.from_numpy(np.asarray(s.table[a:b]))
+                    block = torch.from_numpy(np.array(s.table[a:b]))
                     for i, (n, c) in enumerate((n, c) for n in s.table_names for c in TABLE_COLUMNS):
                         cols[f"{n}:{c}"] = block[:, i]
                 writer.write(meta, train, cols)

@@ -23,7 +23,7 @@ from darkmatter import atomic
 from darkmatter.lm.loading import cache_dir
 
 CACHE_FILE = "calibration.json"
-VERSION = 2
+VERSION = 3
 GEMM_SECONDS = 0.4
 """Wall time each GEMM throughput is measured for (after a warm-up call)."""
 DISK_BYTES = 64 * 1024**2
@@ -38,6 +38,8 @@ class Calibration:
     device: str
     gemm_fp32: float
     gemm_fp64: float
+    gemm_bf16: float
+    """bf16 GEMMs (the model's forward in bf16 or fp16; fp16 on a CPU is assumed as fast as bf16)."""
     disk_write: float
     disk_read: float
     threads: int
@@ -48,8 +50,8 @@ class Calibration:
     def describe(self) -> str:
         return (
             f"{self.device}, {self.threads} threads: fp32 GEMM {self.gemm_fp32 / 1e9:,.1f} GFLOP/s, "
-            f"fp64 {self.gemm_fp64 / 1e9:,.1f} GFLOP/s; disk write {self.disk_write / 1e6:,.0f} MB/s, "
-            f"read {self.disk_read / 1e6:,.0f} MB/s"
+            f"fp64 {self.gemm_fp64 / 1e9:,.1f}, bf16 {self.gemm_bf16 / 1e9:,.1f} GFLOP/s; "
+            f"disk write {self.disk_write / 1e6:,.0f} MB/s, read {self.disk_read / 1e6:,.0f} MB/s"
         )
 
 
@@ -142,12 +144,14 @@ def measure(device: torch.device, folder: Path) -> Calibration:
     fp32 = max(gemm_throughput(device, torch.float32, m, k, n, GEMM_SECONDS / 3) for _ in range(3))
     dm, dn = (4096, 4096) if big else (1024, 1024)
     fp64 = max(gemm_throughput(device, torch.float64, dm, dn, dm, GEMM_SECONDS / 3) for _ in range(3))
+    bf16 = max(gemm_throughput(device, torch.bfloat16, m, k, n, GEMM_SECONDS / 3) for _ in range(3))
     write, read = disk_bandwidth(folder)
     return Calibration(
         key=calibration_key(device),
         device=device_name(device),
         gemm_fp32=fp32,
         gemm_fp64=fp64,
+        gemm_bf16=bf16,
         disk_write=write,
         disk_read=read,
         threads=torch.get_num_threads(),

@@ -43,6 +43,13 @@ T_STEP = 0.5
 """Opening the store, reading results, writing JSON: every step that runs."""
 T_FIGURE_STEP = 1.0
 """Small fits and bootstraps of a step's summary numbers (power law, intervals)."""
+SAE_LOAD_RATE = 225e6
+"""Bytes/s of loading an SAE's weights from its files onto the device (read, parse, copy; a Gemma Scope
+``params.npz`` at d 2304 on the 2-core machine: 4.5 GB in about 20 s)."""
+E_SPLICE_HALF_CPU = 0.31
+"""The CE splices of a bf16/fp16 model on a CPU, against the bf16 GEMM peak: the spliced passes' non-GEMM
+work (norms, soft-capping, the vocabulary-wide log-softmax and KL) in half precision dominates (2B stand-in,
+one context per batch: 132.9 s measured). fp32 models and GPUs use E_FORWARD."""
 T_SYNTHETIC = 5.0
 """The synthetic simulation's grid of small fits and noise draws (demo: 8.7 s measured, 3.2 s of GEMMs)."""
 
@@ -76,6 +83,20 @@ class Env:
 
     def gemm32(self, flops: float, efficiency: float) -> float:
         return flops / (self.cal.gemm_fp32 * efficiency)
+
+    def forward(self, flops: float, efficiency: float) -> float:
+        """Seconds of the model's forward matmuls, in the model's precision."""
+        half = self.inp.cfg.model.dtype != "fp32"
+        return flops / ((self.cal.gemm_bf16 if half else self.cal.gemm_fp32) * efficiency)
+
+    def splices(self, flops: float) -> float:
+        """Seconds of the CE splices' forward passes."""
+        half_cpu = self.inp.cfg.model.dtype != "fp32" and not self.cuda
+        return self.forward(flops, E_SPLICE_HALF_CPU if half_cpu else E_FORWARD)
+
+    def load_saes(self, saes: list[PlannedSAE]) -> float:
+        """Seconds of loading ``saes`` from their files (each step loads what it uses)."""
+        return sum(sae_weight_bytes(s.d_in, s.d_sae, 4) for s in saes) / SAE_LOAD_RATE
 
     def gemm64(self, flops: float, efficiency: float) -> float:
         return flops / (self.cal.gemm_fp64 * efficiency)

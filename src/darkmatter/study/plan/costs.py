@@ -47,7 +47,7 @@ def harvest(env: Env) -> Cost:
     if cfg.harvest.with_loss:
         activations += batch_tokens * dims.vocab * 4 * 2
     shard = cfg.harvest.shard_contexts * inp.ctx_len * sites * inp.d * env.store_value_bytes * 2
-    seconds = load_model_seconds(env) + env.gemm32(flops, E_FORWARD) + env.write(disk)
+    seconds = load_model_seconds(env) + env.forward(flops, E_FORWARD) + env.write(disk)
     return Cost(
         tokens=tokens,
         disk_bytes=disk,
@@ -67,9 +67,8 @@ def family(env: Env) -> Cost:
     eval_flops = n_eval * sum(encode_flops(s) for s in saes)
     if cfg.family.external:
         # loaded one group at a time (each SAE read from disk, scored on the test tokens, released)
-        weights = sum(sae_weight_bytes(s.d_in, s.d_sae, 4) for s in saes)
         groups = sae_groups(env, saes, engine_fixed_bytes(env), "family", blocks=0)
-        seconds = env.read(weights) + env.gemm32(eval_flops, E_SAE_ENCODE) + T_STEP * len(saes)
+        seconds = env.load_saes(saes) + env.gemm32(eval_flops, E_SAE_ENCODE) + T_STEP * len(saes)
         largest = max((sae_weight_bytes(s.d_in, s.d_sae, 4) for s in saes), default=0)
         group = max(
             (
@@ -166,7 +165,7 @@ def engine(env: Env) -> Cost:
     solves = sum((blocks + 2) * 2.0 * s.d_in**3 for s in saes)  # Cholesky solves per replicate
     store = inp.tokens * len(inp.sites) * inp.d * env.store_value_bytes
     seconds = env.gemm32(f32, E_SAE_ENCODE) + env.gemm64(f64 + solves, E_MOMENTS)
-    seconds += (len(groups) - 1) * 2 * env.read(store) + T_STEP + T_FIGURE_STEP
+    seconds += (len(groups) - 1) * 2 * env.read(store) + env.load_saes(saes) + T_STEP + T_FIGURE_STEP
     largest = max((sum(_engine_bytes(env, inp.sae(n)) for n in g) for g in groups), default=0)
     probes = sum(s.d_in * (s.d_in + 1) * 4 for s in saes)
     table = tokens * (4 + 3 * len(saes)) * 8
@@ -179,8 +178,13 @@ def engine(env: Env) -> Cost:
         groups=groups,
         passes=2 * len(groups),
         device_bytes=fixed + largest if env.cuda else 0,
-        host_bytes=(0 if env.cuda else fixed + largest) + 16384 * (4 + 3 * len(saes)) * 8,
+        # + the host copy of the largest SAE's arrays while it is read from its files
+        host_bytes=(0 if env.cuda else fixed + largest) + 16384 * (4 + 3 * len(saes)) * 8 + _load_copy(saes),
     )
+
+
+def _load_copy(saes: list[PlannedSAE]) -> int:
+    return max((sae_weight_bytes(s.d_in, s.d_sae, 4) for s in saes), default=0)
 
 
 def _engine_bytes(env: Env, s: PlannedSAE) -> int:
@@ -212,7 +216,7 @@ def layer_sweep(env: Env) -> Cost:
     disk = tokens * len(layers) * inp.d * env.store_value_bytes + tokens * 8
     disk += sum(2 * sae_weight_bytes(s.d_in, s.d_sae, 4) for s in saes)
     seconds = (
-        env.gemm32(fwd, E_FORWARD)
+        env.forward(fwd, E_FORWARD)
         + env.gemm32(train, E_SAE_TRAIN)
         + env.gemm32(enc, E_SAE_ENCODE)
         + env.gemm64(mom, E_MOMENTS)
@@ -274,6 +278,7 @@ def pursuit(env: Env) -> Cost:
     f64 = tokens * sum(4 * _moment_flops(s) for s in sweep)
     groups = sae_groups(env, sweep, engine_fixed_bytes(env), "pursuit", copies=2) if sweep else []
     seconds = env.gemm32(f_pursuit, E_PURSUIT) + env.gemm32(f_enc, E_SAE_ENCODE) + env.gemm64(f64, E_MOMENTS)
+    seconds += env.load_saes(sweep)
     largest = max((sum(_pursuit_bytes(env, inp.sae(n)) for n in g) for g in groups), default=0)
     chunk = 1024 * max((s.d_sae for s in sweep), default=0) * 4 * 3
     return Cost(
@@ -303,7 +308,8 @@ def _splice_costs(
     flops = (
         n_contexts * (clean + spliced_per_batch * spliced) + extra_passes * min(batch, n_contexts) * spliced
     )
-    memory = batch * scored * dims.vocab * 4 * 3 + batch * ctx * dims.d_model * 4 * dims.n_layers
+    rows = min(batch, n_contexts)  # contexts in one batch
+    memory = rows * scored * dims.vocab * 4 * 3 + rows * ctx * dims.d_model * 4 * dims.n_layers
     return flops, batches * (1 + spliced_per_batch) + extra_passes, memory
 
 
@@ -324,7 +330,7 @@ def downstream_ce(env: Env) -> Cost:
     return Cost(
         tokens=n_ctx * inp.ctx_len,
         flops=flops,
-        seconds=env.gemm32(flops, E_FORWARD) + T_STEP,
+        seconds=env.splices(flops) + env.load_saes(sweep) + T_STEP,
         groups=groups,
         passes=passes,
         device_bytes=memory + held if env.cuda else 0,
@@ -353,7 +359,7 @@ def earlier_layers(env: Env) -> Cost:
         env.gemm32(f_enc, E_SAE_ENCODE)
         + env.gemm64(f64, E_MOMENTS)
         + env.gemm32(f_mlp, E_SAE_TRAIN)
-        + env.gemm32(f_ce, E_FORWARD)
+        + env.forward(f_ce, E_FORWARD)
         + T_STEP
         + T_FIGURE_STEP
     )

@@ -246,6 +246,8 @@ REFERENCE_GPU_FP32 = 40e12
 """Dense fp32 GEMM FLOP/s of the reference GPU (no TF32), about an H100's."""
 REFERENCE_GPU_FP64 = 45e12
 """fp64 GEMM FLOP/s of the reference GPU (fp64 tensor cores)."""
+REFERENCE_GPU_BF16 = 400e12
+"""bf16 GEMM FLOP/s of the reference GPU (dense tensor cores, below the data-sheet peak)."""
 
 
 def planned_device(name: str) -> tuple[torch.device, bool]:
@@ -268,6 +270,7 @@ def reference_gpu(run_dir: Path) -> Calibration:
         device=REFERENCE_GPU,
         gemm_fp32=REFERENCE_GPU_FP32,
         gemm_fp64=REFERENCE_GPU_FP64,
+        gemm_bf16=REFERENCE_GPU_BF16,
     )
 
 
