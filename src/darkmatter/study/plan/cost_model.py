@@ -50,8 +50,9 @@ E_SPLICE_HALF_CPU = 0.31
 """The CE splices of a bf16/fp16 model on a CPU, against the bf16 GEMM peak: the spliced passes' non-GEMM
 work (norms, soft-capping, the vocabulary-wide log-softmax and KL) in half precision dominates (2B stand-in,
 one context per batch: 132.9 s measured). fp32 models and GPUs use E_FORWARD."""
-T_SYNTHETIC = 5.0
-"""The synthetic simulation's grid of small fits and noise draws (demo: 8.7 s measured, 3.2 s of GEMMs)."""
+T_SYNTHETIC_TOKEN = 1.25e-4
+"""Seconds per simulated token of the synthetic simulation's grid of small fits and noise draws, which no
+GEMM count captures (demo: 8.7 s measured for 2 x 20,000 tokens, 3.2 s of them GEMMs)."""
 
 
 @dataclass

@@ -21,7 +21,7 @@ from darkmatter.study.plan.cost_model import (
     T_FIGURE_STEP,
     T_IMPORT_MODEL,
     T_STEP,
-    T_SYNTHETIC,
+    T_SYNTHETIC_TOKEN,
     Cost,
     Env,
     encode_flops,
@@ -259,7 +259,7 @@ def synthetic(env: Env) -> Cost:
         + env.gemm64(f64, E_MOMENTS)
         + T_STEP
         + T_FIGURE_STEP
-        + T_SYNTHETIC,
+        + runs * n * T_SYNTHETIC_TOKEN,
         groups=[[s.name]],
         passes=runs,
         device_bytes=held if env.cuda else 0,
