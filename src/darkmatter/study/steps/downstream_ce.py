@@ -8,6 +8,7 @@ from typing import Any
 from darkmatter.config.schema import StudyConfig
 from darkmatter.experiments.downstream import DownstreamResult, downstream_ce
 from darkmatter.hashing import stable_hash
+from darkmatter.study.budget import describe_groups
 from darkmatter.study.context import StudyContext
 from darkmatter.study.step import Step
 from darkmatter.study.steps.engine import ENGINE
@@ -46,7 +47,12 @@ class DownstreamCEStep(Step[DownstreamResult]):
         model_bytes = sum(p.numel() * p.element_size() for p in ctx.lm.model.parameters())
         fixed = model_bytes if next(ctx.lm.model.parameters()).device == ctx.device else 0
         parts = []
-        for group in ctx.sae_groups(names, what="downstream CE", blocks=0, fixed_bytes=fixed):
+        groups = ctx.sae_groups(names, what="downstream CE", blocks=0, fixed_bytes=fixed)
+        if len(groups) > 1:
+            ctx.log(
+                f"downstream_ce: SAEs spliced in {describe_groups(groups)} to fit the device memory budget"
+            )
+        for group in groups:
             parts.append(
                 downstream_ce(
                     ctx.lm,

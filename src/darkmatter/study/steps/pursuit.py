@@ -22,6 +22,7 @@ from darkmatter.results import Number, Result
 from darkmatter.sae import SAE
 from darkmatter.sae.pursuit import PursuitSAE
 from darkmatter.stats.jackknife import finite_interval
+from darkmatter.study.budget import describe_groups
 from darkmatter.study.context import StudyContext
 from darkmatter.study.step import Step
 from darkmatter.study.steps.engine import ENGINE
@@ -82,7 +83,10 @@ class PursuitStep(Step[PursuitResult]):
         rows: list[PursuitRow] = []
         n_train = n_test = 0
         # each SAE and its pursuit (same weights, moments of their own) are in the same group
-        for group in ctx.sae_groups(width_sweep, what="pursuit", blocks=blocks, copies=2):
+        groups = ctx.sae_groups(width_sweep, what="pursuit", blocks=blocks, copies=2)
+        if len(groups) > 1:
+            ctx.log(f"pursuit: SAEs streamed in {describe_groups(groups)} to fit the device memory budget")
+        for group in groups:
             plain = {n: on_device(ctx.saes[n], ctx.device, ctx.sae_dtype) for n in group}
             saes: dict[str, SAE] = dict(plain)
             saes |= {f"{n}+pursuit": PursuitSAE.from_sae(plain[n]) for n in group}
