@@ -3,8 +3,9 @@ the same command resumes to the clean results once there is space.
 
 The injected variant fails the n-th write through ``darkmatter.atomic`` whose path matches a pattern with
 ``OSError(ENOSPC)``, after the writer has started its temporary file. The real variant runs the study on a
-small tmpfs in a private mount namespace (skipped where ``unshare``/``mount`` are not permitted), then
-grows the tmpfs and runs again.
+small tmpfs in a private mount namespace (skipped where ``unshare``/``mount`` are not permitted): the plan
+refuses it before any work; with a disk budget above the disk's size it starts and fills the disk; then the
+tmpfs grows and the same command resumes.
 """
 
 from __future__ import annotations
@@ -126,10 +127,15 @@ def test_a_real_full_tmpfs_stops_cleanly_and_resumes(
     kept.mkdir()
     out = mnt / "out"
     assert z.shell(f"mount -t tmpfs -o size={size} tmpfs {shlex.quote(str(mnt))}").code == 0
-    failed = z.run(suite.args(out))
+    # the plan sees the free space first: the study stops before any work, naming the disk budget
+    refused = z.run(suite.args(out))
+    refused_ok = refused.code not in (0, 3) and "disk" in refused.stderr and not (out / "store").exists()
+    # a disk budget larger than the disk lets it start, so the disk fills during a write
+    over = ("--set", "resources.disk_gb=1")
+    failed = z.run(suite.args(out, *over))
     assert z.shell(f"cp -a {shlex.quote(str(out))} {shlex.quote(str(kept / 'failed'))}").code == 0
     assert z.shell(f"mount -o remount,size=64m {shlex.quote(str(mnt))}").code == 0
-    resumed = z.run(suite.args(out))
+    resumed = z.run(suite.args(out, *over))
     assert z.shell(f"cp -a {shlex.quote(str(out))} {shlex.quote(str(kept / 'final'))}").code == 0
     z.shell(f"umount {shlex.quote(str(mnt))}")
     match = MESSAGE.match(failed.stderr)
@@ -145,11 +151,13 @@ def test_a_real_full_tmpfs_stops_cleanly_and_resumes(
     table.add(
         f"real tmpfs of {size}: full at {where}",
         "disk full",
-        "exit 3, one line naming the file, no .tmp, store verifies; rerun on 64m exit 0, results equal",
-        f"exit {failed.code}; {len(leftovers)} .tmp; store {'ok' if store_ok else 'damaged'}; "
-        f"rerun exit {resumed.code}, {len(diffs)} differing values",
-        ok,
+        "the plan refuses it before any work; with a larger disk budget: exit 3, one line naming the file, "
+        "no .tmp, store verifies; rerun on 64m exit 0, results equal",
+        f"plan exit {refused.code}; exit {failed.code}; {len(leftovers)} .tmp; store "
+        f"{'ok' if store_ok else 'damaged'}; rerun exit {resumed.code}, {len(diffs)} differing values",
+        ok and refused_ok,
     )
+    assert refused_ok, (refused.code, refused.stderr[-2000:])
     assert failed.code == 3 and not problems, failed.stderr
     assert not leftovers and store_ok, (leftovers, verify and verify.stderr)
     assert resumed.code == 0, resumed.stderr[-3000:]
