@@ -45,6 +45,38 @@ def tiny_config(arch: str, n_layers: int = 3, d: int = 64) -> Any:
         return tf.Qwen2Config(**common)
     if arch == "gemma2":
         return tf.Gemma2Config(**common, head_dim=16, query_pre_attn_scalar=16, sliding_window=32)
+    ids = {"pad_token_id": 0, "bos_token_id": 0, "eos_token_id": 0}  # inside the tiny vocabulary
+    if arch == "qwen3":
+        return tf.Qwen3Config(**common, head_dim=16)
+    if arch == "gemma":
+        return tf.GemmaConfig(**common, head_dim=16, **ids)
+    if arch == "gemma3_text":
+        return tf.Gemma3TextConfig(**common, head_dim=16, query_pre_attn_scalar=16, sliding_window=32, **ids)
+    if arch == "phi3":
+        return tf.Phi3Config(**common, **ids)
+    if arch == "olmo2":
+        return tf.Olmo2Config(**common, **ids)
+    if arch == "mixtral":
+        return tf.MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2, sliding_window=None)
+    if arch == "starcoder2":
+        return tf.Starcoder2Config(**common, **ids)
+    if arch == "stablelm":
+        return tf.StableLmConfig(**common, **ids)
+    if arch == "phi":
+        return tf.PhiConfig(**common, **ids)
+    if arch == "stablelm_parallel":
+        return tf.StableLmConfig(**common, use_parallel_residual=True, **ids)
+    if arch == "gpt_neox_sequential":
+        return tf.GPTNeoXConfig(
+            vocab_size=v,
+            hidden_size=d,
+            intermediate_size=2 * d,
+            num_hidden_layers=n_layers,
+            num_attention_heads=4,
+            max_position_embeddings=256,
+            use_parallel_residual=False,
+            **ids,
+        )
     if arch == "gpt2":
         return tf.GPT2Config(vocab_size=v, n_embd=d, n_layer=n_layers, n_head=4, n_positions=256)
     if arch == "gpt_neox":
@@ -60,6 +92,21 @@ def tiny_config(arch: str, n_layers: int = 3, d: int = 64) -> Any:
 
 
 ARCHS = ["llama", "mistral", "qwen2", "gemma2", "gpt2", "gpt_neox"]
+# Every family whose hook sites are checked (found by discovery; ARCHS is the quicker subset other tests use).
+DISCOVERED_ARCHS = [
+    *ARCHS,
+    "qwen3",
+    "gemma",
+    "gemma3_text",
+    "phi3",
+    "olmo2",
+    "mixtral",
+    "starcoder2",
+    "stablelm",
+    "stablelm_parallel",
+    "gpt_neox_sequential",
+    "phi",
+]
 
 
 def tiny_model(arch: str, n_layers: int = 3, seed: int = 0) -> Any:

@@ -172,6 +172,18 @@ def model_shape(
     name: str = "embedded", *, online: bool | None = None, trust_remote_code: bool = False
 ) -> ModelShape:
     """The architecture, depth and width of a model from its config file alone (fast: no weights)."""
+    return shape_of(model_config(name, online=online, trust_remote_code=trust_remote_code))
+
+
+def shape_of(config: Any) -> ModelShape:
+    """The ``ModelShape`` a model config describes."""
+    return ModelShape(str(config.model_type), _n_layers(config), _d_model(config))
+
+
+def model_config(
+    name: str = "embedded", *, online: bool | None = None, trust_remote_code: bool = False
+) -> Any:
+    """A model's HF config, read from its config file alone (no weights)."""
     from transformers import AutoConfig
 
     online = network_allowed() if online is None else online
@@ -182,7 +194,7 @@ def model_shape(
         )
     except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(f"Could not read the config of model {name!r} from {path}: {exc}") from exc
-    return ModelShape(str(config.model_type), _n_layers(config), _d_model(config))
+    return config
 
 
 def load_tokenizer(

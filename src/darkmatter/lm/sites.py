@@ -1,16 +1,17 @@
-"""Canonical hook-site names (TransformerLens style) and their module paths per HF architecture.
+"""Canonical hook-site names (TransformerLens style) and the modules that hold them.
 
 A site is ``blocks.{L}.{kind}`` with kind one of ``hook_resid_pre``, ``hook_resid_post``,
-``hook_mlp_out``, ``hook_attn_out``. ``ARCHITECTURES`` is the single table mapping them to modules.
+``hook_mlp_out``, ``hook_attn_out``. ``darkmatter.lm.discover`` finds the modules of any decoder-only HF
+causal LM from its structure (with ``OVERRIDES`` for what it cannot tell).
 
 How each kind is read:
 - ``hook_resid_pre``: the first input of decoder layer L.
 - ``hook_resid_post``: the output of decoder layer L (equals ``hidden_states[L + 1]`` except where an
   architecture applies its final norm to the last entry of ``hidden_states``).
 - ``hook_mlp_out`` / ``hook_attn_out``: what the MLP / attention block adds to the residual stream. For
-  Gemma 2 that is the output of the post-norm (``post_feedforward_layernorm`` /
+  Gemma 2/3 and OLMo 2 that is the output of the post-norm (``post_feedforward_layernorm`` /
   ``post_attention_layernorm``), as in TransformerLens, so ``resid_pre + attn_out + mlp_out ==
-  resid_post`` holds for every architecture in the table.
+  resid_post``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ from dataclasses import dataclass
 import torch
 
 from darkmatter.errors import HookSiteError
+from darkmatter.lm.discover import ArchSpec, arch_spec, get_module, layer_reads
+
+__all__ = ["SITE_KINDS", "ArchSpec", "Site", "arch_spec", "get_module", "parse_site", "site_module"]
 
 SITE_KINDS = ("hook_resid_pre", "hook_resid_post", "hook_mlp_out", "hook_attn_out")
 _SITE_RE = re.compile(r"^blocks\.(\d+)\.(hook_resid_pre|hook_resid_post|hook_mlp_out|hook_attn_out)$")
@@ -56,63 +60,6 @@ def parse_site(name: str) -> Site:
     return Site(int(m.group(1)), m.group(2))
 
 
-@dataclass(frozen=True)
-class ArchSpec:
-    """Module paths (relative to the CausalLM) for one architecture family."""
-
-    layers: str  # ModuleList of decoder layers
-    attn: str  # relative to a layer: module whose (first) output is the attention contribution
-    mlp: str  # relative to a layer: module whose output is the MLP contribution
-    final_norm: str  # the norm applied after the last layer
-    embed: str
-    plain_residual: bool = True  # resid_post == resid_pre + attn_out + mlp_out with these modules
-
-
-_LLAMA = ArchSpec("model.layers", "self_attn", "mlp", "model.norm", "model.embed_tokens")
-ARCHITECTURES: dict[str, ArchSpec] = {
-    "llama": _LLAMA,
-    "mistral": _LLAMA,
-    "qwen2": _LLAMA,
-    "qwen3": _LLAMA,
-    "gemma": _LLAMA,
-    "gemma2": ArchSpec(
-        "model.layers",
-        "post_attention_layernorm",
-        "post_feedforward_layernorm",
-        "model.norm",
-        "model.embed_tokens",
-    ),
-    "gpt2": ArchSpec("transformer.h", "attn", "mlp", "transformer.ln_f", "transformer.wte"),
-    "gpt_neox": ArchSpec(
-        "gpt_neox.layers", "attention", "mlp", "gpt_neox.final_layer_norm", "gpt_neox.embed_in"
-    ),
-}
-
-
-def arch_spec(model: torch.nn.Module) -> ArchSpec:
-    """The architecture table entry for a HF causal LM, or a clear error."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    spec = ARCHITECTURES.get(str(model_type))
-    if spec is None:
-        raise HookSiteError(
-            f"Architecture {model_type!r} has no hook-site mapping. Supported: "
-            f"{', '.join(sorted(ARCHITECTURES))}. Add an ArchSpec to darkmatter.lm.sites.ARCHITECTURES."
-        )
-    return spec
-
-
-def get_module(root: torch.nn.Module, path: str) -> torch.nn.Module:
-    """Resolve a dotted module path."""
-    mod = root
-    for part in path.split("."):
-        if not hasattr(mod, part):
-            raise HookSiteError(
-                f"Module path {path!r} not found in {type(root).__name__} (missing {part!r})."
-            )
-        mod = getattr(mod, part)
-    return mod
-
-
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     layers = get_module(model, arch_spec(model).layers)
     assert isinstance(layers, torch.nn.ModuleList)
@@ -145,6 +92,15 @@ def site_module(model: torch.nn.Module, site: Site) -> tuple[torch.nn.Module, bo
         return layer, True
     if site.kind == "hook_resid_post":
         return layer, False
-    if site.kind == "hook_attn_out":
-        return get_module(layer, spec.attn), False
-    return get_module(layer, spec.mlp), False
+    if not spec.plain_residual:
+        raise HookSiteError(
+            f"{site.name!r}: {type(model).__name__} scales its attention and MLP outputs before adding "
+            "them to the residual stream (residual_multiplier), so they are not the stream's components; "
+            "use hook_resid_pre / hook_resid_post sites."
+        )
+    path = spec.attn if site.kind == "hook_attn_out" else spec.mlp
+    try:
+        return get_module(layer, path), False
+    except HookSiteError:  # a layer built differently from layer 0 (hybrid stacks)
+        attn, mlp = layer_reads(layer, str(getattr(getattr(model, "config", None), "model_type", "?")))
+        return get_module(layer, attn if site.kind == "hook_attn_out" else mlp), False

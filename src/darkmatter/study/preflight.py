@@ -1,16 +1,18 @@
 """Checks that need no weights, run before any work: a bad setting fails in the first seconds.
 
-The model's config file (not its weights) gives its architecture, depth and width; with the study's
-config that settles devices, sites, layer ranges and the widths of external SAEs whose headers can be
-read without their tensors. The text is checked by the harvest step before the model's weights load.
+The model's config file (not its weights) gives its architecture, depth and width; its skeleton, built on
+the ``meta`` device from that config, shows where the hook sites are. With the study's config that settles
+devices, sites, layer ranges and the widths of external SAEs whose headers can be read without their
+tensors. The text is checked by the harvest step before the model's weights load.
 """
 
 from __future__ import annotations
 
 from darkmatter.config.schema import StudyConfig
 from darkmatter.errors import ConfigError, HookSiteError, ShapeError
-from darkmatter.lm.loading import ModelShape, model_shape, resolve_device
-from darkmatter.lm.sites import ARCHITECTURES, parse_site
+from darkmatter.lm.discover import discover_from_config
+from darkmatter.lm.loading import ModelShape, model_config, resolve_device, shape_of
+from darkmatter.lm.sites import parse_site
 from darkmatter.sae.peek import peek_width
 
 
@@ -18,12 +20,12 @@ def preflight(cfg: StudyConfig) -> ModelShape:
     """Raise the first problem found as a one-line error; return what the model's config says."""
     _check_devices(cfg)
     m = cfg.model
-    shape = model_shape(m.name, online=m.online or None, trust_remote_code=m.trust_remote_code)
-    if shape.model_type not in ARCHITECTURES:
-        raise HookSiteError(
-            f"Architecture {shape.model_type!r} of {m.name!r} has no hook-site mapping. Supported: "
-            f"{', '.join(sorted(ARCHITECTURES))}."
-        )
+    config = model_config(m.name, online=m.online or None, trust_remote_code=m.trust_remote_code)
+    shape = shape_of(config)
+    try:
+        discover_from_config(config, trust_remote_code=m.trust_remote_code)
+    except HookSiteError as exc:
+        raise HookSiteError(f"Model {m.name!r}: {exc}") from None
     _check_layers(cfg, shape)
     _check_external_widths(cfg, shape)
     return shape

@@ -1,0 +1,217 @@
+"""Find a decoder-only causal LM's hook modules from its module structure.
+
+Rules, applied to any Hugging Face causal LM (weights are not needed: a skeleton on the ``meta`` device
+has the same structure):
+
+- Decoder layers: the ``torch.nn.ModuleList`` whose length equals the config's ``num_hidden_layers`` and
+  whose layers have an attention and an MLP child (for example ``model.layers``, ``transformer.h``,
+  ``gpt_neox.layers``); among several, the shortest path.
+- Attention: the first layer child named one of ``ATTN_NAMES``; MLP: the first named one of ``MLP_NAMES``
+  (an MoE block that returns ``(hidden_states, router_logits)`` is read through its first output).
+- A norm applied to a sub-block's *output* (Gemma 2/3, OLMo 2) is where that sub-block's contribution to
+  the residual stream is read. ``post_feedforward_layernorm`` and the like always are such norms;
+  ``post_attention_layernorm`` is one only when the layer also has a separate pre-MLP norm
+  (``pre_feedforward_layernorm``) or no pre-attention norm at all, else it is the pre-MLP norm (Llama).
+- Parallel residual layers (GPT-NeoX, StableLM, Phi) add both sub-blocks' outputs to the same input, so
+  the module outputs still satisfy ``resid_pre + attn_out + mlp_out == resid_post``.
+- A config with a ``residual_multiplier`` other than 1 scales the sub-block outputs inside the layer:
+  ``hook_attn_out`` / ``hook_mlp_out`` are refused there (the residual-stream sites still work).
+
+``OVERRIDES`` holds what these rules cannot tell, by ``model_type``: any ``ArchSpec`` field given there
+replaces the discovered one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from darkmatter.errors import HookSiteError
+
+ATTN_NAMES = ("self_attn", "attn", "attention", "self_attention", "attn_layer", "mixer_attn")
+MLP_NAMES = ("mlp", "feed_forward", "block_sparse_moe", "ffn", "moe", "feedforward", "mlp_block")
+PRE_ATTN_NORMS = ("input_layernorm", "ln_1", "attention_norm", "attn_norm", "norm1", "ln_attn")
+PRE_MLP_NORMS = ("pre_feedforward_layernorm", "pre_mlp_layernorm", "ffn_norm_pre")
+POST_ATTN_NORMS = ("post_self_attn_layernorm", "post_attn_layernorm", "post_attention_norm")
+POST_MLP_NORMS = ("post_feedforward_layernorm", "post_mlp_layernorm", "post_ffn_layernorm", "post_mlp_norm")
+FINAL_NORMS = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "norm_f", "final_norm")
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Module paths (relative to the CausalLM) where a model's hook sites are read."""
+
+    layers: str  # ModuleList of decoder layers
+    attn: str  # relative to a layer: module whose (first) output is the attention contribution
+    mlp: str  # relative to a layer: module whose (first) output is the MLP contribution
+    final_norm: str | None = None  # the norm applied after the last layer, when one was found
+    embed: str | None = None  # the input embedding
+    plain_residual: bool = True  # resid_post == resid_pre + attn_out + mlp_out with these modules
+
+
+OVERRIDES: dict[str, dict[str, Any]] = {}
+_CACHE: weakref.WeakKeyDictionary[torch.nn.Module, ArchSpec] = weakref.WeakKeyDictionary()
+
+
+def register_override(model_type: str, **fields: Any) -> None:
+    """Fix hook modules discovery gets wrong or cannot find, e.g. ``register_override("x", mlp="ffn")``."""
+    known = {f.name for f in dataclasses.fields(ArchSpec)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise HookSiteError(f"Unknown override field(s) {unknown}; ArchSpec fields: {sorted(known)}.")
+    OVERRIDES[model_type] = {**OVERRIDES.get(model_type, {}), **fields}
+    _CACHE.clear()
+
+
+def get_module(root: torch.nn.Module, path: str) -> torch.nn.Module:
+    """Resolve a dotted module path."""
+    mod = root
+    for part in path.split("."):
+        if not hasattr(mod, part):
+            raise HookSiteError(
+                f"Module path {path!r} not found in {type(root).__name__} (missing {part!r})."
+            )
+        mod = getattr(mod, part)
+    return mod
+
+
+def _config(model: torch.nn.Module) -> Any:
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    return config
+
+
+def _model_type(model: torch.nn.Module) -> str:
+    return str(getattr(getattr(model, "config", None), "model_type", None))
+
+
+def _how_to_override(model_type: str) -> str:
+    return (
+        f"Name the modules with darkmatter.lm.discover.register_override({model_type!r}, "
+        "layers='model.layers', attn='self_attn', mlp='mlp') (paths of attn and mlp relative to a layer)."
+    )
+
+
+def _children(module: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    return {n: c for n, c in module.named_children() if c is not None}
+
+
+def _first_named(module: torch.nn.Module, names: tuple[str, ...]) -> str | None:
+    children = _children(module)
+    return next((n for n in names if n in children), None)
+
+
+def _find_layers(model: torch.nn.Module, model_type: str) -> str:
+    config = _config(model)
+    want = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
+    lists = [(p, m) for p, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m) > 0]
+    sized = [(p, m) for p, m in lists if want is None or len(m) == int(want)]
+    blocks = [p for p, m in sized if _first_named(m[0], ATTN_NAMES) and _first_named(m[0], MLP_NAMES)]
+    if blocks:
+        return min(blocks, key=lambda p: (p.count("."), len(p)))
+    found = ", ".join(f"{p or '<root>'} ({len(m)} x {type(m[0]).__name__})" for p, m in lists) or "none"
+    children = ", ".join(sorted(_children(sized[0][1][0]))) if sized else "-"
+    raise HookSiteError(
+        f"Could not find the decoder layers of {type(model).__name__} (model_type {model_type!r}): "
+        f"wanted a ModuleList of {want} layers, each with an attention child ({', '.join(ATTN_NAMES)}) "
+        f"and an MLP child ({', '.join(MLP_NAMES)}). ModuleLists found: {found}; children of the first "
+        f"layer of the right count: {children}. {_how_to_override(model_type)}"
+    )
+
+
+def layer_reads(layer: torch.nn.Module, model_type: str = "?") -> tuple[str, str]:
+    """(attention read, MLP read): the children of one decoder layer whose outputs are the sub-block
+    contributions to the residual stream."""
+    attn = _first_named(layer, ATTN_NAMES)
+    mlp = _first_named(layer, MLP_NAMES)
+    if attn is None or mlp is None:
+        raise HookSiteError(
+            f"Decoder layer {type(layer).__name__} (model_type {model_type!r}) has no "
+            f"{'attention' if attn is None else 'MLP'} child among {', '.join(sorted(_children(layer)))}. "
+            + _how_to_override(model_type)
+        )
+    post_mlp = _first_named(layer, POST_MLP_NORMS)
+    post_attn = _first_named(layer, POST_ATTN_NORMS)
+    if post_attn is None and "post_attention_layernorm" in _children(layer):
+        sandwich = _first_named(layer, PRE_MLP_NORMS) is not None
+        no_pre_norm = _first_named(layer, PRE_ATTN_NORMS) is None
+        if sandwich or no_pre_norm:
+            post_attn = "post_attention_layernorm"
+    return post_attn or attn, post_mlp or mlp
+
+
+def _find_final_norm(model: torch.nn.Module, layers: str) -> str | None:
+    parent = layers.rpartition(".")[0]
+    base = get_module(model, parent) if parent else model
+    name = _first_named(base, FINAL_NORMS)
+    if name is None:
+        return None
+    return f"{parent}.{name}" if parent else name
+
+
+def _find_embed(model: torch.nn.Module) -> str | None:
+    try:
+        embed = model.get_input_embeddings()  # type: ignore[operator]
+    except (AttributeError, NotImplementedError):
+        return None
+    return next((p for p, m in model.named_modules() if m is embed), None)
+
+
+def _plain_residual(model: torch.nn.Module) -> bool:
+    mult = getattr(_config(model), "residual_multiplier", None)
+    return mult is None or float(mult) == 1.0
+
+
+def discover(model: torch.nn.Module) -> ArchSpec:
+    """Where a model's hook sites are read: overrides for its ``model_type``, the rules for the rest."""
+    model_type = _model_type(model)
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        raise HookSiteError(
+            f"{type(model).__name__} (model_type {model_type!r}) is an encoder-decoder model; hook "
+            "sites are defined for decoder-only causal LMs."
+        )
+    over = OVERRIDES.get(model_type, {})
+    layers = over.get("layers") or _find_layers(model, model_type)
+    stack = get_module(model, layers)
+    if not isinstance(stack, torch.nn.ModuleList) or len(stack) == 0:
+        raise HookSiteError(f"{layers!r} of {type(model).__name__} is not a non-empty ModuleList.")
+    if "attn" in over and "mlp" in over:
+        attn, mlp = over["attn"], over["mlp"]
+    else:
+        attn, mlp = layer_reads(stack[0], model_type)
+    return ArchSpec(
+        layers=layers,
+        attn=over.get("attn", attn),
+        mlp=over.get("mlp", mlp),
+        final_norm=over.get("final_norm", _find_final_norm(model, layers)),
+        embed=over.get("embed", _find_embed(model)),
+        plain_residual=over.get("plain_residual", _plain_residual(model)),
+    )
+
+
+def arch_spec(model: torch.nn.Module) -> ArchSpec:
+    """``discover(model)``, cached per model."""
+    spec = _CACHE.get(model)
+    if spec is None:
+        spec = _CACHE[model] = discover(model)
+    return spec
+
+
+def discover_from_config(config: Any, *, trust_remote_code: bool = False) -> ArchSpec:
+    """Discover the hook modules of a model from its config alone: its skeleton is built on ``meta``."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except (ValueError, KeyError, TypeError, ImportError) as exc:
+        raise HookSiteError(
+            f"Could not build a causal LM of model_type {getattr(config, 'model_type', None)!r} from its "
+            f"config to find its hook sites: {exc}"
+        ) from exc
+    return discover(skeleton)
