@@ -32,7 +32,7 @@ import torch
 
 from darkmatter.errors import HookSiteError
 
-ATTN_NAMES = ("self_attn", "attn", "attention", "self_attention", "attn_layer", "mixer_attn")
+ATTN_NAMES = ("self_attn", "attn", "attention", "self_attention", "attn_layer")
 MLP_NAMES = ("mlp", "feed_forward", "block_sparse_moe", "ffn", "moe", "feedforward", "mlp_block")
 PRE_ATTN_NORMS = ("input_layernorm", "ln_1", "attention_norm", "attn_norm", "norm1", "ln_attn")
 PRE_MLP_NORMS = ("pre_feedforward_layernorm", "pre_mlp_layernorm", "ffn_norm_pre")
@@ -90,10 +90,11 @@ def _model_type(model: torch.nn.Module) -> str:
     return str(getattr(getattr(model, "config", None), "model_type", None))
 
 
-def _how_to_override(model_type: str) -> str:
+def _how_to_override(model_type: str, layers: str = "model.layers") -> str:
     return (
         f"Name the modules with darkmatter.lm.discover.register_override({model_type!r}, "
-        "layers='model.layers', attn='self_attn', mlp='mlp') (paths of attn and mlp relative to a layer)."
+        f"layers={layers!r}, attn='self_attn', mlp='mlp') (attn and mlp: the children of a layer whose "
+        "outputs are added to the residual stream)."
     )
 
 
@@ -120,7 +121,8 @@ def _find_layers(model: torch.nn.Module, model_type: str) -> str:
         f"Could not find the decoder layers of {type(model).__name__} (model_type {model_type!r}): "
         f"wanted a ModuleList of {want} layers, each with an attention child ({', '.join(ATTN_NAMES)}) "
         f"and an MLP child ({', '.join(MLP_NAMES)}). ModuleLists found: {found}; children of the first "
-        f"layer of the right count: {children}. {_how_to_override(model_type)}"
+        f"layer of the right count: {children}. "
+        + _how_to_override(model_type, sized[0][0] if sized else "model.layers")
     )
 
 
