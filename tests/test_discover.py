@@ -161,3 +161,16 @@ def test_preflight_accepts_a_discoverable_model_and_names_an_undiscoverable_one(
         HookSiteError, match=r"Model '.*': Could not find the decoder layers.*register_override"
     ):
         preflight(cfg)
+
+
+def test_a_skeleton_that_cannot_be_built_on_meta_defers_to_loading(monkeypatch: pytest.MonkeyPatch) -> None:
+    import transformers as tf
+
+    def fail(*_a: object, **_k: object) -> None:
+        raise RuntimeError("needs real tensors")
+
+    monkeypatch.setattr(tf.AutoModelForCausalLM, "from_config", fail)
+    assert discover_from_config(tiny_config("qwen3")) is None
+    with pytest.raises(HookSiteError, match="not a causal LM"):
+        monkeypatch.undo()
+        discover_from_config(tf.T5Config(vocab_size=80, d_model=16, num_layers=1, num_heads=2))

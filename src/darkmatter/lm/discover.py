@@ -204,16 +204,23 @@ def arch_spec(model: torch.nn.Module) -> ArchSpec:
     return spec
 
 
-def discover_from_config(config: Any, *, trust_remote_code: bool = False) -> ArchSpec:
-    """Discover the hook modules of a model from its config alone: its skeleton is built on ``meta``."""
+def discover_from_config(config: Any, *, trust_remote_code: bool = False) -> ArchSpec | None:
+    """Discover the hook modules of a model from its config alone: its skeleton is built on ``meta``.
+
+    A config no causal LM class accepts is a ``HookSiteError``; a skeleton that cannot be built on
+    ``meta`` for another reason (custom code that needs real tensors at init) gives None: the sites are
+    then found when the weights load.
+    """
     from transformers import AutoModelForCausalLM
 
     try:
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    except (ValueError, KeyError, TypeError, ImportError) as exc:
+    except ValueError as exc:
         raise HookSiteError(
-            f"Could not build a causal LM of model_type {getattr(config, 'model_type', None)!r} from its "
-            f"config to find its hook sites: {exc}"
+            f"model_type {getattr(config, 'model_type', None)!r} is not a causal LM that transformers can "
+            f"build: {exc}"
         ) from exc
+    except Exception:  # any other failure is the skeleton's (meta device), not the model's
+        return None
     return discover(skeleton)
