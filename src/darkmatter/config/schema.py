@@ -300,7 +300,7 @@ class InterpConfig(BaseModel):
     n_negatives: int = Field(4, ge=1, description="Non-activating test examples per latent.")
     batch_size: int = Field(7, ge=1, description="Examples per detection (and fuzzing) prompt.")
     fuzzing: bool = Field(
-        True, description="Also score by fuzzing (marked tokens: the latent's or random); ~50% more requests."
+        True, description="Also score by fuzzing (marked tokens: the latent's or random); extra requests."
     )
 
 

@@ -4,9 +4,9 @@ Per latent: the explanation prompt shows the top ``n_examples_explain`` windows;
 ``n_per_decile`` windows sampled from each activation decile plus ``n_negatives`` never-firing windows,
 shuffled with a seeded RNG and sent ``batch_size`` per detection prompt. Unparsable answers are the paper's
 -1: excluded from the counts and tallied as failures. With ``fuzzing`` the decile samples are also shown
-with marked tokens (see ``darkmatter.interp.fuzzing``), ``batch_size`` per prompt: about half as many extra
-requests as detection makes. Every finished latent is saved to ``cache_path`` at once, so a killed or
-failed run resumes without asking the judge again for them.
+with marked tokens (see ``darkmatter.interp.fuzzing``), ``batch_size`` per prompt: up to
+ceil(10·n_per_decile / batch_size) extra requests per latent. Every finished latent is saved to
+``cache_path`` at once, so a killed or failed run resumes without asking the judge again for them.
 
 An endpoint judge scores up to ``concurrency`` latents at a time (threads; each latent's requests stay in
 order). Every latent's prompts depend only on the seed and its own examples, and results are gathered in
@@ -399,7 +399,7 @@ def run_autointerp(
     "count" (after ``reasks`` re-asks) counts the prompt's items as failures. Defaults come from
     ``default_unparsable``.
     ``detect_max_tokens`` defaults to max(25, 6·batch_size) (the paper: 25 for 4 examples).
-    ``fuzzing`` adds the fuzzing score (extra requests, about half as many as detection's).
+    ``fuzzing`` adds the fuzzing score (extra requests: one per ``batch_size`` decile samples).
     ``concurrency``: latents scored at a time by an endpoint judge (other judges score one at a time);
     it changes neither the results nor the cache.
     ``progress(latents done, latents to score, latents per second)`` is called after each latent.
