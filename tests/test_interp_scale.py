@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
+import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -239,3 +242,43 @@ def test_latent_records_schema(endpoint: Callable, examples16: dict, tmp_path: P
     assert w.max_activation == max(w.activations) > 0
     assert back.detection.balanced_accuracy == 1.0 and back.fuzzing is not None
     assert not list(path.parent.glob("*.tmp"))
+
+
+KILLED_RUN = """
+import json, sys
+from darkmatter.interp import EndpointJudge, LatentExamples, run_autointerp
+url, data, cache, fast = sys.argv[1:5]
+examples = {int(k): LatentExamples.model_validate(v) for k, v in json.loads(open(data).read()).items()}
+run_autointerp(examples, EndpointJudge(url, "fake-model", retries=0), lambda ids: [f" w{i}" for i in ids],
+               fuzzing=True, concurrency=8, cache_path=cache, **json.loads(fast))
+"""
+
+
+def test_killed_concurrent_run_resumes_from_its_cache(
+    endpoint: Callable, examples16: dict, tmp_path: Path
+) -> None:
+    ep = endpoint(slow(oracle, 0.05))
+    data, cache = tmp_path / "examples.json", tmp_path / "cache.json"
+    data.write_text(json.dumps({k: v.model_dump(mode="json") for k, v in examples16.items()}))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    args = [sys.executable, "-c", KILLED_RUN, ep.url, str(data), str(cache), json.dumps(FAST)]
+    child = subprocess.Popen(args, env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and child.poll() is None:
+            if cache.is_file() and len(json.loads(cache.read_text())["latents"]) >= 4:
+                break
+            time.sleep(0.01)
+        assert child.poll() is None, "the run finished before it could be killed"
+    finally:
+        child.kill()
+        child.wait()
+    saved = json.loads(cache.read_text())["latents"]  # a complete file: written atomically
+    assert 4 <= len(saved) < N_LAT
+    asked = len(ep.requests)
+    res = run_autointerp(
+        examples16, ep.judge(), decode, fuzzing=True, concurrency=8, cache_path=cache, **FAST
+    )
+    assert res.n_cached == len(saved) and len(ep.requests) - asked == 3 * (N_LAT - len(saved))
+    fresh = run_autointerp(examples16, endpoint(oracle).judge(), decode, fuzzing=True, **FAST)
+    assert res.model_dump(exclude={"n_cached", "judge"}) == fresh.model_dump(exclude={"n_cached", "judge"})
