@@ -160,6 +160,11 @@ def test_endpoint_down_keeps_every_other_result(
     assert main(["run", "--out", str(out), "--quiet", *base]) == 0
     done = json.loads((out / "results" / "autointerp.json").read_text())
     assert done["error"] is None and set(done["components"]) == {"linear", "nonlinear"}
+    for component in ("linear", "nonlinear"):
+        records = json.loads((out / "interp" / f"latents-{component}.json").read_text())
+        assert records["format"] == "darkmatter-latents" and records["meta"]["component"] == component
+        assert records["fuzzing"] is not None and done["components"][component]["fuzzing"] is not None
+        assert len(records["latents"]) == len(done["components"][component]["latents"])
     assert (out / "results" / "error_saes.json").stat().st_mtime_ns == stamp
 
 

@@ -285,6 +285,9 @@ class InterpConfig(BaseModel):
     endpoint_model: str | None = Field(None, description="Model name the endpoint serves.")
     timeout: float = Field(120.0, gt=0, description="Seconds per endpoint request.")
     retries: int = Field(3, ge=0, description="Endpoint retries before giving up.")
+    concurrency: int = Field(
+        8, ge=1, description="'endpoint': latents scored at a time (same results); 'local': one at a time."
+    )
     n_latents: int = Field(4, ge=1, description="Latents scored per error SAE (chosen at random, seeded).")
     latents: list[NonNegativeInt] = Field(
         default_factory=list, description="Score these latents instead of a sample."
@@ -295,7 +298,10 @@ class InterpConfig(BaseModel):
     explain_max_tokens: int = Field(40, ge=1, description="Longest explanation the judge may write.")
     n_per_decile: int = Field(1, ge=1, description="Test examples per activation decile.")
     n_negatives: int = Field(4, ge=1, description="Non-activating test examples per latent.")
-    batch_size: int = Field(7, ge=1, description="Examples per detection prompt.")
+    batch_size: int = Field(7, ge=1, description="Examples per detection (and fuzzing) prompt.")
+    fuzzing: bool = Field(
+        True, description="Also score by fuzzing (marked tokens: the latent's or random); extra requests."
+    )
 
 
 class ErrorSAEsConfig(BaseModel):

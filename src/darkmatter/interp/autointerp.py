@@ -3,14 +3,21 @@
 Per latent: the explanation prompt shows the top ``n_examples_explain`` windows; the test set is
 ``n_per_decile`` windows sampled from each activation decile plus ``n_negatives`` never-firing windows,
 shuffled with a seeded RNG and sent ``batch_size`` per detection prompt. Unparsable answers are the paper's
--1: excluded from the counts and tallied as failures. Every finished latent is saved to ``cache_path`` at
-once, so a killed or failed run resumes without asking the judge again for them.
+-1: excluded from the counts and tallied as failures. With ``fuzzing`` the decile samples are also shown
+with marked tokens (see ``darkmatter.interp.fuzzing``), ``batch_size`` per prompt: up to
+ceil(10·n_per_decile / batch_size) extra requests per latent. Every finished latent is saved to
+``cache_path`` at once, so a killed or failed run resumes without asking the judge again for them.
+
+An endpoint judge scores up to ``concurrency`` latents at a time (threads; each latent's requests stay in
+order). Every latent's prompts depend only on the seed and its own examples, and results are gathered in
+the order given, so results and cache are the same as with one request at a time.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -23,11 +30,13 @@ from darkmatter import atomic
 from darkmatter.errors import ConfigError, EndpointError, StoreError
 from darkmatter.hashing import stable_hash
 from darkmatter.interp.examples import Example, LatentExamples
+from darkmatter.interp.fuzzing import FuzzCounts, FuzzSummary, fuzz_items, summarize_fuzz
 from darkmatter.interp.judges import BinaryJudge, EndpointJudge, Judge, Message
 from darkmatter.interp.prompts import (
     PROMPT_VERSION,
     detection_messages,
     explanation_messages,
+    fuzzing_messages,
     parse_detection,
     parse_explanation,
 )
@@ -48,6 +57,7 @@ class LatentInterp(BaseModel):
     explanation: str = Field(description="The judge's explanation ('' when none could be parsed).")
     explanation_parsed: bool = Field(description="False when the explanation reply was unusable.")
     counts: DetectionCounts
+    fuzzing: FuzzCounts | None = Field(default=None, description="Fuzzing counts; None when not scored.")
     n_judge_calls: int = Field(description="Chat requests made for this latent, re-asks included.")
     key: str = Field(description="Hash of the settings, judge model, prompts and examples (cache key).")
 
@@ -62,6 +72,7 @@ class AutoInterpResult(BaseModel):
     latents: list[LatentInterp] = Field(description="Scored latents, in the order given.")
     skipped: dict[int, str] = Field(default_factory=dict, description="Unscored latents and why.")
     summary: DetectionSummary = Field(description="Counts pooled (summed) over the scored latents.")
+    fuzzing: FuzzSummary | None = Field(default=None, description="Fuzzing pooled likewise; None when off.")
     n_cached: int = Field(default=0, description="Latents taken from the cache instead of asking the judge.")
 
 
@@ -183,6 +194,7 @@ class _Settings:
     batch_size: int
     explain_max_tokens: int
     detect_max_tokens: int
+    fuzzing: bool = False
 
     def __post_init__(self) -> None:
         for name in ("n_examples_explain", "batch_size", "explain_max_tokens"):
@@ -195,7 +207,10 @@ class _Settings:
 
     def as_dict(self) -> dict[str, Any]:
         """The settings as recorded in results and cache keys (with the prompt version)."""
-        return {**asdict(self), "prompt_version": PROMPT_VERSION}
+        out = {**asdict(self), "prompt_version": PROMPT_VERSION}
+        if not self.fuzzing:  # the keys of runs without fuzzing are those from before it existed
+            del out["fuzzing"]
+        return out
 
 
 def _answer_policy(judge: Judge, unparsable: Unparsable | None, reasks: int | None) -> tuple[Unparsable, int]:
@@ -210,6 +225,35 @@ def _answer_policy(judge: Judge, unparsable: Unparsable | None, reasks: int | No
     return policy, reasks
 
 
+def _answers(asker: _Asker, msgs: list[Message], n: int, settings: _Settings) -> list[int] | None:
+    """``n`` answers of 0/1 to a list prompt: constrained when the judge can, else parsed from free text."""
+    answers = asker.detect(msgs, n) if isinstance(asker.judge, BinaryJudge) else None
+    if answers is None:
+        answers = asker.ask(
+            msgs, settings.detect_max_tokens, partial(parse_detection, n=n), f"a list of {n} values 0/1"
+        )
+    return answers
+
+
+def _fuzz(
+    ex: LatentExamples, windows: list[Example], explanation: str, asker: _Asker, decode: Decode, s: _Settings
+) -> FuzzCounts:
+    """Fuzzing answers on ``windows`` marked at the latent's or at random tokens, in batches."""
+    counts = FuzzCounts()
+    items = fuzz_items(windows, s.seed, ex.latent)
+    for i in range(0, len(items), s.batch_size):
+        chunk = items[i : i + s.batch_size]
+        msgs = fuzzing_messages(explanation, [(_decoded(decode, e.tokens), m) for e, m, _ in chunk])
+        answers = _answers(asker, msgs, len(chunk), s)
+        if answers is None:
+            counts.failed_items += len(chunk)
+            counts.failed_prompts += 1
+            continue
+        for (_, _, truth), a in zip(chunk, answers, strict=True):
+            counts.record(truth, a)
+    return counts
+
+
 def _score_latent(
     ex: LatentExamples,
     asker: _Asker,
@@ -218,7 +262,7 @@ def _score_latent(
     settings: _Settings,
     key: str,
 ) -> LatentInterp:
-    """Ask for an explanation of ``ex``, then detection answers on its shuffled test set, in batches."""
+    """Ask for an explanation of ``ex``, then detection (and fuzzing) answers on its test set, in batches."""
     calls0 = asker.calls
     explanation = asker.ask(explain, settings.explain_max_tokens, parse_explanation, "an explanation")
     counts = DetectionCounts()
@@ -226,23 +270,23 @@ def _score_latent(
     for i in range(0, len(tests), settings.batch_size):
         chunk = tests[i : i + settings.batch_size]
         msgs = detection_messages(explanation or "", [_decoded(decode, e.tokens) for e, _ in chunk])
-        n = len(chunk)
-        answers = asker.detect(msgs, n) if isinstance(asker.judge, BinaryJudge) else None
+        answers = _answers(asker, msgs, len(chunk), settings)
         if answers is None:
-            answers = asker.ask(
-                msgs, settings.detect_max_tokens, partial(parse_detection, n=n), f"a list of {n} values 0/1"
-            )
-        if answers is None:
-            counts.failed_items += n
+            counts.failed_items += len(chunk)
             counts.failed_prompts += 1
             continue
         for (_, decile), a in zip(chunk, answers, strict=True):
             counts.record(decile, a)
+    fuzz = None
+    if settings.fuzzing:
+        positives = [e for e, d in tests if d is not None]
+        fuzz = _fuzz(ex, positives, explanation or "", asker, decode, settings)
     return LatentInterp(
         latent=ex.latent,
         explanation=explanation or "",
         explanation_parsed=explanation is not None,
         counts=counts,
+        fuzzing=fuzz,
         n_judge_calls=asker.calls - calls0,
         key=key,
     )
@@ -270,6 +314,66 @@ class _Cache:
         return f"{finished} of {total} latents are finished and saved in {self.path}; run again to resume."
 
 
+def _workers(judge: Judge, concurrency: int) -> int:
+    """Threads for scoring: ``concurrency`` for an endpoint judge, one for any other (an in-process model)."""
+    if concurrency < 1:
+        raise ConfigError(f"concurrency must be >= 1, found {concurrency}.")
+    return concurrency if isinstance(judge, EndpointJudge) else 1
+
+
+_Job = tuple[LatentExamples, list[Message], str]  # latent examples, explanation prompt, cache key
+
+
+def _cached_and_jobs(
+    todo: list[LatentExamples], cache: _Cache, desc: dict[str, Any], settings: _Settings, decode: Decode
+) -> tuple[dict[int, LatentInterp], list[_Job]]:
+    """The latents the cache already holds (by id), and the jobs for the others, in order."""
+    done: dict[int, LatentInterp] = {}
+    jobs: list[_Job] = []
+    for ex in todo:
+        top = ex.top[: settings.n_examples_explain]
+        explain = explanation_messages([(_decoded(decode, e.tokens), e.acts) for e in top])
+        key = _latent_key(ex, desc, settings.as_dict(), explain)
+        hit = cache.hit(ex.latent, key)
+        if hit is None:
+            jobs.append((ex, explain, key))
+        else:
+            done[ex.latent] = hit
+    return done, jobs
+
+
+def _finished(jobs: Sequence[T], score: Callable[[T], LatentInterp], workers: int) -> Iterator[LatentInterp]:
+    """Score ``jobs`` on ``workers`` threads, yielding each result as it finishes (in order with one).
+
+    After a failure nothing new starts; the latents already being scored finish and are yielded (so they
+    are cached), then the first failure is raised.
+    """
+    if workers <= 1 or len(jobs) <= 1:
+        for job in jobs:
+            yield score(job)
+        return
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="autointerp")
+    try:
+        pending: set[Future[LatentInterp]] = {pool.submit(score, job) for job in jobs}
+        error: BaseException | None = None
+        while pending:
+            finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
+            for fut in finished:
+                if fut.cancelled():
+                    continue
+                exc = fut.exception()
+                if exc is None:
+                    yield fut.result()
+                elif error is None:
+                    error = exc
+                    for other in pending:
+                        other.cancel()
+        if error is not None:
+            raise error
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 def run_autointerp(
     examples: Mapping[int, LatentExamples],
     judge: Judge,
@@ -284,6 +388,8 @@ def run_autointerp(
     detect_max_tokens: int | None = None,
     unparsable: Unparsable | None = None,
     reasks: int | None = None,
+    fuzzing: bool = False,
+    concurrency: int = 1,
     cache_path: str | Path | None = None,
     progress: Progress | None = None,
 ) -> AutoInterpResult:
@@ -293,6 +399,9 @@ def run_autointerp(
     "count" (after ``reasks`` re-asks) counts the prompt's items as failures. Defaults come from
     ``default_unparsable``.
     ``detect_max_tokens`` defaults to max(25, 6·batch_size) (the paper: 25 for 4 examples).
+    ``fuzzing`` adds the fuzzing score (extra requests: one per ``batch_size`` decile samples).
+    ``concurrency``: latents scored at a time by an endpoint judge (other judges score one at a time);
+    it changes neither the results nor the cache.
     ``progress(latents done, latents to score, latents per second)`` is called after each latent.
     """
     settings = _Settings(
@@ -303,47 +412,50 @@ def run_autointerp(
         batch_size=batch_size,
         explain_max_tokens=explain_max_tokens,
         detect_max_tokens=detect_max_tokens or max(25, 6 * batch_size),
+        fuzzing=fuzzing,
     )
     policy, reasks = _answer_policy(judge, unparsable, reasks)
     desc = judge.describe()
     cache = _Cache(Path(cache_path) if cache_path is not None else None)
     todo = [ex for ex in examples.values() if ex.skip_reason is None]
     skipped = {ex.latent: str(ex.skip_reason) for ex in examples.values() if ex.skip_reason is not None}
-    asker = _Asker(judge, policy, reasks)
-    results: list[LatentInterp] = []
-    n_cached = 0
     ticker = Ticker(progress, len(todo))
-    for ex in todo:
-        top = ex.top[:n_examples_explain]
-        explain = explanation_messages([(_decoded(decode, e.tokens), e.acts) for e in top])
-        key = _latent_key(ex, desc, settings.as_dict(), explain)
-        li = cache.hit(ex.latent, key)
-        if li is not None:
-            n_cached += 1
-        else:
-            try:
-                li = _score_latent(ex, asker, decode, explain, settings, key)
-            except EndpointError as exc:
-                if cache.path is None:
-                    raise
-                raise EndpointError(f"{exc} {cache.resume_hint(len(results), len(todo))}") from exc
+    done, jobs = _cached_and_jobs(todo, cache, desc, settings, decode)
+    n_cached = len(done)
+    if n_cached:
+        ticker.advance(n_cached)
+
+    def score(job: _Job) -> LatentInterp:
+        ex, explain, key = job
+        return _score_latent(ex, _Asker(judge, policy, reasks), decode, explain, settings, key)
+
+    workers = _workers(judge, concurrency)
+    try:
+        for li in _finished(jobs, score, workers):
             cache.save(li)
-        results.append(li)
-        ticker.advance(1)
+            done[li.latent] = li
+            ticker.advance(1)
+    except EndpointError as exc:
+        if cache.path is None:
+            raise
+        raise EndpointError(f"{exc} {cache.resume_hint(len(done), len(todo))}") from exc
+    results = [done[ex.latent] for ex in todo]
     summary = summarize(r.counts for r in results)
+    fuzz = summarize_fuzz(r.fuzzing for r in results if r.fuzzing is not None) if fuzzing else None
     return AutoInterpResult(
         judge=desc,
         weak_judge=bool(desc.get("weak", False)),
-        notes=_notes(desc, summary),
+        notes=_notes(desc, summary, fuzz),
         settings={**settings.as_dict(), "unparsable": policy, "reasks": reasks},
         latents=results,
         skipped=skipped,
         summary=summary,
+        fuzzing=fuzz,
         n_cached=n_cached,
     )
 
 
-def _notes(desc: dict[str, Any], summary: DetectionSummary) -> list[str]:
+def _notes(desc: dict[str, Any], summary: DetectionSummary, fuzz: FuzzSummary | None) -> list[str]:
     notes = []
     if desc.get("weak"):
         notes.append(
@@ -355,5 +467,10 @@ def _notes(desc: dict[str, Any], summary: DetectionSummary) -> list[str]:
         notes.append(
             f"{c.failed_items} test item(s) in {c.failed_prompts} prompt(s) got no parsable answer and are "
             "excluded from the accuracies, as in the paper."
+        )
+    if fuzz is not None and fuzz.counts.failed_items:
+        notes.append(
+            f"{fuzz.counts.failed_items} fuzzing window(s) in {fuzz.counts.failed_prompts} prompt(s) got no "
+            "parsable answer and are excluded from the fuzzing accuracies."
         )
     return notes

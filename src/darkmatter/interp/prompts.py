@@ -2,7 +2,9 @@
 
 The explanation prompt shows the top examples with the tokens above ``HIGHLIGHT_FRACTION`` of the
 example's max activation marked ``<<...>>`` (the paper's 0.6), one-shot, and asks for one line
-``[EXPLANATION]: ...``. The detection prompt shows unmarked examples and asks for a list of 0/1.
+``[EXPLANATION]: ...``. The detection prompt shows unmarked examples and asks for a list of 0/1; the
+fuzzing prompt shows examples with marked tokens (the latent's or random ones) and asks the same way
+whether each marking matches the explanation.
 """
 
 from __future__ import annotations
@@ -42,6 +44,22 @@ DETECT_SHOT = (
     "Answer with a list of 3 values.",
     "[1, 0, 1]",
 )
+FUZZ_SYSTEM = (
+    "You are an intelligent and meticulous linguistics researcher. You will be given an explanation of a "
+    "feature of text, followed by numbered text examples in which some tokens are marked <<like this>>. In "
+    "some examples the marked tokens are the ones the explanation describes; in others they were chosen at "
+    "random. Decide for each example whether its marked tokens match the explanation. Reply with a Python "
+    "list of 0s and 1s, one per example in order (1 = correctly marked, 0 = randomly marked), and nothing "
+    "else."
+)
+FUZZ_SHOT = (
+    "Feature explanation: words related to animals\n\n"
+    "Example 1: the <<dog>> barked at the mailman\n\n"
+    "Example 2: the dog barked <<at>> the mailman\n\n"
+    "Example 3: a flock of <<birds>> flew south\n\n"
+    "Answer with a list of 3 values.",
+    "[1, 0, 1]",
+)
 
 
 def _clean(s: str) -> str:
@@ -52,11 +70,20 @@ def render(tokens: Sequence[str], acts: Sequence[float] | None = None) -> str:
     """Join token strings; with ``acts``, mark runs above ``HIGHLIGHT_FRACTION`` of the max as ``<<...>>``."""
     if acts is None:
         return _clean("".join(tokens))
+    return render_marked(tokens, highlight_mask(acts))
+
+
+def highlight_mask(acts: Sequence[float]) -> list[bool]:
+    """The tokens ``render`` marks: those above ``HIGHLIGHT_FRACTION`` of the window's (positive) max."""
     top = max(acts, default=0.0)
+    return [top > 0 and a > HIGHLIGHT_FRACTION * top for a in acts]
+
+
+def render_marked(tokens: Sequence[str], marked: Sequence[bool]) -> str:
+    """Join token strings, marking runs of ``marked`` tokens as ``<<...>>`` (leading spaces stay outside)."""
     out: list[str] = []
     inside = False
-    for tok, a in zip(tokens, acts, strict=True):
-        hot = top > 0 and a > HIGHLIGHT_FRACTION * top
+    for tok, hot in zip(tokens, marked, strict=True):
         text = _clean(tok)
         if hot and not inside:
             stripped = text.lstrip()
@@ -90,6 +117,20 @@ def detection_messages(explanation: str, examples: Sequence[Sequence[str]]) -> l
         {"role": "system", "content": DETECT_SYSTEM},
         {"role": "user", "content": DETECT_SHOT[0]},
         {"role": "assistant", "content": DETECT_SHOT[1]},
+        {"role": "user", "content": user},
+    ]
+
+
+def fuzzing_messages(
+    explanation: str, examples: Sequence[tuple[Sequence[str], Sequence[bool]]]
+) -> list[Message]:
+    """Chat messages asking, per example with ``marked`` tokens, whether the marking fits the explanation."""
+    body = "\n\n".join(f"Example {i}: {render_marked(t, m)}" for i, (t, m) in enumerate(examples, 1))
+    user = f"Feature explanation: {explanation}\n\n{body}\n\nAnswer with a list of {len(examples)} values."
+    return [
+        {"role": "system", "content": FUZZ_SYSTEM},
+        {"role": "user", "content": FUZZ_SHOT[0]},
+        {"role": "assistant", "content": FUZZ_SHOT[1]},
         {"role": "user", "content": user},
     ]
 

@@ -121,7 +121,7 @@ def summarize(per_latent: Iterable[DetectionCounts]) -> DetectionSummary:
     ]
     neg = Proportion.of("Not", pooled.negative_correct, pooled.negative_total)
     pos = Proportion.of("All positives", sum(pooled.decile_correct), sum(pooled.decile_total))
-    bal, lo, hi = _balanced(pos, neg)
+    bal, lo, hi = balanced(pos, neg)
     return DetectionSummary(
         n_latents=n,
         deciles=deciles,
@@ -134,7 +134,7 @@ def summarize(per_latent: Iterable[DetectionCounts]) -> DetectionSummary:
     )
 
 
-def _balanced(a: Proportion, b: Proportion) -> tuple[float | None, float | None, float | None]:
+def balanced(a: Proportion, b: Proportion) -> tuple[float | None, float | None, float | None]:
     """Mean of two independent proportions; its interval combines their Wilson ends (Newcombe's MOVER)."""
     if a.accuracy is None or b.accuracy is None:
         return None, None, None

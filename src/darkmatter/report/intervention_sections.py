@@ -169,6 +169,10 @@ def _accuracy(prop: Any) -> str:
     return f"{prop.accuracy:.2f} [{prop.ci_low:.2f}, {prop.ci_high:.2f}]"
 
 
+def _balanced(acc: float | None, lo: float | None, hi: float | None) -> str:
+    return "—" if acc is None or lo is None or hi is None else f"{acc:.2f} [{lo:.2f}, {hi:.2f}]"
+
+
 def autointerp_section(res: AutoInterpStepResult, figs: Figures, run_dir: Path) -> str:
     rows = []
     weak, judge, constrained = False, "", False
@@ -177,11 +181,9 @@ def autointerp_section(res: AutoInterpStepResult, figs: Figures, run_dir: Path) 
         weak = weak or r.weak_judge
         judge = str(r.judge.get("model", judge))
         constrained = constrained or bool(r.judge.get("constrained"))
-        bal = (
-            "—"
-            if s.balanced_accuracy is None
-            else f"{s.balanced_accuracy:.2f} [{s.balanced_ci_low:.2f}, {s.balanced_ci_high:.2f}]"
-        )
+        bal = _balanced(s.balanced_accuracy, s.balanced_ci_low, s.balanced_ci_high)
+        f = r.fuzzing
+        fuzz = "off" if f is None else _balanced(f.balanced_accuracy, f.balanced_ci_low, f.balanced_ci_high)
         rows.append(
             [
                 f"{esc(c)} error",
@@ -191,6 +193,7 @@ def autointerp_section(res: AutoInterpStepResult, figs: Figures, run_dir: Path) 
                 _accuracy(s.deciles[0]),
                 _accuracy(s.negatives),
                 bal,
+                fuzz,
                 str(s.counts.failed_items),
             ]
         )
@@ -199,7 +202,10 @@ def autointerp_section(res: AutoInterpStepResult, figs: Figures, run_dir: Path) 
         "which unhighlighted windows (sampled per activation decile, plus windows where the latent never "
         "fires) match the explanation. Accuracies are pooled over latents with Wilson 95% intervals. Paper "
         "(Llama 3.1 70B as judge, 1000 latents per SAE): the SAE on the linear error is about 5 points more "
-        "interpretable in every decile, e.g. Q10 0.70 vs 0.66, Q1 0.395 vs 0.365, negatives 0.77 vs 0.75."
+        "interpretable in every decile, e.g. Q10 0.70 vs 0.66, Q1 0.395 vs 0.365, negatives 0.77 vs 0.75. "
+        "Fuzzing (balanced): the judge tells activating windows marked at the latent's tokens from the same "
+        "windows marked at random tokens (0.5 is chance). Each latent's explanation, scores and top windows "
+        "with per-token activations are in interp/latents-&lt;component&gt;.json."
     )
     if weak:
         how = (
@@ -223,6 +229,7 @@ def autointerp_section(res: AutoInterpStepResult, figs: Figures, run_dir: Path) 
         "Q1",
         "not (TNR)",
         "balanced",
+        "fuzzing",
         "unparsed items",
     ]
     return (

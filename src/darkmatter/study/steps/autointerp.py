@@ -1,5 +1,7 @@
 """Auto-interpretability of the error SAEs' latents (Fig 8): explanations from top-activating windows,
-then detection scoring per activation decile, with a local model or an OpenAI-compatible endpoint as judge.
+then detection scoring per activation decile and fuzzing, with a local model or an OpenAI-compatible
+endpoint as judge. Each component's latents are also written as JSON records to
+``interp/latents-<component>.json`` under the run folder (see ``darkmatter.interp.export``).
 
 Every finished latent is cached, so a run stopped by an endpoint that went down keeps its partial result,
 finishes the rest of the study, and resumes where it stopped when run again.
@@ -7,6 +9,7 @@ finishes the rest of the study, and resumes where it stopped when run again.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -15,7 +18,15 @@ from pydantic import Field
 from darkmatter.config.schema import StudyConfig
 from darkmatter.errors import ConfigError, EndpointError
 from darkmatter.experiments.error_saes import component_activations_fn
-from darkmatter.interp import AutoInterpResult, EndpointJudge, LocalJudge, collect_examples, run_autointerp
+from darkmatter.interp import (
+    AutoInterpResult,
+    EndpointJudge,
+    LocalJudge,
+    collect_examples,
+    latent_records,
+    run_autointerp,
+    write_latent_records,
+)
 from darkmatter.interp.judges import Judge
 from darkmatter.lm.loading import load_lm, resolve_device
 from darkmatter.results import Result
@@ -44,7 +55,8 @@ class AutoInterpStep(Step[AutoInterpStepResult]):
         return cfg.error_saes.enabled and interp.enabled and interp.judge != "none"
 
     def settings(self, cfg: StudyConfig) -> dict[str, Any]:
-        return {"interp": cfg.section("error_saes.interp"), "seed": cfg.seed}
+        interp = {k: v for k, v in cfg.section("error_saes.interp").items() if k != "concurrency"}
+        return {"interp": interp, "seed": cfg.seed}  # concurrency changes no result
 
     def run(self, ctx: StudyContext) -> AutoInterpStepResult:
         name = ctx.result(ERROR_SAES.name, ErrorSAEsStepResult).sae_name
@@ -55,7 +67,7 @@ class AutoInterpStep(Step[AutoInterpStepResult]):
         for component, error_sae in trained.items():
             try:
                 scored = _score(
-                    ctx, ctx.saes[name], ctx.probe(name), error_sae, component, chosen[component], judge
+                    ctx, ctx.saes[name], ctx.probe(name), error_sae, component, chosen[component], judge, name
                 )
             except EndpointError as exc:
                 ctx.log(f"autointerp ({component}): {exc}")
@@ -65,11 +77,12 @@ class AutoInterpStep(Step[AutoInterpStepResult]):
                 )
                 break
             res.components[component] = scored
-            s = scored.summary
-            bal = "n/a" if s.balanced_accuracy is None else f"{s.balanced_accuracy:.2f}"
+            s, f = scored.summary, scored.fuzzing
+            fuzz = "" if f is None else f", fuzzing {_fmt(f.balanced_accuracy)}"
             ctx.log(
-                f"autointerp ({component} error): {s.n_latents} latents scored, balanced accuracy {bal}, "
-                f"{len(scored.skipped)} skipped"
+                f"autointerp ({component} error): {s.n_latents} latents scored, balanced accuracy "
+                f"{_fmt(s.balanced_accuracy)}{fuzz}, {len(scored.skipped)} skipped; latent records in "
+                f"{_records_path(ctx, component)}"
             )
         return res
 
@@ -79,7 +92,22 @@ class AutoInterpStep(Step[AutoInterpStepResult]):
             for c, v in result.components.items()
             if v.summary.balanced_accuracy is not None
         ]
-        return "detection " + (", ".join(bal) if bal else "unscored (judge answers unparsed)")
+        fuzz = [
+            f"{c} {v.fuzzing.balanced_accuracy:.2f}"
+            for c, v in result.components.items()
+            if v.fuzzing is not None and v.fuzzing.balanced_accuracy is not None
+        ]
+        head = "detection " + (", ".join(bal) if bal else "unscored (judge answers unparsed)")
+        return head + (f"; fuzzing {', '.join(fuzz)}" if fuzz else "")
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.2f}"
+
+
+def _records_path(ctx: StudyContext, component: str) -> Path:
+    """Where a component's latent records are written: ``interp/latents-<component>.json``."""
+    return ctx.paths.root / "interp" / f"latents-{component}.json"
 
 
 def _score(
@@ -90,8 +118,10 @@ def _score(
     component: str,
     latents: list[int],
     judge: Judge,
+    sae_name: str = "",
 ) -> AutoInterpResult:
-    """Examples of each latent from the store, then explanations and detection from the judge."""
+    """Examples of each latent from the store, then explanations, detection and fuzzing from the judge;
+    the latents' records are written to ``_records_path`` (also when all came from the cache)."""
     icfg = ctx.cfg.error_saes.interp
     examples = collect_examples(
         ctx.store,
@@ -114,7 +144,7 @@ def _score(
     def decode(ids: list[int]) -> list[str]:
         return [tokenizer.decode([i]) for i in ids]
 
-    return run_autointerp(
+    result = run_autointerp(
         examples,
         judge,
         decode,
@@ -124,9 +154,19 @@ def _score(
         n_negatives=icfg.n_negatives,
         batch_size=icfg.batch_size,
         explain_max_tokens=icfg.explain_max_tokens,
+        fuzzing=icfg.fuzzing,
+        concurrency=icfg.concurrency,
         cache_path=ctx.paths.error_saes / f"autointerp-{component}.json",
         progress=ctx.progress(f"auto-interp ({component})", "latent"),
     )
+    meta = {
+        "sae": sae_name,
+        "site": str(sae.cfg.hook_site),
+        "component": component,
+        "d_sae": error_sae.cfg.d_sae,
+    }
+    write_latent_records(_records_path(ctx, component), latent_records(result, examples, decode, meta))
+    return result
 
 
 def sample_latents(ctx: StudyContext, d_sae: int, component: str) -> list[int]:
