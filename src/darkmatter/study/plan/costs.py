@@ -426,6 +426,8 @@ def autointerp(env: Env, judge: ModelDims | None) -> Cost:
     explain_prompt = 120 + ic.n_examples_explain * (ic.window + 8)
     tests = 10 * ic.n_per_decile + ic.n_negatives
     detect_prompts = ceil_div(tests, ic.batch_size)
+    if ic.fuzzing:  # fuzzing: windows of the activating deciles, half with the latent's tokens marked
+        detect_prompts += ceil_div(10 * ic.n_per_decile, ic.batch_size)
     detect_prompt = 100 + ic.batch_size * (ic.window + 6)
     prompt_tokens = latents * (explain_prompt + detect_prompts * detect_prompt)
     gen_tokens = latents * (ic.explain_max_tokens + detect_prompts * ic.batch_size * 2)
@@ -439,7 +441,8 @@ def autointerp(env: Env, judge: ModelDims | None) -> Cost:
         if ic.local_model != "embedded" or inp.cfg.model.name != "embedded":
             seconds += T_IMPORT_MODEL + env.read(judge.params() * 4)
     elif ic.judge == "endpoint":
-        seconds += latents * (1 + detect_prompts) * 2.0  # a served model: ~2 s per request
+        # a served model: ~2 s per request, interp.concurrency latents at a time
+        seconds += ceil_div(latents, max(ic.concurrency, 1)) * (1 + detect_prompts) * 2.0
     held = sum(sae_weight_bytes(s.d_in, s.d_sae, 4) for s in trained) + 1024 * source.d_sae * 4 * 3
     return Cost(
         tokens=tokens,
