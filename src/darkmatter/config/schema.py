@@ -28,6 +28,7 @@ from darkmatter.harvest import HarvestConfig
 from darkmatter.hashing import stable_hash
 from darkmatter.lm.sites import parse_site
 from darkmatter.sae.train import SAESpec, TrainConfig
+from darkmatter.sae.train_logs import LoggingConfig
 from darkmatter.stats.split import Split
 from darkmatter.text import TextConfig
 
@@ -395,6 +396,10 @@ class StudyConfig(BaseModel):
     analysis: AnalysisConfig = Field(default_factory=AnalysisConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
+    logging: LoggingConfig = Field(
+        default_factory=LoggingConfig,
+        description="TensorBoard / W&B logs of SAE training under the run folder's logs/; part of no result.",
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +65,11 @@ class FamilyTrainer:
         *,
         split: Split,
         derived: Mapping[str, DerivedInput] | None = None,
+        log: Callable[[str, int, dict[str, float]], None] | None = None,
+        log_every: int = 10,
     ) -> None:
+        """``log(sae_name, step, statistics)`` is called every ``log_every`` steps, at the last step and
+        wherever the validation FVU is measured (``darkmatter.sae.train_logs``)."""
         if not specs:
             raise ConfigError("An SAE family needs at least one SAE spec.")
         names = [s.name for s in specs]
@@ -88,6 +92,7 @@ class FamilyTrainer:
             if s.k > s.d_sae:
                 raise ConfigError(f"SAE {s.name!r}: k={s.k} exceeds d_sae={s.d_sae}.")
         self.store, self.specs, self.cfg = store, specs, cfg
+        self.log, self.log_every = log, log_every
         self.split = split
         self.workdir = Path(workdir)
         self.device = resolve_device(cfg.device or "cpu")
@@ -270,6 +275,8 @@ class FamilyTrainer:
                 if fvu is not None:
                     point["val_fvu"] = fvu
                 m.history.append({"step": float(self.step), **point})
+            if self.log is not None and (self.step % self.log_every == 0 or last or "val_fvu" in point):
+                self.log(m.spec.name, self.step, point)
         self.step += 1
 
     def _update(self, m: Member, x: Tensor, factor: float) -> dict[str, float]:
