@@ -1,4 +1,4 @@
-"""Training logs: TensorBoard event files with the expected tags, W&B offline, clear errors, no hash change."""
+"""Training logs: TensorBoard event files with the expected tags, W&B offline, clear errors, no hash."""
 
 from __future__ import annotations
 
@@ -33,7 +33,8 @@ def store(tmp_path_factory: pytest.TempPathFactory):
 
 def test_tensorboard_event_files_hold_every_statistic(store, tmp_path: Path) -> None:
     accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
-    logs = TrainLogs(LoggingConfig(tensorboard=True, every=3), tmp_path / "logs", group="family", run_name="r")
+    cfg = LoggingConfig(tensorboard=True, every=3)
+    logs = TrainLogs(cfg, tmp_path / "logs", group="family", run_name="r")
     trainer = FamilyTrainer(store, SPECS, CFG, tmp_path / "t", split=SPLIT, log=logs, log_every=3)
     trainer.train()
     logs.close()
