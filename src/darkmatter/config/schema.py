@@ -28,11 +28,12 @@ from darkmatter.harvest import HarvestConfig
 from darkmatter.hashing import stable_hash
 from darkmatter.lm.sites import parse_site
 from darkmatter.sae.train import SAESpec, TrainConfig
+from darkmatter.sae.train_logs import LoggingConfig
 from darkmatter.stats.split import Split
 from darkmatter.text import TextConfig
 
 Dtype = Literal["fp32", "bf16", "fp16"]
-SAEKind = Literal["topk", "batchtopk"]
+SAEKind = Literal["topk", "batchtopk", "jumprelu"]
 SAEFormatName = Literal[
     "saelens",
     "llama_scope",
@@ -96,7 +97,9 @@ class FamilyConfig(BaseModel):
     """The SAE family under study: trained here (default) or loaded (``external``)."""
 
     model_config = ConfigDict(extra="forbid")
-    kind: SAEKind = Field("topk", description="Activation of trained SAEs: topk or batchtopk.")
+    kind: SAEKind = Field(
+        "topk", description="Activation of trained SAEs: topk, batchtopk or jumprelu (k: its target mean L0)."
+    )
     widths: list[PositiveInt] = Field(
         min_length=1, default_factory=lambda: [512, 1024, 2048, 4096], description="Width sweep at k."
     )
@@ -200,7 +203,7 @@ class LayerSweepConfig(BaseModel):
     )
     d_sae: int = Field(1024, ge=1, description="Latents per layer SAE.")
     k: int = Field(32, ge=1, description="k of the layer SAEs.")
-    kind: SAEKind = Field(
+    kind: Literal["topk", "batchtopk"] = Field(
         "batchtopk", description="batchtopk gives a per-token L0 for the L0 baseline; or topk."
     )
     train: TrainConfig = Field(
@@ -399,6 +402,10 @@ class StudyConfig(BaseModel):
     analysis: AnalysisConfig = Field(default_factory=AnalysisConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
+    logging: LoggingConfig = Field(
+        default_factory=LoggingConfig,
+        description="TensorBoard / W&B logs of SAE training under the run folder's logs/; part of no result.",
+    )
 
     @model_validator(mode="before")
     @classmethod

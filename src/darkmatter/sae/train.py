@@ -1,4 +1,4 @@
-"""Train a family of TopK / BatchTopK SAEs on the same batches, streaming from the activation store.
+"""Train a family of TopK / BatchTopK / JumpReLU SAEs on the same batches, streamed from the activation store.
 
 Recipe (Gao et al. 2024 and Bussmann et al. 2024, as used by sparsify and SAELens):
 - inputs scaled by a per-site scalar so that E‖s·x‖² = d_in, folded into the weights on save;
@@ -9,6 +9,7 @@ Recipe (Gao et al. 2024 and Bussmann et al. 2024, as used by sparsify and SAELen
   learning rate scales as ``lr / sqrt(d_sae / 16384)``;
 - everything seeded; a checkpoint every ``checkpoint_every`` steps makes a killed run resume to the same
   weights it would have reached without the kill.
+JumpReLU SAEs replace TopK by learnt thresholds and an L0 penalty (``darkmatter.sae.jumprelu``).
 Training uses the train split of tokens (``darkmatter.stats.split``); quality is reported on the test split.
 Every ``eval_every`` steps, at the convergence window's bounds and at the last step, each SAE as exported is
 measured on a fixed validation set of test-split tokens (``darkmatter.sae.validation``); the history's
@@ -23,8 +24,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,9 @@ from darkmatter.errors import ConfigError, DataError, ShapeError, StoreError
 from darkmatter.hashing import stable_hash
 from darkmatter.lm.loading import resolve_device
 from darkmatter.progress import Progress
+from darkmatter.sae import jumprelu
 from darkmatter.sae.convergence import window_steps
+from darkmatter.sae.member import Member, geometric_median
 from darkmatter.sae.model import SAE, SAEConfig
 from darkmatter.sae.topk import topk
 from darkmatter.sae.train_config import DerivedInput, SAESpec, TrainConfig, TrainingPoint
@@ -49,37 +51,6 @@ __all__ = ["DerivedInput", "FamilyTrainer", "SAESpec", "TrainConfig", "TrainingP
 
 Tensor = torch.Tensor
 DERIVE_CHUNK = 4096  # rows per call of a derived input's function (bounds its working memory)
-
-
-@dataclass
-class _Member:
-    """Trainable state of one SAE in the family."""
-
-    spec: SAESpec
-    W_enc: Tensor
-    b_enc: Tensor
-    W_dec: Tensor
-    b_dec: Tensor
-    opt: torch.optim.Adam
-    lr: float
-    since_fired: Tensor  # [d_sae] tokens since each latent last fired
-    threshold: Tensor  # scalar running BatchTopK inference threshold (EMA)
-    history: list[dict[str, float]] = field(default_factory=list)  # step, fvu, l0, aux, dead_fraction
-
-    def params(self) -> list[Tensor]:
-        return [self.W_enc, self.b_enc, self.W_dec, self.b_dec]
-
-
-def _geometric_median(x: Tensor, iters: int = 50, eps: float = 1e-6) -> Tensor:
-    """Weiszfeld iterations for the point minimising the sum of Euclidean distances to rows of x."""
-    y = x.mean(0)
-    for _ in range(iters):
-        w = 1.0 / (x - y).norm(dim=1).clamp_min(eps)
-        y_new = (w[:, None] * x).sum(0) / w.sum()
-        if (y_new - y).norm() < eps * max(1.0, float(y.norm())):
-            return y_new
-        y = y_new
-    return y
 
 
 class FamilyTrainer:
@@ -94,7 +65,11 @@ class FamilyTrainer:
         *,
         split: Split,
         derived: Mapping[str, DerivedInput] | None = None,
+        log: Callable[[str, int, dict[str, float]], None] | None = None,
+        log_every: int = 10,
     ) -> None:
+        """``log(sae_name, step, statistics)`` is called every ``log_every`` steps, at the last step and
+        wherever the validation FVU is measured (``darkmatter.sae.train_logs``)."""
         if not specs:
             raise ConfigError("An SAE family needs at least one SAE spec.")
         names = [s.name for s in specs]
@@ -117,6 +92,7 @@ class FamilyTrainer:
             if s.k > s.d_sae:
                 raise ConfigError(f"SAE {s.name!r}: k={s.k} exceeds d_sae={s.d_sae}.")
         self.store, self.specs, self.cfg = store, specs, cfg
+        self.log, self.log_every = log, log_every
         self.split = split
         self.workdir = Path(workdir)
         self.device = resolve_device(cfg.device or "cpu")
@@ -133,7 +109,7 @@ class FamilyTrainer:
         self.total_steps = max(1, round(cfg.epochs * self.steps_per_epoch))
         self.step = 0
         self.scale: dict[str, float] = {}
-        self.members: list[_Member] = []
+        self.members: list[Member] = []
         self.validation: ValidationSet | None = None  # loaded by ``train``
 
     # -- data -----------------------------------------------------------------------------------------
@@ -220,7 +196,7 @@ class FamilyTrainer:
             if not math.isfinite(ms) or ms <= 0:
                 raise DataError(f"Activations at {site} are zero or not finite; cannot train an SAE on them.")
             self.scale[site] = math.sqrt(x.shape[1] / ms)
-        medians = {s: _geometric_median(first[s].double() * self.scale[s]).float() for s in self.sites}
+        medians = {s: geometric_median(first[s].double() * self.scale[s]).float() for s in self.sites}
         for i, spec in enumerate(self.specs):
             gen = torch.Generator().manual_seed(self.cfg.seed * 7919 + i)
             d = first[spec.site].shape[1]
@@ -232,11 +208,15 @@ class FamilyTrainer:
                 "W_dec": W_dec,
                 "b_dec": medians[spec.site].clone(),
             }
+            if spec.kind == "jumprelu":
+                x = first[spec.site].float() * self.scale[spec.site] - tensors["b_dec"]
+                pre = x @ tensors["W_enc"]
+                tensors["log_threshold"] = jumprelu.initial_log_threshold(pre, spec.k, jumprelu.bandwidth(d))
             ps = {k: torch.nn.Parameter(v.to(self.device)) for k, v in tensors.items()}
             lr = self.cfg.lr / math.sqrt(spec.d_sae / 16384)
             opt = torch.optim.Adam(list(ps.values()), lr=lr, betas=(0.9, 0.999), eps=6.25e-10)
             self.members.append(
-                _Member(
+                Member(
                     spec,
                     ps["W_enc"],
                     ps["b_enc"],
@@ -246,6 +226,8 @@ class FamilyTrainer:
                     lr,
                     torch.zeros(spec.d_sae, dtype=torch.long, device=self.device),
                     torch.zeros((), device=self.device),
+                    log_threshold=ps.get("log_threshold"),
+                    sparsity_coef=jumprelu.INITIAL_COEF,
                 )
             )
 
@@ -258,7 +240,7 @@ class FamilyTrainer:
             f *= max(0.0, (self.total_steps - step) / max(1, self.total_steps - decay_start))
         return f
 
-    def _encode(self, m: _Member, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _encode(self, m: Member, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(indices [n, m], values [n, m], pre-activations [n, d_sae]) for scaled inputs x."""
         # (x - b_dec) @ W_enc + b_enc, written so autograd does not form the [n, d] input gradient (a
         # wasted 2·n·d·w GEMM): b_dec's encoder-side gradient comes from a vector-matrix product instead.
@@ -278,7 +260,7 @@ class FamilyTrainer:
                 m.threshold.mul_(0.99).add_(0.01 * chosen.min())
         return cand_idx, cand_vals.relu() * keep, pre
 
-    def _decode(self, m: _Member, idx: Tensor, vals: Tensor) -> Tensor:
+    def _decode(self, m: Member, idx: Tensor, vals: Tensor) -> Tensor:
         return F.embedding_bag(idx, m.W_dec, per_sample_weights=vals, mode="sum") + m.b_dec
 
     def _train_step(self, batch: dict[str, Tensor]) -> None:
@@ -293,19 +275,28 @@ class FamilyTrainer:
                 if fvu is not None:
                     point["val_fvu"] = fvu
                 m.history.append({"step": float(self.step), **point})
+            if self.log is not None and (self.step % self.log_every == 0 or last or "val_fvu" in point):
+                self.log(m.spec.name, self.step, point)
         self.step += 1
 
-    def _update(self, m: _Member, x: Tensor, factor: float) -> dict[str, float]:
+    def _update(self, m: Member, x: Tensor, factor: float) -> dict[str, float]:
         """One Adam step of ``m`` on scaled inputs ``x``; the train-batch statistics of the step."""
-        idx, vals, pre = self._encode(m, x)
-        recon = self._decode(m, idx, vals)
+        penalty = torch.zeros((), device=self.device)
+        if m.spec.kind == "jumprelu":
+            recon, codes, penalty, pre = jumprelu.forward(m, x)
+            fired, l0 = (codes > 0).any(0), float((codes > 0).sum()) / x.shape[0]
+        else:
+            idx, vals, pre = self._encode(m, x)
+            recon = self._decode(m, idx, vals)
+            with torch.no_grad():
+                fired = torch.zeros(m.spec.d_sae, dtype=torch.bool, device=self.device)
+                fired[idx[vals > 0]] = True
+            l0 = float((vals > 0).sum()) / x.shape[0]
         err = x - recon
         var = (x - x.mean(0)).pow(2).sum()
         loss = err.pow(2).sum() / var
         aux = torch.zeros(())
         with torch.no_grad():
-            fired = torch.zeros(m.spec.d_sae, dtype=torch.bool, device=self.device)
-            fired[idx[vals > 0]] = True
             m.since_fired += x.shape[0]
             m.since_fired[fired] = 0
             dead = m.since_fired >= self.cfg.dead_tokens
@@ -317,7 +308,7 @@ class FamilyTrainer:
             e = err.detach()
             aux = (e - a_rec).pow(2).sum() / (e - e.mean(0)).pow(2).sum().clamp_min(1e-12)
             aux = torch.nan_to_num(aux, nan=0.0)
-        total = loss + self.cfg.aux_coef * aux
+        total = loss + self.cfg.aux_coef * aux + m.sparsity_coef * penalty
         m.opt.zero_grad(set_to_none=True)
         total.backward()
         with torch.no_grad():
@@ -329,12 +320,17 @@ class FamilyTrainer:
         m.opt.step()
         with torch.no_grad():
             m.W_dec /= m.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        return {
+        point = {
             "fvu": float(loss.detach()),
-            "l0": float((vals > 0).sum()) / x.shape[0],
+            "l0": l0,
             "aux": float(aux.detach()),
             "dead_fraction": n_dead / m.spec.d_sae,
+            "loss": float(total.detach()),
         }
+        if m.log_threshold is not None:
+            point["sparsity_coef"] = m.sparsity_coef
+            m.sparsity_coef = jumprelu.adapt_coef(m.sparsity_coef, l0, m.spec.k)
+        return point
 
     # -- validation -----------------------------------------------------------------------------------
     def _validation_due(self, step: int) -> bool:
@@ -392,6 +388,8 @@ class FamilyTrainer:
                     "since_fired": m.since_fired.cpu(),
                     "threshold": m.threshold.cpu(),
                     "history": m.history,
+                    "log_threshold": None if m.log_threshold is None else m.log_threshold.detach().cpu(),
+                    "sparsity_coef": m.sparsity_coef,
                 }
             )
         with atomic.target(self.checkpoint_path) as tmp, tmp.open("wb") as f:
@@ -418,6 +416,9 @@ class FamilyTrainer:
                 m.since_fired.copy_(s["since_fired"].to(self.device))
                 m.threshold.copy_(s["threshold"].to(self.device))
                 m.history = list(s["history"])
+                if m.log_threshold is not None:
+                    m.log_threshold.copy_(s["log_threshold"].to(self.device))
+                    m.sparsity_coef = float(s["sparsity_coef"])
         return True
 
     # -- the run --------------------------------------------------------------------------------------
@@ -445,7 +446,7 @@ class FamilyTrainer:
         self._save_checkpoint()
         return [self.export(m) for m in self.members]
 
-    def export(self, m: _Member) -> SAE:
+    def export(self, m: Member) -> SAE:
         """The trained SAE in canonical form with the input scale folded into the weights."""
         spec = m.spec
         derived = self.derived.get(spec.site)
@@ -454,7 +455,7 @@ class FamilyTrainer:
             d_in=m.W_enc.shape[0],
             d_sae=spec.d_sae,
             activation=spec.kind,
-            k=spec.k,
+            k=None if spec.kind == "jumprelu" else spec.k,
             apply_b_dec_to_input=True,
             input_scale=self.scale[spec.site],
             hook_site=derived.source if derived else spec.site,
@@ -465,6 +466,11 @@ class FamilyTrainer:
                 "train_steps": self.step,
                 "train_tokens": self.step * self.cfg.batch_size,
                 "batchtopk_threshold_scaled": float(m.threshold),
+                **(
+                    {"target_l0": spec.k, "sparsity_coef": m.sparsity_coef}
+                    if m.log_threshold is not None
+                    else {}
+                ),
                 **extra,
             },
         )
@@ -476,4 +482,6 @@ class FamilyTrainer:
         }
         if spec.kind == "batchtopk":
             tensors["threshold"] = torch.full((spec.d_sae,), float(m.threshold))
+        if m.log_threshold is not None:
+            tensors["threshold"] = m.log_threshold.detach().exp().cpu()
         return SAE.from_tensors(cfg, tensors).fold_input_scale()

@@ -19,8 +19,11 @@ class SAESpec(BaseModel):
     name: str = Field(description="Unique name, also the folder name.")
     site: str = Field(description="Hook site it reads, e.g. blocks.15.hook_resid_post, or a derived input.")
     d_sae: int = Field(ge=1, description="Number of latents.")
-    k: int = Field(ge=1, description="Active latents per token (TopK) or on average (BatchTopK).")
-    kind: Literal["topk", "batchtopk"] = Field("topk", description="Sparsity mechanism.")
+    k: int = Field(
+        ge=1,
+        description="Active latents per token (TopK), on average (BatchTopK), or the target L0 (JumpReLU).",
+    )
+    kind: Literal["topk", "batchtopk", "jumprelu"] = Field("topk", description="Sparsity mechanism.")
 
 
 class TrainingPoint(BaseModel):
