@@ -91,7 +91,10 @@ def family(env: Env) -> Cost:
     n_train = inp.train_tokens
     steps = ceil_div(int(n_train * train.epochs), train.batch_size)
     val = (steps // train.eval_every + 3) * min(train.validation_tokens, n_eval)
-    flops = n_train * train.epochs * sum(train_flops(s) for s in saes)
+    per_token = sum(train_flops(s) for s in saes)
+    if cfg.family.kind == "jumprelu":  # a dense decoder, forward and both gradients
+        per_token += sum(6.0 * s.d_in * s.d_sae for s in saes)
+    flops = n_train * train.epochs * per_token
     flops += (val + n_eval) * sum(encode_flops(s) for s in saes)
     state = sum(train_state_bytes(s) for s in saes)
     batch = train.batch_size * sum(s.d_sae for s in saes) * 4 * 3  # pre-activations, codes, gradients
