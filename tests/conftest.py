@@ -67,28 +67,26 @@ def tiny_config(arch: str, n_layers: int = 3, d: int = 64) -> Any:
     if arch == "stablelm_parallel":
         return tf.StableLmConfig(**common, use_parallel_residual=True, **ids)
     if arch == "gpt_neox_sequential":
-        return tf.GPTNeoXConfig(
-            vocab_size=v,
-            hidden_size=d,
-            intermediate_size=2 * d,
-            num_hidden_layers=n_layers,
-            num_attention_heads=4,
-            max_position_embeddings=256,
-            use_parallel_residual=False,
-            **ids,
-        )
+        return _gpt_neox(v, d, n_layers, use_parallel_residual=False, **ids)
     if arch == "gpt2":
         return tf.GPT2Config(vocab_size=v, n_embd=d, n_layer=n_layers, n_head=4, n_positions=256)
     if arch == "gpt_neox":
-        return tf.GPTNeoXConfig(
-            vocab_size=v,
-            hidden_size=d,
-            intermediate_size=2 * d,
-            num_hidden_layers=n_layers,
-            num_attention_heads=4,
-            max_position_embeddings=256,
-        )
+        return _gpt_neox(v, d, n_layers)
     raise ValueError(arch)
+
+
+def _gpt_neox(v: int, d: int, n_layers: int, **extra: Any) -> Any:
+    import transformers as tf
+
+    return tf.GPTNeoXConfig(
+        vocab_size=v,
+        hidden_size=d,
+        intermediate_size=2 * d,
+        num_hidden_layers=n_layers,
+        num_attention_heads=4,
+        max_position_embeddings=256,
+        **extra,
+    )
 
 
 ARCHS = ["llama", "mistral", "qwen2", "gemma2", "gpt2", "gpt_neox"]
@@ -127,32 +125,38 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+CORPUS_WORDS = [
+    "the",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "a",
+    "lazy",
+    "dog",
+    "while",
+    "seven",
+    "wizards",
+    "quietly",
+    "hex",
+    "jovial",
+    "bankers",
+]
+
+
+def write_corpus(path: Path) -> Path:
+    """A plain text file long enough for a few dozen 32-character contexts (800 seeded random words)."""
+    rng = torch.Generator().manual_seed(0)
+    words = torch.randint(len(CORPUS_WORDS), (800,), generator=rng)
+    path.write_text(" ".join(CORPUS_WORDS[int(i)] for i in words))
+    return path
+
+
 @pytest.fixture()
 def corpus_file(tmp_path: Path) -> Path:
     """A plain text file long enough for a few dozen 32-character contexts."""
-    words = [
-        "the",
-        "quick",
-        "brown",
-        "fox",
-        "jumps",
-        "over",
-        "a",
-        "lazy",
-        "dog",
-        "while",
-        "seven",
-        "wizards",
-        "quietly",
-        "hex",
-        "jovial",
-        "bankers",
-    ]
-    rng = torch.Generator().manual_seed(0)
-    text = " ".join(words[int(i)] for i in torch.randint(len(words), (800,), generator=rng))
-    p = tmp_path / "corpus.txt"
-    p.write_text(text)
-    return p
+    return write_corpus(tmp_path / "corpus.txt")
 
 
 def tiny_study_overrides(model_dir: Path, corpus: Path) -> list[str]:

@@ -28,7 +28,7 @@ from darkmatter.stats.moments import Moments
 from darkmatter.store import ActivationStore
 from darkmatter.study.steps import STEPS
 
-from conftest import tiny_study_overrides
+from conftest import tiny_study_overrides, write_corpus
 
 COMPUTING_STEPS = [s.name for s in STEPS if s.name not in ("harvest", "per_token")]
 """Steps that run SAEs or accumulate over the store (harvest and per_token only read the model / tables)."""
@@ -194,27 +194,7 @@ def spied_study(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPat
     device: str = request.param
     model_dir = request.getfixturevalue("tiny_model_dir")
     root = tmp_path_factory.mktemp(f"placement-{device}")
-    corpus = root / "corpus.txt"
-    words = [
-        "the",
-        "quick",
-        "brown",
-        "fox",
-        "jumps",
-        "over",
-        "a",
-        "lazy",
-        "dog",
-        "while",
-        "seven",
-        "wizards",
-        "quietly",
-        "hex",
-        "jovial",
-        "bankers",
-    ]
-    rng = torch.Generator().manual_seed(0)
-    corpus.write_text(" ".join(words[int(i)] for i in torch.randint(len(words), (800,), generator=rng)))
+    corpus = write_corpus(root / "corpus.txt")
     overrides = [
         *tiny_study_overrides(model_dir, corpus),
         f"model.device={device}",

@@ -58,11 +58,17 @@ def _width_in(cfg: Any) -> int | None:
 
 def _npz_width(path: Path) -> int | None:
     """``W_enc [d_in, d_sae]``'s first dimension from the array header inside the zip archive."""
+    shape = npz_shape(path, "W_enc.npy")
+    return int(shape[0]) if shape is not None and len(shape) == 2 else None
+
+
+def npz_shape(path: Path, member: str) -> tuple[int, ...] | None:
+    """The shape of array ``member`` of an ``.npz`` archive, read from its header (no data), or None."""
     try:
-        with zipfile.ZipFile(path) as archive, archive.open("W_enc.npy") as f:
+        with zipfile.ZipFile(path) as archive, archive.open(member) as f:
             major, _ = np.lib.format.read_magic(f)
             read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
             shape, _, _ = read(f)
     except (OSError, KeyError, ValueError, zipfile.BadZipFile):
         return None
-    return int(shape[0]) if len(shape) == 2 else None
+    return tuple(int(n) for n in shape)

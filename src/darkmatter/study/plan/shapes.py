@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-import zipfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from darkmatter.errors import DarkMatterError
+from darkmatter.sae.peek import npz_shape
 
 
 @dataclass(frozen=True)
@@ -162,14 +162,8 @@ def _config_d_sae(folder: Path) -> int | None:
 
 
 def _npz_d_sae(path: Path) -> int | None:
-    try:
-        with zipfile.ZipFile(path) as archive, archive.open("W_enc.npy") as f:
-            major, _ = np.lib.format.read_magic(f)
-            read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
-            shape, _, _ = read(f)
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
-        return None
-    return int(shape[1]) if len(shape) == 2 else None
+    shape = npz_shape(path, "W_enc.npy")
+    return shape[1] if shape is not None and len(shape) == 2 else None
 
 
 def external_width(path: str, d_model: int, hookpoint: str | None = None) -> tuple[int, str]:
