@@ -124,9 +124,11 @@ def run(
 def _run_steps(
     cfg: Any, out: Path, quiet: bool, only: list[str] | None, *, force: bool = True, report: bool = True
 ) -> None:
+    from darkmatter.ranks import from_environment, shutdown
     from darkmatter.runner import Runner
     from darkmatter.study.context import StudyContext
 
+    ranks = from_environment(cfg.analysis_device)  # one process, or one of torchrun's ranks
     bars = None if quiet else _Bars()
 
     def log(message: str) -> None:
@@ -134,16 +136,17 @@ def _run_steps(
             bars.close()  # a finished bar is not redrawn below the message
             _log(message)
 
-    ctx = StudyContext(cfg, out, log=log, progress=bars)
+    ctx = StudyContext(cfg, out, log=log, progress=bars, ranks=ranks)
     runner = Runner(ctx)
     try:
         runner.run(only, force=force, report=report)
     finally:
         if bars is not None:
             bars.close()
-        if not quiet and runner.outcomes:
+        if not quiet and runner.outcomes and ranks.leader:
             _log(_summary_table(runner.outcomes))
-    if not quiet and report:
+    shutdown(ranks)
+    if not quiet and report and ranks.leader:
         _log(f"done: {ctx.paths.report}")
 
 

@@ -18,12 +18,13 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from darkmatter.errors import ConfigError, DataError, HookSiteError
+from darkmatter.errors import ConfigError, DataError, HookSiteError, StoreError
 from darkmatter.lm.hooks import capture, run
 from darkmatter.lm.loading import LoadedLM
 from darkmatter.lm.sites import parse_site, validate_sites
 from darkmatter.progress import Progress
-from darkmatter.store import STORE_DTYPES, ActivationStore
+from darkmatter.ranks import SINGLE, Ranks
+from darkmatter.store import STORE_DTYPES, ActivationStore, identity_hash
 from darkmatter.text import Contexts, TextConfig
 
 
@@ -121,11 +122,20 @@ def harvest(
     out_dir: str,
     *,
     progress: Progress | None = None,
+    ranks: Ranks = SINGLE,
 ) -> ActivationStore:
-    """Harvest ``cfg.sites`` for all contexts into a store at ``out_dir`` (resuming if it exists)."""
+    """Harvest ``cfg.sites`` for all contexts into a store at ``out_dir`` (resuming if it exists).
+
+    ``ranks``: under ``torchrun``, rank 0 creates (or resumes) the store, each rank harvests its
+    contiguous share of the shards still to do and records them, and rank 0 folds the records into the
+    manifest: the store equals a one-process store byte for byte.
+    """
     identity = store_identity(lm, text, cfg, contexts)
-    store = ActivationStore.create_or_resume(out_dir, identity, contexts.tokens)
-    todo = [i for i in range(store.n_shards) if i not in store.done_shards()]
+    store = ActivationStore.create_or_resume(out_dir, identity, contexts.tokens) if ranks.leader else None
+    ranks.barrier()
+    if store is None:
+        store = _joined(out_dir, identity)
+    todo = ranks.share([i for i in range(store.n_shards) if i not in store.done_shards()])
     total = store.n_contexts * store.ctx_len
     done_tokens = (store.n_shards - len(todo)) * store.shard_contexts * store.ctx_len
     t0 = time.perf_counter()
@@ -137,11 +147,29 @@ def harvest(
             tensors = forward_shard(lm, contexts.tokens[start:stop], identity["sites"], cfg)
             if pending is not None:
                 pending.result()
-            pending = writer.submit(store.write_shard, index, tensors)
+            pending = writer.submit(
+                store.write_shard, index, tensors, rank=ranks.rank if ranks.active else None
+            )
             new_tokens += (stop - start) * store.ctx_len
             if progress is not None:
                 elapsed = time.perf_counter() - t0
                 progress(min(done_tokens + new_tokens, total), total, new_tokens / max(elapsed, 1e-9))
         if pending is not None:
             pending.result()
+    if not ranks.active:
+        return store
+    ranks.barrier()
+    if ranks.leader:
+        store.adopt_rank_records()
+    ranks.barrier()
+    return store if ranks.leader else _joined(out_dir, identity)
+
+
+def _joined(out_dir: str, identity: dict[str, Any]) -> ActivationStore:
+    """The store rank 0 created, opened by another rank (which must agree on its identity)."""
+    store = ActivationStore.open(out_dir)
+    if store.manifest["identity_hash"] != identity_hash(identity):
+        raise StoreError(
+            f"{out_dir}: this rank's store identity differs from rank 0's (another model or text?)."
+        )
     return store

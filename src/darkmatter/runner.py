@@ -3,6 +3,7 @@ each, defers a step that stopped early until the others and the report are done,
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -11,8 +12,9 @@ from typing import Any
 
 from darkmatter import atomic
 from darkmatter.config.schema import StudyConfig
-from darkmatter.errors import ConfigError, StepIncompleteError, StoreError
+from darkmatter.errors import ConfigError, DarkMatterError, StepIncompleteError, StoreError
 from darkmatter.lock import run_lock
+from darkmatter.ranks import RankFailedError
 from darkmatter.report.build import write_report
 from darkmatter.results import Result, read_result, write_result
 from darkmatter.study.context import StudyContext
@@ -65,21 +67,47 @@ class Runner:
     ) -> list[StepOutcome]:
         """Run the study (``only``: just these steps, rerun even when up to date unless ``force`` is off, and
         what they need); a step that stopped early raises only after every other step and the report."""
+        ranks = self.ctx.ranks
+        if not ranks.active:
+            return self._run(only, force, report)
+        ranks.watch_failures(self.ctx.paths.root)
+        try:
+            return self._run(only, force, report)
+        except StepIncompleteError:
+            raise
+        except DarkMatterError as exc:
+            ranks.record_failure(str(exc))
+            raise
+        except Exception as exc:  # a collective broken by a rank that died, or a failure of this rank
+            elsewhere = ranks.failure_elsewhere()
+            if elsewhere is not None:
+                raise RankFailedError(elsewhere) from exc
+            ranks.record_failure(f"{type(exc).__name__}: {exc}")
+            raise
+
+    def _run(self, only: Sequence[str] | None, force: bool, report: bool) -> list[StepOutcome]:
         ctx = self.ctx
         ctx.cfg.require_local()  # everything that would need a download, in one error, before any work
         selected, forced = self.select(only)
+        ranks = ctx.ranks
         if self.check:
             preflight(ctx.cfg)
-            self.check_plan([s.name for s in selected])
-        with run_lock(ctx.paths.root):  # one run per folder; cleaning up is safe only under the lock
-            atomic.remove_temporaries(ctx.paths.root)
+            if ranks.leader:
+                self.check_plan([s.name for s in selected])
+        # one run per folder (rank 0 holds it for all ranks); cleaning up is safe only under the lock
+        with run_lock(ctx.paths.root) if ranks.leader else contextlib.nullcontext():
+            if ranks.leader:
+                atomic.remove_temporaries(ctx.paths.root)
+                ranks.clear_failures()
+            ranks.barrier()
             errors = self._run_steps(selected, forced if force else set())
-            if report:
+            if report and ranks.leader:
                 t0 = time.perf_counter()
                 figs = ctx.cfg.report
                 path = write_report(ctx.paths.root, formats=tuple(figs.formats), dpi=figs.dpi)
                 self.outcomes.append(StepOutcome("report", "ran", time.perf_counter() - t0, str(path)))
                 ctx.log(f"report: {path}")
+            ranks.barrier()
         if errors:
             raise errors[0]
         return self.outcomes
@@ -114,16 +142,26 @@ class Runner:
             unavailable.add(step.name)
             return StepOutcome(step.name, "skipped", headline=f"needs {', '.join(blocked)}")
         key = step.key(cfg)
-        done = None if forced else self.current(step, key)
-        if done is not None:
+        ranks = self.ctx.ranks
+        done = None if forced else self.current(step, key) if ranks.leader else None
+        if ranks.broadcast(done is not None):  # rank 0 decides for all: the others may not see its files
             self.ctx.log(f"{step.name}: up to date")
-            return StepOutcome(step.name, "up to date", headline=_headline(step, done))
+            return StepOutcome(step.name, "up to date", headline=_headline(step, done) if done else "")
         t0 = time.perf_counter()
-        result = step.run(self.ctx)
+        if ranks.leader or step.distributed:
+            result = step.run(self.ctx)
+        ranks.barrier()  # the others wait here while rank 0 runs a step alone
         seconds = time.perf_counter() - t0
+        if not ranks.leader:
+            error = ranks.broadcast(None)
+            if error:
+                return StepOutcome(step.name, "stopped early", seconds, error)
+            self.ctx.log(f"{step.name}: done ({seconds:.1f} s)")
+            return StepOutcome(step.name, "ran", seconds)
         result.experiment, result.config_hash, result.seed = step.name, key, cfg.seed
         result.config = step.settings(cfg)
         write_result(self.ctx.paths.root, result)
+        ranks.broadcast(result.error)
         if result.error:
             self.ctx.log(f"{step.name}: stopped early: {result.error}")
             return StepOutcome(step.name, "stopped early", seconds, result.error)

@@ -14,7 +14,7 @@ read; it is removed when a harvest resumes. Readers verify each shard's checksum
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,9 @@ from darkmatter.hashing import sha256_hex, stable_hash
 MANIFEST = "manifest.json"
 TOKENS = "tokens.npy"
 SHARD_DIR = "shards"
+RANK_DIR = "ranks"
+"""Under ``torchrun`` each rank lists the shards it finished in ``ranks/<rank>.json`` (rank 0 folds them
+into the manifest after the harvest, or when a killed run resumes)."""
 FORMAT = "darkmatter-activation-store"
 FORMAT_VERSION = 1
 STORE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -63,6 +66,7 @@ class ActivationStore:
         self.manifest = manifest
         self._verified: set[str] = set()
         self._tokens: np.ndarray | None = None
+        self._rank_entries: list[dict[str, Any]] = []  # shards this rank wrote (distributed harvest)
 
     # -- creation and opening -------------------------------------------------------------------------
     @classmethod
@@ -99,6 +103,7 @@ class ActivationStore:
             store = cls.open(root)
             if store.manifest["identity_hash"] != key:
                 raise StoreError(_mismatch_message(root, store.manifest["identity"], identity))
+            store.adopt_rank_records()
             store._remove_unlisted_shards()
             store._forget_missing_shards()
             return store
@@ -180,6 +185,11 @@ class ActivationStore:
     def has_loss(self) -> bool:
         return bool(self.identity.get("with_loss"))
 
+    def shard_contexts_of(self, shards: Sequence[int]) -> np.ndarray:
+        """The context indices of ``shards``."""
+        ranges = [np.arange(*self.shard_range(i)) for i in sorted(set(shards))]
+        return np.concatenate(ranges) if ranges else np.zeros(0, dtype=np.int64)
+
     def shard_range(self, index: int) -> tuple[int, int]:
         start = index * self.shard_contexts
         return start, min(start + self.shard_contexts, self.n_contexts)
@@ -208,19 +218,54 @@ class ActivationStore:
         return f"Delete the folder {self.root} and run the same command again to harvest it anew."
 
     # -- writing --------------------------------------------------------------------------------------
-    def write_shard(self, index: int, tensors: dict[str, torch.Tensor]) -> None:
-        """Write one shard atomically, then record it in the manifest (atomically)."""
+    def write_shard(self, index: int, tensors: dict[str, torch.Tensor], *, rank: int | None = None) -> None:
+        """Write one shard atomically, then record it (atomically): in the manifest, or, for one rank of a
+        distributed harvest, in that rank's record (``adopt_rank_records`` folds those in)."""
         start, stop = self.shard_range(index)
         data = st_save({k: v.contiguous() for k, v in tensors.items()})
         rel = f"{SHARD_DIR}/{index:05d}.safetensors"
         atomic.write_bytes(self.root / rel, data)
         entry = {"index": index, "file": rel, "contexts": [start, stop], "sha256": sha256_hex(data)}
+        self._verified.add(rel)
+        if rank is not None:
+            self._rank_entries.append(entry)
+            (self.root / RANK_DIR).mkdir(exist_ok=True)
+            atomic.write_json(self.root / RANK_DIR / f"{rank:05d}.json", {"shards": self._rank_entries})
+            return
+        self._record([entry])
+
+    def _record(self, entries: list[dict[str, Any]]) -> None:
+        indices = {e["index"] for e in entries}
         self.manifest["shards"] = sorted(
-            [s for s in self.manifest["shards"] if s["index"] != index] + [entry], key=lambda s: s["index"]
+            [s for s in self.manifest["shards"] if s["index"] not in indices] + entries,
+            key=lambda s: s["index"],
         )
         self.manifest["complete"] = len(self.manifest["shards"]) == self.n_shards
         atomic.write_json(self.root / MANIFEST, self.manifest)
-        self._verified.add(rel)
+
+    def adopt_rank_records(self) -> None:
+        """Fold the ranks' records of finished shards (whose files are in place) into the manifest, then
+        drop the records. Only one process (rank 0) may call this, while no rank writes."""
+        folder = self.root / RANK_DIR
+        if not folder.is_dir():
+            return
+        entries: list[dict[str, Any]] = []
+        for path in sorted(folder.glob("*.json")):
+            try:
+                record = json.loads(path.read_text())
+                found = [e for e in record["shards"] if (self.root / e["file"]).is_file()]
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # a record cut short: its shards are redone
+            entries += [
+                {k: e[k] for k in ("index", "file", "contexts", "sha256")}
+                for e in found
+                if 0 <= int(e["index"]) < self.n_shards
+            ]
+        if entries:
+            self._record(entries)
+        for path in folder.iterdir():
+            path.unlink()
+        folder.rmdir()
 
     # -- reading --------------------------------------------------------------------------------------
     def require_complete(self) -> None:
@@ -262,11 +307,13 @@ class ActivationStore:
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
         drop_last_position: bool = False,
+        shards: Sequence[int] | None = None,
     ) -> Iterator[Batch]:
         """Stream token rows shard by shard, ``batch_tokens`` rows at a time; memory is one shard.
 
         ``skip_positions`` defaults to the store's setting; ``contexts`` restricts to a subset of
-        context indices; ``drop_last_position`` drops the final position (which has no next-token loss).
+        context indices; ``drop_last_position`` drops the final position (which has no next-token loss);
+        ``shards`` restricts to those shards (one rank's share), in store order.
         """
         self.require_complete()
         sites = self.sites if sites is None else sites
@@ -281,7 +328,8 @@ class ActivationStore:
             )
         wanted = None if contexts is None else set(int(c) for c in contexts)
         tokens = self.tokens
-        for index in range(self.n_shards):
+        chosen = range(self.n_shards) if shards is None else sorted(set(shards))
+        for index in chosen:
             start, stop = self.shard_range(index)
             ctx_ids = np.arange(start, stop)
             if wanted is not None:
@@ -363,7 +411,7 @@ def _unfinished_start(root: Path) -> bool:
     """Whether ``root`` (holding no manifest) is empty or holds only what a store's creation writes before
     its manifest (an empty shard folder, the token ids, temporary files): a killed or failed start."""
     for p in root.iterdir():
-        empty_shards = p.name == SHARD_DIR and p.is_dir() and not any(p.iterdir())
+        empty_shards = p.name in (SHARD_DIR, RANK_DIR) and p.is_dir() and not any(p.iterdir())
         if not (empty_shards or p.name == TOKENS or (p.name.startswith(".") and p.name.endswith(".tmp"))):
             return False
     return True

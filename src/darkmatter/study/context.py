@@ -14,6 +14,7 @@ from darkmatter.config.schema import StudyConfig
 from darkmatter.errors import ConfigError, StoreError
 from darkmatter.lm.loading import LoadedLM, load_lm, load_tokenizer, parse_dtype, resolve_device
 from darkmatter.progress import ProgressFactory, no_progress
+from darkmatter.ranks import SINGLE, Ranks
 from darkmatter.results import R, read_result
 from darkmatter.sae import SAE
 from darkmatter.sae.train_config import TrainConfig
@@ -97,12 +98,21 @@ class StudyContext:
     """The narrow interface between the runner and the steps."""
 
     def __init__(
-        self, cfg: StudyConfig, out: str | Path, *, log: Log = print, progress: ProgressFactory | None = None
+        self,
+        cfg: StudyConfig,
+        out: str | Path,
+        *,
+        log: Log = print,
+        progress: ProgressFactory | None = None,
+        ranks: Ranks = SINGLE,
     ):
+        """``ranks``: this process's place in a ``torchrun`` run (alone by default); every rank logs with
+        its rank, and only rank 0 draws progress."""
         self.cfg = cfg
         self.paths = RunPaths(Path(out))
-        self.log = log
-        self.progress: ProgressFactory = progress or no_progress
+        self.ranks = ranks
+        self.log: Log = log if not ranks.active else (lambda message: log(ranks.label() + message))
+        self.progress: ProgressFactory = (progress if ranks.leader else None) or no_progress
         self.split: Split = cfg.split
         self._lm: LoadedLM | None = None
         self._tokenizer: tuple[Any, int | None] | None = None

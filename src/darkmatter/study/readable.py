@@ -23,12 +23,15 @@ def safetensors_ok(path: Path) -> bool:
 
 
 def parquet_ok(path: Path) -> bool:
-    """The file exists and ends with a readable Parquet footer."""
+    """The file (or every listed part of a table written by several ranks) ends with a readable footer."""
     import pyarrow.parquet as pq
 
+    from darkmatter.experiments.decomposition.table import table_files
+
     try:
-        pq.read_metadata(path)
-    except (OSError, ValueError):
+        for part in table_files(path):
+            pq.read_metadata(part)
+    except (OSError, ValueError, KeyError, TypeError):
         return False
     return True
 

@@ -29,6 +29,9 @@ class Step(Generic[R]):
     """Steps whose results (or files) this one reads; they run first."""
     version: ClassVar[int] = 1
     """Bumped when the step's computation changes, so stored results are recomputed."""
+    distributed: ClassVar[bool] = False
+    """Under ``torchrun``: every rank runs the step on its share of the work and the sums meet (rank 0
+    writes what is shared). Otherwise rank 0 runs it alone while the others wait."""
 
     def enabled(self, cfg: StudyConfig) -> bool:
         """Whether the study runs this step at all."""

@@ -33,7 +33,9 @@ from darkmatter.experiments.decomposition.outputs import (
 )
 from darkmatter.experiments.decomposition.plan import RECONSTRUCT_CHUNK, EnginePlan
 from darkmatter.experiments.decomposition.spill import GroupSpill, merge_spills, spill_folder
+from darkmatter.experiments.decomposition.table import finish_table, prepare_table, table_part
 from darkmatter.progress import Progress
+from darkmatter.ranks import SINGLE, Ranks
 from darkmatter.sae.model import SAE
 from darkmatter.stats.split import Split
 from darkmatter.store import ActivationStore
@@ -66,6 +68,7 @@ def decompose(
     interval_blocks: int = 8,
     groups: Sequence[Sequence[str]] | None = None,
     release: Callable[[Sequence[str]], None] | None = None,
+    ranks: Ranks = SINGLE,
 ) -> Decomposition:
     """Run both passes for every SAE (``second_pass=False``: probes and FVU_nonlinear only).
 
@@ -81,6 +84,10 @@ def decompose(
     after each). Every result equals the one-group run: per-SAE sums do not depend on the other SAEs, and
     what mixes SAEs (the norm Grams, the per-token table) is built from every group's per-token values on
     disk (``spill``) with the same operations on the same batches.
+
+    ``ranks``: under ``torchrun``, every rank passes over its contiguous share of the shards and the sums
+    meet after each pass (``reduce``), so every rank fits the same probes; each rank writes its rows of the
+    table as one part of a folder at ``table_path`` (see ``table_part``). Every rank must call this.
     """
     if batch_tokens is None:
         batch_tokens = 1024 if torch.device(device).type == "cpu" else 8192
@@ -92,6 +99,8 @@ def decompose(
         raise DataError(f"decompose: groups must name each SAE once, found {order}.")
     total_groups = len(order)
     parts: list[_GroupResult] = []
+    if table_path is not None and second_pass:
+        prepare_table(table_path, ranks)
     with spill_folder(table_path) as scratch:
         for g, names in enumerate(order):
             members = {n: saes[n] for n in names}
@@ -107,6 +116,7 @@ def decompose(
                 progress=_offset(progress, g, total_groups),
                 interval_site=interval_site if interval_site in sites else None,
                 interval_blocks=interval_blocks,
+                ranks=ranks,
             )
             spill = (
                 GroupSpill(scratch / f"group{g}", plan.groups, plan.tokens_per_pass, with_meta=g == 0)
@@ -122,7 +132,15 @@ def decompose(
         grams: dict[str, NormGram] = {}
         if second_pass:
             spills = [p.spill for p in parts if p.spill is not None]
-            grams = merge_spills(spills, _blocks_by_site(parts), table_path, flat)
+            part = None if table_path is None else table_part(table_path, ranks)
+            grams = merge_spills(spills, _blocks_by_site(parts), part, flat)
+            ranks.sum_(
+                torch.from_numpy(m)  # in place, through the shared memory
+                for g in grams.values()
+                for m in [g.train, g.test, *(x for pair in g.blocks for x in pair)]
+            )
+            if table_path is not None:
+                finish_table(table_path, ranks)
     return _merged(parts, grams, table_path if second_pass else None)
 
 

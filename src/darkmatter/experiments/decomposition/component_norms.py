@@ -18,6 +18,7 @@ from darkmatter.experiments.decomposition.accumulators import (
 )
 from darkmatter.experiments.decomposition.outputs import NORM_TEST_QUANTITIES, Probe, SAEStats
 from darkmatter.experiments.decomposition.plan import RECONSTRUCT_CHUNK, EnginePlan
+from darkmatter.experiments.decomposition.reduce import reduce_component_norms
 from darkmatter.experiments.decomposition.spill import GroupSpill
 from darkmatter.stats import Cosine, Moments, evaluate, fit_ridge
 from darkmatter.stats.jackknife import finite_interval
@@ -65,6 +66,7 @@ class ComponentNorms:
             spill.add(
                 batch, train[inverse], norms, {k: v[inverse] for k, v in table_cols.items()}, n_train, blocks
             )
+        reduce_component_norms(self, plan.ranks)
 
     def _add_site(
         self,

@@ -17,6 +17,7 @@ from darkmatter.experiments.decomposition.accumulators import (
     row_norms,
 )
 from darkmatter.experiments.decomposition.plan import RECONSTRUCT_CHUNK, EnginePlan
+from darkmatter.experiments.decomposition.reduce import reduce_error_moments
 from darkmatter.stats import Moments
 
 Tensor = torch.Tensor
@@ -73,6 +74,7 @@ def accumulate_error_moments(plan: EnginePlan) -> ErrorMoments:
             _add_site(plan, sums, site, x_tok_d, n_train, ctx_test, packed)
             packed.commit()
         plan.batch_done(len(order))
+    reduce_error_moments(sums, plan.ranks)
     biggest = max(plan.width.values())
     if sums.n_train <= biggest + 1 or sums.n_test < 2:
         raise DataError(

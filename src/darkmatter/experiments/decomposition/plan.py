@@ -12,6 +12,7 @@ from darkmatter.errors import DataError, StoreError
 from darkmatter.experiments.decomposition.accumulators import block_of, n_blocks
 from darkmatter.heap import HeapReleaser
 from darkmatter.progress import Progress, Ticker
+from darkmatter.ranks import SINGLE, Ranks
 from darkmatter.sae.model import SAE
 from darkmatter.stats import Moments
 from darkmatter.stats.split import Split
@@ -51,7 +52,9 @@ class EnginePlan:
     progress: Progress | None = None
     interval_site: str | None = None
     interval_blocks: int = 8
+    ranks: Ranks = SINGLE
     groups: dict[str, list[str]] = field(init=False)
+    shards: list[int] | None = field(init=False)  # this rank's shards (None: every shard)
     width: dict[str, int] = field(init=False)  # site -> d
     tokens_per_pass: int = field(init=False)
     ticker: Ticker = field(init=False)
@@ -62,7 +65,15 @@ class EnginePlan:
             raise DataError("decompose needs at least one SAE.")
         self.groups = group_by_site(self.saes, self.store)
         self.width = {site: self.store.d[site] for site in self.groups}
-        n_ctx = self.store.n_contexts if self.contexts is None else len(np.unique(self.contexts))
+        self.shards = self.ranks.share(range(self.store.n_shards)) if self.ranks.active else None
+        chosen = (
+            np.arange(self.store.n_contexts)
+            if self.contexts is None
+            else np.unique(np.asarray(self.contexts, dtype=np.int64))
+        )
+        if self.shards is not None:
+            chosen = np.intersect1d(chosen, self.store.shard_contexts_of(self.shards))
+        n_ctx = len(chosen)
         self.tokens_per_pass = n_ctx * (
             self.store.ctx_len - int(self.store.identity.get("skip_positions", 0))
         )
@@ -84,7 +95,11 @@ class EnginePlan:
     def batches(self) -> Iterator[Batch]:
         """One pass over the store (or its chosen contexts), every site of the family per batch."""
         yield from self.store.iter_batches(
-            list(self.groups), batch_tokens=self.batch_tokens, device=self.device, contexts=self.contexts
+            list(self.groups),
+            batch_tokens=self.batch_tokens,
+            device=self.device,
+            contexts=self.contexts,
+            shards=self.shards,
         )
 
     def batch_done(self, n_tokens: int) -> None:
@@ -93,7 +108,7 @@ class EnginePlan:
 
     def packed_storage(self, moments: dict[tuple[str, str], Moments]) -> dict[str, Tensor]:
         """A float64 packed buffer per site, reused by every batch of a pass (no pages faulted per batch)."""
-        rows = min(self.batch_tokens, self.tokens_per_pass)
+        rows = max(1, min(self.batch_tokens, self.tokens_per_pass))
         return {
             site: torch.empty(
                 rows, moments[(site, "train")].packed_width, dtype=torch.float64, device=self.device

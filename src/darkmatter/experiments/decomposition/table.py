@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import shutil
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -11,9 +13,53 @@ import numpy as np
 import torch
 
 from darkmatter import atomic
+from darkmatter.ranks import Ranks
 
 TABLE_COLUMNS = ("l0", "error_norm", "linear_norm", "nonlinear_norm")
 """Per-SAE columns, named ``{sae}:{column}``."""
+PARTS = "_parts.json"
+"""In a table written by several ranks (a folder of ``part-<rank>.parquet``): the list of its parts, written
+by rank 0 once every part is in place."""
+
+
+def table_part(path: Path, ranks: Ranks) -> Path:
+    """Where this rank writes its rows: ``path`` itself alone, ``path/part-<rank>.parquet`` under torchrun
+    (one dataset: ``pyarrow.parquet.read_table(path)`` reads the parts in rank order, which is store
+    order)."""
+    return Path(path) / f"part-{ranks.rank:05d}.parquet" if ranks.active else Path(path)
+
+
+def prepare_table(path: Path, ranks: Ranks) -> None:
+    """Clear ``path`` for a table of this run's shape (a file alone, a folder of parts under torchrun);
+    rank 0 clears, then every rank passes a barrier."""
+    path = Path(path)
+    if ranks.leader:
+        if path.is_dir() and not (path.is_symlink()):
+            shutil.rmtree(path)
+        elif path.exists() and ranks.active:
+            path.unlink()
+        if ranks.active:
+            path.mkdir(parents=True)
+    ranks.barrier()
+
+
+def finish_table(path: Path, ranks: Ranks) -> None:
+    """Under torchrun: after every rank wrote its part, rank 0 lists the parts (the table is whole)."""
+    if not ranks.active:
+        return
+    ranks.barrier()
+    if ranks.leader:
+        parts = [table_part(path, Ranks(rank=r, world=ranks.world)).name for r in range(ranks.world)]
+        atomic.write_json(Path(path) / PARTS, {"parts": parts})
+
+
+def table_files(path: Path) -> list[Path]:
+    """The Parquet files of a table: the file itself, or the listed parts of a folder."""
+    path = Path(path)
+    if not path.is_dir():
+        return [path]
+    listed = json.loads((path / PARTS).read_text(encoding="utf-8"))["parts"]
+    return [path / name for name in listed]
 
 
 class TokenTableWriter:

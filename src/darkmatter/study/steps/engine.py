@@ -139,6 +139,7 @@ class EngineStep(Step[EngineResult]):
     result_type = EngineResult
     needs = (FAMILY,)
     version = 3
+    distributed = True
 
     def settings(self, cfg: StudyConfig) -> dict[str, Any]:
         return {"seed": cfg.seed, "engine": cfg.section("engine")}
@@ -164,13 +165,20 @@ class EngineStep(Step[EngineResult]):
             interval_blocks=ctx.cfg.engine.interval_blocks,
             groups=groups,
             release=saes.release,
+            ranks=ctx.ranks,
         )
-        for name, (weights, bias) in dec.probes.items():
-            save_probe(ctx.paths.probe(name), weights, bias)
-        save_norm_grams(norm_grams_path(ctx), dec.norm_grams)
+        if ctx.ranks.leader:
+            for name, (weights, bias) in dec.probes.items():
+                save_probe(ctx.paths.probe(name), weights, bias)
+            save_norm_grams(norm_grams_path(ctx), dec.norm_grams)
         fit, nl_mean, nl_ci = scaling_law(dec, roles.width_sweep, roles.main_site, seed=ctx.cfg.seed)
         latents = probe_latents(
-            ctx.store, saes[roles.widest], split=ctx.split, device=ctx.device, dtype=ctx.sae_dtype
+            ctx.store,
+            saes[roles.widest],
+            split=ctx.split,
+            device=ctx.device,
+            dtype=ctx.sae_dtype,
+            ranks=ctx.ranks,
         )
         saes.release([roles.widest])
         for n in roles.width_sweep + [n for n in roles.k_sweep if n not in roles.width_sweep]:

@@ -48,6 +48,7 @@ class HarvestStep(Step[HarvestResult]):
     name = "harvest"
     title = "activations of the model on the study's contexts"
     result_type = HarvestResult
+    distributed = True
 
     def settings(self, cfg: StudyConfig) -> dict[str, Any]:
         return {
@@ -77,7 +78,9 @@ class HarvestStep(Step[HarvestResult]):
                 bar(done, total, rate)
 
         harvest_cfg = cfg.harvest.model_copy(update={"sites": cfg.sites()})
-        store = harvest(ctx.lm, contexts, cfg.text, harvest_cfg, str(ctx.paths.store), progress=report)
+        store = harvest(
+            ctx.lm, contexts, cfg.text, harvest_cfg, str(ctx.paths.store), progress=report, ranks=ctx.ranks
+        )
         ctx.use_store(store)
         info = store.info() | {"path": ctx.paths.relative(store.root)}
         return HarvestResult(
