@@ -211,17 +211,27 @@ class Chromium:
 
 
 class _Outline(HTMLParser):
-    """The ``<title>``, ``<h1>``–``<h3>`` texts and ``<img>`` count of an HTML source."""
+    """The ``<title>``, ``<h1>``–``<h3>`` texts, ``<img>`` count and latent cards per component of an HTML
+    source."""
 
     def __init__(self) -> None:
         super().__init__()
         self.title = ""
         self.headings: list[str] = []
         self.images = 0
+        self.cards: dict[str, int] = {}
+        self._component = ""
         self._open: str | None = None
         self._text: list[str] = []
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        named = dict(attrs)
+        classes = (named.get("class") or "").split()
+        if "cards" in classes and named.get("data-component"):
+            self._component = str(named["data-component"])
+            self.cards.setdefault(self._component, 0)
+        elif "card" in classes and self._component:
+            self.cards[self._component] += 1
         if tag == "img":
             self.images += 1
         elif tag in ("title", "h1", "h2", "h3"):
@@ -264,8 +274,21 @@ _INSPECT_JS = """
   });
   const headings = Array.from(document.querySelectorAll('h1, h2, h3'), (h) => ({
     text: h.textContent.split(/\\s+/).filter(Boolean).join(' '), visible: visible(h)}));
+  const clear = (c) => c === 'transparent' || /^rgba\\(.*,\\s*0\\)$/.test(c);
+  const page = [document.body, document.documentElement].map((e) => getComputedStyle(e).backgroundColor)
+    .find((c) => !clear(c)) || 'rgb(255, 255, 255)';
+  // latent cards: per component, the cards and the shaded tokens that show (the first 50 checked)
+  const cards = Array.from(document.querySelectorAll('.cards[data-component]'), (sec) => {
+    const shaded = Array.from(sec.querySelectorAll('.t')).filter((t) => /(^| )s\\d+( |$)/.test(t.className));
+    const shown = shaded.slice(0, 50).filter((t) => {
+      const bg = getComputedStyle(t).backgroundColor;
+      return !clear(bg) && bg !== page && visible(t);
+    });
+    return {component: sec.dataset.component, cards: sec.querySelectorAll('.card').length,
+            shaded: shaded.length, shaded_visible: shown.length};
+  });
   window.scrollTo(0, 0);
-  return {title: document.title, images, headings};
+  return {title: document.title, images, headings, cards};
 })()
 """
 
@@ -280,6 +303,8 @@ class ReportCheck:
     title: str
     images: list[dict[str, Any]]
     headings: dict[str, bool]
+    expected_cards: dict[str, int] = field(default_factory=dict)  # component -> cards in the source
+    cards: dict[str, dict[str, Any]] = field(default_factory=dict)  # component -> what the page shows
     requests: list[str] = field(default_factory=list)
     console_errors: list[str] = field(default_factory=list)
     failed_requests: list[str] = field(default_factory=list)
@@ -301,6 +326,14 @@ class ReportCheck:
         for text in self.expected_headings:
             if not self.headings.get(text, False):
                 out.append(f"heading {text!r} not visible")
+        for component, n in self.expected_cards.items():
+            seen = self.cards.get(component, {})
+            if seen.get("cards") != n:
+                out.append(
+                    f"latent cards of {component}: {seen.get('cards', 0)} in the page, {n} in the source"
+                )
+            if n and not seen.get("shaded_visible"):
+                out.append(f"latent cards of {component}: no highlighted token visible")
         out += [f"console error: {m}" for m in self.console_errors]
         out += [f"failed request: {m}" for m in self.failed_requests]
         out += [f"network request: {u}" for u in self.foreign_requests]
@@ -392,6 +425,8 @@ def check_report(browser: Chromium, report: Path, screenshot: Path, width: int =
         title=seen["title"],
         images=seen["images"],
         headings=headings,
+        expected_cards=outline.cards,
+        cards={c["component"]: c for c in seen["cards"]},
         screenshot=screenshot,
     )
     _collect_events(check, events, page_url)

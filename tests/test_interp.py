@@ -34,7 +34,9 @@ from darkmatter.interp import (
     wilson_interval,
 )
 from darkmatter.interp.prompts import DETECT_SYSTEM, EXPLAIN_SYSTEM
+from darkmatter.sae import SAE, SAEConfig
 from darkmatter.store import ActivationStore, Batch
+from darkmatter.study.steps import autointerp as autointerp_step
 
 from conftest import tiny_model, tiny_tokenizer
 
@@ -264,6 +266,28 @@ def test_collection_validates_latents_and_activations(store: ActivationStore) ->
         collect_examples(store, acts_fn([3]), [3, 3], d_sae=16)
     with pytest.raises(DataError, match=r"shape \(\d+, 1\), expected \[\d+, 2\]"):
         collect_examples(store, acts_fn([3]), [3, 7], d_sae=16)
+
+
+def test_sae_latent_columns_match_the_dense_codes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The split SAE's own latents are read from its sparse codes, in the order asked, chunked or not."""
+    g = torch.Generator().manual_seed(0)
+    cfg = SAEConfig(d_in=8, d_sae=24, activation="topk", k=3, hook_site="blocks.0.hook_resid_post")
+    tensors = {"W_enc": torch.randn(8, 24, generator=g), "b_enc": torch.zeros(24)}
+    sae = SAE.from_tensors(
+        cfg, {**tensors, "W_dec": torch.randn(24, 8, generator=g), "b_dec": torch.zeros(8)}
+    )
+    x = torch.randn(40, 8, generator=g)
+    n = len(x)
+    zeros = torch.zeros(n, dtype=torch.long)
+    batch = Batch(acts={cfg.hook_site: x}, context=zeros, position=torch.arange(n), token=zeros, loss=None)
+    dense = sae.encode(x)
+    latents = [int(i) for i in dense.count_nonzero(0).argsort(descending=True)[:4]][::-1]
+    for chunk_elements in (1 << 26, 24 * 7):  # one block, and blocks of 7 tokens
+        monkeypatch.setattr(autointerp_step, "PRE_ACTIVATION_ELEMENTS", chunk_elements)
+        got = autointerp_step.sae_activations_fn(sae, latents)(batch)
+        assert got.shape == (n, 4) and got.dtype == torch.float32
+        torch.testing.assert_close(got, dense[:, latents])
+        assert bool((got > 0).any(0).all())  # every chosen latent fires somewhere: not vacuous
 
 
 # -- parsing and prompts ---------------------------------------------------------------------------

@@ -81,6 +81,11 @@ def test_report_renders_cleanly_and_offline(browser: Chromium, report: Path) -> 
         "Configuration and provenance",
     ):
         assert heading in check.expected_headings and check.headings[heading]
+    # ... and latent cards for each error component and the split SAE's own sample, their shading showing
+    assert set(check.expected_cards) == set(check.cards) == {"linear", "nonlinear", "sae"}
+    for component, seen in check.cards.items():
+        assert seen["cards"] == check.expected_cards[component] > 0, component
+        assert seen["shaded_visible"] > 0 and seen["shaded"] >= seen["cards"], component
     # ... and network monitoring was live: it saw the document itself, and nothing but data: URIs besides.
     assert check.requests[0] == report.resolve().as_uri()
     assert all(u.startswith("data:") for u in check.requests[1:])
@@ -98,7 +103,7 @@ def test_checker_catches_a_broken_report(browser: Chromium, report: Path, tmp_pa
     assert n == 1
     injected = (
         '<script>console.error("x")</script>'
-        "<style>h2:nth-of-type(2){visibility:hidden}</style>"
+        "<style>h2:nth-of-type(2){visibility:hidden}.t{background:none!important}</style>"
         '<link rel="stylesheet" href="http://127.0.0.1:9/missing.css">'
     )
     broken = broken.replace("<body>", "<body>" + injected, 1)
@@ -109,6 +114,9 @@ def test_checker_catches_a_broken_report(browser: Chromium, report: Path, tmp_pa
     assert f"image 0 ({first_alt}) did not decode" in problems
     assert sum("did not decode" in p for p in problems) == 1  # the other figures still do
     assert "console error: x" in problems
+    for component in ("linear", "nonlinear", "sae"):  # the shading is gone, the cards are still there
+        assert f"latent cards of {component}: no highlighted token visible" in problems
+    assert not any("in the page" in p for p in problems)
     assert f"heading {second_h2!r} not visible" in problems
     assert "network request: http://127.0.0.1:9/missing.css" in problems
     assert any(p.startswith("failed request: http://127.0.0.1:9/missing.css") for p in problems)

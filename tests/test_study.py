@@ -47,6 +47,7 @@ BELOW_FAMILY = BELOW_ENGINE | {"family", "synthetic"}
         (["earlier_layers.mlp_hidden=8"], {"earlier_layers"}),
         (["earlier_layers.ce_contexts=3"], {"earlier_layers"}),
         (["error_saes.interp.n_latents=3"], {"autointerp"}),
+        (["error_saes.interp.sae_latents=3"], {"autointerp"}),
         (["error_saes.k=4"], {"error_saes", "autointerp"}),
         (["layer_sweep.d_sae=32"], {"layer_sweep"}),
         (["engine.interval_blocks=5"], BELOW_ENGINE | {"layer_sweep"}),

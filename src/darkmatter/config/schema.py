@@ -295,6 +295,12 @@ class InterpConfig(BaseModel):
     latents: list[NonNegativeInt] = Field(
         default_factory=list, description="Score these latents instead of a sample."
     )
+    sae_latents: int = Field(
+        2,
+        ge=0,
+        description="Also explain and score this many latents of the split SAE itself (seeded sample), "
+        "shown beside the error SAEs' in the report's latent cards; 0: none.",
+    )
     min_activations: int = Field(20, ge=1, description="Skip latents active on fewer tokens.")
     window: int = Field(16, ge=2, description="Tokens per example window.")
     n_examples_explain: int = Field(8, ge=1, description="Top examples shown to the explainer.")

@@ -8,6 +8,7 @@ from typing import Any
 
 from darkmatter import __version__
 from darkmatter.claims import ClaimsTable
+from darkmatter.report.cards import CARD_CSS
 from darkmatter.report.claims_section import claims_section
 from darkmatter.report.markup import Figures, esc, key_value_table
 from darkmatter.report.sections import SECTIONS
@@ -41,7 +42,7 @@ def render(
     parts = [
         "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
         "<title>sae-darkmatter report</title>",
-        f"<style>{CSS}</style></head><body>",
+        f"<style>{CSS}{CARD_CSS}</style></head><body>",
         "<h1>SAE dark matter report</h1>",
         "<p class='note'>How much of a language model's activations a sparse autoencoder fails to "
         "reconstruct, and how that error splits into linearly predictable and nonlinear parts "

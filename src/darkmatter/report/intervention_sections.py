@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from darkmatter.interp.autointerp import AutoInterpResult
+from darkmatter.report.cards import latent_cards
 from darkmatter.report.markup import Figures, esc, grid, images, p, pct, with_ci
 from darkmatter.study.steps.autointerp import AutoInterpStepResult
 from darkmatter.study.steps.downstream_ce import DownstreamResult
@@ -176,7 +178,10 @@ def _balanced(acc: float | None, lo: float | None, hi: float | None) -> str:
 def autointerp_section(res: AutoInterpStepResult, figs: Figures, run_dir: Path) -> str:
     rows = []
     weak, judge, constrained = False, "", False
-    for c, r in res.components.items():
+    scored: dict[str, AutoInterpResult] = {f"SAE on the {c} error": r for c, r in res.components.items()}
+    if res.sae_scores is not None:
+        scored[f"{res.sae} itself (sample)"] = res.sae_scores
+    for c, r in scored.items():
         s = r.summary
         weak = weak or r.weak_judge
         judge = str(r.judge.get("model", judge))
@@ -186,7 +191,7 @@ def autointerp_section(res: AutoInterpStepResult, figs: Figures, run_dir: Path) 
         fuzz = "off" if f is None else _balanced(f.balanced_accuracy, f.balanced_ci_low, f.balanced_ci_high)
         rows.append(
             [
-                f"{esc(c)} error",
+                esc(c),
                 str(s.n_latents),
                 str(len(r.skipped)),
                 _accuracy(s.deciles[-1]),
@@ -204,8 +209,10 @@ def autointerp_section(res: AutoInterpStepResult, figs: Figures, run_dir: Path) 
         "(Llama 3.1 70B as judge, 1000 latents per SAE): the SAE on the linear error is about 5 points more "
         "interpretable in every decile, e.g. Q10 0.70 vs 0.66, Q1 0.395 vs 0.365, negatives 0.77 vs 0.75. "
         "Fuzzing (balanced): the judge tells activating windows marked at the latent's tokens from the same "
-        "windows marked at random tokens (0.5 is chance). Each latent's explanation, scores and top windows "
-        "with per-token activations are in interp/latents-&lt;component&gt;.json."
+        "windows marked at random tokens (0.5 is chance). The last row, when present, scores a small seeded "
+        "sample of the split SAE's own latents alike, for reference (not part of Fig 8 or the claims). Each "
+        "latent's explanation, scores and top windows with per-token activations are in "
+        "interp/latents-&lt;component&gt;.json, and drawn as cards below."
     )
     if weak:
         how = (
@@ -222,7 +229,7 @@ def autointerp_section(res: AutoInterpStepResult, figs: Figures, run_dir: Path) 
     if res.error:
         text += f" <b>Stopped early: {esc(res.error)}</b>"
     header = [
-        "SAE on",
+        "latents of",
         "latents scored",
         "skipped",
         "Q10 (top decile)",
@@ -237,4 +244,5 @@ def autointerp_section(res: AutoInterpStepResult, figs: Figures, run_dir: Path) 
         + p(text)
         + grid(header, rows)
         + images(run_dir, figs)
+        + latent_cards(res, run_dir)
     )

@@ -423,9 +423,11 @@ def autointerp(env: Env, judge: ModelDims | None) -> Cost:
     ic = inp.cfg.error_saes.interp
     source, trained = _error_saes(env)
     tokens = inp.used_tokens
-    # examples: one pass over the store through the source SAE, its probe and each error SAE
+    # examples: one pass over the store through the source SAE, its probe and each error SAE, and one
+    # through the source SAE alone for its own sampled latents
     f_examples = tokens * sum(encode_flops(source) + 2.0 * inp.d**2 + encode_flops(s) for s in trained)
-    latents = (len(ic.latents) or ic.n_latents) * len(trained)
+    f_examples += tokens * encode_flops(source) * (ic.sae_latents > 0)
+    latents = (len(ic.latents) or ic.n_latents) * len(trained) + ic.sae_latents
     explain_prompt = 120 + ic.n_examples_explain * (ic.window + 8)
     tests = 10 * ic.n_per_decile + ic.n_negatives
     detect_prompts = ceil_div(tests, ic.batch_size)
@@ -452,7 +454,7 @@ def autointerp(env: Env, judge: ModelDims | None) -> Cost:
         flops=flops,
         seconds=seconds,
         groups=[[s.name for s in trained]],
-        passes=1,
+        passes=len(trained) + (ic.sae_latents > 0),
         device_bytes=held if env.cuda else 0,
         host_bytes=0 if env.cuda else held,
         uses_model=True,

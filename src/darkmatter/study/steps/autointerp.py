@@ -1,7 +1,9 @@
 """Auto-interpretability of the error SAEs' latents (Fig 8): explanations from top-activating windows,
 then detection scoring per activation decile and fuzzing, with a local model or an OpenAI-compatible
 endpoint as judge. Each component's latents are also written as JSON records to
-``interp/latents-<component>.json`` under the run folder (see ``darkmatter.interp.export``).
+``interp/latents-<component>.json`` under the run folder (see ``darkmatter.interp.export``). A small seeded
+sample of the split SAE's own latents (``interp.sae_latents``) is scored alike into
+``interp/latents-sae.json``, so the report's latent cards show them beside the error SAEs'.
 
 Every finished latent is cached, so a run stopped by an endpoint that went down keeps its partial result,
 finishes the rest of the study, and resumes where it stopped when run again.
@@ -9,10 +11,12 @@ finishes the rest of the study, and resumes where it stopped when run again.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from pydantic import Field
 
 from darkmatter.config.schema import StudyConfig
@@ -31,6 +35,7 @@ from darkmatter.interp.judges import Judge
 from darkmatter.lm.loading import load_lm, resolve_device
 from darkmatter.results import Result
 from darkmatter.sae import SAE
+from darkmatter.store import Batch
 from darkmatter.study.context import StudyContext
 from darkmatter.study.step import Step
 from darkmatter.study.steps.error_saes import ERROR_SAES, ErrorSAEsStepResult, load_error_saes
@@ -42,6 +47,18 @@ class AutoInterpStepResult(Result):
     sae: str = Field(description="The SAE whose error components the scored SAEs were trained on.")
     components: dict[str, AutoInterpResult] = Field(description="Component -> its latents' scores.")
     latents: dict[str, list[int]] = Field(description="Component -> latents asked for.")
+    sae_latents: list[int] = Field(
+        default_factory=list, description="Latents of the split SAE itself asked for (interp.sae_latents)."
+    )
+    sae_scores: AutoInterpResult | None = Field(
+        default=None,
+        description="The split SAE's own sampled latents, scored alike (not part of Fig 8 or the claims); "
+        "None when none were asked for.",
+    )
+
+
+SAE_ITSELF = "sae"
+"""The label of the split SAE's own latents: their records are ``interp/latents-sae.json``."""
 
 
 class AutoInterpStep(Step[AutoInterpStepResult]):
@@ -62,13 +79,26 @@ class AutoInterpStep(Step[AutoInterpStepResult]):
         name = ctx.result(ERROR_SAES.name, ErrorSAEsStepResult).sae_name
         trained = load_error_saes(ctx)
         chosen = {c: sample_latents(ctx, s.cfg.d_sae, c) for c, s in trained.items()}
+        sae = ctx.saes[name]
+        own = sample_sae_latents(ctx, sae.cfg.d_sae)
         judge = make_judge(ctx)
-        res = AutoInterpStepResult(sae=name, components={}, latents=chosen)
-        for component, error_sae in trained.items():
+        res = AutoInterpStepResult(sae=name, components={}, latents=chosen, sae_latents=own)
+        for component in [*trained, *([SAE_ITSELF] if own else [])]:
             try:
-                scored = _score(
-                    ctx, ctx.saes[name], ctx.probe(name), error_sae, component, chosen[component], judge, name
-                )
+                if component == SAE_ITSELF:
+                    acts_fn, d_sae, latents = sae_activations_fn(sae, own), sae.cfg.d_sae, own
+                else:
+                    d_sae, latents = trained[component].cfg.d_sae, chosen[component]
+                    acts_fn = component_activations_fn(
+                        sae,
+                        ctx.probe(name),
+                        trained[component],
+                        component,
+                        latents,
+                        device=ctx.device,
+                        dtype=ctx.sae_dtype,
+                    )
+                scored = _score(ctx, sae, acts_fn, d_sae, component, latents, judge, name)
             except EndpointError as exc:
                 ctx.log(f"autointerp ({component}): {exc}")
                 res.error = (
@@ -76,11 +106,15 @@ class AutoInterpStep(Step[AutoInterpStepResult]):
                     "the remaining latents (finished ones are cached)."
                 )
                 break
-            res.components[component] = scored
+            if component == SAE_ITSELF:
+                res.sae_scores = scored
+            else:
+                res.components[component] = scored
             s, f = scored.summary, scored.fuzzing
             fuzz = "" if f is None else f", fuzzing {_fmt(f.balanced_accuracy)}"
+            what = f"{name} itself" if component == SAE_ITSELF else f"{component} error"
             ctx.log(
-                f"autointerp ({component} error): {s.n_latents} latents scored, balanced accuracy "
+                f"autointerp ({what}): {s.n_latents} latents scored, balanced accuracy "
                 f"{_fmt(s.balanced_accuracy)}{fuzz}, {len(scored.skipped)} skipped; latent records in "
                 f"{_records_path(ctx, component)}"
             )
@@ -98,6 +132,9 @@ class AutoInterpStep(Step[AutoInterpStepResult]):
             if v.fuzzing is not None and v.fuzzing.balanced_accuracy is not None
         ]
         head = "detection " + (", ".join(bal) if bal else "unscored (judge answers unparsed)")
+        own = result.sae_scores
+        if own is not None and own.summary.balanced_accuracy is not None:
+            head += f", SAE itself {own.summary.balanced_accuracy:.2f}"
         return head + (f"; fuzzing {', '.join(fuzz)}" if fuzz else "")
 
 
@@ -113,23 +150,22 @@ def _records_path(ctx: StudyContext, component: str) -> Path:
 def _score(
     ctx: StudyContext,
     sae: SAE,
-    probe: Any,
-    error_sae: SAE,
+    activations_fn: Callable[[Batch], torch.Tensor],
+    d_sae: int,
     component: str,
     latents: list[int],
     judge: Judge,
     sae_name: str = "",
 ) -> AutoInterpResult:
-    """Examples of each latent from the store, then explanations, detection and fuzzing from the judge;
-    the latents' records are written to ``_records_path`` (also when all came from the cache)."""
+    """Examples of each latent (of ``d_sae``, by ``activations_fn`` on ``sae``'s site) from the store, then
+    explanations, detection and fuzzing from the judge; the latents' records are written to
+    ``_records_path`` (also when all came from the cache)."""
     icfg = ctx.cfg.error_saes.interp
     examples = collect_examples(
         ctx.store,
-        component_activations_fn(
-            sae, probe, error_sae, component, latents, device=ctx.device, dtype=ctx.sae_dtype
-        ),
+        activations_fn,
         latents,
-        d_sae=error_sae.cfg.d_sae,
+        d_sae=d_sae,
         n_top=icfg.n_examples_explain,
         n_per_decile=icfg.n_per_decile,
         n_negatives=icfg.n_negatives,
@@ -163,7 +199,7 @@ def _score(
         "sae": sae_name,
         "site": str(sae.cfg.hook_site),
         "component": component,
-        "d_sae": error_sae.cfg.d_sae,
+        "d_sae": d_sae,
     }
     write_latent_records(_records_path(ctx, component), latent_records(result, examples, decode, meta))
     return result
@@ -187,6 +223,47 @@ def sample_latents(ctx: StudyContext, d_sae: int, component: str) -> list[int]:
         )
     rng = np.random.default_rng([ctx.cfg.seed, 7])
     return sorted(rng.choice(d_sae, size=icfg.n_latents, replace=False).tolist())
+
+
+def sample_sae_latents(ctx: StudyContext, d_sae: int) -> list[int]:
+    """A seeded sample of ``interp.sae_latents`` of the split SAE's ``d_sae`` latents (sorted)."""
+    n = ctx.cfg.error_saes.interp.sae_latents
+    if n > d_sae:
+        raise ConfigError(
+            f"error_saes.interp.sae_latents={n} asks for more latents than the split SAE has ({d_sae}); "
+            "lower it."
+        )
+    rng = np.random.default_rng([ctx.cfg.seed, 11])
+    return sorted(rng.choice(d_sae, size=n, replace=False).tolist())
+
+
+PRE_ACTIVATION_ELEMENTS = 1 << 26
+"""Largest ``[tokens, d_sae]`` pre-activation block ``sae_activations_fn`` encodes at once (256 MiB)."""
+
+
+def sae_activations_fn(sae: SAE, latents: Sequence[int]) -> Callable[[Batch], torch.Tensor]:
+    """A function from a store batch to ``[n, len(latents)]`` float32 host activations of ``sae``'s
+    chosen latents, encoded (sparsely, on the SAE's device) from ``batch.acts[sae.cfg.hook_site]``."""
+    site = sae.cfg.hook_site
+    if site is None:
+        raise ConfigError("The SAE names no hook site, so its activations cannot be found in a batch.")
+    ids = torch.as_tensor(list(latents), dtype=torch.long)
+    slot_of = torch.full((sae.cfg.d_sae,), -1, dtype=torch.long)
+    slot_of[ids] = torch.arange(ids.numel())
+    chunk = max(1, PRE_ACTIVATION_ELEMENTS // sae.cfg.d_sae)
+
+    @torch.no_grad()
+    def activations(batch: Batch) -> torch.Tensor:
+        codes = sae.encode_sparse(batch.acts[site], chunk_size=chunk)
+        idx, vals = codes.indices.cpu(), codes.values.cpu().to(torch.float32)
+        slot = slot_of[idx]  # [n, m]: column of each active latent in the output, -1 when not chosen
+        hit = (slot >= 0) & (vals != 0)
+        out = torch.zeros(idx.shape[0], ids.numel())
+        rows = torch.arange(idx.shape[0])[:, None].expand_as(idx)
+        out[rows[hit], slot[hit]] = vals[hit]
+        return out
+
+    return activations
 
 
 def make_judge(ctx: StudyContext) -> Judge:
