@@ -235,9 +235,9 @@ class ActivationStore:
         self._record([entry])
 
     def _record(self, entries: list[dict[str, Any]]) -> None:
-        indices = {e["index"] for e in entries}
+        new = {int(e["index"]): e for e in entries}  # one entry per shard (the last one written)
         self.manifest["shards"] = sorted(
-            [s for s in self.manifest["shards"] if s["index"] not in indices] + entries,
+            [s for s in self.manifest["shards"] if s["index"] not in new] + list(new.values()),
             key=lambda s: s["index"],
         )
         self.manifest["complete"] = len(self.manifest["shards"]) == self.n_shards
