@@ -574,6 +574,31 @@ def test_saved_batchtopk_is_a_saelens_jumprelu_with_per_latent_threshold(tmp_pat
     assert cfg["metadata"]["hook_name"] == "blocks.3.hook_resid_post"
 
 
+def test_saves_declare_a_v6_config_so_saelens_keeps_the_names(tmp_path: Path) -> None:
+    # SAELens reads a cfg.json without metadata.sae_lens_version >= 6 as pre-6 and drops the nested names
+    write_saelens(tmp_path / "old", v6=False, extra_cfg={"sae_lens_version": "3.1.0"})
+    write_saelens(
+        tmp_path / "new",
+        extra_cfg={"metadata": {"hook_name": "blocks.3.hook_resid_post", "sae_lens_version": "6.18.0"}},
+    )
+    for src, version in (("old", "6.0.0"), ("new", "6.18.0")):
+        out = save_sae(load_sae(tmp_path / src), tmp_path / f"{src}-saved")
+        meta = json.loads((out / "cfg.json").read_text())["metadata"]
+        assert meta["sae_lens_version"] == version
+        assert meta["hook_name"] == "blocks.3.hook_resid_post"
+        assert meta["model_name"] == ("tiny-model" if src == "old" else None)
+
+
+def test_a_model_name_with_a_note_is_saved_as_its_id_and_restored(tmp_path: Path) -> None:
+    sae = load_sae(BUILDERS["sparsify"](tmp_path))
+    sae.cfg.model_name = "HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized to fp32)"
+    out = save_sae(sae, tmp_path / "out")
+    assert json.loads((out / "cfg.json").read_text())["metadata"]["model_name"] == (
+        "HuggingFaceTB/SmolLM2-135M-Instruct"
+    )
+    assert load_sae(out).cfg.model_name == sae.cfg.model_name
+
+
 def test_saving_onto_a_file_is_a_format_error(tmp_path: Path) -> None:
     sae = load_sae(BUILDERS["sparsify"](tmp_path))
     (tmp_path / "taken").write_text("not a folder")

@@ -8,8 +8,9 @@ Local copies of hub files (for offline runs of the paper presets):
 - ``--set model.name=DIR``: a local Hugging Face model folder (config.json, weights, tokenizer).
 - ``--set text.source=PATH``: a .jsonl file (one ``{"text": ...}`` per line; .jsonl.gz and .jsonl.zst too),
   a folder of them, or plain text (see ``darkmatter.text``).
-- ``--set family.external_root=DIR``: an external SAE ``owner/repo:sub/folder`` is read from
-  ``DIR/repo/sub/folder`` (the layout of a hub download of the repo into ``DIR/repo``).
+- ``--set family.external_root=DIR``: an external SAE ``owner/repo:sub/folder`` (or a SAELens release id
+  naming that folder) is read from ``DIR/repo/sub/folder`` (the layout of a hub download into ``DIR/repo``).
+  Without it, a copy in the Hugging Face cache is used when there is one.
 - ``--set family.external_paths.NAME=PATH``: one SAE, by name, from anywhere; wins over the root.
 - ``--set 'family.external_only=["NAME", ...]'``: load only some of the SAEs (e.g. leave out the widest).
 Offline (no ``--online``), a study that still names something to download stops with an error listing it.
@@ -21,12 +22,23 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SerializerFunctionWrapHandler,
+    model_serializer,
+    model_validator,
+)
 
 from darkmatter.errors import ConfigError, HookSiteError
 from darkmatter.harvest import HarvestConfig
 from darkmatter.hashing import stable_hash
 from darkmatter.lm.sites import parse_site
+from darkmatter.sae import releases
+from darkmatter.sae.releases import ReleaseSAE
 from darkmatter.sae.train import SAESpec, TrainConfig
 from darkmatter.sae.train_logs import LoggingConfig
 from darkmatter.stats.split import Split
@@ -80,14 +92,64 @@ class ModelConfig(BaseModel):
 
 
 class ExternalSAE(BaseModel):
-    """An SAE loaded from disk (or the hub when online) instead of being trained."""
+    """An SAE loaded from disk (or the hub when online) instead of being trained: by ``path``, or by its
+    SAELens name (``release`` + ``sae_id``, see ``darkmatter.sae.releases``)."""
 
     model_config = ConfigDict(extra="forbid")
     name: SafeName = Field(description="Name used in results, figures and file names.")
-    path: str = Field(description="Local folder/file, or a hub 'repo_id:subfolder' when online.")
+    path: str | None = Field(
+        None, description="Local folder/file, or a hub 'repo_id:subfolder'; or give release and sae_id."
+    )
+    release: str | None = Field(
+        None, description="SAELens release, e.g. gemma-scope-2b-pt-res-canonical (with sae_id, not path)."
+    )
+    sae_id: str | None = Field(None, description="SAE id in the release, e.g. layer_12/width_16k/canonical.")
     format: SAEFormatName | None = Field(None, description="Format name; auto-detected when empty.")
     hookpoint: str | None = Field(None, description="Sub-folder for multi-hookpoint sparsify folders.")
     site: SiteName | None = Field(None, description="Hook site; overrides what the SAE's config says.")
+    _local: str | None = PrivateAttr(None)  # a release's local copy named by external_paths / external_root
+
+    @model_validator(mode="after")
+    def _one_form(self) -> ExternalSAE:
+        named = self.release is not None or self.sae_id is not None
+        if self.path is not None and named:
+            raise ValueError(
+                f"external SAE {self.name!r} gives both path and release/sae_id; give one of the two forms"
+            )
+        if self.path is None and not (self.release and self.sae_id):
+            raise ValueError(
+                f"external SAE {self.name!r} needs path, or release and sae_id together (e.g. release="
+                "'gemma-scope-2b-pt-res-canonical', sae_id='layer_12/width_16k/canonical')"
+            )
+        if named:
+            try:
+                self.named()
+            except ConfigError as err:
+                raise ValueError(str(err)) from None
+        return self
+
+    @model_serializer(mode="wrap")
+    def _dump_one_form(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """Leave out the unused form's empty fields, so path-form entries dump (and hash) as before."""
+        data: dict[str, Any] = handler(self)
+        for key in ("path", "release", "sae_id"):
+            if data.get(key, "") is None:
+                del data[key]
+        return data
+
+    def named(self) -> ReleaseSAE | None:
+        """The release entry this SAE is named by (None for the path form)."""
+        if self.release is None or self.sae_id is None:
+            return None
+        return releases.resolve(self.release, self.sae_id)
+
+    @property
+    def location(self) -> str:
+        """Where to load it from: the path (or, for a release, its local copy from external_paths or
+        external_root, else ``repo:folder``), replaced by the Hugging Face cache's copy of a hub path."""
+        named = self.named()
+        spec = self.path or self._local or (named.hub_spec if named else "")
+        return releases.local_path(spec)
 
 
 _HUB_SUBFOLDER = re.compile(r"^[A-Za-z0-9][\w.-]*/(?P<repo>[\w.-]+):(?P<sub>.+)$")
@@ -120,7 +182,7 @@ class FamilyConfig(BaseModel):
     external_root: str | None = Field(
         None,
         description="Local folder holding hub SAEs as <repo name>/<subfolder>: every external path "
-        "'owner/repo:subfolder' is read from <external_root>/repo/subfolder instead.",
+        "'owner/repo:subfolder' (or release naming one) is read from <external_root>/repo/subfolder instead.",
     )
     external_paths: dict[str, str] = Field(
         default_factory=dict, description="External SAE name -> local path; wins over external_root."
@@ -143,10 +205,15 @@ class FamilyConfig(BaseModel):
                 raise ValueError(f"{option} names {unknown} are not external SAEs; known: {names}")
         self.external = [e for e in self.external if e.name in kept]
         for e in self.external:
-            if e.name in paths:
-                e.path = paths[e.name]
-            elif self.external_root and (m := _HUB_SUBFOLDER.match(e.path)):
-                e.path = str(Path(self.external_root).expanduser() / m.group("repo") / m.group("sub"))
+            named = e.named()
+            spec = named.hub_spec if named else e.path
+            local = paths.get(e.name)
+            if local is None and self.external_root and spec and (m := _HUB_SUBFOLDER.match(spec)):
+                local = str(Path(self.external_root).expanduser() / m.group("repo") / m.group("sub"))
+            if local is not None and named:
+                e._local = local
+            elif local is not None:
+                e.path = local
         return self
 
     def specs(self, layer: int) -> list[SAESpec]:
@@ -462,10 +529,10 @@ class StudyConfig(BaseModel):
             missing.append(f"model.name {name!r}")
         if self.text.source.startswith("hf:"):
             missing.append(f"text.source {self.text.source!r}")
-        saes = [e for e in self.family.external if not Path(e.path).expanduser().exists()]
+        saes = [e for e in self.family.external if not Path(e.location).expanduser().exists()]
         if saes:
             missing.append(
-                f"{len(saes)} of family.external ({', '.join(repr(e.path) for e in saes[:2])}"
+                f"{len(saes)} of family.external ({', '.join(repr(e.location) for e in saes[:2])}"
                 + (", ...)" if len(saes) > 2 else ")")
             )
         return missing
@@ -482,7 +549,8 @@ class StudyConfig(BaseModel):
             f"{'; '.join(missing)}. Pass "
             "--online to download them, or point at local copies: --set model.name=DIR, --set "
             "text.source=FILE_OR_DIR (.jsonl or .txt), --set family.external_root=DIR (holding "
-            "<repo name>/<subfolder> folders) or --set family.external_paths.NAME=DIR."
+            "<repo name>/<subfolder> folders) or --set family.external_paths.NAME=DIR; a copy in the "
+            "Hugging Face cache is found without either."
         )
 
     def section(self, name: str) -> Any:

@@ -11,6 +11,7 @@ from pydantic import BaseModel, Field
 
 from darkmatter.config.schema import ExternalSAE, StudyConfig
 from darkmatter.errors import ShapeError
+from darkmatter.lm.loading import network_allowed
 from darkmatter.results import Result
 from darkmatter.sae import SAE, load_sae
 from darkmatter.sae.train import TrainingPoint
@@ -134,14 +135,17 @@ def load_external_one(
 ) -> SAE:
     """One configured external SAE on ``device`` in ``dtype``, with its site override, checked against the
     store."""
+    named = ext.named()
     sae = load_sae(
-        ext.path,
-        format=ext.format,
+        ext.location,
+        format=ext.format or (named.format if named else None),
         hookpoint=ext.hookpoint,
-        online=cfg.model.online,
+        online=cfg.model.online or network_allowed(),
         device=device,
         dtype=dtype,
     )
+    if named is not None:
+        sae.cfg.metadata.update(release=named.release, sae_id=named.sae_id)
     if ext.site:
         sae.cfg.hook_site = ext.site
     if sae.cfg.hook_site not in store.sites:
@@ -151,7 +155,7 @@ def load_external_one(
         )
     if sae.cfg.d_in != store.d[sae.cfg.hook_site]:
         raise ShapeError(
-            f"SAE {ext.name!r} ({ext.path}) reads vectors of width {sae.cfg.d_in}, but the model's "
+            f"SAE {ext.name!r} ({ext.location}) reads vectors of width {sae.cfg.d_in}, but the model's "
             f"{sae.cfg.hook_site} has width {store.d[sae.cfg.hook_site]}: the SAE belongs to another "
             "model; check model.name and the SAE's path."
         )

@@ -64,10 +64,10 @@ def _check_layers(cfg: StudyConfig, shape: ModelShape) -> None:
 
 def _check_external_widths(cfg: StudyConfig, shape: ModelShape) -> None:
     for ext in cfg.family.external:
-        width = peek_width(ext.path, hookpoint=ext.hookpoint)
+        width = peek_width(ext.location, hookpoint=ext.hookpoint)
         if width is not None and width != shape.d_model:
             raise ShapeError(
-                f"SAE {ext.name!r} ({ext.path}) reads vectors of width {width}, but the model "
+                f"SAE {ext.name!r} ({ext.location}) reads vectors of width {width}, but the model "
                 f"{cfg.model.name!r} has width {shape.d_model}: the SAE belongs to another model; check "
                 "model.name and the SAE's path."
             )

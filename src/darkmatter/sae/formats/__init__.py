@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from darkmatter.errors import DarkMatterError, SAEFormatError
+from darkmatter.sae import releases
 from darkmatter.sae.formats import dictionary_learning, gemma_scope, llama_scope, openai, saelens, sparsify
 from darkmatter.sae.formats._common import (
     LLAMA_SCOPE_WEIGHTS,
@@ -24,7 +25,8 @@ from darkmatter.sae.formats._common import (
     check_plausible,
     one_line,
 )
-from darkmatter.sae.model import SAE, parse_dtype
+from darkmatter.sae.model import SAE, SAEConfig, parse_dtype
+from darkmatter.sae.releases import ReleaseSAE
 
 FORMATS: dict[str, SAEFormat] = {
     fmt.name: fmt
@@ -125,21 +127,34 @@ def _pick(path: Path, fmt_name: str | None, hookpoint: str | None) -> tuple[Path
     return target, fmt
 
 
-def _resolve(spec: str | Path, online: bool) -> Path:
-    """A local path, or a Hub snapshot of ``owner/name[:subfolder]`` when ``online``."""
+def _resolve(spec: str | Path, online: bool) -> tuple[Path, ReleaseSAE | None]:
+    """A local path; else ``RELEASE/SAE_ID`` or ``owner/name[:subfolder]`` from the Hugging Face cache, or
+    downloaded when ``online``. Also returns the release the spec named, if any."""
     path = Path(spec).expanduser()
     if path.exists():
-        return path
+        return path, None
     text = str(spec)
-    if not _REPO_ID.match(text):
-        raise SAEFormatError(f"{text}: no such file or folder.")
-    if not online:
-        raise SAEFormatError(
-            f"{text} is not a local path. If it is a Hugging Face Hub repo id ('owner/name' or "
-            f"'owner/name:subfolder'), pass online=True (CLI: --online) to download it; darkmatter stays "
-            f"offline unless asked."
-        )
-    return _download(text)
+    named = releases.parse(text)
+    hub = named.hub_spec if named else text
+    if named is None and not _REPO_ID.match(text):
+        near = releases.near_release(text)
+        hint = f" Did you mean a SAELens release: {near}? (RELEASE/SAE_ID)" if near else ""
+        raise SAEFormatError(f"{text}: no such file or folder.{hint}")
+    cached = releases.hub_copy(hub)
+    if cached is not None:
+        return cached, named
+    if online:
+        return _download(hub), named
+    repo_id, _, folder = hub.partition(":")
+    where = releases.cache_folder(repo_id) / "snapshots" / "<revision>" / folder
+    what = f"{text} is not a local path"
+    if named:
+        what = f"{text} names folder {folder!r} of hub repo {repo_id!r}"
+    raise SAEFormatError(
+        f"{what}, and the Hugging Face cache holds no copy ({where}). Pass online=True (CLI: --online, or "
+        f"DARKMATTER_ONLINE=1) to download it from the Hugging Face Hub, put a copy there, or pass the path "
+        f"of a local copy; darkmatter stays offline unless asked."
+    )
 
 
 def _download(text: str) -> Path:
@@ -175,15 +190,27 @@ def load_sae(
     """Load any supported SAE as the canonical ``SAE``.
 
     ``format=None`` auto-detects; ``hookpoint`` picks a sub-folder of a multi-SAE folder (sparsify runs,
-    OpenAI ``autoencoders/``); ``dtype=None`` keeps the stored dtype. A path that does not exist is treated as
-    a Hugging Face repo id (``owner/name[:subfolder]``) only when ``online=True``.
+    OpenAI ``autoencoders/``); ``dtype=None`` keeps the stored dtype. A path that does not exist is read as a
+    SAELens name ``RELEASE/SAE_ID`` (``darkmatter.sae.releases``) or a Hugging Face repo id
+    (``owner/name[:subfolder]``): from the Hugging Face cache when it holds a copy, else downloaded only
+    when ``online=True``.
     """
-    local = _resolve(path, online)
-    target, fmt = _pick(local, format, hookpoint)
+    local, named = _resolve(path, online)
+    target, fmt = _pick(local, format or (named.format if named else None), hookpoint)
     try:
-        return _build(fmt.load(target), parse_dtype(dtype), device)
+        converted = fmt.load(target)
+        if named is not None:
+            _name_release(converted.cfg, named)
+        return _build(converted, parse_dtype(dtype), device)
     except DarkMatterError as err:
         raise type(err)(one_line(f"Cannot load {target} as {fmt.name}: {err}", 2000)) from err
+
+
+def _name_release(cfg: SAEConfig, named: ReleaseSAE) -> None:
+    """Record the SAELens name the SAE was loaded by (kept through saves), and its model when unknown."""
+    cfg.metadata.update(release=named.release, sae_id=named.sae_id)
+    if cfg.model_name is None:
+        cfg.model_name = named.model
 
 
 def save_sae(sae: SAE, path: str | Path) -> Path:

@@ -10,11 +10,14 @@ the folder, so without it loading fails with instructions). Gated SAEs and trans
 
 Saving writes the v6 layout with the input scale folded in (SAELens has no in-folder scalar), BatchTopK as
 JumpReLU with a per-latent threshold (as SAELens does), and our own fields under ``metadata.darkmatter`` so a
-round trip restores the config exactly.
+round trip restores the config exactly. SAELens 6.x reads a config as v6 only when
+``metadata.sae_lens_version`` is at least 6.0; without it, it rebuilds ``metadata`` from top-level keys and
+loses ``hook_name`` and ``model_name``. So every save states a v6 version (the source's own when it has one).
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,7 +53,10 @@ from darkmatter.sae.formats._common import (
 )
 from darkmatter.sae.model import SAE, SAEConfig, dtype_name
 
+SAELENS_FORMAT_VERSION = "6.0.0"
+"""The ``metadata.sae_lens_version`` our saves declare when the SAE carries no v6 version of its own."""
 _ACTIVATIONS = {"standard": "relu", "jumprelu": "jumprelu", "topk": "topk"}
+_NOTED_NAME = re.compile(r"^(\S+) \(.+\)$")
 _SAVE_ARCHITECTURE = {"relu": "standard", "jumprelu": "jumprelu", "batchtopk": "jumprelu", "topk": "topk"}
 _NORMALIZE = {"none": "none", "layer_norm": "layer_norm", "constant_norm_rescale": "constant_norm_rescale"}
 # Metadata keys that describe the loaded folder itself; not carried into a new save.
@@ -219,6 +225,9 @@ def load(path: Path) -> Converted:
     tensors = _tensors(spec, activation, raw, path / SAELENS_WEIGHTS)
     mine = cfg["metadata"].get("darkmatter") if is_v6 else None
     metadata, k = _metadata(spec, cfg, path, mine)
+    model_name = spec.model_name
+    if isinstance(mine, dict) and mine.get("model_name") is not None:
+        model_name = as_name(mine["model_name"], "metadata.darkmatter.model_name", src)
     if isinstance(mine, dict) and mine.get("activation") == "batchtopk" and activation == "jumprelu":
         activation = "batchtopk"  # saved by us from a BatchTopK SAE: same tensors, same function
     site = canonical_hook_site(spec.hook_name)
@@ -231,7 +240,7 @@ def load(path: Path) -> Converted:
         input_scale=input_scale,
         normalize=normalize,
         hook_site=site,
-        model_name=spec.model_name,
+        model_name=model_name,
         source_format="saelens",
         metadata={**site_metadata(spec.hook_name, site), **metadata},
     )
@@ -289,19 +298,41 @@ def _v6_config(sae: SAE) -> dict[str, Any]:
     if architecture == "topk":
         cfg["k"] = c.k
         cfg["rescale_acts_by_decoder_norm"] = False
+    kept = dict(c.metadata.get("saelens") or {})
+    model_name = _plain_model_name(c.model_name)
+    mine: dict[str, Any] = {
+        "version": __version__,
+        "source_format": c.metadata.get("converted_from") or c.source_format,
+        "activation": c.activation,
+        "k": c.k,
+        "metadata": own,
+    }
+    if model_name != c.model_name:
+        mine["model_name"] = c.model_name
     cfg["metadata"] = {
-        **dict(c.metadata.get("saelens") or {}),
-        "model_name": c.model_name,
+        **kept,
+        "model_name": model_name,
         "hook_name": c.hook_site or c.metadata.get("source_hook_name"),
-        "darkmatter": {
-            "version": __version__,
-            "source_format": c.metadata.get("converted_from") or c.source_format,
-            "activation": c.activation,
-            "k": c.k,
-            "metadata": own,
-        },
+        "sae_lens_version": _v6_version(kept.get("sae_lens_version")),
+        "darkmatter": mine,
     }
     return cfg
+
+
+def _v6_version(version: Any) -> str:
+    """``version`` when it names SAELens 6 or later, else the version our saves declare."""
+    major = str(version or "").split(".", 1)[0]
+    return str(version) if major.isdigit() and int(major) >= 6 else SAELENS_FORMAT_VERSION
+
+
+def _plain_model_name(name: str | None) -> str | None:
+    """The model id without a trailing note: ``org/model (Q4_1 GGUF, ...)`` -> ``org/model``.
+
+    SAELens hands ``metadata.model_name`` to the model loader, so it must be an id, not a description.
+    """
+    if name and (match := _NOTED_NAME.match(name)):
+        return match.group(1)
+    return name
 
 
 FORMAT = SAEFormat(

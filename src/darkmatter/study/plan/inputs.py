@@ -99,8 +99,8 @@ def family_saes(cfg: StudyConfig, dims: ModelDims) -> list[PlannedSAE]:
         ]
     out = []
     for e in cfg.family.external:
-        width, source = external_width(e.path, d, e.hookpoint)
-        m = _L0.search(e.path)
+        width, source = external_width(e.location, d, e.hookpoint)
+        m = _L0.search(e.location)
         k = int(m.group(1)) if m else cfg.family.k
         site = e.site or cfg.main_site
         out.append(PlannedSAE(e.name, site, d, width, k, source))

@@ -154,9 +154,9 @@ def _external_records(ctx: StudyContext) -> list[SAERecord]:
     records: list[SAERecord] = []
     group: dict[str, SAE] = {}
     used = 0
-    paths = {e.name: e.path for e in ctx.cfg.family.external}
+    paths = {e.name: e.location for e in ctx.cfg.family.external}
     for ext in ctx.cfg.family.external:
-        estimate = _bytes_on_disk(Path(ext.path).expanduser())
+        estimate = _bytes_on_disk(Path(paths[ext.name]).expanduser())
         if group and used + estimate > capacity:
             records += _records(ctx, group, paths, {})
             group, used = {}, 0
