@@ -10,11 +10,18 @@ import numpy as np
 
 from darkmatter.experiments import powerlaw
 from darkmatter.experiments.decomposition import Decomposition
+from darkmatter.ranks import SINGLE, Ranks
 from darkmatter.stats.jackknife import jackknife_interval
 
 
 def scaling_law(
-    dec: Decomposition, width_sweep: list[str], site: str, *, seed: int, n_boot: int = 200
+    dec: Decomposition,
+    width_sweep: list[str],
+    site: str,
+    *,
+    seed: int,
+    n_boot: int = 200,
+    ranks: Ranks = SINGLE,
 ) -> tuple[dict[str, Any] | None, float | None, list[float] | None]:
     """(power-law bootstrap, mean FVU_nonlinear over the sweep, its 95% bootstrap interval).
 
@@ -39,5 +46,6 @@ def scaling_law(
     fit: dict[str, Any] | None = None
     if len(set(widths)) >= 3:
         sse = np.stack([ctx.sse[n][keep] for n in width_sweep])
-        fit = powerlaw.bootstrap_power_law(widths, sse, *args, n_boot=n_boot, seed=seed).to_dict()
+        boot = powerlaw.bootstrap_power_law(widths, sse, *args, n_boot=n_boot, seed=seed, ranks=ranks)
+        fit = boot.to_dict()
     return fit, nl_mean, [float(lo), float(hi)]

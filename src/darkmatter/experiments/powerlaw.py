@@ -31,6 +31,7 @@ from darkmatter.experiments.bootstrap import (
     pooled_ratio,
     resample_contexts,
 )
+from darkmatter.ranks import SINGLE, Ranks
 
 __all__ = [
     "BootstrapEstimate",
@@ -347,13 +348,16 @@ def bootstrap_power_law(
     ci: float = 0.95,
     weights: ArrayLike | None = None,
     n_restarts: int = 4,
+    ranks: Ranks = SINGLE,
 ) -> PowerLawBootstrap:
     """Fit the power law to the full-data FVUs and refit it to each context resample.
 
     widths: [n_sae]; sse_per_context: [n_sae, n_ctx]; the other sums as in `pooled_ratio`. Each refit
     starts from the profile grid, the full-data optimum and `n_restarts` seeded points (fewer than
     `fit_power_law`'s default: the warm start lies next to the resample's optimum). All refits use the
-    same restart seed, so the result is a deterministic function of the inputs and `seed`.
+    same restart seed, so the result is a deterministic function of the inputs and `seed`. ``ranks``: under
+    torchrun each rank refits its share of the resamples (every rank must call this; the result is the
+    same on every rank and equals the one-process result).
     """
     check_config(n_boot, ci)
     sums = (sum_x_per_context, sum_sq_x_per_context, n_per_context)
@@ -366,8 +370,13 @@ def bootstrap_power_law(
     point = bootstrap_fvu(sse, *sums, multiplicities=full_data(sse.shape[1]))[0]  # [n_sae]
     fit = fit_power_law(widths, point, weights=weights, seed=seed)
     boot = bootstrap_fvu(sse, *sums, n_boot=n_boot, seed=seed)  # [n_boot, n_sae]
-    refits = [_fit(widths, row, weights, n_restarts, seed, warm=fit) for row in boot]
-    cam = np.array([[f.c, f.a, f.m] for f in refits])  # [n_boot, 3]
+
+    def refit(i: int) -> list[float]:
+        f = _fit(widths, boot[i], weights, n_restarts, seed, warm=fit)
+        return [f.c, f.a, f.m, float(f.converged)]
+
+    refits = ranks.rows(len(boot), 4, refit)
+    cam = refits[:, :3]  # [n_boot, 3]
     c, a, m = (BootstrapEstimate.from_samples(v, cam[:, k], ci) for k, v in enumerate((fit.c, fit.a, fit.m)))
     return PowerLawBootstrap(
         widths=tuple(float(w) for w in np.ravel(widths)),
@@ -377,7 +386,7 @@ def bootstrap_power_law(
         m=m,
         fvu=tuple(BootstrapEstimate.from_samples(point[j], boot[:, j], ci) for j in range(point.size)),
         samples=tuple((float(r[0]), float(r[1]), float(r[2])) for r in cam),
-        n_converged=sum(f.converged for f in refits),
+        n_converged=int(refits[:, 3].sum()),
         n_boot=n_boot,
         ci=ci,
         seed=seed,

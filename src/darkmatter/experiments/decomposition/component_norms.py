@@ -146,12 +146,18 @@ class ComponentNorms:
         if not replicates_fit(self.moments[(site, "train")], self.moments[(site, "test")]):
             return
         names = self.plan.groups[site]
-        replicates: dict[str, dict[str, list[float]]] = {n: {} for n in names}
-        for b in range(self.plan.blocks(site)):
+        quantities = list(NORM_TEST_QUANTITIES)
+
+        def replicate(b: int) -> list[float]:
             train, test = self._total(site, "train", b), self._total(site, "test", b)
-            for n in names:
-                for q, r2 in _norm_test(train, test, n).items():
-                    replicates[n].setdefault(q, []).append(r2)
+            return [r2 for n in names for r2 in (_norm_test(train, test, n)[q] for q in quantities)]
+
+        # under torchrun each rank refits its share of the blocks (the moments are the same on every rank)
+        table = self.plan.ranks.rows(self.plan.blocks(site), len(names) * len(quantities), replicate)
+        replicates = {
+            n: {q: table[:, i * len(quantities) + j].tolist() for j, q in enumerate(quantities)}
+            for i, n in enumerate(names)
+        }
         for n in names:
             st = stats[n]
             for q, values in replicates[n].items():

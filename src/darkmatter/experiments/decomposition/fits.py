@@ -79,19 +79,30 @@ def jackknife_error_stats(plan: EnginePlan, sums: ErrorMoments, stats: dict[str,
     if not replicates_fit(sums.moments[(site, "train")], sums.moments[(site, "test")]):
         return  # too few tokens to refit the probes without a block: no intervals
     names = plan.groups[site]
-    replicates: dict[str, dict[str, list[float]]] = {n: {k: [] for k in JACKKNIFED} for n in names}
-    for b in range(plan.blocks(site)):
+
+    def replicate(b: int) -> list[float]:
+        """Block ``b`` left out: per SAE, the ``JACKKNIFED`` numbers, in order."""
         train, test = sums.total(site, "train", without=b), sums.total(site, "test", without=b)
         var_x = test.total_variance_x()
         fits = fit_ridge_many(train, [f"{n}:e" for n in names], bias=True)
         kept = _contexts_outside(plan, site, b)
+        row: list[float] = []
         for n in names:
             ev = evaluate(fits[f"{n}:e"], test, f"{n}:e")
-            rep = replicates[n]
-            rep["fvu"].append(float(sums.contexts[site].sse[n][kept].sum()) / var_x)
-            rep["fvu_nonlinear"].append(fvu_with_pred(ev, var_x))
-            rep["vector_r2"].append(ev.r2_mean_over_dims)
-            rep["norm_r2"].append(evaluate(fit_ridge(train, f"{n}:e2", bias=True), test, f"{n}:e2").r2)
+            row += [
+                float(sums.contexts[site].sse[n][kept].sum()) / var_x,
+                fvu_with_pred(ev, var_x),
+                ev.r2_mean_over_dims,
+                evaluate(fit_ridge(train, f"{n}:e2", bias=True), test, f"{n}:e2").r2,
+            ]
+        return row
+
+    # under torchrun each rank refits its share of the blocks (the moments are the same on every rank)
+    table = plan.ranks.rows(plan.blocks(site), len(names) * len(JACKKNIFED), replicate)
+    replicates = {
+        n: {k: table[:, i * len(JACKKNIFED) + j].tolist() for j, k in enumerate(JACKKNIFED)}
+        for i, n in enumerate(names)
+    }
     for n in names:
         st = stats[n]
         st.jackknife = {k: [float(v) for v in vals] for k, vals in replicates[n].items()}

@@ -171,7 +171,9 @@ class EngineStep(Step[EngineResult]):
             for name, (weights, bias) in dec.probes.items():
                 save_probe(ctx.paths.probe(name), weights, bias)
             save_norm_grams(norm_grams_path(ctx), dec.norm_grams)
-        fit, nl_mean, nl_ci = scaling_law(dec, roles.width_sweep, roles.main_site, seed=ctx.cfg.seed)
+        fit, nl_mean, nl_ci = scaling_law(
+            dec, roles.width_sweep, roles.main_site, seed=ctx.cfg.seed, ranks=ctx.ranks
+        )
         latents = probe_latents(
             ctx.store,
             saes[roles.widest],
