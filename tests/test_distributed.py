@@ -120,16 +120,41 @@ def _numbers(x: Any, path: str = "") -> dict[str, Any]:
     return {path: x}
 
 
-def assert_same_study(one: Path, many: Path) -> float:
-    """The stores are identical and every result agrees; returns the largest relative difference."""
+def assert_same_store(one: Path, many: Path) -> None:
+    """Byte for byte: the manifest, the token ids and every shard."""
     one_store, many_store = one / "store", many / "store"
     files = sorted(p.relative_to(one_store) for p in one_store.rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(many_store) for p in many_store.rglob("*") if p.is_file())
     for f in files:
         assert (one_store / f).read_bytes() == (many_store / f).read_bytes(), f
+
+
+def assert_same_saes(one: Path, many: Path, rtol: float = 1e-5) -> float:
+    """Every trained SAE's tensors within ``rtol`` (relative Frobenius norm); returns the largest."""
+    from safetensors.torch import load_file
+
+    folders = sorted(p.parent.name for p in (one / "saes").glob("*/sae_weights.safetensors"))
+    assert folders and folders == sorted(
+        p.parent.name for p in (many / "saes").glob("*/sae_weights.safetensors")
+    )
+    worst = 0.0
+    for name in folders:
+        a = load_file(one / "saes" / name / "sae_weights.safetensors")
+        b = load_file(many / "saes" / name / "sae_weights.safetensors")
+        assert a.keys() == b.keys()
+        for key, ta in a.items():
+            diff = float((ta.double() - b[key].double()).norm() / ta.double().norm().clamp_min(1e-30))
+            assert diff <= rtol, (name, key, diff)
+            worst = max(worst, diff)
+    return worst
+
+
+def assert_same_results(one: Path, many: Path, steps: tuple[str, ...] = ("engine", "per_token")) -> float:
+    """Every number of ``steps``' results agrees (see ``FLOAT32_PASS2`` and ``COEFFICIENTS``) and the
+    per-token tables agree; returns the largest relative difference of the float64 statistics."""
     worst = 0.0
     failures: list[tuple[str, str, float, float, float]] = []
-    for name in ("family", "engine", "per_token"):
+    for name in steps:
         a = _numbers(json.loads((one / "results" / f"{name}.json").read_text()))
         b = _numbers(json.loads((many / "results" / f"{name}.json").read_text()))
         assert a.keys() == b.keys()
@@ -167,31 +192,40 @@ def assert_same_study(one: Path, many: Path) -> float:
     return worst
 
 
+def _three_runs(root: Path, args: list[str]) -> tuple[Path, Path, Path]:
+    """One process; 2 ranks from scratch; 2 ranks rerunning the engine on the one-process store and SAEs."""
+    import shutil
+
+    _run(1, root / "one", args)
+    _run(2, root / "two", args)
+    shutil.copytree(root / "one", root / "engine")
+    _run(2, root / "engine", args)  # harvest and family are up to date: only the engine and per-token run
+    return root / "one", root / "two", root / "engine"
+
+
+def _check_three(runs: tuple[Path, Path, Path]) -> None:
+    one, two, engine = runs
+    assert_same_store(one, two)
+    saes = assert_same_saes(one, two)
+    worst = assert_same_results(one, engine)
+    parts = sorted(p.name for p in (engine / "tables" / "tokens.parquet").iterdir())
+    assert parts == ["_parts.json", "part-00000.parquet", "part-00001.parquet"]
+    print(f"SAEs within {saes:.1e}; float64 statistics within {worst:.1e}")
+
+
 @pytest.fixture(scope="module")
-def tiny_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("dist")
-    _run(1, root / "one", TINY)
-    _run(2, root / "two", TINY)
-    return root / "one", root / "two"
+def tiny_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    return _three_runs(tmp_path_factory.mktemp("dist"), TINY)
 
 
 @pytest.mark.slow
-def test_two_ranks_give_the_tiny_study_of_one_process(tiny_runs: tuple[Path, Path]) -> None:
-    one, two = tiny_runs
-    worst = assert_same_study(one, two)
-    print(f"largest relative difference of the float64 statistics: {worst:.2e}")
-    assert sorted(p.name for p in (two / "tables" / "tokens.parquet").iterdir()) == [
-        "_parts.json",
-        "part-00000.parquet",
-        "part-00001.parquet",
-    ]
+def test_two_ranks_give_the_tiny_study_of_one_process(tiny_runs: tuple[Path, Path, Path]) -> None:
+    _check_three(tiny_runs)
 
 
 @pytest.mark.slow
 def test_two_ranks_give_a_demo_shaped_study_of_one_process(tmp_path: Path) -> None:
-    _run(1, tmp_path / "one", DEMO_SHAPED)
-    _run(2, tmp_path / "two", DEMO_SHAPED)
-    assert_same_study(tmp_path / "one", tmp_path / "two")
+    _check_three(_three_runs(tmp_path, DEMO_SHAPED))
 
 
 def _kill_rank_when(out: Path, ready: Any, timeout: float = 300) -> tuple[int, float]:
@@ -221,7 +255,7 @@ def _kill_rank_when(out: Path, ready: Any, timeout: float = 300) -> tuple[int, f
 
 @pytest.mark.slow
 def test_a_rank_killed_in_the_harvest_or_the_engine_stops_all_and_resumes(
-    tiny_runs: tuple[Path, Path], tmp_path: Path
+    tiny_runs: tuple[Path, Path, Path], tmp_path: Path
 ) -> None:
     def harvesting(out: Path) -> bool:
         return any((out / "store" / "ranks").glob("*.json"))
@@ -238,4 +272,6 @@ def test_a_rank_killed_in_the_harvest_or_the_engine_stops_all_and_resumes(
         else:
             assert not (out / "results" / "engine.json").exists()
         _run(2, out, TINY)
-        assert_same_study(tiny_runs[1], out)
+        assert_same_store(tiny_runs[1], out)
+        assert_same_saes(tiny_runs[1], out, rtol=0.0)  # the same ranks train the same SAEs, bit for bit
+        assert_same_results(tiny_runs[1], out, ("family", "engine", "per_token"))

@@ -37,6 +37,7 @@ from darkmatter.errors import ConfigError, DataError, ShapeError, StoreError
 from darkmatter.hashing import stable_hash
 from darkmatter.lm.loading import resolve_device
 from darkmatter.progress import Progress
+from darkmatter.ranks import SINGLE, Ranks
 from darkmatter.sae import jumprelu
 from darkmatter.sae.convergence import window_steps
 from darkmatter.sae.member import Member, geometric_median
@@ -67,9 +68,16 @@ class FamilyTrainer:
         derived: Mapping[str, DerivedInput] | None = None,
         log: Callable[[str, int, dict[str, float]], None] | None = None,
         log_every: int = 10,
+        ranks: Ranks = SINGLE,
     ) -> None:
         """``log(sae_name, step, statistics)`` is called every ``log_every`` steps, at the last step and
-        wherever the validation FVU is measured (``darkmatter.sae.train_logs``)."""
+        wherever the validation FVU is measured (``darkmatter.sae.train_logs``).
+
+        ``ranks``: under torchrun, data-parallel training with the same global batch: every rank reads
+        every batch, computes the loss and gradients of its contiguous share of the rows, and the
+        gradients, the batch statistics (error mean and variance for AuxK, fired latents, L0, BatchTopK's
+        threshold) are summed across ranks, so every rank takes the same Adam step a single process
+        would (up to float32 summation order). Rank 0 alone writes checkpoints."""
         if not specs:
             raise ConfigError("An SAE family needs at least one SAE spec.")
         names = [s.name for s in specs]
@@ -93,6 +101,7 @@ class FamilyTrainer:
                 raise ConfigError(f"SAE {s.name!r}: k={s.k} exceeds d_sae={s.d_sae}.")
         self.store, self.specs, self.cfg = store, specs, cfg
         self.log, self.log_every = log, log_every
+        self.ranks = ranks
         self.split = split
         self.workdir = Path(workdir)
         self.device = resolve_device(cfg.device or "cpu")
@@ -240,8 +249,9 @@ class FamilyTrainer:
             f *= max(0.0, (self.total_steps - step) / max(1, self.total_steps - decay_start))
         return f
 
-    def _encode(self, m: Member, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(indices [n, m], values [n, m], pre-activations [n, d_sae]) for scaled inputs x."""
+    def _encode(self, m: Member, x: Tensor, batch_rows: int) -> tuple[Tensor, Tensor, Tensor]:
+        """(indices [n, m], values [n, m], pre-activations [n, d_sae]) for scaled inputs x (this rank's rows
+        of a batch of ``batch_rows``)."""
         # (x - b_dec) @ W_enc + b_enc, written so autograd does not form the [n, d] input gradient (a
         # wasted 2·n·d·w GEMM): b_dec's encoder-side gradient comes from a vector-matrix product instead.
         pre = torch.addmm(m.b_enc - m.b_dec @ m.W_enc, x, m.W_enc)
@@ -251,14 +261,29 @@ class FamilyTrainer:
             return idx, vals.relu(), pre
         # BatchTopK: the n*k largest pre-activations of the batch; candidates are each row's top 4k.
         cand_vals, cand_idx = topk(pre, min(m.spec.d_sae, 4 * k))
-        flat = cand_vals.detach().flatten()
-        kth = flat.kthvalue(max(1, flat.numel() - x.shape[0] * k + 1)).values
+        flat = self._gathered(cand_vals.detach().flatten())  # the whole batch's candidates
+        kth = flat.kthvalue(max(1, flat.numel() - batch_rows * k + 1)).values
         keep = (cand_vals >= kth) & (cand_vals > 0)
         with torch.no_grad():
-            chosen = cand_vals[keep]
+            chosen = flat[(flat >= kth) & (flat > 0)]
             if chosen.numel():
                 m.threshold.mul_(0.99).add_(0.01 * chosen.min())
         return cand_idx, cand_vals.relu() * keep, pre
+
+    def _gathered(self, values: Tensor) -> Tensor:
+        """``values`` of every rank, in rank order (this rank's alone when training in one process)."""
+        if not self.ranks.active:
+            return values
+        import torch.distributed as dist
+
+        sizes = [torch.zeros(1, dtype=torch.long) for _ in range(self.ranks.world)]
+        dist.all_gather(sizes, torch.tensor([values.numel()]))
+        longest = int(max(int(n) for n in sizes))
+        padded = torch.full((longest,), float("-inf"), dtype=values.dtype, device=values.device)
+        padded[: values.numel()] = values
+        parts = [torch.empty_like(padded) for _ in range(self.ranks.world)]
+        dist.all_gather(parts, padded)
+        return torch.cat([p[: int(n)] for p, n in zip(parts, sizes, strict=True)])
 
     def _decode(self, m: Member, idx: Tensor, vals: Tensor) -> Tensor:
         return F.embedding_bag(idx, m.W_dec, per_sample_weights=vals, mode="sum") + m.b_dec
@@ -281,12 +306,14 @@ class FamilyTrainer:
 
     def _update(self, m: Member, x: Tensor, factor: float) -> dict[str, float]:
         """One Adam step of ``m`` on scaled inputs ``x``; the train-batch statistics of the step."""
+        if self.ranks.active:
+            return self._update_shared(m, x, factor)
         penalty = torch.zeros((), device=self.device)
         if m.spec.kind == "jumprelu":
             recon, codes, penalty, pre = jumprelu.forward(m, x)
             fired, l0 = (codes > 0).any(0), float((codes > 0).sum()) / x.shape[0]
         else:
-            idx, vals, pre = self._encode(m, x)
+            idx, vals, pre = self._encode(m, x, x.shape[0])
             recon = self._decode(m, idx, vals)
             with torch.no_grad():
                 fired = torch.zeros(m.spec.d_sae, dtype=torch.bool, device=self.device)
@@ -311,6 +338,66 @@ class FamilyTrainer:
         total = loss + self.cfg.aux_coef * aux + m.sparsity_coef * penalty
         m.opt.zero_grad(set_to_none=True)
         total.backward()
+        return self._step(m, factor, loss, aux, total, l0, n_dead)
+
+    def _update_shared(self, m: Member, x_batch: Tensor, factor: float) -> dict[str, float]:
+        """``_update`` for one rank of a data-parallel run: this rank's rows, the batch's sums."""
+        ranks, n = self.ranks, x_batch.shape[0]
+        start, stop = ranks.bounds(n)
+        x = x_batch[start:stop]
+        var = (x_batch - x_batch.mean(0)).pow(2).sum()  # of the whole batch: every rank holds it
+        penalty = torch.zeros((), device=self.device)
+        if m.spec.kind == "jumprelu":
+            recon, codes, penalty, pre = jumprelu.forward(m, x)
+            penalty = penalty * (x.shape[0] / n)  # this rank's share of the batch mean
+            fired, active = (codes > 0).any(0), (codes > 0).sum()
+        else:
+            idx, vals, pre = self._encode(m, x, n)
+            recon = self._decode(m, idx, vals)
+            with torch.no_grad():
+                fired = torch.zeros(m.spec.d_sae, dtype=torch.bool, device=self.device)
+                fired[idx[vals > 0]] = True
+            active = (vals > 0).sum()
+        err = x - recon
+        loss = err.pow(2).sum() / var
+        with torch.no_grad():
+            hits = fired.to(torch.float64)
+            sums = torch.cat([err.detach().double().sum(0), active.double().reshape(1)])
+            ranks.sum_([hits, sums])
+            m.since_fired += n
+            m.since_fired[hits > 0] = 0
+            dead = m.since_fired >= self.cfg.dead_tokens
+        l0 = float(sums[-1]) / n
+        n_dead = int(dead.sum())
+        aux = torch.zeros((), device=self.device)
+        if self.cfg.aux_k and self.cfg.aux_coef and n_dead:
+            k_aux = min(self.cfg.aux_k, n_dead)
+            a_vals, a_idx = pre.masked_fill(~dead, float("-inf")).topk(k_aux, dim=1, sorted=False)
+            a_rec = F.embedding_bag(a_idx, m.W_dec, per_sample_weights=a_vals.relu(), mode="sum")
+            e = err.detach()
+            spread = (e - (sums[:-1] / n).to(e.dtype)).pow(2).sum().double().reshape(1)
+            ranks.sum_([spread])
+            aux = (e - a_rec).pow(2).sum() / spread.to(e.dtype).clamp_min(1e-12)
+            aux = torch.nan_to_num(aux, nan=0.0)
+        total = loss + self.cfg.aux_coef * aux + m.sparsity_coef * penalty
+        m.opt.zero_grad(set_to_none=True)
+        total.backward()
+        params = [p for p in (m.W_enc, m.b_enc, m.W_dec, m.b_dec, m.log_threshold) if p is not None]
+        grads = []
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            grads.append(p.grad)
+        ranks.sum_(grads)  # the batch's gradient: each rank's share summed
+        shares = torch.stack([loss.detach(), aux.detach(), total.detach()]).double()
+        ranks.sum_([shares])
+        loss_all, aux_all, total_all = (shares[i] for i in range(3))
+        return self._step(m, factor, loss_all, aux_all, total_all, l0, n_dead)
+
+    def _step(
+        self, m: Member, factor: float, loss: Tensor, aux: Tensor, total: Tensor, l0: float, n_dead: int
+    ) -> dict[str, float]:
+        """Project W_dec's gradient, take the Adam step, renormalise; the step's statistics."""
         with torch.no_grad():
             g, w = m.W_dec.grad, m.W_dec
             if g is not None:
@@ -371,6 +458,8 @@ class FamilyTrainer:
         return self.workdir / "checkpoint.pt"
 
     def _save_checkpoint(self) -> None:
+        if not self.ranks.leader:
+            return
         state: dict[str, Any] = {
             "signature": self.signature,
             "step": self.step,

@@ -27,6 +27,7 @@ class FamilyStep(Step[FamilyResult]):
     title = "the SAE family and its held-out quality"
     result_type = FamilyResult
     needs = (HARVEST,)
+    distributed = True  # training is data-parallel; rank 0 saves, loads and measures the SAEs
 
     def settings(self, cfg: StudyConfig) -> dict[str, Any]:
         return {
@@ -43,12 +44,16 @@ class FamilyStep(Step[FamilyResult]):
         t0 = time.perf_counter()
         trained: _Trained | None = None
         fam = ctx.cfg.family
+        if not ctx.ranks.leader and fam.external:
+            return _elsewhere()  # rank 0 loads and measures external SAEs alone
         if fam.external:
             records = _external_records(ctx)
             train_seconds = time.perf_counter() - t0
         else:
             trained = _train(ctx)
             train_seconds = time.perf_counter() - t0
+            if not ctx.ranks.leader:
+                return _elsewhere()
             records = []
             shapes = {n: shape_of(s) for n, s in trained.saes.items()}
             for group in ctx.sae_groups(list(shapes), what="family quality", shapes=shapes):
@@ -76,6 +81,13 @@ class FamilyStep(Step[FamilyResult]):
         return f"{len(fvus)} SAEs, held-out FVU {min(fvus):.3f}-{max(fvus):.3f}"
 
 
+def _elsewhere() -> FamilyResult:
+    """What a rank other than 0 returns: the runner records rank 0's result only."""
+    return FamilyResult(
+        saes=[], train_seconds=0.0, train_tokens_per_second=None, converge_tol=None, validation_tokens=None
+    )
+
+
 @dataclass
 class _Trained:
     saes: dict[str, SAE]
@@ -89,7 +101,7 @@ def _train(ctx: StudyContext) -> _Trained:
     """Train the family in one pass over the train split; save each SAE and load it back as a rerun would."""
     fam = ctx.cfg.family
     workdir = ctx.paths.saes / ".training"
-    logs = _train_logs(ctx)
+    logs = _train_logs(ctx) if ctx.ranks.leader else None
     trainer = FamilyTrainer(
         ctx.store,
         fam.specs(ctx.cfg.layer),
@@ -98,6 +110,7 @@ def _train(ctx: StudyContext) -> _Trained:
         split=ctx.split,
         log=logs,
         log_every=ctx.cfg.logging.every,
+        ranks=ctx.ranks,
     )
     bar = ctx.progress("train SAEs")
     rates: list[float] = []
@@ -114,6 +127,8 @@ def _train(ctx: StudyContext) -> _Trained:
             logs.close()
     saes: dict[str, SAE] = {}
     paths: dict[str, str] = {}
+    if not ctx.ranks.leader:
+        return _Trained(saes, paths, {}, None, 0)
     for spec, sae in zip(trainer.specs, trained, strict=True):
         folder = save_sae(sae, ctx.paths.sae(spec.name))
         saes[spec.name] = load_sae(
