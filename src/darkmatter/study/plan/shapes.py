@@ -1,9 +1,10 @@
 """Sizes the planner needs without any weights: the model's architecture and every SAE's width.
 
-The model's dimensions come from its config file (as ``preflight`` reads it) when that is on disk, else from
-``KNOWN_MODELS`` (the presets' models), and the plan says so. An external SAE's width comes from its config
-file or its ``params.npz`` header when the files are on disk, else from its path (``width_16k`` ...
-``width_1m`` in Gemma Scope paths, ``-8x``/``-32x`` expansion factors in Llama Scope paths).
+The model's dimensions come from its config file (as ``preflight`` reads it; for a GGUF file, its metadata)
+when that is on disk, else from ``KNOWN_MODELS`` (the presets' models), and the plan says so. An external
+SAE's width comes from its config file or its ``params.npz`` header when the files are on disk, else from its
+path (``width_16k`` ... ``width_1m`` in Gemma Scope paths, ``-8x``/``-32x`` expansion factors in Llama Scope
+paths).
 """
 
 from __future__ import annotations
@@ -100,11 +101,15 @@ def dims_from_config(config: dict[str, Any], name: str) -> ModelDims:
 def model_dims(name: str, *, online: bool = False, trust_remote_code: bool = False) -> ModelDims:
     """The model's dimensions from its local ``config.json``, else from ``KNOWN_MODELS``; no download and
     no import of transformers (reading the file is enough)."""
-    from darkmatter.lm.loading import model_source
+    from darkmatter.lm.gguf import looks_like_gguf
+    from darkmatter.lm.loading import gguf_config_dict, model_source
 
     try:
-        path, _, _ = model_source(name, online=False)
-        config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+        if looks_like_gguf(Path(name).expanduser()):  # read, not converted, to plan
+            config = gguf_config_dict(Path(name).expanduser())
+        else:
+            path, _, _ = model_source(name, online=False)
+            config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
         dims = dims_from_config(config, name)
         if dims.n_layers and dims.d_model and dims.vocab:
             return dims
