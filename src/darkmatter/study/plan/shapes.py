@@ -59,6 +59,7 @@ class ModelDims:
 KNOWN_MODELS: dict[str, ModelDims] = {
     "google/gemma-2-2b": ModelDims("gemma-2-2b", 26, 2304, 9216, 256000, 8, 4, 256, True, "table"),
     "google/gemma-2-9b": ModelDims("gemma-2-9b", 42, 3584, 14336, 256000, 16, 8, 256, True, "table"),
+    "google/gemma-3-1b-pt": ModelDims("gemma-3-1b-pt", 26, 1152, 6912, 262144, 4, 1, 256, True, "table"),
     "meta-llama/Llama-3.1-8B": ModelDims("llama-3.1-8b", 32, 4096, 14336, 128256, 32, 8, 128, False, "table"),
 }
 
