@@ -202,10 +202,9 @@ def _xglm_dir(path: Path) -> Path:
 def test_hook_modules_from_the_config_read_a_model_discovery_cannot(
     tmp_path: Path, corpus_file: Path
 ) -> None:
-    from darkmatter.config.schema import HookModules
     from darkmatter.lm.loading import load_lm
 
-    assert tuple(HookModules.model_fields) == disc.ARCH_FIELDS
+    assert tuple(disc.HookModules.model_fields) == disc.ARCH_FIELDS
     model_dir = _xglm_dir(tmp_path / "xglm")
     base = tiny_study_overrides(model_dir, corpus_file)
     with pytest.raises(HookSiteError, match=r"fc1, fc2.*--set model\.hook_modules\.layers=model\.layers"):

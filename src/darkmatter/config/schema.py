@@ -26,6 +26,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validat
 from darkmatter.errors import ConfigError, HookSiteError
 from darkmatter.harvest import HarvestConfig
 from darkmatter.hashing import stable_hash
+from darkmatter.lm.discover import HookModules
 from darkmatter.lm.sites import parse_site
 from darkmatter.sae.train import SAESpec, TrainConfig
 from darkmatter.sae.train_logs import LoggingConfig
@@ -66,50 +67,18 @@ def _check_site(value: str | None) -> str | None:
 SiteName = Annotated[str, AfterValidator(_check_site)]
 
 
-class HookModules(BaseModel):
-    """Where hook sites are read when discovery cannot tell (``darkmatter.lm.discover``): module paths that
-    replace the discovered ones; empty fields keep them. Checked by the preflight against the model's
-    skeleton."""
-
-    model_config = ConfigDict(extra="forbid")
-    layers: str | None = Field(
-        None, description="The ModuleList of decoder layers, e.g. 'model.decoder.layers'."
-    )
-    attn: str | None = Field(
-        None, description="In a layer: the module whose (first) output is the attention's residual update."
-    )
-    mlp: str | None = Field(
-        None,
-        description="In a layer: the module whose (first) output is the MLP's residual update, e.g. 'fc2'.",
-    )
-    final_norm: str | None = Field(None, description="The norm after the last layer.")
-    embed: str | None = Field(None, description="The input embedding.")
-    plain_residual: bool | None = Field(
-        None, description="Whether resid_post = resid_pre + attn_out + mlp_out with these modules."
-    )
-
-    def given(self) -> dict[str, Any]:
-        """The fields set, as ``darkmatter.lm.discover.use_overrides`` takes them."""
-        return self.model_dump(exclude_none=True)
-
-
 class ModelConfig(BaseModel):
     """Which language model to run, where, and in what precision."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
     name: str = Field(
-        "embedded",
-        description="'embedded' (SmolLM2-135M-Instruct), a local .gguf file (converted once), a local "
-        "folder, or a hub id.",
+        "embedded", description="'embedded' (SmolLM2-135M-Instruct), a .gguf file, a folder or a hub id."
     )
     device: str = Field("auto", pattern=DEVICE_PATTERN, description="auto, cpu, cuda, cuda:N or mps.")
     dtype: Dtype = Field("fp32", description="Weights and compute precision: fp32, bf16 or fp16.")
     online: bool = Field(False, description="Allow downloads from the Hugging Face hub.")
     trust_remote_code: bool = Field(False, description="Allow model code from the hub (off unless asked).")
-    hook_modules: HookModules = Field(
-        default_factory=HookModules,
-        description="Module paths of the hook sites where discovery cannot find them (empty: discovered).",
-    )
+    hook_modules: HookModules = Field(default_factory=HookModules, description="Modules discovery misses.")
 
 
 class ExternalSAE(BaseModel):
@@ -522,10 +491,8 @@ class StudyConfig(BaseModel):
         for part in name.split("."):
             value = getattr(value, part)
         if isinstance(value, BaseModel):
-            dumped = value.model_dump(mode="json", exclude={"enabled"})
-            if isinstance(value, ModelConfig) and not value.hook_modules.given():
-                del dumped["hook_modules"]  # unused: the hashes of studies from before the setting stay
-            return dumped
+            unused = isinstance(value, ModelConfig) and not value.hook_modules.given()  # earlier hashes stay
+            return value.model_dump(mode="json", exclude={"enabled", *(["hook_modules"] if unused else [])})
         return value
 
     def section_hash(self, *sections: str) -> str:

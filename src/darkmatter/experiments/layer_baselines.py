@@ -412,8 +412,8 @@ def run(
 ) -> LayerBaselinesResult:
     """Harvest resid_post of ``layers`` (with loss) into ``out_dir/store_layers``, train one SAE per layer
     (or reuse ``out_dir/saes_layers/<L>/``), and compute `layer_baselines` on ``device`` with the SAEs in
-    ``dtype`` (None: as trained); the caller writes the result. The SAEs train on ``train.device``, their
-    curves going to ``train_logs`` (tags ``layer<L>/...``) when given.
+    ``dtype`` (None: as trained); the caller writes the result. The SAEs train on ``train.device`` (curves
+    to ``train_logs``, tags ``layer<L>/...``).
 
     ``harvest_cfg`` supplies dtype, batch size, the largest shard size and ``with_loss`` (without it the
     model-loss baseline is left out and the forward stops after the last layer asked for); its sites are
@@ -450,15 +450,7 @@ def run(
         "train_fraction": split.fraction,
     }
     saes, reused = load_or_train(
-        store,
-        layers,
-        out / SAE_DIR,
-        settings,
-        train,
-        split,
-        log,
-        bars("layer sweep: train SAEs"),
-        train_logs=train_logs,
+        store, layers, out / SAE_DIR, settings, train, split, log, bars("layer sweep: train SAEs"), train_logs
     )
     result = layer_baselines(
         store,

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 
 from darkmatter.errors import HookSiteError
 
@@ -53,6 +54,32 @@ class ArchSpec:
     final_norm: str | None = None  # the norm applied after the last layer, when one was found
     embed: str | None = None  # the input embedding
     plain_residual: bool = True  # resid_post == resid_pre + attn_out + mlp_out with these modules
+
+
+class HookModules(BaseModel):
+    """A study's ``model.hook_modules``: module paths that replace the discovered ones (``use_overrides``);
+    empty fields keep them. The preflight checks them against the model's skeleton."""
+
+    model_config = ConfigDict(extra="forbid")
+    layers: str | None = Field(
+        None, description="The ModuleList of decoder layers, e.g. 'model.decoder.layers'."
+    )
+    attn: str | None = Field(
+        None, description="In a layer: the module whose (first) output is the attention's residual update."
+    )
+    mlp: str | None = Field(
+        None,
+        description="In a layer: the module whose (first) output is the MLP's residual update, e.g. 'fc2'.",
+    )
+    final_norm: str | None = Field(None, description="The norm after the last layer.")
+    embed: str | None = Field(None, description="The input embedding.")
+    plain_residual: bool | None = Field(
+        None, description="Whether resid_post = resid_pre + attn_out + mlp_out with these modules."
+    )
+
+    def given(self) -> dict[str, Any]:
+        """The fields set, as ``darkmatter.lm.discover.use_overrides`` takes them."""
+        return self.model_dump(exclude_none=True)
 
 
 OVERRIDES: dict[str, dict[str, Any]] = {}
