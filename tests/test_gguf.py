@@ -153,6 +153,22 @@ def test_damaged_unsupported_and_foreign_files_are_clear_errors(tmp_path: Path, 
     assert not (cache / "models").exists() or not any((cache / "models").iterdir())
 
 
+def test_the_metadata_check_with_the_gguf_package_reader(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without transformers' fast metadata reader (older versions) the gguf package's reader is used."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "transformers.integrations.gguf.reader", None)
+    path = tmp_path / "tiny.gguf"
+    write_gguf(path, "gemma3_text")
+    assert gguf_files.architecture(path) == "gemma3"
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(path.read_bytes()[:300])
+    with pytest.raises(ModelLoadError, match="damaged GGUF file"):
+        gguf_files.architecture(cut)
+
+
 def test_the_planner_reads_a_gguf_without_converting_it(tmp_path: Path, cache: Path) -> None:
     from darkmatter.study.plan.shapes import model_dims
 
