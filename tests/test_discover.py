@@ -25,8 +25,8 @@ from conftest import DISCOVERED_ARCHS, tiny_config, tiny_model, tiny_study_overr
 POST_NORMED = {"gemma2", "gemma3_text", "olmo2"}  # sub-block outputs pass a norm before the residual add
 
 
-def _ids(seed: int = 0) -> torch.Tensor:
-    return torch.randint(2, 60, (2, 16), generator=torch.Generator().manual_seed(seed))
+def _ids(seed: int = 0, length: int = 16) -> torch.Tensor:
+    return torch.randint(2, 60, (2, length), generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.mark.parametrize("arch", DISCOVERED_ARCHS)
@@ -101,10 +101,10 @@ def test_scaled_residual_refuses_component_sites() -> None:
     torch.testing.assert_close(cap.acts["blocks.0.hook_resid_post"], ref[1], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("arch", ["olmo2", "mixtral"])
+@pytest.mark.parametrize("arch", ["olmo2", "mixtral", "gemma3_text"])
 def test_splice_and_replay_are_exact_on_discovered_sites(arch: str) -> None:
     model = tiny_model(arch)
-    ids = _ids(1)
+    ids = _ids(1, length=48)  # longer than the tiny Gemma 3's sliding window (32)
     with torch.no_grad():
         with record_layer_outputs(model, [0]) as rec:
             clean = model(input_ids=ids).logits
@@ -174,3 +174,65 @@ def test_a_skeleton_that_cannot_be_built_on_meta_defers_to_loading(monkeypatch: 
     with pytest.raises(HookSiteError, match="not a causal LM"):
         monkeypatch.undo()
         discover_from_config(tf.T5Config(vocab_size=80, d_model=16, num_layers=1, num_heads=2))
+
+
+def _xglm_dir(path: Path) -> Path:
+    """A saved tiny XGLM: its MLP is two bare Linear layers (fc1, fc2), which discovery cannot find."""
+    import transformers as tf
+
+    from conftest import VOCAB
+
+    config = tf.XGLMConfig(
+        vocab_size=len(VOCAB),
+        d_model=64,
+        ffn_dim=128,
+        num_layers=3,
+        attention_heads=4,
+        max_position_embeddings=256,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    torch.manual_seed(0)
+    tf.AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def test_hook_modules_from_the_config_read_a_model_discovery_cannot(
+    tmp_path: Path, corpus_file: Path
+) -> None:
+    from darkmatter.lm.loading import load_lm
+
+    assert tuple(disc.HookModules.model_fields) == disc.ARCH_FIELDS
+    model_dir = _xglm_dir(tmp_path / "xglm")
+    base = tiny_study_overrides(model_dir, corpus_file)
+    with pytest.raises(HookSiteError, match=r"fc1, fc2.*--set model\.hook_modules\.layers=model\.layers"):
+        preflight(resolve_config("tiny", overrides=base))
+    with pytest.raises(HookSiteError, match=r"mlp='ffn2'.*layer 0 \(XGLMDecoderLayer\).*fc1, fc2"):
+        preflight(
+            resolve_config(
+                "tiny",
+                overrides=[*base, "model.hook_modules.layers=model.layers", "model.hook_modules.mlp=ffn2"],
+            )
+        )
+
+    with pytest.raises(
+        HookSiteError, match=r"layers='model\.blocks': no such module.*embed_tokens, layer_norm, layers"
+    ):
+        preflight(resolve_config("tiny", overrides=[*base, "model.hook_modules.layers=model.blocks"]))
+
+    cfg = resolve_config("tiny", overrides=[*base, "model.hook_modules.mlp=fc2"])
+    assert preflight(cfg).n_layers == 3
+    assert cfg.section("model")["hook_modules"]["mlp"] == "fc2"
+    assert "hook_modules" not in resolve_config("tiny", overrides=base).section("model")  # old hashes stay
+
+    lm = load_lm(str(model_dir), device="cpu", hook_modules=cfg.model.hook_modules.given())
+    assert lm.identity["hook_modules"] == {"mlp": "fc2"}
+    assert arch_spec(lm.model).mlp == "fc2" and arch_spec(lm.model).attn == "self_attn"
+    sites = [f"blocks.1.{k}" for k in ("hook_resid_pre", "hook_attn_out", "hook_mlp_out", "hook_resid_post")]
+    with torch.no_grad(), capture(lm.model, sites) as cap:
+        hidden = lm.model(input_ids=_ids(), output_hidden_states=True).hidden_states
+    pre, attn, mlp, post = (cap.acts[s] for s in sites)
+    torch.testing.assert_close(pre + attn + mlp, post)
+    torch.testing.assert_close(post, hidden[2], rtol=0, atol=0)

@@ -65,20 +65,29 @@ def test_groups_respect_a_small_device_budget(tmp_path: Path) -> None:
     assert sorted(n for g in many.groups for n in g) == sorted(n for g in one.groups for n in g)
 
 
-def test_paper_preset_is_planned_offline(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    ("preset", "model", "widest"),
+    [
+        ("paper-gemma-2-9b", "42 layers, d 3584", "L20-res-1m"),
+        ("gemma-scope-2-1b", "26 layers, d 1152, 1.00 B parameters", "L13-res-1m"),
+    ],
+)
+def test_paper_preset_is_planned_offline(
+    preset: str, model: str, widest: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     _fixed_calibration(monkeypatch := pytest.MonkeyPatch())
     try:
-        code = main(["plan", "--preset", "paper-gemma-2-9b", "--out", str(tmp_path / "run")])
+        code = main(["plan", "--preset", preset, "--out", str(tmp_path / "run")])
     finally:
         monkeypatch.undo()
     out = capsys.readouterr().out
     assert code == 0, out
-    cfg = resolve_config("paper-gemma-2-9b", None, [])
+    cfg = resolve_config(preset, None, [])
     for step in STEPS:
         if step.enabled(cfg):
             assert f"\n{step.name} " in out
     assert "planner's table" in out and "total" in out and "budget:" in out
-    assert "L20-res-1m" in out  # the groups
+    assert model in out and widest in out  # the table's dimensions; the groups
     assert not (tmp_path / "run").exists()
 
 

@@ -131,6 +131,32 @@ def write_gemma_scope(folder: Path, d_in: int, d_sae: int, seed: int, live: int 
     )
 
 
+def write_gemma_scope_2(folder: Path, d_in: int, d_sae: int, hook: str, seed: int, live: int = 24) -> None:
+    """A Gemma Scope 2 folder: ``params.safetensors`` (lowercase names) and ``config.json``."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    w_dec = _unit_rows(d_sae, d_in, g)
+    threshold = torch.full((d_sae,), 1e6)
+    threshold[:live] = 0.0
+    folder.mkdir(parents=True)
+    tensors = {
+        "w_enc": w_dec.T.contiguous(),
+        "w_dec": w_dec,
+        "b_enc": torch.zeros(d_sae),
+        "b_dec": 0.1 * torch.randn(d_in, generator=g),
+        "threshold": threshold,
+    }
+    save_file(tensors, str(folder / "params.safetensors"))
+    config = {
+        "architecture": "jump_relu",
+        "hf_hook_point_in": hook,
+        "width": d_sae,
+        "model_name": "gemma-v3-1b",
+    }
+    (folder / "config.json").write_text(json.dumps(config))
+
+
 def write_llama_scope(folder: Path, d_model: int, d_sae: int, hook: str, seed: int, live: int = 24) -> None:
     """A Llama Scope v1 folder (dataset-wise norms, scalar JumpReLU threshold); ``live`` latents can fire."""
     from safetensors.torch import save_file
@@ -289,6 +315,44 @@ def test_paper_presets_list_the_whole_published_grid(
     cfg = resolve_config(preset)
     others = [e.name for e in cfg.family.external if e.site != cfg.main_site]
     assert others == ([f"L{layer - 1}-res-16k", f"L{layer}-mlp-16k"])
+
+
+G3 = "google/gemma-scope-2-1b-pt:"
+G3_WIDTHS = ("16k", "65k", "262k", "1m")
+
+
+def test_gemma_scope_2_preset_lists_the_published_layer_13_grid() -> None:
+    """Gemma 3 1B layer 13: the 4 widths x 3 sparsities Gemma Scope 2 publishes, l0_medium first per width,
+    then the two earlier-layer predictors; the paper presets' text and the Fig 8 setting at d_model 1152."""
+    cfg = resolve_config("gemma-scope-2-1b")
+    assert (cfg.model.name, cfg.layer, cfg.model.device) == ("google/gemma-3-1b-pt", 13, "cuda")
+    ext = cfg.family.external
+    assert {e.format for e in ext} == {"gemma_scope_2"} and all(e.path.startswith(G3) for e in ext)
+    main_site = [e for e in ext if e.site == cfg.main_site]
+    cells = [e.path.removeprefix(G3 + "resid_post/layer_13_width_").split("_l0_") for e in main_site]
+    assert sorted(map(tuple, cells)) == sorted((w, s) for w in G3_WIDTHS for s in ("small", "medium", "big"))
+    assert [e.name for e in main_site[:4]] == [f"L13-res-{w}" for w in G3_WIDTHS]
+    assert [c[1] for c in cells[:4]] == ["medium"] * 4
+    assert {e.name for e in main_site[4:]} == {
+        f"L13-res-{w}-l0_{s}" for w in G3_WIDTHS for s in ("small", "big")
+    }
+    others = {e.name: (e.path.removeprefix(G3), e.site) for e in ext if e.site != cfg.main_site}
+    assert others == {
+        "L12-res-16k": ("resid_post_all/layer_12_width_16k_l0_small", "blocks.12.hook_resid_post"),
+        "L13-mlp-16k": ("mlp_out/layer_13_width_16k_l0_medium", "blocks.13.hook_mlp_out"),
+    }
+    assert cfg.synthetic.sae == cfg.error_saes.sae == "L13-res-16k"
+    assert (cfg.error_saes.d_sae, cfg.error_saes.k) == (16 * 1152, 32)
+    assert (cfg.text.source, cfg.text.ctx_len, cfg.text.n_contexts, cfg.text.skip_positions) == (
+        "hf:monology/pile-uncopyrighted",
+        1024,
+        300,
+        200,
+    )
+    local = resolve_config("gemma-scope-2-1b", overrides=["family.external_root=/data"])
+    assert (
+        local.family.external[0].path == "/data/gemma-scope-2-1b-pt/resid_post/layer_13_width_16k_l0_medium"
+    )
 
 
 def test_local_copies_replace_hub_ids(capsys: pytest.CaptureFixture[str]) -> None:
@@ -533,6 +597,39 @@ def test_llama_scope_8b_runs_on_local_stand_ins(
     assert {r["source"] for r in saes.values()} == {"llama_scope"}
     assert _result(out, "engine")["power_law"] is None  # two widths: no fit
     assert _result(out, "synthetic")["sae_name"] == "L15-res-32k"
+
+
+@pytest.mark.slow
+def test_gemma_scope_2_1b_runs_on_local_stand_ins(
+    tmp_path: Path, pile_jsonl: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tiny Gemma 3 (14 layers) and Gemma Scope 2 folders in the hub's layout."""
+    monkeypatch.delenv("DARKMATTER_ONLINE", raising=False)
+    model_dir = _save_model(tmp_path / "gemma-3-1b", "gemma3_text", 14)
+    root = tmp_path / "saes"
+    folders = {
+        "L13-res-16k": ("resid_post/layer_13_width_16k_l0_medium", "model.layers.13.output", 16384),
+        "L13-res-65k": ("resid_post/layer_13_width_65k_l0_medium", "model.layers.13.output", 65536),
+        "L12-res-16k": ("resid_post_all/layer_12_width_16k_l0_small", "model.layers.12.output", 16384),
+        "L13-mlp-16k": ("mlp_out/layer_13_width_16k_l0_medium", "blocks.13.hook_mlp_out", 16384),
+    }
+    for seed, (sub, hook, width) in enumerate(folders.values()):
+        write_gemma_scope_2(root / "gemma-scope-2-1b-pt" / sub, 64, width, hook, seed + 30)
+    out = tmp_path / "out"
+    sets = [
+        *_tiny_overrides(model_dir, pile_jsonl, 13),
+        f"family.external_root={root}",
+        f"family.external_only={json.dumps(list(folders))}",
+    ]
+    assert main(["run", "--preset", "gemma-scope-2-1b", "--out", str(out), "--quiet", *_sets(sets)]) == 0
+    saes = _check_run(out, ["L13-res-16k", "L13-res-65k"], "L13-res-16k", {"L12-res-16k", "L13-mlp-16k"})
+    assert {n: (r["path"], r["d_sae"]) for n, r in saes.items()} == {
+        n: (str(root / "gemma-scope-2-1b-pt" / sub), width) for n, (sub, _, width) in folders.items()
+    }
+    assert {r["source"] for r in saes.values()} == {"gemma_scope_2"}
+    assert saes["L13-mlp-16k"]["site"] == "blocks.13.hook_mlp_out" and 0 < saes["L13-res-16k"]["l0"] <= 24
+    assert _result(out, "synthetic")["sae_name"] == _result(out, "error_saes")["sae_name"] == "L13-res-16k"
+    assert _result(out, "harvest")["store"]["model"] == str(model_dir)
 
 
 def test_preset_files_name_the_hub_paths_their_builders_give() -> None:

@@ -60,8 +60,8 @@ def test_export_folds_input_scale_and_keeps_unit_decoder(store, tmp_path: Path) 
     assert sae.cfg.input_scale == 1.0 and s != 1.0
     x = next(iter(store.iter_batches([SITE], batch_tokens=64))).acts[SITE]
     with torch.no_grad():
-        idx, vals, _ = trainer._encode(m, x * s)
-        ref = trainer._decode(m, idx, vals) / s
+        idx, vals, _ = trainer.encode(m, x * s, len(x))
+        ref = trainer.decode(m, idx, vals) / s
     torch.testing.assert_close(sae(x), ref, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close((sae.W_dec * s).norm(dim=1), torch.ones(16), rtol=1e-5, atol=1e-5)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -202,6 +203,7 @@ def test_layer_sweep_records_the_loss_whatever_the_main_harvest(monkeypatch: pyt
     ctx = SimpleNamespace(cfg=cfg, lm=lm, paths=SimpleNamespace(layers=Path("x")), split=None, log=print)
     ctx.progress = print
     ctx.train_config = lambda train: train
+    ctx.train_logs = lambda _group: contextlib.nullcontext()
     ctx.device, ctx.sae_dtype = torch.device("cpu"), torch.float32
     layer_sweep.LAYER_SWEEP.run(ctx)  # type: ignore[arg-type]
     assert seen["harvest_cfg"].with_loss is True and seen["harvest_cfg"].sites == []

@@ -1,4 +1,5 @@
-"""Training logs: TensorBoard event files with the expected tags, W&B offline, clear errors, no hash."""
+"""Training logs: TensorBoard event files with the expected tags (every trainer of a study), W&B offline,
+clear errors, no hash."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from darkmatter.sae.train import FamilyTrainer, SAESpec, TrainConfig
 from darkmatter.sae.train_logs import LoggingConfig, TrainLogs
 from darkmatter.stats import Split
 from synthetic import sparse_features, synthetic_store
+
+from conftest import tiny_model, tiny_study_overrides, tiny_tokenizer
 
 SITE = "blocks.0.hook_resid_post"
 SPLIT = Split(seed=0, fraction=0.8)
@@ -92,3 +95,31 @@ def test_logging_is_off_by_default_and_in_no_step_hash() -> None:
     assert not base.logging.enabled and on.logging.enabled
     assert FamilyStep().settings(base) == FamilyStep().settings(on)
     assert base.section_hash("family") == on.section_hash("family")
+
+
+def test_every_trainer_of_a_study_logs_its_saes(tmp_path: Path, corpus_file: Path) -> None:
+    """The family, the layer sweep and the error SAEs each write an event folder, one tag set per SAE."""
+    from darkmatter.config import resolve_config
+    from darkmatter.runner import run_study
+
+    accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    model = tmp_path / "model"
+    tiny_model("llama").save_pretrained(model)
+    tiny_tokenizer().save_pretrained(model)
+    overrides = [*tiny_study_overrides(model, corpus_file), "logging.tensorboard=true", "logging.every=2"]
+    run_study(
+        resolve_config("tiny", overrides=overrides), tmp_path / "run", steps=["layer_sweep", "error_saes"]
+    )
+    saes = {
+        "family": ["L1.resid.w16.k4", "L1.resid.w32.k4", "L1.resid.w32.k2"],
+        "layer_sweep": ["layer0", "layer2"],
+        "error_saes": ["linear", "nonlinear"],
+    }
+    for group, names in saes.items():
+        acc = accumulator.EventAccumulator(str(tmp_path / "run" / "logs" / "tensorboard" / group))
+        acc.Reload()
+        tags = set(acc.Tags()["scalars"])
+        assert {f"{n}/{s}" for n in names for s in ("loss", "fvu", "l0", "dead_fraction", "val_fvu")} <= tags
+        assert {t.split("/")[0] for t in tags} == set(names), group
+        steps = [e.step for e in acc.Scalars(f"{names[0]}/fvu")]
+        assert steps[0] == 0 and 2 in steps and steps == sorted(set(steps)), group

@@ -28,6 +28,7 @@ from darkmatter.progress import Progress
 from darkmatter.results import Result, config_hash, sae_identity, store_summary
 from darkmatter.sae.model import SAE
 from darkmatter.sae.train import DerivedInput, FamilyTrainer, SAESpec, TrainConfig, TrainingPoint
+from darkmatter.sae.train_logs import TrainLogs, log_every
 from darkmatter.stats.jackknife import finite_interval
 from darkmatter.stats.metrics import FVU, L0, NMSE
 from darkmatter.stats.split import Split
@@ -183,10 +184,12 @@ def train_error_saes(
     split: Split,
     progress: Progress | None = None,
     dtype: torch.dtype | None = None,
+    train_logs: TrainLogs | None = None,
 ) -> tuple[ErrorSAEsResult, dict[str, SAE]]:
     """Train one TopK SAE per component together on the train tokens of ``split`` (resuming from ``workdir``),
     then evaluate them on its test tokens. Everything runs on ``train.device`` (None: the CPU), where the
-    components are computed with ``sae`` in ``dtype`` (None: its own).
+    components are computed with ``sae`` in ``dtype`` (None: its own). ``train_logs`` records each SAE's
+    training curve under its component's name (``linear/fvu``, ``nonlinear/l0``, ...).
 
     The returned SAEs have ``hook_site`` = the SAE's site and name their input in
     ``cfg.metadata["derived_input"]``; compute their inputs with ``ErrorComponents``.
@@ -201,7 +204,16 @@ def train_error_saes(
     names = {c: f"{site}:{c}_error" for c in comps}
     derived = {names[c]: DerivedInput(site, parts.component(c), parts.identity(c)) for c in comps}
     specs = [SAESpec(name=c, site=names[c], d_sae=d_sae, k=k, kind="topk") for c in comps]
-    trainer = FamilyTrainer(store, specs, train, workdir, split=split, derived=derived)
+    trainer = FamilyTrainer(
+        store,
+        specs,
+        train,
+        workdir,
+        split=split,
+        derived=derived,
+        log=train_logs,
+        log_every=log_every(train_logs),
+    )
     saes = dict(zip(comps, trainer.train(progress), strict=True))
     quality, ratios, n_test = _evaluate(store, parts, saes, split=split, device=trainer.device)
     config = {

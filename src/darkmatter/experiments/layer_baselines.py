@@ -58,6 +58,7 @@ from darkmatter.progress import Progress
 from darkmatter.results import Result, config_hash, sae_identity, store_summary
 from darkmatter.sae import SAE
 from darkmatter.sae.train import TrainConfig
+from darkmatter.sae.train_logs import TrainLogs
 from darkmatter.stats import DEFAULT_RELATIVE_RIDGE, Split
 from darkmatter.store import MANIFEST, ActivationStore, identity_hash
 from darkmatter.text import TextConfig, make_contexts
@@ -407,10 +408,12 @@ def run(
     interval_blocks: int = 8,
     log: Log | None = None,
     progress: Callable[[str], Progress | None] | None = None,
+    train_logs: TrainLogs | None = None,
 ) -> LayerBaselinesResult:
     """Harvest resid_post of ``layers`` (with loss) into ``out_dir/store_layers``, train one SAE per layer
     (or reuse ``out_dir/saes_layers/<L>/``), and compute `layer_baselines` on ``device`` with the SAEs in
-    ``dtype`` (None: as trained); the caller writes the result. The SAEs train on ``train.device``.
+    ``dtype`` (None: as trained); the caller writes the result. The SAEs train on ``train.device`` (curves
+    to ``train_logs``, tags ``layer<L>/...``).
 
     ``harvest_cfg`` supplies dtype, batch size, the largest shard size and ``with_loss`` (without it the
     model-loss baseline is left out and the forward stops after the last layer asked for); its sites are
@@ -447,7 +450,7 @@ def run(
         "train_fraction": split.fraction,
     }
     saes, reused = load_or_train(
-        store, layers, out / SAE_DIR, settings, train, split, log, bars("layer sweep: train SAEs")
+        store, layers, out / SAE_DIR, settings, train, split, log, bars("layer sweep: train SAEs"), train_logs
     )
     result = layer_baselines(
         store,

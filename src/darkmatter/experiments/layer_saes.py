@@ -13,6 +13,7 @@ from darkmatter.progress import Progress
 from darkmatter.results import config_hash
 from darkmatter.sae import SAE, load_sae, save_sae
 from darkmatter.sae.train import FamilyTrainer, SAESpec, TrainConfig
+from darkmatter.sae.train_logs import TrainLogs, log_every
 from darkmatter.stats import Split
 from darkmatter.store import ActivationStore
 
@@ -51,10 +52,11 @@ def train_layer_saes(
     kind: Literal["topk", "batchtopk"] = "topk",
     site_template: str = RESID_SITE,
     progress: Progress | None = None,
+    train_logs: TrainLogs | None = None,
 ) -> dict[int, SAE]:
     """One SAE per layer on ``site_template`` (resid_post), all trained together by one FamilyTrainer run
     on the same batches of the train tokens of ``split``; the trainer checkpoints in ``workdir`` and resumes
-    from it."""
+    from it. ``train_logs`` records each SAE's training curve under the tag ``layer<L>/...``."""
     layers = check_layers(layers)
     sites = {layer: layer_site(site_template, layer) for layer in layers}
     missing = [layer for layer, s in sites.items() if s not in store.sites]
@@ -65,7 +67,9 @@ def train_layer_saes(
     specs = [
         SAESpec(name=f"layer{layer}", site=sites[layer], d_sae=d_sae, k=k, kind=kind) for layer in layers
     ]
-    trainer = FamilyTrainer(store, specs, train, workdir, split=split)
+    trainer = FamilyTrainer(
+        store, specs, train, workdir, split=split, log=train_logs, log_every=log_every(train_logs)
+    )
     return dict(zip(layers, trainer.train(progress=progress), strict=True))
 
 
@@ -78,6 +82,7 @@ def load_or_train(
     split: Split,
     log: Log,
     progress: Progress | None = None,
+    train_logs: TrainLogs | None = None,
 ) -> tuple[dict[int, SAE], list[int]]:
     """Reuse ``root/<L>/`` SAEs (checking they match the settings), train the rest together, save them."""
     key = config_hash({**settings, "store": store.manifest["identity_hash"]})
@@ -115,6 +120,7 @@ def load_or_train(
             workdir=workdir,
             split=split,
             progress=progress,
+            train_logs=train_logs,
         )
         for layer, sae in trained.items():
             sae.cfg.metadata[SAE_KEY] = key

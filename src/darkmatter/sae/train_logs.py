@@ -87,3 +87,8 @@ class TrainLogs:
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
+
+
+def log_every(logs: TrainLogs | None) -> int:
+    """Steps between a trainer's logged points: the logging section's ``every`` (10 without logs)."""
+    return 10 if logs is None else logs.cfg.every

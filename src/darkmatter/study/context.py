@@ -3,7 +3,8 @@ the store, the split, the SAE family and its roles. Steps read and write only th
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from darkmatter.ranks import SINGLE, Ranks
 from darkmatter.results import R, read_result
 from darkmatter.sae import SAE
 from darkmatter.sae.train_config import TrainConfig
+from darkmatter.sae.train_logs import TrainLogs
 from darkmatter.stats.split import Split
 from darkmatter.store import MANIFEST, ActivationStore
 from darkmatter.study.budget import Budget, detect_budget, group_saes, sae_capacity, sae_cost
@@ -138,6 +140,20 @@ class StudyContext:
             self._budget = detect_budget(self.cfg.resources, self.device, self.paths.root)
         return self._budget
 
+    @contextmanager
+    def train_logs(self, group: str) -> Iterator[TrainLogs | None]:
+        """The TensorBoard / W&B callback the ``logging`` section asks for (None when off), writing under
+        ``logs/`` and closed on leaving; ``group`` names the trainer (its event folder and W&B group)."""
+        if not self.cfg.logging.enabled or not self.ranks.leader:  # under torchrun rank 0 logs
+            yield None
+            return
+        root = self.paths.root
+        logs = TrainLogs(self.cfg.logging, root / "logs", group=group, run_name=root.resolve().name)
+        try:
+            yield logs
+        finally:
+            logs.close()
+
     def train_config(self, train: TrainConfig) -> TrainConfig:
         """``train`` with its device settled (its own, else the study's analysis device)."""
         return train.model_copy(update={"device": self.cfg.train_device(train)})
@@ -153,6 +169,7 @@ class StudyContext:
                 dtype=m.dtype,
                 online=m.online or None,
                 trust_remote_code=m.trust_remote_code,
+                hook_modules=m.hook_modules.given(),
             )
         return self._lm
 

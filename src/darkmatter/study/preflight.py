@@ -23,9 +23,12 @@ def preflight(cfg: StudyConfig) -> ModelShape:
     config = model_config(m.name, online=m.online or None, trust_remote_code=m.trust_remote_code)
     shape = shape_of(config)
     try:
-        discover_from_config(config, trust_remote_code=m.trust_remote_code)
+        discover_from_config(config, trust_remote_code=m.trust_remote_code, overrides=m.hook_modules.given())
     except HookSiteError as exc:
-        raise HookSiteError(f"Model {m.name!r}: {exc}") from None
+        given = m.hook_modules.given()
+        raise HookSiteError(
+            f"Model {m.name!r}{f' with model.hook_modules {given}' if given else ''}: {exc}"
+        ) from None
     _check_layers(cfg, shape)
     _check_external_widths(cfg, shape)
     return shape

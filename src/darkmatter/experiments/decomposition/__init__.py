@@ -85,9 +85,8 @@ def decompose(
     what mixes SAEs (the norm Grams, the per-token table) is built from every group's per-token values on
     disk (``spill``) with the same operations on the same batches.
 
-    ``ranks``: under ``torchrun``, every rank passes over its contiguous share of the shards and the sums
-    meet after each pass (``reduce``), so every rank fits the same probes; each rank writes its rows of the
-    table as one part of a folder at ``table_path`` (see ``table_part``). Every rank must call this.
+    ``ranks``: under ``torchrun`` every rank (each must call this) passes over its share of the shards, the
+    sums meet after each pass, and each rank writes its rows as one part of the table (``table_part``).
     """
     if batch_tokens is None:
         batch_tokens = 1024 if torch.device(device).type == "cpu" else 8192
@@ -132,16 +131,23 @@ def decompose(
         grams: dict[str, NormGram] = {}
         if second_pass:
             spills = [p.spill for p in parts if p.spill is not None]
-            part = None if table_path is None else table_part(table_path, ranks)
-            grams = merge_spills(spills, _blocks_by_site(parts), part, flat)
-            ranks.sum_(
-                torch.from_numpy(m)  # in place, through the shared memory
-                for g in grams.values()
-                for m in [g.train, g.test, *(x for pair in g.blocks for x in pair)]
-            )
-            if table_path is not None:
-                finish_table(table_path, ranks)
+            grams = _grams_and_table(spills, _blocks_by_site(parts), table_path, flat, ranks)
     return _merged(parts, grams, table_path if second_pass else None)
+
+
+def _grams_and_table(
+    spills: list[GroupSpill], blocks: dict[str, int], table: Path | None, order: list[str], ranks: Ranks
+) -> dict[str, NormGram]:
+    """The norm Grams (summed across ranks) and this rank's part of the per-token table."""
+    grams = merge_spills(spills, blocks, None if table is None else table_part(table, ranks), order)
+    ranks.sum_(
+        torch.from_numpy(m)  # in place, through the shared memory
+        for g in grams.values()
+        for m in [g.train, g.test, *(x for pair in g.blocks for x in pair)]
+    )
+    if table is not None:
+        finish_table(table, ranks)
+    return grams
 
 
 @dataclass

@@ -18,8 +18,8 @@ from darkmatter.experiments.decomposition.accumulators import (
 )
 from darkmatter.experiments.decomposition.outputs import NORM_TEST_QUANTITIES, Probe, SAEStats
 from darkmatter.experiments.decomposition.plan import RECONSTRUCT_CHUNK, EnginePlan
-from darkmatter.experiments.decomposition.reduce import reduce_component_norms
 from darkmatter.experiments.decomposition.spill import GroupSpill
+from darkmatter.ranks import Ranks
 from darkmatter.stats import Cosine, Moments, evaluate, fit_ridge
 from darkmatter.stats.jackknife import finite_interval
 
@@ -173,3 +173,20 @@ def _norm_test(train: Moments, test: Moments, name: str) -> dict[str, float]:
     for q in NORM_TEST_QUANTITIES[1:]:
         out[q] = evaluate(fit_ridge(train, f"{name}:{q}", bias=True), test, f"{name}:{q}").r2
     return out
+
+
+def reduce_component_norms(norms: ComponentNorms, ranks: Ranks) -> None:
+    """Pass 2: norm moments of every block, cosines, nonlinear SSEs and mean norms (per SAE and per
+    context); the per-context sums of pass 1 were reduced already and are left alone."""
+    if not ranks.active:
+        return
+    for blocks in norms.moments.values():
+        for moments in blocks:
+            moments.all_reduce_()
+    for cosine in norms.cosine.values():
+        cosine.all_reduce_()
+    names = list(norms.sse_nonlinear)
+    totals = ranks.sum_floats([norms.sse_nonlinear[n] for n in names])
+    norms.sse_nonlinear = dict(zip(names, totals, strict=True))
+    ranks.sum_(torch.from_numpy(norms.norm_sums[n]) for n in names)  # in place, through the shared memory
+    ranks.sum_(t for acc in norms.contexts.values() for t in acc.sse_nonlinear.values())

@@ -17,7 +17,7 @@ from darkmatter.experiments.decomposition.accumulators import (
     row_norms,
 )
 from darkmatter.experiments.decomposition.plan import RECONSTRUCT_CHUNK, EnginePlan
-from darkmatter.experiments.decomposition.reduce import reduce_error_moments
+from darkmatter.ranks import Ranks
 from darkmatter.stats import Moments
 
 Tensor = torch.Tensor
@@ -115,3 +115,20 @@ def _add_site(
             codes.values[n_train:],
         )
         sums.contexts[site].sse[n].index_add_(0, ctx_test, err_sq_test.cpu())
+
+
+def reduce_error_moments(sums: ErrorMoments, ranks: Ranks) -> None:
+    """Pass 1: moments of every block, held-out metrics, per-context sums and token counts."""
+    if not ranks.active:
+        return
+    for blocks in sums.moments.values():
+        for moments in blocks:
+            moments.all_reduce_()
+    for held in sums.held_out.values():
+        sse, nmse, ratio, n = ranks.sum_floats([held.sse, held.nmse_sum, held.ratio_sum, held.n])
+        held.sse, held.nmse_sum, held.ratio_sum, held.n = sse, nmse, ratio, round(n)
+        held.l0.all_reduce_()
+    for acc in sums.contexts.values():
+        ranks.sum_([acc.n, acc.sum_x, acc.sum_sq_x, *acc.sse.values()])
+    n_train, n_test = ranks.sum_floats([sums.n_train, sums.n_test])
+    sums.n_train, sums.n_test = round(n_train), round(n_test)

@@ -1,9 +1,10 @@
 """Sizes the planner needs without any weights: the model's architecture and every SAE's width.
 
-The model's dimensions come from its config file (as ``preflight`` reads it) when that is on disk, else from
-``KNOWN_MODELS`` (the presets' models), and the plan says so. An external SAE's width comes from its config
-file or its ``params.npz`` header when the files are on disk, else from its path (``width_16k`` ...
-``width_1m`` in Gemma Scope paths, ``-8x``/``-32x`` expansion factors in Llama Scope paths).
+The model's dimensions come from its config file (as ``preflight`` reads it; for a GGUF file, its metadata)
+when that is on disk, else from ``KNOWN_MODELS`` (the presets' models), and the plan says so. An external
+SAE's width comes from its config file or its ``params.npz`` header when the files are on disk, else from its
+path (``width_16k`` ... ``width_1m`` in Gemma Scope paths, ``-8x``/``-32x`` expansion factors in Llama Scope
+paths).
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ class ModelDims:
 KNOWN_MODELS: dict[str, ModelDims] = {
     "google/gemma-2-2b": ModelDims("gemma-2-2b", 26, 2304, 9216, 256000, 8, 4, 256, True, "table"),
     "google/gemma-2-9b": ModelDims("gemma-2-9b", 42, 3584, 14336, 256000, 16, 8, 256, True, "table"),
+    "google/gemma-3-1b-pt": ModelDims("gemma-3-1b-pt", 26, 1152, 6912, 262144, 4, 1, 256, True, "table"),
     "meta-llama/Llama-3.1-8B": ModelDims("llama-3.1-8b", 32, 4096, 14336, 128256, 32, 8, 128, False, "table"),
 }
 
@@ -100,11 +102,15 @@ def dims_from_config(config: dict[str, Any], name: str) -> ModelDims:
 def model_dims(name: str, *, online: bool = False, trust_remote_code: bool = False) -> ModelDims:
     """The model's dimensions from its local ``config.json``, else from ``KNOWN_MODELS``; no download and
     no import of transformers (reading the file is enough)."""
-    from darkmatter.lm.loading import model_source
+    from darkmatter.lm.gguf import looks_like_gguf
+    from darkmatter.lm.loading import gguf_config_dict, model_source
 
     try:
-        path, _, _ = model_source(name, online=False)
-        config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+        if looks_like_gguf(Path(name).expanduser()):  # read, not converted, to plan
+            config = gguf_config_dict(Path(name).expanduser())
+        else:
+            path, _, _ = model_source(name, online=False)
+            config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
         dims = dims_from_config(config, name)
         if dims.n_layers and dims.d_model and dims.vocab:
             return dims

@@ -11,6 +11,7 @@ from pydantic import Field
 from darkmatter.config.schema import StudyConfig
 from darkmatter.experiments.error_saes import ErrorSAEsResult, train_error_saes
 from darkmatter.sae import SAE, load_sae, save_sae
+from darkmatter.sae.train_logs import TrainLogs
 from darkmatter.study.context import StudyContext
 from darkmatter.study.readable import sae_folder_ok
 from darkmatter.study.step import Step
@@ -56,7 +57,20 @@ class ErrorSAEsStep(Step[ErrorSAEsStepResult]):
         settings = ctx.cfg.error_saes
         name = ctx.roles.chosen(settings.sae, "error_saes.sae")
         sae = ctx.saes[name]
-        res, trained = train_error_saes(
+        with ctx.train_logs("error_saes") as logs:
+            res, trained = self._train(ctx, sae, name, logs)
+        for component, error_sae in trained.items():
+            save_sae(error_sae, error_sae_folder(ctx, component))
+        for c in settings.components:
+            q = res.saes[c]
+            ctx.log(f"error SAE on {c} error of {name}: held-out FVU {q.fvu:.3f}, L0 {q.l0:.1f}")
+        return ErrorSAEsStepResult(**dict(res), sae_name=name)
+
+    def _train(
+        self, ctx: StudyContext, sae: SAE, name: str, logs: TrainLogs | None
+    ) -> tuple[ErrorSAEsResult, dict[str, SAE]]:
+        settings = ctx.cfg.error_saes
+        return train_error_saes(
             ctx.store,
             sae,
             ctx.probe(name),
@@ -68,13 +82,8 @@ class ErrorSAEsStep(Step[ErrorSAEsStepResult]):
             split=ctx.split,
             progress=ctx.progress("train error SAEs"),
             dtype=ctx.sae_dtype,  # on the trainer's device, the analysis device unless train.device is set
+            train_logs=logs,
         )
-        for component, error_sae in trained.items():
-            save_sae(error_sae, error_sae_folder(ctx, component))
-        for c in settings.components:
-            q = res.saes[c]
-            ctx.log(f"error SAE on {c} error of {name}: held-out FVU {q.fvu:.3f}, L0 {q.l0:.1f}")
-        return ErrorSAEsStepResult(**dict(res), sae_name=name)
 
     def headline(self, result: ErrorSAEsStepResult) -> str:
         return ", ".join(f"FVU on {c} {q.fvu:.3f}" for c, q in result.saes.items())

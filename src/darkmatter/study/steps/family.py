@@ -13,7 +13,7 @@ from darkmatter.sae import SAE, load_sae, save_sae
 from darkmatter.sae.convergence import convergence
 from darkmatter.sae.quality import evaluate_saes
 from darkmatter.sae.train import FamilyTrainer, TrainingPoint
-from darkmatter.sae.train_logs import TrainLogs
+from darkmatter.sae.train_logs import log_every
 from darkmatter.study.budget import GB, engine_sae_bytes, group_saes
 from darkmatter.study.context import StudyContext
 from darkmatter.study.family_saes import FamilyResult, SAERecord, load_external_one, shape_of, trained_paths
@@ -101,17 +101,6 @@ def _train(ctx: StudyContext) -> _Trained:
     """Train the family in one pass over the train split; save each SAE and load it back as a rerun would."""
     fam = ctx.cfg.family
     workdir = ctx.paths.saes / ".training"
-    logs = _train_logs(ctx) if ctx.ranks.leader else None
-    trainer = FamilyTrainer(
-        ctx.store,
-        fam.specs(ctx.cfg.layer),
-        ctx.train_config(fam.train),
-        workdir,
-        split=ctx.split,
-        log=logs,
-        log_every=ctx.cfg.logging.every,
-        ranks=ctx.ranks,
-    )
     bar = ctx.progress("train SAEs")
     rates: list[float] = []
 
@@ -120,11 +109,18 @@ def _train(ctx: StudyContext) -> _Trained:
         if bar is not None:
             bar(done, total, rate)
 
-    try:
+    with ctx.train_logs("family") as logs:
+        trainer = FamilyTrainer(
+            ctx.store,
+            fam.specs(ctx.cfg.layer),
+            ctx.train_config(fam.train),
+            workdir,
+            split=ctx.split,
+            log=logs,
+            log_every=log_every(logs),
+            ranks=ctx.ranks,
+        )
         trained = trainer.train(progress=report)
-    finally:
-        if logs is not None:
-            logs.close()
     saes: dict[str, SAE] = {}
     paths: dict[str, str] = {}
     if not ctx.ranks.leader:
@@ -138,15 +134,6 @@ def _train(ctx: StudyContext) -> _Trained:
     histories = {m.spec.name: m.history for m in trainer.members}
     n_val = trainer.validation.n_tokens if trainer.validation else 0
     return _Trained(saes, paths, histories, rates[-1] if rates else None, n_val)
-
-
-def _train_logs(ctx: StudyContext) -> TrainLogs | None:
-    """The TensorBoard / W&B callback the study's logging section asks for, writing under ``logs/``."""
-    cfg = ctx.cfg.logging
-    if not cfg.enabled:
-        return None
-    root = ctx.paths.root
-    return TrainLogs(cfg, root / "logs", group="family", run_name=root.resolve().name)
 
 
 def _records(

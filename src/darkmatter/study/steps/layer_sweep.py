@@ -8,8 +8,10 @@ from typing import Any
 from darkmatter.config.schema import StudyConfig
 from darkmatter.experiments import layer_baselines
 from darkmatter.experiments.layer_baselines import LayerBaselinesResult
+from darkmatter.sae.train_logs import TrainLogs
 from darkmatter.study.context import StudyContext
 from darkmatter.study.step import Step
+from darkmatter.text import TextConfig
 
 
 class LayerSweepStep(Step[LayerBaselinesResult]):
@@ -35,6 +37,11 @@ class LayerSweepStep(Step[LayerBaselinesResult]):
     def run(self, ctx: StudyContext) -> LayerBaselinesResult:
         cfg, sweep = ctx.cfg, ctx.cfg.layer_sweep
         text = cfg.text.model_copy(update={"n_contexts": min(sweep.n_contexts, cfg.text.n_contexts)})
+        with ctx.train_logs("layer_sweep") as logs:
+            return self._run(ctx, text, logs)
+
+    def _run(self, ctx: StudyContext, text: TextConfig, logs: TrainLogs | None) -> LayerBaselinesResult:
+        cfg, sweep = ctx.cfg, ctx.cfg.layer_sweep
         return layer_baselines.run(
             ctx.lm,
             text,
@@ -53,6 +60,7 @@ class LayerSweepStep(Step[LayerBaselinesResult]):
             dtype=ctx.sae_dtype,
             log=ctx.log,
             progress=ctx.progress,
+            train_logs=logs,
         )
 
     def headline(self, result: LayerBaselinesResult) -> str:
