@@ -73,7 +73,9 @@ def launch(n: int, out: Path, contexts: int) -> dict[str, object]:
         "--report",
         str(report),
     ]
-    subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{n} rank(s) failed:\n{proc.stderr[-4000:]}")
     return json.loads(report.read_text())  # type: ignore[no-any-return]
 
 

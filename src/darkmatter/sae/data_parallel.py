@@ -69,7 +69,7 @@ def shared_update(trainer: FamilyTrainer, m: Member, x_batch: Tensor, factor: fl
         e = err.detach()
         spread = (e - (sums[:-1] / n).to(e.dtype)).pow(2).sum().double().reshape(1)
         ranks.sum_([spread])
-        aux = (e - a_rec).pow(2).sum() / spread.to(e.dtype).clamp_min(1e-12)
+        aux = (e - a_rec).pow(2).sum() / spread[0].to(e.dtype).clamp_min(1e-12)
         aux = torch.nan_to_num(aux, nan=0.0)
     total = loss + trainer.cfg.aux_coef * aux + m.sparsity_coef * penalty
     m.opt.zero_grad(set_to_none=True)
