@@ -15,7 +15,6 @@ import torch.nn.functional as F
 
 from darkmatter.errors import DataError
 from darkmatter.experiments.inputs import on_device, placement
-from darkmatter.ranks import SINGLE, Ranks
 from darkmatter.sae.model import SAE
 from darkmatter.stats import Moments, evaluate, fit_ridge
 from darkmatter.stats.split import Split
@@ -39,13 +38,11 @@ def probe_latents(
     batch_tokens: int = 4096,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
-    ranks: Ranks = SINGLE,
 ) -> dict[str, Any]:
     """Fit the norm probe on train tokens (R² on test tokens); latent statistics from train tokens.
 
     Everything is computed on ``device`` (None: the SAE's) with the SAE in ``dtype`` (None: its own); the
-    float64 sums stay there and only the final numbers come back to the host. ``ranks``: under torchrun
-    each rank reads its share of the shards and the sums are added up (every rank must call this)."""
+    float64 sums stay there and only the final numbers come back to the host."""
     dev = placement(device, sae)
     sae = on_device(sae, dev, dtype)
     site = str(sae.cfg.hook_site)
@@ -55,8 +52,7 @@ def probe_latents(
     sum_w2 = torch.zeros(w, dtype=torch.float64, device=dev)
     count = torch.zeros(w, dtype=torch.float64, device=dev)
     dec_norm = sae.W_dec.detach().double().norm(dim=1)
-    shards = ranks.share(range(store.n_shards)) if ranks.active else None
-    for batch in store.iter_batches([site], batch_tokens=batch_tokens, device=dev, shards=shards):
+    for batch in store.iter_batches([site], batch_tokens=batch_tokens, device=dev):
         x = batch.acts[site].to(sae.dtype)
         codes = sae.encode_sparse(x)
         s = latent_sum(sae, codes.indices, codes.values).float()
@@ -71,10 +67,6 @@ def probe_latents(
         sum_w.index_add_(0, idx, val)
         sum_w2.index_add_(0, idx, val * val)
         count.index_add_(0, idx, torch.ones_like(val))
-    if ranks.active:
-        for m in mom.values():
-            m.all_reduce_()
-        ranks.sum_([sum_w, sum_w2, count])
     fit = fit_ridge(mom["train"], "s2", bias=True)
     r2 = evaluate(fit, mom["test"], "s2").r2
     a = fit.weights[:, 0].double()

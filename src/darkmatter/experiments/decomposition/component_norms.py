@@ -100,10 +100,12 @@ class ComponentNorms:
         sae = self.plan.saes[name]
         x_hat, codes = sae.reconstruct(x_tok_d.to(sae.dtype), chunk_size=RECONSTRUCT_CHUNK)
         x_hat = x_hat.to(x_tok_d.dtype)
-        err = x_tok_d - x_hat
+        err = x_tok_d - x_hat  # the error as the SAE's consumers see it (pass 1's e)
         weights, bias = self.probes[name]
-        linear = torch.addmm(bias, x_tok_d, weights)
-        nonlinear = err - linear
+        # b*x̃ in float64: an ill-conditioned probe (large weights that cancel) applied in float32 would make
+        # every statistic below follow the rounding of b*'s last bits
+        linear = torch.addmm(bias, x_tok_d.double(), weights)
+        nonlinear = err.double() - linear
         parts = {"sae": x_hat, "error": err, "linear": linear, "nonlinear": nonlinear}
         sq = {k: v.pow(2).sum(1, keepdim=True) for k, v in parts.items()}  # each [n, 1]
         for k, v in sq.items():

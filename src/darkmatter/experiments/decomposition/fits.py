@@ -21,7 +21,8 @@ from darkmatter.stats.jackknife import finite_interval
 
 
 def fit_error_probes(plan: EnginePlan, sums: ErrorMoments, stats: dict[str, SAEStats]) -> dict[str, Probe]:
-    """Fit every SAE's probe, fill its probe and held-out statistics; returns b* per SAE (float32)."""
+    """Fit every SAE's probe, fill its probe and held-out statistics; returns b* per SAE (float64: pass 2
+    applies it in float64, so its statistics do not follow the float32 rounding of b*'s last bits)."""
     probes: dict[str, Probe] = {}
     for site, names in plan.groups.items():
         train, test = sums.total(site, "train"), sums.total(site, "test")
@@ -37,8 +38,8 @@ def fit_error_probes(plan: EnginePlan, sums: ErrorMoments, stats: dict[str, SAES
             _held_out_stats(stats[n], sums.held_out[n], var_x)
             assert fit.bias is not None
             probes[n] = (
-                fit.weights.to(device=plan.device, dtype=torch.float32),
-                fit.bias.to(device=plan.device, dtype=torch.float32),
+                fit.weights.to(device=plan.device, dtype=torch.float64),
+                fit.bias.to(device=plan.device, dtype=torch.float64),
             )
     return probes
 
