@@ -72,7 +72,7 @@ DEMO_SHAPED = [
     "--preset",
     "demo",
     "--set",
-    "text.n_contexts=16",
+    "text.n_contexts=8",
     "--set",
     "harvest.shard_contexts=2",
     "--set",
@@ -84,16 +84,18 @@ def _env() -> dict[str, str]:
     return os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
-def _command(ranks: int, out: Path, args: list[str]) -> list[str]:
-    tail = ["run", "--out", str(out), "--quiet", "--steps", STEPS, *args]
+def _command(ranks: int, out: Path, args: list[str], steps: str = STEPS) -> list[str]:
+    tail = ["run", "--out", str(out), "--quiet", "--steps", steps, *args]
     if ranks == 1:
         return [sys.executable, "-m", "darkmatter", *tail]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks)]
     return [*launcher, "--master-port", str(29500 + os.getpid() % 1000), "-m", "darkmatter", *tail]
 
 
-def _run(ranks: int, out: Path, args: list[str]) -> None:
-    proc = subprocess.run(_command(ranks, out, args), env=_env(), capture_output=True, text=True, timeout=900)
+def _run(ranks: int, out: Path, args: list[str], steps: str = STEPS) -> None:
+    proc = subprocess.run(
+        _command(ranks, out, args, steps), env=_env(), capture_output=True, text=True, timeout=900
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
@@ -176,18 +178,20 @@ def assert_same_results(one: Path, many: Path, steps: tuple[str, ...] = ("engine
     return worst
 
 
-def _three_runs(root: Path, args: list[str]) -> tuple[Path, Path, Path]:
-    """One process; 2 ranks from scratch; 2 ranks rerunning the engine on the one-process store and SAEs."""
+def _three_runs(root: Path, args: list[str], two_steps: str = STEPS) -> tuple[Path, Path, Path]:
+    """One process; 2 ranks from scratch (``two_steps`` and what they need); 2 ranks rerunning the engine on
+    the one-process store and SAEs."""
     import shutil
 
     _run(1, root / "one", args)
-    _run(2, root / "two", args)
+    _run(2, root / "two", args, steps=two_steps)
     shutil.copytree(root / "one", root / "engine")
     _run(2, root / "engine", args)  # harvest and family are up to date: only the engine and per-token run
     return root / "one", root / "two", root / "engine"
 
 
 def _check_three(runs: tuple[Path, Path, Path]) -> None:
+    """The 2-rank store and SAEs equal one process's; so do the 2-rank engine's results on those."""
     one, two, engine = runs
     assert_same_store(one, two)
     saes = assert_same_saes(one, two)
@@ -209,7 +213,7 @@ def test_two_ranks_give_the_tiny_study_of_one_process(tiny_runs: tuple[Path, Pat
 
 @pytest.mark.slow
 def test_two_ranks_give_a_demo_shaped_study_of_one_process(tmp_path: Path) -> None:
-    _check_three(_three_runs(tmp_path, DEMO_SHAPED))
+    _check_three(_three_runs(tmp_path, DEMO_SHAPED, two_steps="family"))
 
 
 def _kill_rank_when(out: Path, ready: Any, timeout: float = 300) -> tuple[int, float]:
