@@ -92,6 +92,9 @@ class EngineConfig(BaseModel):
         "numbers (probes refitted per replicate); 0 or fewer than 3 shards: no intervals. Memory grows "
         "with the blocks.",
     )
+    power_law_boot: int = Field(
+        200, ge=10, description="Context resamples of the scaling law's bootstrap (one refit each)."
+    )
 
 
 class LayerSweepConfig(BaseModel):

@@ -138,7 +138,7 @@ class EngineStep(Step[EngineResult]):
     title = "error prediction, FVU_nonlinear and the scaling law (Figs 1-3, 6, 14)"
     result_type = EngineResult
     needs = (FAMILY,)
-    version = 3
+    version = 4  # 4: pass 2 applies b* in float64
     distributed = True
 
     def settings(self, cfg: StudyConfig) -> dict[str, Any]:
@@ -172,7 +172,12 @@ class EngineStep(Step[EngineResult]):
                 save_probe(ctx.paths.probe(name), weights.float(), bias.float())
             save_norm_grams(norm_grams_path(ctx), dec.norm_grams)
         fit, nl_mean, nl_ci = scaling_law(
-            dec, roles.width_sweep, roles.main_site, seed=ctx.cfg.seed, ranks=ctx.ranks
+            dec,
+            roles.width_sweep,
+            roles.main_site,
+            seed=ctx.cfg.seed,
+            n_boot=ctx.cfg.engine.power_law_boot,
+            ranks=ctx.ranks,
         )
         # one pass of one SAE, made by every rank over the whole store: its regression coefficients are
         # ill-conditioned, so sums added in another order would move them (1.6e-9 relative on the tiny study)
