@@ -26,6 +26,7 @@ from darkmatter.hashing import sha256_hex, stable_hash
 from darkmatter.lm.loading import resolve_device
 from darkmatter.progress import Progress
 from darkmatter.results import Result, config_hash, sae_identity, store_summary
+from darkmatter.sae.codes import SparseCodes
 from darkmatter.sae.model import SAE
 from darkmatter.sae.train import DerivedInput, FamilyTrainer, SAESpec, TrainConfig, TrainingPoint
 from darkmatter.sae.train_logs import TrainLogs, log_every
@@ -388,8 +389,21 @@ def component_activations_fn(
     if site is None:
         raise ConfigError("The SAE names no hook site, so its activations cannot be found in a batch.")
     error_sae.check_input_width(sae.cfg.d_in, f"{component} error of {site}")
+    columns = latent_columns(latents, error_sae.cfg.d_sae)
+
+    @torch.no_grad()
+    def activations(batch: Batch) -> Tensor:
+        if site not in batch.acts:
+            raise StoreError(f"The batch lacks site {site}; load it with that site.")
+        return columns(error_sae.encode_sparse(fn(batch.acts[site])))
+
+    return activations
+
+
+def latent_columns(latents: Sequence[int], width: int) -> Callable[[SparseCodes], Tensor]:
+    """A function from sparse codes ``[n, m]`` to ``[n, len(latents)]`` float32 host activations of the
+    chosen latents (each in ``[0, width)``, at most once), in the order given."""
     ids = torch.as_tensor(list(latents), dtype=torch.long)
-    width = error_sae.cfg.d_sae
     if ids.numel() == 0 or len(set(ids.tolist())) != ids.numel():
         raise ConfigError(f"Choose at least one latent and each at most once, got {list(latents)}.")
     if bool((ids < 0).any()) or bool((ids >= width).any()):
@@ -397,11 +411,7 @@ def component_activations_fn(
     slot_of = torch.full((width,), -1, dtype=torch.long)
     slot_of[ids] = torch.arange(ids.numel())
 
-    @torch.no_grad()
-    def activations(batch: Batch) -> Tensor:
-        if site not in batch.acts:
-            raise StoreError(f"The batch lacks site {site}; load it with that site.")
-        codes = error_sae.encode_sparse(fn(batch.acts[site]))
+    def columns(codes: SparseCodes) -> Tensor:
         idx, vals = codes.indices.cpu(), codes.values.cpu().to(torch.float32)
         slot = slot_of[idx]  # [n, m]: column of each active latent in the output, -1 when not chosen
         hit = (slot >= 0) & (vals != 0)
@@ -410,4 +420,4 @@ def component_activations_fn(
         out[rows[hit], slot[hit]] = vals[hit]
         return out
 
-    return activations
+    return columns

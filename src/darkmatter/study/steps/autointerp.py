@@ -21,7 +21,7 @@ from pydantic import Field
 
 from darkmatter.config.schema import StudyConfig
 from darkmatter.errors import ConfigError, EndpointError
-from darkmatter.experiments.error_saes import component_activations_fn
+from darkmatter.experiments.error_saes import component_activations_fn, latent_columns
 from darkmatter.interp import (
     AutoInterpResult,
     EndpointJudge,
@@ -247,21 +247,12 @@ def sae_activations_fn(sae: SAE, latents: Sequence[int]) -> Callable[[Batch], to
     site = sae.cfg.hook_site
     if site is None:
         raise ConfigError("The SAE names no hook site, so its activations cannot be found in a batch.")
-    ids = torch.as_tensor(list(latents), dtype=torch.long)
-    slot_of = torch.full((sae.cfg.d_sae,), -1, dtype=torch.long)
-    slot_of[ids] = torch.arange(ids.numel())
+    columns = latent_columns(latents, sae.cfg.d_sae)
     chunk = max(1, PRE_ACTIVATION_ELEMENTS // sae.cfg.d_sae)
 
     @torch.no_grad()
     def activations(batch: Batch) -> torch.Tensor:
-        codes = sae.encode_sparse(batch.acts[site], chunk_size=chunk)
-        idx, vals = codes.indices.cpu(), codes.values.cpu().to(torch.float32)
-        slot = slot_of[idx]  # [n, m]: column of each active latent in the output, -1 when not chosen
-        hit = (slot >= 0) & (vals != 0)
-        out = torch.zeros(idx.shape[0], ids.numel())
-        rows = torch.arange(idx.shape[0])[:, None].expand_as(idx)
-        out[rows[hit], slot[hit]] = vals[hit]
-        return out
+        return columns(sae.encode_sparse(batch.acts[site], chunk_size=chunk))
 
     return activations
 
