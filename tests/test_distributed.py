@@ -28,6 +28,25 @@ def test_shares_are_contiguous_balanced_and_cover_everything() -> None:
             assert max(map(len, parts)) - min(map(len, parts)) <= 1
 
 
+def test_one_process_is_rank_0_of_1_and_bad_settings_are_clear_errors(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from darkmatter.errors import ConfigError
+    from darkmatter.ranks import SINGLE, collective_timeout_s, from_environment
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert from_environment("cpu") is SINGLE and not SINGLE.active and SINGLE.leader
+    monkeypatch.setenv("DARKMATTER_DIST_TIMEOUT_S", "ten minutes")
+    with pytest.raises(ConfigError, match="DARKMATTER_DIST_TIMEOUT_S"):
+        collective_timeout_s()
+    monkeypatch.setenv("DARKMATTER_DIST_TIMEOUT_S", "600")
+    assert collective_timeout_s() == 600.0
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        with pytest.raises(ConfigError, match="CUDA is not available"):
+            from_environment("cuda")
+
+
 def _shard(index: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(index)
     return {"s": torch.randn(2, 3, 4, generator=g)}

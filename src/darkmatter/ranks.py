@@ -201,9 +201,22 @@ def from_environment(device: str) -> Ranks:
         torch.cuda.set_device(local % torch.cuda.device_count())
     backend = "nccl" if cuda else "gloo"
     if not dist.is_initialized():
-        timeout = timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)))
-        dist.init_process_group(backend=backend, timeout=timeout)
+        dist.init_process_group(backend=backend, timeout=timedelta(seconds=collective_timeout_s()))
     return Ranks(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local, backend=backend)
+
+
+def collective_timeout_s() -> float:
+    """``DARKMATTER_DIST_TIMEOUT_S`` (seconds, positive), else ``DEFAULT_TIMEOUT_S``."""
+    raw = os.environ.get(TIMEOUT_ENV)
+    if raw is None:
+        return float(DEFAULT_TIMEOUT_S)
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0 or value == float("inf"):
+        raise ConfigError(f"{TIMEOUT_ENV}={raw!r} is not a positive number of seconds.")
+    return value
 
 
 def shutdown(ranks: Ranks) -> None:

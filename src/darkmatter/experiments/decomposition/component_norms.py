@@ -79,8 +79,9 @@ class ComponentNorms:
     ) -> Tensor:
         packed.put("x", x_tok_d)
         packed.put("x2", x_tok_d.pow(2).sum(1, keepdim=True))
+        x64 = x_tok_d.double()  # once per batch and site: every SAE's b*x̃ reads it
         norms = [
-            self._add_sae(site, n, x_tok_d, n_train, ctx_test, packed, table_cols)
+            self._add_sae(site, n, x_tok_d, x64, n_train, ctx_test, packed, table_cols)
             for n in self.plan.groups[site]
         ]
         # [n, 2·SAEs] float32, rows train-first: the norm Gram's inputs, finished in `merge_spills`
@@ -91,6 +92,7 @@ class ComponentNorms:
         site: str,
         name: str,
         x_tok_d: Tensor,
+        x64: Tensor,
         n_train: int,
         ctx_test: Tensor,
         packed: SplitBuffer,
@@ -104,7 +106,7 @@ class ComponentNorms:
         weights, bias = self.probes[name]
         # b*x̃ in float64: an ill-conditioned probe (large weights that cancel) applied in float32 would make
         # every statistic below follow the rounding of b*'s last bits
-        linear = torch.addmm(bias, x_tok_d.double(), weights)
+        linear = torch.addmm(bias, x64, weights)
         nonlinear = err.double() - linear
         parts = {"sae": x_hat, "error": err, "linear": linear, "nonlinear": nonlinear}
         sq = {k: v.pow(2).sum(1, keepdim=True) for k, v in parts.items()}  # each [n, 1]
