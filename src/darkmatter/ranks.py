@@ -90,6 +90,27 @@ class Ranks:
         dist.broadcast_object_list(box, src=0)
         return box[0]  # type: ignore[no-any-return]
 
+    def gather(self, obj: T) -> list[T]:
+        """Every rank's ``obj``, in rank order, on every rank (``[obj]`` when alone). For small partial
+        results (per-context lists, counts, latent records) that are merged in rank order afterwards."""
+        if not self.active:
+            return [obj]
+        import torch.distributed as dist
+
+        box: list[Any] = [None] * self.world
+        dist.all_gather_object(box, obj)
+        return box
+
+    def max_floats(self, values: Sequence[float]) -> list[float]:
+        """``values``: the largest across ranks, element by element."""
+        if not self.active:
+            return list(values)
+        import torch.distributed as dist
+
+        t = torch.tensor(list(values), dtype=torch.float64, device=self.collective_device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return [float(v) for v in t.cpu()]
+
     def sum_(self, tensors: Iterable[torch.Tensor]) -> None:
         """Sum ``tensors`` in place across ranks (one collective per dtype)."""
         if self.active:
