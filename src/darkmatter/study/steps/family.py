@@ -27,7 +27,7 @@ class FamilyStep(Step[FamilyResult]):
     title = "the SAE family and its held-out quality"
     result_type = FamilyResult
     needs = (HARVEST,)
-    distributed = True  # training is data-parallel; rank 0 saves, loads and measures the SAEs
+    distributed = True  # training and the held-out quality pass are data-parallel; rank 0 saves the SAEs
 
     def settings(self, cfg: StudyConfig) -> dict[str, Any]:
         return {
@@ -45,20 +45,20 @@ class FamilyStep(Step[FamilyResult]):
         trained: _Trained | None = None
         fam = ctx.cfg.family
         if not ctx.ranks.leader and fam.external:
-            return _elsewhere()  # rank 0 loads and measures external SAEs alone
+            return _elsewhere()  # rank 0 loads (and may convert) and measures external SAEs alone
         if fam.external:
             records = _external_records(ctx)
             train_seconds = time.perf_counter() - t0
         else:
             trained = _train(ctx)
             train_seconds = time.perf_counter() - t0
-            if not ctx.ranks.leader:
-                return _elsewhere()
             records = []
             shapes = {n: shape_of(s) for n, s in trained.saes.items()}
             for group in ctx.sae_groups(list(shapes), what="family quality", shapes=shapes):
                 members = {n: trained.saes[n] for n in group}
                 records += _records(ctx, members, trained.paths, trained.histories)
+            if not ctx.ranks.leader:
+                return _elsewhere()
         ctx.use_family(None)
         tol = ctx.cfg.family.train.converge_tol
         for r in records:
@@ -123,13 +123,13 @@ def _train(ctx: StudyContext) -> _Trained:
         trained = trainer.train(progress=report)
     saes: dict[str, SAE] = {}
     paths: dict[str, str] = {}
-    if not ctx.ranks.leader:
-        return _Trained(saes, paths, {}, None, 0)
-    for spec, sae in zip(trainer.specs, trained, strict=True):
-        folder = save_sae(sae, ctx.paths.sae(spec.name))
-        saes[spec.name] = load_sae(
-            folder, device=ctx.device, dtype=ctx.sae_dtype
-        )  # exactly what a resumed run will load
+    if ctx.ranks.leader:
+        for spec, sae in zip(trainer.specs, trained, strict=True):
+            save_sae(sae, ctx.paths.sae(spec.name))
+    ctx.ranks.barrier()  # every rank measures the SAEs rank 0 saved
+    for spec in trainer.specs:
+        folder = ctx.paths.sae(spec.name)
+        saes[spec.name] = load_sae(folder, device=ctx.device, dtype=ctx.sae_dtype)  # as a resumed run loads
         paths[spec.name] = ctx.paths.relative(folder)
     histories = {m.spec.name: m.history for m in trainer.members}
     n_val = trainer.validation.n_tokens if trainer.validation else 0
@@ -143,7 +143,9 @@ def _records(
     histories: dict[str, list[dict[str, float]]],
 ) -> list[SAERecord]:
     """Records of SAEs in memory, measured in one pass over the store's test split."""
-    quality = evaluate_saes(ctx.store, saes, split=ctx.split, part="test", device=str(ctx.device))
+    quality = evaluate_saes(
+        ctx.store, saes, split=ctx.split, part="test", device=str(ctx.device), ranks=ctx.ranks
+    )
     return [_record(n, s, paths[n], histories.get(n, []), quality[n], ctx) for n, s in saes.items()]
 
 
