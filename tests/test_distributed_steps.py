@@ -154,6 +154,10 @@ def _max_rel(a: Any, b: Any) -> float:
 
 
 def test_pursuit_step_on_two_ranks_gives_one_process(runs) -> None:
+    from darkmatter.study.steps.earlier_layers import EARLIER_LAYERS
+    from darkmatter.study.steps.pursuit import PURSUIT
+
+    assert PURSUIT.distributed and EARLIER_LAYERS.distributed  # the runner runs them on every rank
     one, r0, r1 = runs
     assert len(one["pursuit"]["saes"]) == 2 and one["pursuit"]["saes"][0]["intervals"]
     assert r1["pursuit"]["saes"] == []  # a placeholder: the runner records rank 0's result
