@@ -5,6 +5,10 @@ kept per block (moments are additive, so the totals are their sum). Replicate b 
 target) pair on the train moments of every block but b and scores it on the test moments of every block but
 b, so each interval includes the fits' own variance. Fewer than 3 blocks, or blocks too big to leave out
 (too few tokens would remain for the joint fit), give no intervals.
+
+Under ``torchrun`` each rank holds the blocks of its shards; ``BlockMoments.all_reduce_`` sums them onto
+the reference of the first rank holding each block, so a block inside one rank's shards arrives bit for
+bit and every rank ends with the same blocks.
 """
 
 from __future__ import annotations
@@ -17,9 +21,11 @@ import torch
 from darkmatter.errors import DataError
 from darkmatter.experiments.decomposition.accumulators import merged, replicates_fit
 from darkmatter.experiments.joint_map import JOINT
+from darkmatter.ranks import Ranks
 from darkmatter.stats import Moments, evaluate, fit_ridge_many, fvu_with_prediction
 from darkmatter.stats.jackknife import finite_interval
 
+Tensor = torch.Tensor
 Table = dict[str, dict[str, float]]
 """regressor -> target -> number."""
 
@@ -72,6 +78,60 @@ class BlockMoments:
         """``part`` ('train', 'test' or 'x_test') merged over every block (or every block but ``without``)."""
         blocks: list[Moments] = getattr(self, part)
         return merged(blocks, without)
+
+    def all_reduce_(self, ranks: Ranks) -> None:
+        """Every rank's blocks summed, in place (every rank must call this)."""
+        every = [*self.train, *self.test, *self.x_test]
+        counts = ranks.gather([m.n for m in every])
+        for i, m in enumerate(every):
+            all_reduce_moments_(m, [c[i] for c in counts], ranks)
+
+
+def all_reduce_moments_(m: Moments, counts: list[int], ranks: Ranks) -> None:
+    """``m`` summed across ranks in place (``counts``: its tokens on each rank), about the reference of the
+    first rank with tokens: that rank's sums are added unchanged (a part held by one rank arrives exactly),
+    the others' moved to that reference first (exact algebra, as ``Moments.merge``)."""
+    total = sum(counts)
+    if total == 0:
+        return
+    first = next(r for r, c in enumerate(counts) if c)
+    dev = ranks.collective_device
+    state = {k: v.to(dev) for k, v in m.state_dict().items() if k != "n"}
+    ref_keys = [k for k in state if k.endswith(".ref")]
+    ref = torch.cat([state[k] for k in ref_keys])
+    if ranks.rank != first:
+        ref.zero_()
+    ranks.sum_([ref])
+    new_refs, offset = {}, 0
+    for k in ref_keys:
+        new_refs[k] = ref[offset : offset + len(state[k])]
+        offset += len(state[k])
+    if m.n and ranks.rank != first:
+        state = _rebased(state, m.n, new_refs, list(m.target_dims))
+    state |= new_refs
+    ranks.sum_([v for k, v in state.items() if not k.endswith(".ref")])
+    m.load_state_dict({**state, "n": torch.tensor(total, dtype=torch.int64)})
+
+
+def _rebased(
+    state: dict[str, Tensor], n: int, ref: dict[str, Tensor], targets: list[str]
+) -> dict[str, Tensor]:
+    """A ``Moments.state_dict`` of ``n`` tokens re-expressed about the references ``ref`` (same keys)."""
+    sx = state["x.sum"]
+    dx = state["x.ref"] - ref["x.ref"]  # x − new_ref = (x − old_ref) + dx
+    out = {
+        "x.sum": sx + n * dx,
+        "x.gram": state["x.gram"] + torch.outer(sx, dx) + torch.outer(dx, sx) + n * torch.outer(dx, dx),
+    }
+    for name in targets:
+        sy = state[f"y.{name}.sum"]
+        dy = state[f"y.{name}.ref"] - ref[f"y.{name}.ref"]
+        out[f"y.{name}.sum"] = sy + n * dy
+        out[f"y.{name}.sumsq"] = state[f"y.{name}.sumsq"] + 2 * dy * sy + n * dy * dy
+        out[f"y.{name}.cross"] = (
+            state[f"y.{name}.cross"] + torch.outer(sx, dy) + torch.outer(dx, sy) + n * torch.outer(dx, dy)
+        )
+    return out
 
 
 @dataclass

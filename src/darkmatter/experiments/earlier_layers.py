@@ -48,6 +48,7 @@ from darkmatter.experiments.joint_map import JOINT, SELF, Block, JointMap, joint
 from darkmatter.experiments.mlp_probe import mlp_probe
 from darkmatter.hashing import stable_hash
 from darkmatter.progress import Progress, Ticker
+from darkmatter.ranks import SINGLE, Ranks
 from darkmatter.results import Result, sae_identity, store_summary
 from darkmatter.sae.model import SAE
 from darkmatter.stats import (
@@ -225,15 +226,62 @@ def _accumulate(
     device: str | torch.device,
     blocks: int,
     progress: Progress | None,
+    ranks: Ranks,
 ) -> _Accumulated:
-    """One pass over the store: the moments of every regression, split into train and test tokens, in
-    ``blocks`` blocks of whole shards."""
-    w, b = probe
+    """One pass over the store (this rank's shards): the moments of every regression, split into train and
+    test tokens, in ``blocks`` blocks of whole shards (summed across ranks)."""
     dims = dict.fromkeys(TARGETS, layout.d)
     mom = BlockMoments.empty(blocks, layout.width, dims, layout.d, device=device)
+    shards = ranks.share(range(store.n_shards)) if ranks.active else None
+    problem: str | None = None
+    try:
+        _pass(
+            store,
+            layout,
+            target_sae,
+            probe,
+            regressor_saes,
+            mom,
+            split,
+            batch_tokens,
+            device,
+            shards,
+            progress,
+        )
+    except DataError as exc:
+        if not ranks.active:
+            raise
+        problem = str(exc)
+    if ranks.active:  # one rank's bad data stops every rank at the same point
+        found = [p for p in ranks.gather(problem) if p is not None]
+        if found:
+            raise DataError(found[0])
+        mom.all_reduce_(ranks)
+    acc = _Accumulated.of(mom)
+    _check_counts(acc.train.n, acc.test.n, layout.width)
+    return acc
+
+
+def _pass(
+    store: ActivationStore,
+    layout: _Layout,
+    target_sae: SAE,
+    probe: tuple[Tensor, Tensor],
+    regressor_saes: Mapping[str, SAE],
+    mom: BlockMoments,
+    split: Split,
+    batch_tokens: int,
+    device: str | torch.device,
+    shards: list[int] | None,
+    progress: Progress | None,
+) -> None:
+    """The moments of ``shards`` (None: every shard) added to ``mom``."""
+    w, b = probe
+    blocks = len(mom.train)
     skip = int(store.identity.get("skip_positions", 0))
-    ticker = Ticker(progress, store.n_contexts * (store.ctx_len - skip))
-    for batch in store.iter_batches(layout.sites, batch_tokens=batch_tokens, device=device):
+    n_ctx = store.n_contexts if shards is None else len(store.shard_contexts_of(shards))
+    ticker = Ticker(progress, n_ctx * (store.ctx_len - skip))
+    for batch in store.iter_batches(layout.sites, batch_tokens=batch_tokens, device=device, shards=shards):
         ticker.advance(len(batch))
         train = _train_mask(batch, split)
         x = batch.acts[layout.target_site]
@@ -252,9 +300,6 @@ def _accumulate(
                 part.update(z[mask], {name: v[mask] for name, v in ys.items()})
         if bool((~train).any()):
             mom.x_test[k].update(x[~train])
-    acc = _Accumulated.of(mom)
-    _check_counts(acc.train.n, acc.test.n, layout.width)
-    return acc
 
 
 def _check_counts(n_train: int, n_test: int, width: int) -> None:
@@ -337,6 +382,7 @@ def earlier_layer_predictors(
     dtype: torch.dtype | None = None,
     interval_blocks: int = 8,
     progress: Progress | None = None,
+    ranks: Ranks = SINGLE,
 ) -> EarlierLayersResult:
     """R² of each error component of ``target_sae`` from each regressor (see the module docstring).
 
@@ -345,7 +391,8 @@ def earlier_layer_predictors(
     many blocks of whole shards (at most one per shard) for delete-one-block jackknife intervals; with
     fewer than 3 there are none. Memory grows with the blocks (each holds the joint regression's moments).
     Every SAE (in ``dtype``, None: its own), the probe, the batches and the float64 moments are on
-    ``device``.
+    ``device``. ``ranks``: under ``torchrun`` every rank (each must call this) passes over its share of the
+    shards, the blocks' moments are summed across ranks and every rank fits and returns the same result.
     """
     t0 = time.perf_counter()
     _check_names(regressor_saes)
@@ -365,6 +412,7 @@ def earlier_layer_predictors(
         device=device,
         blocks=n_blocks(store, interval_blocks),
         progress=progress,
+        ranks=ranks,
     )
     var_x = acc.x_test.total_variance_x()
     names = [*regressor_saes, SELF, JOINT]

@@ -2,6 +2,11 @@
 
 ``mlp_probe`` trains a one-hidden-layer MLP with Adam on train tokens to predict SaeError from x and
 scores it on test tokens, next to the linear probe it starts from.
+
+Under ``torchrun`` the statistics and evaluation passes are dealt by shards (float64 sums added across
+ranks) and training is data-parallel: every rank walks the same global minibatches, takes the loss and
+gradients of a contiguous share of each one's rows, and the gradients are summed before every rank's
+identical Adam step (as ``sae.data_parallel``).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import torch
 from darkmatter.errors import ConfigError, DataError
 from darkmatter.experiments.inputs import check_probe, check_store_sae, on_device, sae_recon
 from darkmatter.progress import Progress, Ticker
+from darkmatter.ranks import SINGLE, Ranks
 from darkmatter.sae.model import SAE
 from darkmatter.stats import CONSTANT_TARGET_TOL, Split
 from darkmatter.store import ActivationStore
@@ -57,6 +63,27 @@ class _DimSums:
         """Uncentred Σ t² per dimension."""
         m = self.mean()
         return self.ss_tot() + self.n * m * m
+
+    def all_reduce_(self, ranks: Ranks, d: int, device: str | torch.device) -> None:
+        """Every rank's sums added in place (each must call this), about the reference of the first rank
+        with rows: that rank's sums are added unchanged, the others' moved to its reference first."""
+        counts = ranks.gather(self.n)
+        if not sum(counts):
+            return
+        first = next(r for r, c in enumerate(counts) if c)
+        dev = ranks.collective_device
+        zeros = torch.zeros(d, dtype=torch.float64, device=dev)
+        ref = self.ref.to(dev, copy=True) if ranks.rank == first and self.ref is not None else zeros.clone()
+        ranks.sum_([ref])
+        s, ss = zeros.clone(), zeros.clone()
+        if self.n:
+            assert self.ref is not None and self.s is not None and self.ss is not None
+            dx = self.ref.to(dev) - ref  # t − ref = (t − own ref) + dx
+            s, ss = self.s.to(dev) + self.n * dx, self.ss.to(dev) + 2 * dx * self.s.to(dev) + self.n * dx * dx
+        packed = torch.cat([s, ss])
+        ranks.sum_([packed])
+        self.ref, self.s, self.ss = (t.to(device) for t in (ref, packed[:d], packed[d:]))
+        self.n = sum(counts)
 
     def cpu(self) -> _DimSums:
         """Move the sums to the CPU in place (for the final float64 arithmetic)."""
@@ -114,12 +141,18 @@ def _check_hparams(hidden: int, epochs: int, minibatch: int, lr: float) -> None:
 
 
 def _split_chunks(
-    store: ActivationStore, site: str, split: Split, batch_tokens: int, device: str | torch.device
+    store: ActivationStore,
+    site: str,
+    split: Split,
+    batch_tokens: int,
+    device: str | torch.device,
+    shards: list[int] | None = None,
 ) -> Chunks:
-    """The ``Chunks`` of ``site``: each store batch's train (or test) rows, empty ones skipped."""
+    """The ``Chunks`` of ``site`` (of ``shards``; None: every shard): each store batch's train (or test)
+    rows, empty ones skipped."""
 
     def chunks(train: bool) -> Iterator[Tensor]:
-        for batch in store.iter_batches([site], batch_tokens=batch_tokens, device=device):
+        for batch in store.iter_batches([site], batch_tokens=batch_tokens, device=device, shards=shards):
             mask = split.mask(batch.context.cpu(), batch.position.cpu()).to(batch.context.device)
             x = batch.acts[site][mask if train else ~mask]
             if x.shape[0]:
@@ -128,11 +161,15 @@ def _split_chunks(
     return chunks
 
 
-def _input_stats(chunks: Chunks, d: int) -> tuple[_DimSums, Tensor, Tensor]:
+def _input_stats(
+    chunks: Chunks, d: int, ranks: Ranks, device: str | torch.device
+) -> tuple[_DimSums, Tensor, Tensor]:
     """Train sums of x and the float32 mean and std (clamped at 1e-6) that standardise the MLP's input."""
     x_train = _DimSums()
     for x in chunks(True):
         x_train.add(x)
+    if ranks.active:
+        x_train.all_reduce_(ranks, d, device)
     if x_train.n < 2 * d:
         raise DataError(
             f"mlp_probe: {x_train.n} train tokens for a d={d} input; harvest more contexts (>= {2 * d})."
@@ -168,8 +205,47 @@ def _train_epoch(
     return total / max(count, 1)
 
 
+def _shared_epoch(
+    net: _ProbeMLP,
+    opt: torch.optim.Optimizer,
+    chunks: Chunks,
+    sae: SAE,
+    minibatch: int,
+    gen: torch.Generator,
+    ranks: Ranks,
+) -> float:
+    """``_train_epoch`` for one rank of a data-parallel run: the same chunks and shuffled minibatches, the
+    SAE and the MLP on this rank's contiguous share of each minibatch's rows, the minibatch's gradient and
+    loss summed across ranks before the step; mean MSE (one process's up to float32 summation order)."""
+    total, count = 0.0, 0
+    params = list(net.parameters())
+    for x in chunks(True):
+        order = torch.randperm(x.shape[0], generator=gen).to(x.device)
+        batches = [order[i : i + minibatch] for i in range(0, x.shape[0], minibatch)]
+        mine = [idx[slice(*ranks.bounds(len(idx)))] for idx in batches]
+        x_mine = x[torch.cat(mine)]
+        with torch.no_grad():  # (a chunk of one row leaves rank 1 none)
+            err_mine = x_mine - sae_recon(sae, x_mine) if len(x_mine) else x_mine
+        start = 0
+        for idx, part in zip(batches, mine, strict=True):
+            rows = slice(start, start + len(part))
+            start += len(part)
+            loss = (net(x_mine[rows]) - err_mine[rows]).pow(2).sum() / (len(idx) * x.shape[1])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            summed = loss.detach().reshape(1)
+            ranks.sum_([*(p.grad for p in params if p.grad is not None), summed])
+            opt.step()
+            total += float(summed) * len(idx)
+            count += len(idx)
+    return total / max(count, 1)
+
+
 def _evaluate(
-    net: _ProbeMLP, chunks: Chunks, sae: SAE, probe: tuple[Tensor, Tensor], d: int
+    net: _ProbeMLP, chunks: Chunks, sae: SAE, probe: tuple[Tensor, Tensor], d: int, ranks: Ranks
 ) -> tuple[dict[str, _DimSums], dict[str, Tensor]]:
     """Test sums of x, SaeError and NonlinearError, and SS_res per dim of the MLP and the linear probe."""
     w, b = probe
@@ -185,6 +261,12 @@ def _evaluate(
                 sums[k].add(t)
             ss_res["mlp"] += resid.double().pow(2).sum(0)
             ss_res["probe"] += nl.double().pow(2).sum(0)
+    if ranks.active:
+        for v in sums.values():
+            v.all_reduce_(ranks, d, w.device)
+        packed = torch.cat([ss_res["mlp"], ss_res["probe"]]).to(ranks.collective_device)
+        ranks.sum_([packed])
+        ss_res = {"mlp": packed[:d].to(w.device), "probe": packed[d:].to(w.device)}
     if sums["x"].n < 2:
         raise DataError(f"mlp_probe: {sums['x'].n} test token(s); at least 2 are needed.")
     return {k: v.cpu() for k, v in sums.items()}, {k: v.cpu() for k, v in ss_res.items()}
@@ -225,6 +307,7 @@ def mlp_probe(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
     progress: Progress | None = None,
+    ranks: Ranks = SINGLE,
 ) -> dict[str, Any]:
     """Train a one-hidden-layer MLP on ``split``'s train tokens to predict SaeError from x; score on test.
 
@@ -237,6 +320,8 @@ def mlp_probe(
     NonlinearError, those of the linear probe, and FVU(x, Sae(x)), FVU(x, Sae(x) + LinearError) (the
     probe's FVU_nonlinear) and FVU(x, Sae(x) + MLP(x)). The SAE (in ``dtype``, None: its own), the probe,
     the MLP, the batches and the float64 sums are on ``device``; the sums come back to the host at the end.
+    ``ranks``: under ``torchrun`` every rank (each must call this) trains the same MLP data-parallel (see
+    the module docstring) and returns the same numbers.
     """
     t0 = time.perf_counter()
     _check_hparams(hidden, epochs, minibatch, lr)
@@ -244,9 +329,12 @@ def mlp_probe(
     sae = on_device(sae, device, dtype)
     d = store.d[site]
     w, b = (t.to(device) for t in check_probe("sae", probe, d))
-    chunks = _split_chunks(store, site, split, batch_tokens, device)
+    chunks = _split_chunks(store, site, split, batch_tokens, device)  # training: every shard on every rank
+    mine = chunks
+    if ranks.active:
+        mine = _split_chunks(store, site, split, batch_tokens, device, ranks.share(range(store.n_shards)))
     ticker = Ticker(progress, epochs + 2)  # one statistics pass, the epochs, one evaluation pass
-    x_train, mu, sigma = _input_stats(chunks, d)
+    x_train, mu, sigma = _input_stats(mine, d, ranks, device)
     ticker.advance(1)
     gen = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
@@ -255,9 +343,12 @@ def mlp_probe(
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     history: list[float] = []
     for _epoch in range(epochs):
-        history.append(_train_epoch(net, opt, chunks, sae, minibatch, gen, device))
+        if ranks.active:
+            history.append(_shared_epoch(net, opt, chunks, sae, minibatch, gen, ranks))
+        else:
+            history.append(_train_epoch(net, opt, chunks, sae, minibatch, gen, device))
         ticker.advance(1)
-    sums, ss_res = _evaluate(net, chunks, sae, (w, b), d)
+    sums, ss_res = _evaluate(net, mine, sae, (w, b), d, ranks)
     ticker.advance(1)
     return {
         "hidden": hidden,

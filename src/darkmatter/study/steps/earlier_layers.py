@@ -1,6 +1,9 @@
 """Earlier-layer predictors (Figs 9b, 10b): the target SAE's error components regressed on the outputs of
 SAEs at layer L−1 resid_post, L mlp_out and L attn_out (each and jointly); the joint map's downstream CE;
-and an MLP probe on the error (how much of NonlinearError a nonlinear function of x recovers)."""
+and an MLP probe on the error (how much of NonlinearError a nonlinear function of x recovers).
+
+Under ``torchrun`` every rank runs the step: the regressions and the MLP probe are data-parallel; the joint
+map's CE is computed by every rank alike; rank 0's result is recorded."""
 
 from __future__ import annotations
 
@@ -62,6 +65,7 @@ class EarlierLayersStep(Step[EarlierLayersStepResult]):
     result_type = EarlierLayersStepResult
     needs = (ENGINE,)
     version = 2
+    distributed = True
 
     def enabled(self, cfg: StudyConfig) -> bool:
         return cfg.earlier_layers.enabled
@@ -96,11 +100,14 @@ class EarlierLayersStep(Step[EarlierLayersStepResult]):
                     device=ctx.device,
                     dtype=ctx.sae_dtype,
                     progress=ctx.progress("MLP probe", "pass"),
+                    ranks=ctx.ranks,
                 )
             )
         except DataError as exc:  # e.g. too few tokens: say so, keep the run going
             res.notes.append(f"MLP probe skipped: {exc}")
             ctx.log(f"MLP probe: skipped ({exc})")
+        if not ctx.ranks.leader:  # every rank holds the same numbers; the runner records rank 0's
+            return EarlierLayersStepResult(target=target)
         return res
 
     def headline(self, result: EarlierLayersStepResult) -> str:
@@ -129,6 +136,7 @@ def _predictors(ctx: StudyContext, res: EarlierLayersStepResult, regressors: dic
             device=ctx.device,
             dtype=ctx.sae_dtype,
             progress=ctx.progress("earlier layers"),
+            ranks=ctx.ranks,
         )
     except DataError as exc:  # e.g. too few tokens for the joint regression: say so, keep the run going
         res.notes.append(str(exc))

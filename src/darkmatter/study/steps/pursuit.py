@@ -4,7 +4,10 @@ against the plain SAE on the same tokens; the gap in FVU_nonlinear is the encode
 Pursuit is costly, so it runs on a few contexts, too few to fit a probe of d + 1 coefficients per output
 without overfitting. The SAE's FVU_nonlinear therefore uses the engine's probe (fitted on the whole train
 split, as in the engine's numbers); the encoder error is the paired difference of two probes refitted on
-the pursued contexts (the SAE's and its pursuit's), whose overfitting cancels."""
+the pursued contexts (the SAE's and its pursuit's), whose overfitting cancels.
+
+Under ``torchrun`` every rank runs the step on its share of the shards (the pursued contexts in them);
+the sums meet and rank 0's result is recorded."""
 
 from __future__ import annotations
 
@@ -66,6 +69,7 @@ class PursuitStep(Step[PursuitResult]):
     result_type = PursuitResult
     needs = (ENGINE,)
     version = 2
+    distributed = True
 
     def enabled(self, cfg: StudyConfig) -> bool:
         return cfg.pursuit.enabled
@@ -83,7 +87,8 @@ class PursuitStep(Step[PursuitResult]):
         rows: list[PursuitRow] = []
         n_train = n_test = 0
         # each SAE and its pursuit (same weights, moments of their own) are in the same group
-        groups = ctx.sae_groups(width_sweep, what="pursuit", blocks=blocks, copies=2)
+        # rank 0's grouping on every rank: each group's passes are collectives that all ranks make together
+        groups = ctx.ranks.broadcast(ctx.sae_groups(width_sweep, what="pursuit", blocks=blocks, copies=2))
         if len(groups) > 1:
             ctx.log(f"pursuit: SAEs streamed in {describe_groups(groups)} to fit the device memory budget")
         for group in groups:
@@ -100,6 +105,7 @@ class PursuitStep(Step[PursuitResult]):
                 progress=ctx.progress("pursuit"),
                 interval_site=ctx.roles.main_site,
                 interval_blocks=ctx.cfg.engine.interval_blocks,
+                ranks=ctx.ranks,
             )
             fixed, _ = fvu_with_probes(
                 ctx.store,
@@ -109,6 +115,7 @@ class PursuitStep(Step[PursuitResult]):
                 contexts=contexts,
                 device=ctx.device,
                 dtype=ctx.sae_dtype,
+                ranks=ctx.ranks,
             )
             rows += [
                 _row(n, fixed[n].fvu_nonlinear, refit.stats[n], refit.stats[f"{n}+pursuit"]) for n in group
@@ -116,6 +123,8 @@ class PursuitStep(Step[PursuitResult]):
             n_train, n_test = refit.n_train, refit.n_test
             del saes, plain
             ctx.saes.release(group)
+        if not ctx.ranks.leader:  # every rank holds the same rows; the runner records rank 0's
+            return PursuitResult(saes=[], n_contexts=0, n_test=0)
         return PursuitResult(saes=rows, n_contexts=len(contexts), n_train=n_train, n_test=n_test)
 
     def headline(self, result: PursuitResult) -> str:
