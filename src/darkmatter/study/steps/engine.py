@@ -151,7 +151,8 @@ class EngineStep(Step[EngineResult]):
     def run(self, ctx: StudyContext) -> EngineResult:
         saes, roles = ctx.saes, ctx.roles
         blocks = n_blocks(ctx.store, ctx.cfg.engine.interval_blocks)
-        groups = ctx.sae_groups(list(saes), what="engine", blocks=blocks)
+        # rank 0's grouping on every rank (budgets are detected per process; the passes are collectives)
+        groups = ctx.ranks.broadcast(ctx.sae_groups(list(saes), what="engine", blocks=blocks))
         if len(groups) > 1:
             ctx.log(f"engine: SAEs streamed in {describe_groups(groups)} to fit the device memory budget")
         dec = decompose(

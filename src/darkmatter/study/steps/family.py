@@ -54,7 +54,8 @@ class FamilyStep(Step[FamilyResult]):
             train_seconds = time.perf_counter() - t0
             records = []
             shapes = {n: shape_of(s) for n, s in trained.saes.items()}
-            for group in ctx.sae_groups(list(shapes), what="family quality", shapes=shapes):
+            groups = ctx.sae_groups(list(shapes), what="family quality", shapes=shapes)
+            for group in ctx.ranks.broadcast(groups):  # rank 0's grouping: each pass is a collective
                 members = {n: trained.saes[n] for n in group}
                 records += _records(ctx, members, trained.paths, trained.histories)
             if not ctx.ranks.leader:
