@@ -40,7 +40,15 @@ import numpy as np
 import torch
 from pydantic import BaseModel, Field
 
-from darkmatter.errors import ConfigError, DataError, ShapeError
+from darkmatter.errors import ConfigError, ShapeError
+from darkmatter.experiments.downstream_scores import (
+    CE_EPS,
+    ComponentShares,
+    ce_intervals,
+    ce_scores,
+    check_both,
+    ratio,
+)
 from darkmatter.experiments.inputs import (
     check_probe,
     check_sae_site,
@@ -58,6 +66,8 @@ from darkmatter.experiments.splice import (
     EngineOutput,
     SpliceUnit,
     UnitTally,
+    gather_splices,
+    rank_batches,
     record_layer_outputs,
     replay_prefix,
     resume_layer,
@@ -66,10 +76,9 @@ from darkmatter.experiments.splice import (
 from darkmatter.hashing import sha256_hex, stable_hash
 from darkmatter.lm.sites import Site
 from darkmatter.progress import Progress
+from darkmatter.ranks import SINGLE, Ranks
 from darkmatter.results import Result, sae_identity
 from darkmatter.sae.model import SAE
-from darkmatter.stats import FVU
-from darkmatter.stats.jackknife import finite_interval
 
 __all__ = [
     "CE_EPS",
@@ -80,6 +89,7 @@ __all__ = [
     "EngineOutput",
     "SpliceUnit",
     "UnitTally",
+    "ce_intervals",
     "ce_scores",
     "check_both",
     "check_probe",
@@ -100,10 +110,6 @@ Tensor = torch.Tensor
 
 SETTINGS = ("sae", "sae+linear", "sae+nonlinear", "sae+both", "zero")
 """Spliced settings of ``downstream_ce`` (plus ``mean`` when a mean activation is given)."""
-
-CE_EPS = 1e-6
-"""A ratio whose denominator is below this many nats (about float32 resolution of a mean CE) is None."""
-
 
 # --------------------------------------------------------------------------- results
 
@@ -174,74 +180,6 @@ class DownstreamResult(Result):
     seconds: float = Field(description="Wall time of the whole experiment.")
 
 
-# --------------------------------------------------------------------------- small pure helpers
-
-
-def ratio(num: float, den: float, eps: float = CE_EPS) -> float | None:
-    """num / den, or None when |den| <= eps (the ratio would be rounding noise)."""
-    if not (math.isfinite(num) and math.isfinite(den)) or abs(den) <= eps:
-        return None
-    return num / den
-
-
-def ce_scores(ce: Mapping[str, float], kl: Mapping[str, float]) -> dict[str, float | None]:
-    """CE recovered by each component and the SAELens scores from mean CE / KL per setting.
-
-    ``ce`` needs ``clean``, ``sae``, ``sae+linear``, ``sae+nonlinear``, ``zero`` (``mean`` optional);
-    ``kl`` needs ``sae`` and ``zero``.
-    """
-    gap = ce["sae"] - ce["clean"]
-    out = {
-        "ce_recovered_linear": ratio(ce["sae"] - ce["sae+linear"], gap),
-        "ce_recovered_nonlinear": ratio(ce["sae"] - ce["sae+nonlinear"], gap),
-        "ce_loss_score": ratio(ce["zero"] - ce["sae"], ce["zero"] - ce["clean"]),
-        "kl_score": ratio(kl["zero"] - kl["sae"], kl["zero"]),
-    }
-    if "mean" in ce:
-        out["ce_loss_score_mean"] = ratio(ce["mean"] - ce["sae"], ce["mean"] - ce["clean"])
-    return out
-
-
-class ComponentShares:
-    """Streaming reference predictors: variance and norm share of LinearError and NonlinearError.
-
-    ``update(x, sae_x, linear)`` with ``[tokens, d]`` tensors; ``compute()`` returns the FVUs of x against
-    Sae(x), Sae(x) + LinearError and Sae(x) + NonlinearError, the two variance shares and the mean norms
-    and norm shares (definitions in the module docstring).
-    """
-
-    def __init__(self, d: int, device: str | torch.device = "cpu") -> None:
-        self.fvu = {k: FVU(d) for k in ("sae", "sae+linear", "sae+nonlinear")}
-        self.norm_sums = torch.zeros(3, dtype=torch.float64, device=device)
-        self.n = 0
-
-    def update(self, x: Tensor, sae_x: Tensor, linear: Tensor) -> None:
-        error = x - sae_x
-        nonlinear = error - linear
-        self.fvu["sae"].update(x, sae_x)
-        self.fvu["sae+linear"].update(x, sae_x + linear)  # x − that = NonlinearError
-        self.fvu["sae+nonlinear"].update(x, sae_x + nonlinear)  # x − that = LinearError
-        norms = torch.stack([error.norm(dim=1), linear.norm(dim=1), nonlinear.norm(dim=1)])
-        self.norm_sums += norms.double().sum(1)
-        self.n += int(x.shape[0])
-
-    def compute(self) -> dict[str, float | None]:
-        fvu = {k: m.compute() for k, m in self.fvu.items()}
-        e, lin, nl = (float(v) / max(self.n, 1) for v in self.norm_sums)
-        return {
-            "fvu_sae": fvu["sae"],
-            "fvu_sae_linear": fvu["sae+linear"],
-            "fvu_sae_nonlinear": fvu["sae+nonlinear"],
-            "variance_share_linear": ratio(fvu["sae"] - fvu["sae+linear"], fvu["sae"], 0.0),
-            "variance_share_nonlinear": ratio(fvu["sae"] - fvu["sae+nonlinear"], fvu["sae"], 0.0),
-            "norm_share_linear": ratio(lin, e, 0.0),
-            "norm_share_nonlinear": ratio(nl, e, 0.0),
-            "mean_error_norm": e,
-            "mean_linear_norm": lin,
-            "mean_nonlinear_norm": nl,
-        }
-
-
 # --------------------------------------------------------------------------- the experiment
 
 
@@ -286,18 +224,6 @@ def _ablation_unit(site: Site, mean: Tensor | None) -> SpliceUnit:
 
 def _ablation_name(site: Site) -> str:
     return f"ablation@{site.name}"
-
-
-def check_both(name: str, ce_both: float, ce_clean: float, tolerance: float) -> float:
-    """|mean CE(sae+both) − mean CE(clean)|, or DataError when it exceeds ``tolerance`` nats."""
-    diff = abs(ce_both - ce_clean)
-    if not diff < tolerance:
-        raise DataError(
-            f"{name}: splicing Sae(x) + LinearError + NonlinearError (= x) changed the mean CE by {diff:.3g} "
-            f"nats (tolerance {tolerance:g}); the splice or the error decomposition is not exact. Check that "
-            "the model runs in fp32 and that the SAE and probe belong to this site."
-        )
-    return diff
 
 
 def _check_options(saes: Mapping[str, SAE], both_tolerance: float, both_batches: int | None) -> None:
@@ -350,19 +276,13 @@ def _sae_units(
 
 
 def _sae_numbers(
-    unit: SpliceUnit,
-    d_sae: int,
-    tally: UnitTally,
-    ablation: UnitTally,
-    clean: float,
-    shares: ComponentShares,
-    both_tolerance: float,
-    clean_per_context: list[float],
+    unit: SpliceUnit, d_sae: int, out: EngineOutput, ablation_unit: str, shares: ComponentShares, tol: float
 ) -> DownstreamSAE:
-    """One SAE's result from its tally: CE and KL per setting, scores, the exactness check, shares."""
-    both_mean = check_both(
-        unit.name, tally.mean("ce", "sae+both"), tally.mean("clean", "sae+both"), both_tolerance
-    )
+    """One SAE's result from its tally (and its site's ablations'): CE and KL per setting, scores, the
+    exactness check (``tol`` nats), the reference predictors."""
+    tally, ablation = out.tallies[unit.name], out.tallies[ablation_unit]
+    clean = out.clean_ce_sum / out.n_scored
+    both_mean = check_both(unit.name, tally.mean("ce", "sae+both"), tally.mean("clean", "sae+both"), tol)
     # every CE and KL reported is over the same scored tokens: a check limited to the first batches is
     # reported by its own fields (both_*), not beside settings that ran on every context
     full = tally.n["sae"]
@@ -378,46 +298,24 @@ def _sae_numbers(
         both_mean_ce_diff=both_mean,
         both_scored_tokens=tally.n["sae+both"],
         **shares.compute(),  # type: ignore[arg-type]
-        intervals=ce_intervals(tally, clean_per_context),
+        intervals=ce_intervals(tally, out.clean_per_context),
         seconds=tally.seconds,
     )
 
 
-def ce_intervals(tally: UnitTally, clean: list[float]) -> dict[str, list[float]]:
-    """Jackknife intervals of each component's CE recovered, their sum and their gap (linear − nonlinear),
-    leaving out one held-out context at a time."""
-    per = tally.per_context
-    settings = ("sae", "sae+linear", "sae+nonlinear")
-    if any(len(per.get(k, [])) != len(clean) for k in settings) or len(clean) < 3:
-        return {}
-    sums = {k: sum(per[k]) for k in settings} | {"clean": sum(clean)}
-
-    def recovered(without: int | None) -> dict[str, float] | None:
-        left = {
-            k: v - (0.0 if without is None else (per[k] if k != "clean" else clean)[without])
-            for k, v in sums.items()
-        }
-        lin = ratio(left["sae"] - left["sae+linear"], left["sae"] - left["clean"])
-        nl = ratio(left["sae"] - left["sae+nonlinear"], left["sae"] - left["clean"])
-        if lin is None or nl is None:
-            return None
-        return {
-            "ce_recovered_linear": lin,
-            "ce_recovered_nonlinear": nl,
-            "ce_recovered_sum": lin + nl,
-            "ce_recovered_gap": lin - nl,
-        }
-
-    point = recovered(None)
-    if point is None:
-        return {}
-    replicates = [r for r in (recovered(c) for c in range(len(clean))) if r is not None]
-    out: dict[str, list[float]] = {}
-    for name, value in point.items():
-        interval = finite_interval(value, [r[name] for r in replicates])
-        if interval is not None:
-            out[name] = interval
-    return out
+def _inputs_identity(
+    lm: Any, model: torch.nn.Module, tokens: np.ndarray, saes: Mapping[str, SAE]
+) -> dict[str, Any]:
+    """The config entries of what the result depends on besides the options: model, contexts, SAEs."""
+    return {
+        "model": model_identity(lm, model),
+        "contexts": {
+            "n": int(tokens.shape[0]),
+            "ctx_len": int(tokens.shape[1]),
+            "sha256": sha256_hex(tokens.tobytes())[:16],
+        },
+        "saes": {name: sae_identity(sae) for name, sae in saes.items()},
+    }
 
 
 def downstream_ce(
@@ -435,6 +333,7 @@ def downstream_ce(
     seed: int = 0,
     progress: Progress | None = None,
     dtype: torch.dtype | None = None,
+    ranks: Ranks = SINGLE,
 ) -> DownstreamResult:
     """Paper Figs 8/9 on held-out contexts ``[n, ctx_len]`` (see the module docstring).
 
@@ -445,6 +344,10 @@ def downstream_ce(
     spliced pass per SAE and batch, 1/4 of its spliced work); its CE and KL then cover those batches and
     are compared with the clean CE on the same tokens. ``seed`` is only recorded (nothing is random).
     Everything runs on the model's device: the SAEs (in ``dtype``, None: their own) and probes go there.
+
+    ``ranks``: under ``torchrun`` every rank holds the model, SAEs and contexts and runs a contiguous share
+    of whole batches (maybe none; ``both_batches`` counts from the first batch); the sums and per-context
+    lists meet in rank order and every rank returns one process's result (up to float64 summation order).
     """
     t_start = time.perf_counter()
     model = model_of(lm)
@@ -452,19 +355,20 @@ def downstream_ce(
     tokens = check_tokens(contexts_tokens, model, start)
     units, shares, ablation_of = _sae_units(model, saes, probes, mean_acts, both_batches, dtype)
     out = run_splices(
-        model, tokens, units, start=start, batch_size=batch_size, prefix_cache=prefix_cache, progress=progress
+        model,
+        tokens,
+        units,
+        start=start,
+        batch_size=batch_size,
+        prefix_cache=prefix_cache,
+        progress=progress,
+        batches=rank_batches(len(tokens), batch_size, ranks),
     )
+    out, shares = gather_splices(ranks, out, shares, ComponentShares.cpu)
     clean = out.clean_ce_sum / out.n_scored
     per_sae = {
         u.name: _sae_numbers(
-            u,
-            saes[u.name].cfg.d_sae,
-            out.tallies[u.name],
-            out.tallies[ablation_of[u.name]],
-            clean,
-            shares[u.name],
-            both_tolerance,
-            out.clean_per_context,
+            u, saes[u.name].cfg.d_sae, out, ablation_of[u.name], shares[u.name], both_tolerance
         )
         for u in units
         if u.name in saes
@@ -476,14 +380,7 @@ def downstream_ce(
         "both_tolerance": both_tolerance,
         "both_batches": both_batches,
         "mean_ablation_sites": sorted(mean_acts) if mean_acts else [],
-        "model": model_identity(lm, model),
-        "contexts": {
-            "n": int(tokens.shape[0]),
-            "ctx_len": int(tokens.shape[1]),
-            "sha256": sha256_hex(tokens.tobytes())[:16],
-        },
-        "saes": {name: sae_identity(sae) for name, sae in saes.items()},
-    }
+    } | _inputs_identity(lm, model, tokens, saes)
     return DownstreamResult(
         config_hash=stable_hash(config),
         seed=seed,

@@ -1,14 +1,14 @@
 """Downstream CE of splicing the joint map's reconstruction x̂' = Sae(x) + J(regressor reconstructions).
 
 The regressor sites run before the target site, so a splice at the target leaves them unchanged: the
-splice engine (``darkmatter.experiments.splice``) computes x̂' from the same forward pass.
+splice engine (``darkmatter.experiments.splice``) computes x̂' from the same forward pass. Under ``torchrun``
+each rank splices a contiguous share of whole batches and the sums meet in rank order, as in ``downstream``.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -16,7 +16,7 @@ import torch
 from pydantic import Field
 
 from darkmatter.errors import HookSiteError
-from darkmatter.experiments.downstream import check_both, ratio
+from darkmatter.experiments.downstream_scores import check_both, fvu_on_cpu, ratio
 from darkmatter.experiments.inputs import (
     check_probe,
     check_sae_site,
@@ -31,10 +31,11 @@ from darkmatter.experiments.inputs import (
     site_order,
 )
 from darkmatter.experiments.joint_map import SELF, Block, JointMap, check_joint_map, regressors
-from darkmatter.experiments.splice import SpliceUnit, run_splices
+from darkmatter.experiments.splice import SpliceUnit, gather_splices, rank_batches, run_splices
 from darkmatter.hashing import stable_hash
 from darkmatter.lm.sites import Site
 from darkmatter.progress import Progress
+from darkmatter.ranks import SINGLE, Ranks
 from darkmatter.results import Result, sae_identity
 from darkmatter.sae.model import SAE
 from darkmatter.stats import FVU
@@ -97,10 +98,16 @@ def _joint_unit(
     upstream: list[str],
     probe: tuple[Tensor, Tensor] | None,
     fvu: dict[str, FVU],
+    device: torch.device,
+    dtype: torch.dtype | None,
 ) -> SpliceUnit:
-    """The splice unit of x̂' and its exactness check; ``observe`` feeds the scored rows to ``fvu``."""
+    """The splice unit of x̂' and its exactness check; ``observe`` feeds the scored rows to ``fvu``. The
+    SAEs (in ``dtype``, None: their own), the map and the probe go to ``device``."""
+    target_sae = on_device(target_sae, device, dtype)
+    regressor_saes = {n: on_device(s, device, dtype) for n, s in regressor_saes.items()}
     blocks = joint_map.blocks
-    w_j, b_j = joint_map.weights, joint_map.bias
+    w_j, b_j = joint_map.weights.to(device), joint_map.bias.to(device)
+    probe = None if probe is None else probe_on(probe, device)
 
     def compute(x: Tensor, ups: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         xf = x.float()
@@ -173,6 +180,7 @@ def downstream_ce_with_joint(
     seed: int = 0,
     progress: Progress | None = None,
     dtype: torch.dtype | None = None,
+    ranks: Ranks = SINGLE,
 ) -> JointCEResult:
     """Mean CE on held-out contexts of splicing x̂' at the target site for positions ``>= start``.
 
@@ -184,7 +192,7 @@ def downstream_ce_with_joint(
     ``sae+joint`` (x̂'), ``sae+joint+rest`` (x̂' + (x − x̂') = x, the exactness check), ``zero``, and
     ``sae+linear`` when the target's ``probe`` is given, for comparison with the linear probe. Everything
     runs on the model's device: the SAEs (in ``dtype``, None: their own), the joint map and the probe go
-    there.
+    there. ``ranks``: each rank splices its share of whole batches, as in ``downstream_ce``.
     """
     t0 = time.perf_counter()
     model = model_of(lm)
@@ -193,17 +201,23 @@ def downstream_ce_with_joint(
     blocks = check_joint_map(joint_map, target_sae, regressor_saes)
     d = model_width(model)
     upstream = _upstream_sites(model, target, blocks, regressor_saes)
-    device = model_device(model)
-    pr = None if probe is None else probe_on(check_probe("target", probe, d), device)
+    pr = None if probe is None else check_probe("target", probe, d)
     fvu = {k: FVU(d) for k in ("sae", "sae+joint", "sae+linear")}
-    placed = {n: on_device(s, device, dtype) for n, s in regressor_saes.items()}
-    jm = replace(joint_map, weights=joint_map.weights.to(device), bias=joint_map.bias.to(device))
-    unit = _joint_unit(target, on_device(target_sae, device, dtype), placed, jm, upstream, pr, fvu)
-    out = run_splices(
-        model, arr, [unit], start=start, batch_size=batch_size, prefix_cache=prefix_cache, progress=progress
+    unit = _joint_unit(
+        target, target_sae, regressor_saes, joint_map, upstream, pr, fvu, model_device(model), dtype
     )
-    tally = out.tallies["joint"]
-    clean = out.clean_ce_sum / out.n_scored
+    out = run_splices(
+        model,
+        arr,
+        [unit],
+        start=start,
+        batch_size=batch_size,
+        prefix_cache=prefix_cache,
+        progress=progress,
+        batches=rank_batches(len(arr), batch_size, ranks),
+    )
+    out, fvu = gather_splices(ranks, out, fvu, fvu_on_cpu)
+    tally, clean = out.tallies["joint"], out.clean_ce_sum / out.n_scored
     ce = {"clean": clean} | {k: tally.mean("ce", k) for k in tally.ce}
     kl = {k: tally.mean("kl", k) for k in tally.kl}
     both = check_both("joint", ce["sae+joint+rest"], tally.mean("clean", "sae+joint+rest"), both_tolerance)

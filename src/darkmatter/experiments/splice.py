@@ -6,6 +6,10 @@ pass records the output of the last unchanged decoder layer and every spliced pa
 only the layers after it (the skipped layers' ``forward`` is swapped for a replay for the duration of the
 pass). Logits are computed only for positions ``>= start`` (``logits_to_keep``) when the model supports it.
 Without ``prefix_cache`` every pass is the plain full forward; the two agree to float rounding.
+
+Under ``torchrun`` each rank runs a contiguous share of whole batches (``rank_batches``, passed as
+``batches``), so every batch is computed exactly as in one process; ``merge_outputs`` joins the ranks' outputs
+in rank order and ``gather_splices`` does it across ranks, with the callers' streaming accumulators.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -25,6 +29,7 @@ from darkmatter.errors import ConfigError, DataError, HookSiteError, ShapeError
 from darkmatter.lm.hooks import capture, splice
 from darkmatter.lm.sites import Site, decoder_layers
 from darkmatter.progress import Progress, Ticker
+from darkmatter.ranks import Ranks
 
 Tensor = torch.Tensor
 
@@ -79,6 +84,21 @@ class UnitTally:
         """Mean ``ce``, ``kl`` or ``clean`` (CE) per scored token of ``setting``."""
         return getattr(self, what)[setting] / self.n[setting]
 
+    def merge(self, later: UnitTally) -> UnitTally:
+        """Add the tally of later contexts (run side by side): sums added, the larger max difference, its
+        per-context sums appended, the longer time; returns self."""
+        for mine, theirs in ((self.ce, later.ce), (self.kl, later.kl), (self.clean, later.clean)):
+            for k, v in theirs.items():
+                mine[k] = mine.get(k, 0.0) + v
+        for k, m in later.n.items():
+            self.n[k] = self.n.get(k, 0) + m
+        for k, d in later.max_abs_ce_diff.items():
+            self.max_abs_ce_diff[k] = max(self.max_abs_ce_diff.get(k, 0.0), d)
+        for k, sums in later.per_context.items():
+            self.per_context.setdefault(k, []).extend(sums)
+        self.seconds = max(self.seconds, later.seconds)
+        return self
+
 
 @dataclass
 class EngineOutput:
@@ -89,6 +109,56 @@ class EngineOutput:
     tallies: dict[str, UnitTally]
     forward_passes: int
     clean_per_context: list[float] = field(default_factory=list)  # clean CE summed per context, in order
+
+
+def merge_outputs(parts: Sequence[EngineOutput]) -> EngineOutput:
+    """One output from those of consecutive runs of batches, in order (the ranks' shares in rank order): sums
+    and passes added, max differences maxed, per-context lists concatenated. The parts are left unchanged."""
+    if not parts:
+        raise ValueError("merge_outputs needs at least one part.")
+    tallies: dict[str, UnitTally] = {}
+    for part in parts:
+        for name, tally in part.tallies.items():
+            tallies.setdefault(name, UnitTally()).merge(tally)
+    return EngineOutput(
+        clean_ce_sum=sum(p.clean_ce_sum for p in parts),
+        n_scored=sum(p.n_scored for p in parts),
+        tallies=tallies,
+        forward_passes=sum(p.forward_passes for p in parts),
+        clean_per_context=[c for p in parts for c in p.clean_per_context],
+    )
+
+
+class Mergeable(Protocol):
+    def merge(self, other: Any) -> Any: ...
+
+
+A = TypeVar("A", bound=Mergeable)
+
+
+def gather_splices(
+    ranks: Ranks, out: EngineOutput, accumulators: Mapping[str, A], on_cpu: Callable[[A], A]
+) -> tuple[EngineOutput, dict[str, A]]:
+    """Every rank's output and streaming accumulators (``merge(other)`` adds other's sums into self)
+    merged in rank order, on every rank; as given when alone. ``on_cpu``: a copy of an accumulator whose
+    tensors are on the CPU (what crosses between ranks: no rank receives another's device tensors)."""
+    if not ranks.active:
+        return out, dict(accumulators)
+    parts = ranks.gather((out, {k: on_cpu(v) for k, v in accumulators.items()}))
+    merged = {}
+    for k in accumulators:
+        first, *rest = (p[1][k] for p in parts)
+        for other in rest:
+            first.merge(other)
+        merged[k] = first
+    return merge_outputs([p[0] for p in parts]), merged
+
+
+def rank_batches(n: int, batch_size: int, ranks: Ranks) -> range:
+    """The global indices of this rank's batches of ``n`` contexts: a contiguous share of whole batches."""
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, found {batch_size}.")
+    return range(*ranks.bounds(-(-n // batch_size)))
 
 
 # --------------------------------------------------------------------------- replaying unchanged layers
@@ -333,8 +403,13 @@ def run_splices(
     batch_size: int,
     prefix_cache: bool = True,
     progress: Progress | None = None,
+    batches: range | None = None,
 ) -> EngineOutput:
     """Clean pass plus one spliced pass per (unit, setting) per batch; CE and KL sums on scored tokens.
+
+    ``batches``: the global indices of the batches to run (None: all; a rank's share from
+    ``rank_batches``): batch i is contexts ``i·batch_size ..`` as in a run over all of them, and a
+    setting's ``limit_batches`` counts global indices. The output covers those batches only.
 
     With ``prefix_cache`` the spliced passes replay the clean output of the layer before the first one the
     splice changes, and the replacements are computed once per batch from the clean pass (the site's own
@@ -344,15 +419,18 @@ def run_splices(
     _check_engine(model, batch_size)
     device = next(model.parameters()).device
     n, ctx_len = tokens.shape
+    batches = _checked_batches(batches, n, batch_size)
+    rows = max(0, min(n, batches.stop * batch_size) - batches.start * batch_size) if batches else 0
     passes = _Passes(model, start, ctx_len, prefix_cache, _keep_kwargs(model, ctx_len - start))
     sites = sorted({u.site.name for u in units} | {s for u in units for s in u.upstream})
     resumes = sorted({resume_layer(u.site) for u in units if prefix_cache and resume_layer(u.site) > 0})
     tallies = {u.name: UnitTally() for u in units}
     clean_sum = 0.0
     clean_per_context: list[float] = []
-    ticker = Ticker(progress, n)
+    ticker = Ticker(progress, rows)
     with torch.no_grad():
-        for batch_index, a in enumerate(range(0, n, batch_size)):
+        for batch_index in batches:
+            a = batch_index * batch_size
             ids = torch.as_tensor(tokens[a : a + batch_size], device=device)
             clean = passes.clean(ids, sites, resumes)
             clean_sum += float(clean.ce.double().sum())
@@ -361,4 +439,14 @@ def run_splices(
                 passes.unit(unit, clean, batch_index, tallies[unit.name])
             del clean
             ticker.advance(ids.shape[0])
-    return EngineOutput(clean_sum, n * (ctx_len - start - 1), tallies, passes.count, clean_per_context)
+    return EngineOutput(clean_sum, rows * (ctx_len - start - 1), tallies, passes.count, clean_per_context)
+
+
+def _checked_batches(batches: range | None, n: int, batch_size: int) -> range:
+    """``batches`` (None: every batch), checked to be consecutive indices of batches that exist."""
+    n_batches = -(-n // batch_size)
+    if batches is None:
+        return range(n_batches)
+    if len(batches) and (batches.step != 1 or batches.start < 0 or batches.stop > n_batches):
+        raise ConfigError(f"batches must be consecutive indices below {n_batches}, found {batches}.")
+    return batches

@@ -1,5 +1,9 @@
 """Downstream cross-entropy (Figs 8, 9): Sae(x) and each error component spliced back into the model on
-held-out contexts that were never harvested."""
+held-out contexts that were never harvested.
+
+Under ``torchrun`` every rank loads the model and the SAEs and splices its share of whole batches of the
+held-out contexts; the sums meet and every rank computes the result (rank 0's is written). The SAE groups
+(the device memory budget) are rank 0's, so every rank walks the same groups in the same order."""
 
 from __future__ import annotations
 
@@ -34,6 +38,7 @@ class DownstreamCEStep(Step[DownstreamResult]):
     result_type = DownstreamResult
     needs = (ENGINE,)
     version = 3
+    distributed = True
 
     def enabled(self, cfg: StudyConfig) -> bool:
         return cfg.downstream_ce.enabled
@@ -47,7 +52,8 @@ class DownstreamCEStep(Step[DownstreamResult]):
         model_bytes = sum(p.numel() * p.element_size() for p in ctx.lm.model.parameters())
         fixed = model_bytes if next(ctx.lm.model.parameters()).device == ctx.device else 0
         parts = []
-        groups = ctx.sae_groups(names, what="downstream CE", blocks=0, fixed_bytes=fixed)
+        # each rank measures its own free memory: rank 0's groups for all, so the collectives pair up
+        groups = ctx.ranks.broadcast(ctx.sae_groups(names, what="downstream CE", blocks=0, fixed_bytes=fixed))
         if len(groups) > 1:
             ctx.log(
                 f"downstream_ce: SAEs spliced in {describe_groups(groups)} to fit the device memory budget"
@@ -61,9 +67,10 @@ class DownstreamCEStep(Step[DownstreamResult]):
                     {n: ctx.probe(n) for n in group},
                     start=ctx.cfg.text.skip_positions,
                     both_batches=BOTH_BATCHES,
-                    progress=ctx.progress("downstream CE", "ctx"),
+                    progress=ctx.progress("downstream CE", "ctx"),  # rank 0's share under torchrun
                     seed=ctx.cfg.seed,
                     dtype=ctx.sae_dtype,  # the splices run on the model's device; SAEs and probes go there
+                    ranks=ctx.ranks,
                 )
             )
             ctx.saes.release(group)
