@@ -303,6 +303,8 @@ def tiny_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Pat
     one, two, again = root / "one", root / "two", root / "again"
     _run_together([(1, one, TINY, None), (2, two, TINY, None)], nodes=2)
     shutil.copytree(one, again)
+    for cached in (again / "error_saes").glob("autointerp-*"):  # the judge works again, not from the cache
+        cached.unlink()
     _run(2, again, TINY, LATER)  # before the engine reruns: they read the one-process probes
     _run(2, again, TINY, "error_saes")  # trained on the one-process probes' error components
     _run(2, again, TINY, STEPS)

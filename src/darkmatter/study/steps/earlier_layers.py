@@ -154,6 +154,7 @@ def _predictors(ctx: StudyContext, res: EarlierLayersStepResult, regressors: dic
         probe=probe,
         progress=ctx.progress("CE with the joint map", "ctx"),
         dtype=ctx.sae_dtype,  # on the model's device, as the downstream CE
+        ranks=ctx.ranks,
     )
 
 
