@@ -11,6 +11,7 @@ import torch
 
 from darkmatter.config import StudyConfig, resolve_config
 from darkmatter.errors import ConfigError, StepIncompleteError
+from darkmatter.ranks import SINGLE
 from darkmatter.results import Result, read_result
 from darkmatter.runner import Runner
 from darkmatter.study.context import StudyContext
@@ -201,7 +202,7 @@ def test_layer_sweep_records_the_loss_whatever_the_main_harvest(monkeypatch: pyt
     cfg = resolve_config("tiny", overrides=["harvest.with_loss=false"])
     lm = SimpleNamespace(identity={"n_layers": 4})
     ctx = SimpleNamespace(cfg=cfg, lm=lm, paths=SimpleNamespace(layers=Path("x")), split=None, log=print)
-    ctx.progress = print
+    ctx.progress, ctx.ranks = print, SINGLE
     ctx.train_config = lambda train: train
     ctx.train_logs = lambda _group: contextlib.nullcontext()
     ctx.device, ctx.sae_dtype = torch.device("cpu"), torch.float32

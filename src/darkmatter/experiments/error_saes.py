@@ -9,6 +9,10 @@ The original code regressed Sae(x) − x and fed x·(−P); with a probe of x �
 One TopK SAE per component is trained by a single ``FamilyTrainer`` run on the same train-split batches, the
 components computed on the fly from the stored site. Quality is then measured on the test split by
 streaming, with each component's total variance relative to that of x for context.
+
+Under ``torchrun`` (``ranks``) the training is data-parallel and the quality pass deals the store's shards
+across the ranks (contiguous shares, whole batches as one process reads them); its float64 sums are added up
+across ranks, so every rank gets one process's numbers up to the order of the additions.
 """
 
 from __future__ import annotations
@@ -22,9 +26,11 @@ from pydantic import BaseModel, Field
 
 from darkmatter.errors import ConfigError, DataError, ShapeError, StoreError
 from darkmatter.experiments.inputs import on_device, placement
+from darkmatter.experiments.layer_sums import summed_across
 from darkmatter.hashing import sha256_hex, stable_hash
 from darkmatter.lm.loading import resolve_device
 from darkmatter.progress import Progress
+from darkmatter.ranks import SINGLE, Ranks
 from darkmatter.results import Result, config_hash, sae_identity, store_summary
 from darkmatter.sae.codes import SparseCodes
 from darkmatter.sae.model import SAE
@@ -186,11 +192,13 @@ def train_error_saes(
     progress: Progress | None = None,
     dtype: torch.dtype | None = None,
     train_logs: TrainLogs | None = None,
+    ranks: Ranks = SINGLE,
 ) -> tuple[ErrorSAEsResult, dict[str, SAE]]:
     """Train one TopK SAE per component together on the train tokens of ``split`` (resuming from ``workdir``),
     then evaluate them on its test tokens. Everything runs on ``train.device`` (None: the CPU), where the
     components are computed with ``sae`` in ``dtype`` (None: its own). ``train_logs`` records each SAE's
-    training curve under its component's name (``linear/fvu``, ``nonlinear/l0``, ...).
+    training curve under its component's name (``linear/fvu``, ``nonlinear/l0``, ...). ``ranks``: under
+    torchrun every rank calls this (training and quality pass shared) and gets the same SAEs and result.
 
     The returned SAEs have ``hook_site`` = the SAE's site and name their input in
     ``cfg.metadata["derived_input"]``; compute their inputs with ``ErrorComponents``.
@@ -214,9 +222,10 @@ def train_error_saes(
         derived=derived,
         log=train_logs,
         log_every=log_every(train_logs),
+        ranks=ranks,
     )
     saes = dict(zip(comps, trainer.train(progress), strict=True))
-    quality, ratios, n_test = _evaluate(store, parts, saes, split=split, device=trainer.device)
+    quality, ratios, n_test = _evaluate(store, parts, saes, split=split, device=trainer.device, ranks=ranks)
     config = {
         "sae": sae_identity(sae),
         "inputs": {c: parts.identity(c) for c in comps},
@@ -272,6 +281,24 @@ class _TotalVariance:
         ss += xs.pow(2).sum(0)
         self.n += x.shape[0]
 
+    def reduce_(self, ranks: Ranks) -> None:
+        """Add up every rank's sums, about the first reference in rank order (the others are moved to it)."""
+        refs = ranks.gather(None if self.state is None else self.state[0].cpu())
+        common = next((r for r in refs if r is not None), None)
+        if common is None:
+            return
+        if self.state is None:
+            zero = torch.zeros_like(common, device=ranks.collective_device)
+            self.state = (zero.clone(), zero.clone(), zero.clone())
+        ref, s, ss = self.state
+        if not torch.equal(ref.cpu(), common):
+            delta = ref - common.to(ref.device)  # x − R = (x − r) + delta
+            s, ss = s + self.n * delta, ss + 2 * delta * s + self.n * delta * delta
+        self.state = (common.to(ref.device), s, ss)
+        count = torch.tensor([self.n], dtype=torch.int64, device=ref.device)
+        summed_across(ranks, [s, ss, count])
+        self.n = int(count[0])
+
     def compute(self) -> float:
         if self.state is None or self.n == 0:
             raise DataError("No test-split tokens to measure variance on; harvest more text.")
@@ -301,9 +328,11 @@ def _evaluate(
     split: Split,
     device: str | torch.device,
     batch_tokens: int = 4096,
+    ranks: Ranks = SINGLE,
 ) -> tuple[dict[str, dict[str, Any]], dict[str, float], int]:
     """Per-component quality, variance ratios and the token count: one streaming pass over the test split,
-    on ``device`` (the components' SAE must be there)."""
+    on ``device`` (the components' SAE must be there); ``ranks``: each reads its share of the shards and the
+    sums are added up."""
     site = _site(store, parts.sae)
     for c, s in saes.items():
         s.check_input_width(parts.sae.cfg.d_in, f"{c} error of {site}")
@@ -313,7 +342,8 @@ def _evaluate(
     l0 = {c: L0(s.cfg.d_sae) for c, s in saes.items()}
     var = {q: _TotalVariance() for q in ("x", *COMPONENTS)}
     blocks = {c: [FVU(s.cfg.d_in) for _ in range(JACKKNIFE_BLOCKS)] for c, s in saes.items()}
-    for batch in store.iter_batches([site], batch_tokens=batch_tokens, device=device):
+    shards = ranks.share(range(store.n_shards)) if ranks.active else None
+    for batch in store.iter_batches([site], batch_tokens=batch_tokens, device=device, shards=shards):
         test = ~split.mask(batch.context, batch.position)
         if not bool(test.any()):
             continue
@@ -332,6 +362,8 @@ def _evaluate(
                 blocks[c][b].update(target[rows], x_hat[rows])
             nmse[c].update(target, x_hat)
             l0[c].update_sparse(codes.indices, codes.values)
+    if ranks.active:
+        _reduce(ranks, fvu, nmse, l0, blocks, var)
     var_x = var["x"].compute()
     if not var_x > 0:
         raise DataError(f"Activations at {site} are constant on the test split; their variance is zero.")
@@ -350,6 +382,22 @@ def _evaluate(
     return quality, {q: var[q].compute() / var_x for q in COMPONENTS}, var["x"].n
 
 
+def _reduce(
+    ranks: Ranks,
+    fvu: Mapping[str, FVU],
+    nmse: Mapping[str, NMSE],
+    l0: Mapping[str, L0],
+    blocks: Mapping[str, list[FVU]],
+    var: Mapping[str, _TotalVariance],
+) -> None:
+    """Every rank's sums of the quality pass added up (every rank calls this with the same components)."""
+    for c in fvu:
+        for metric in (fvu[c], nmse[c], l0[c], *blocks[c]):
+            metric.all_reduce_()
+    for total in var.values():
+        total.reduce_(ranks)
+
+
 def evaluate_error_saes(
     store: ActivationStore,
     sae: SAE,
@@ -359,13 +407,15 @@ def evaluate_error_saes(
     split: Split,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
+    ranks: Ranks = SINGLE,
 ) -> dict[str, dict[str, Any]]:
     """Test-split fvu, nmse, l0 and dead_fraction of SAEs keyed by the component each was trained on, on
-    ``device`` (``sae`` in ``dtype``, None: its own)."""
+    ``device`` (``sae`` in ``dtype``, None: its own); ``ranks``: every rank calls this and reads its share
+    of the store."""
     for c in error_saes:
         check_component(c)
     parts = ErrorComponents(on_device(sae, device, dtype), probe)
-    quality, _, _ = _evaluate(store, parts, error_saes, split=split, device=device)
+    quality, _, _ = _evaluate(store, parts, error_saes, split=split, device=device, ranks=ranks)
     return quality
 
 

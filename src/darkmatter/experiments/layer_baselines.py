@@ -19,6 +19,11 @@ delete-one-block jackknife interval, every fit (and the per-id means) refitted w
 (`layer_intervals`). Memory is O(blocks · (d² + ids)) per layer, independent of the token count; the layers
 are processed in groups within a byte budget (`PASS_BYTES`), one pass over the store per group, each layer's
 SAE running once; with one block (no intervals) and small d that is a single pass.
+
+Under ``torchrun`` (``ranks``) every rank harvests its share of the store's shards, the SAEs are trained
+data-parallel, and each pass reads this rank's contiguous share of the shards (whole batches, as one process
+reads them); the sums are added up across ranks in float64 (`reduce_layer_sums`) and every rank scores the
+totals, so the numbers equal one process's up to the order of the additions.
 """
 
 from __future__ import annotations
@@ -51,10 +56,11 @@ from darkmatter.experiments.layer_saes import (
     load_or_train,
     train_layer_saes,
 )
-from darkmatter.experiments.layer_sums import REGRESSIONS, LayerSums
+from darkmatter.experiments.layer_sums import REGRESSIONS, LayerSums, reduce_layer_sums
 from darkmatter.harvest import HarvestConfig, harvest, store_identity
 from darkmatter.lm.loading import LoadedLM
 from darkmatter.progress import Progress
+from darkmatter.ranks import SINGLE, Ranks
 from darkmatter.results import Result, config_hash, sae_identity, store_summary
 from darkmatter.sae import SAE
 from darkmatter.sae.train import TrainConfig
@@ -155,14 +161,15 @@ def _accumulate(
     blocks: int,
     batch_tokens: int,
     device: torch.device,
+    shards: list[int] | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """One streaming pass on ``device`` feeding ``layers``' sums; returns the train and test token counts
-    per block and id [blocks, ids] (on ``device``)."""
+    """One streaming pass on ``device`` (over ``shards``, None: all) feeding ``layers``' sums; returns the
+    train and test token counts per block and id [blocks, ids] (on ``device``)."""
     with_loss = store.has_loss
     train_count = torch.zeros(blocks, n_ids, dtype=torch.int64, device=device)  # shared by all layers
     test_count = torch.zeros(blocks, n_ids, dtype=torch.int64, device=device)
     batches = store.iter_batches(
-        list(sites.values()), batch_tokens=batch_tokens, drop_last_position=True, device=device
+        list(sites.values()), batch_tokens=batch_tokens, drop_last_position=True, device=device, shards=shards
     )
     for batch in batches:
         k = block_of(store, blocks, int(batch.context[0]))  # a batch never spans two shards
@@ -280,6 +287,7 @@ def layer_baselines(
     pass_bytes: int = PASS_BYTES,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
+    ranks: Ranks = SINGLE,
 ) -> LayerBaselinesResult:
     """R² on test tokens of predicting each layer's ‖x − Sae(x)‖² from the five baselines (module doc).
 
@@ -290,7 +298,8 @@ def layer_baselines(
     layer's SAE runs once whatever the grouping, and the numbers do not depend on it). Bad input: a layer
     the store lacks is a StoreError, an SAE of the wrong width a ShapeError, a constant target a DataError
     naming the layer. Everything runs on ``device`` (None: the first SAE's), each SAE in ``dtype`` (None:
-    its own); the float64 sums stay there.
+    its own); the float64 sums stay there. ``ranks``: under torchrun every rank calls this, reads its share
+    of the shards, and gets the result of the summed sums.
     """
     sites = _check_inputs(store, saes, site_template)
     dev = placement(device, saes[min(saes)])
@@ -302,6 +311,7 @@ def layer_baselines(
     names = [p for p in PREDICTORS if with_loss or p != "model_loss"]
     widths = {layer: store.d[site] for layer, site in sites.items()}
     groups = layer_groups(widths, n_ids, blocks, with_loss, pass_bytes)
+    shards = ranks.share(range(store.n_shards)) if ranks.active else None
     scores: dict[int, _LayerScores] = {}
     counts = torch.zeros(2, dtype=torch.int64, device=dev)
     for group in groups:
@@ -319,7 +329,10 @@ def layer_baselines(
             blocks=blocks,
             batch_tokens=batch_tokens,
             device=dev,
+            shards=shards,
         )
+        if ranks.active:
+            reduce_layer_sums(list(layers.values()), train_count, test_count, ranks)
         for layer, acc in layers.items():
             scores[layer] = _score(acc, names, train_count, test_count)
         counts = torch.stack([train_count.sum(), test_count.sum()])
@@ -409,6 +422,7 @@ def run(
     log: Log | None = None,
     progress: Callable[[str], Progress | None] | None = None,
     train_logs: TrainLogs | None = None,
+    ranks: Ranks = SINGLE,
 ) -> LayerBaselinesResult:
     """Harvest resid_post of ``layers`` (with loss) into ``out_dir/store_layers``, train one SAE per layer
     (or reuse ``out_dir/saes_layers/<L>/``), and compute `layer_baselines` on ``device`` with the SAEs in
@@ -420,6 +434,8 @@ def run(
     overridden, and its shard size lowered so that the store has at least ``interval_blocks`` shards (see
     `layer_shard_contexts`). Resumable: the harvest resumes its shards, the trainer its checkpoint, saved
     SAEs are reused; a store harvested earlier with another shard size is reused with its own (never mixed).
+    ``ranks``: under torchrun every rank calls this (harvest, training and sums are shared, rank 0 decides
+    what is reused and alone writes the SAEs) and gets the same result.
     """
     layers = sorted(check_layers(layers))  # the store identity lists sites in this order
     log = log or (lambda _msg: None)
@@ -431,7 +447,8 @@ def run(
     n_contexts = int(contexts.tokens.shape[0])
     shard = layer_shard_contexts(hcfg.shard_contexts, n_contexts, interval_blocks)
     hcfg = hcfg.model_copy(update={"shard_contexts": shard})
-    earlier = _earlier_shard_contexts(out / STORE_DIR, store_identity(lm, text_cfg, hcfg, contexts))
+    identity = store_identity(lm, text_cfg, hcfg, contexts)
+    earlier = ranks.broadcast(_earlier_shard_contexts(out / STORE_DIR, identity) if ranks.leader else None)
     if earlier is not None and earlier != shard:
         log(
             f"layer_baselines: {out / STORE_DIR} was harvested with {earlier} contexts per shard; reusing it "
@@ -439,7 +456,9 @@ def run(
         )
         hcfg = hcfg.model_copy(update={"shard_contexts": earlier})
     bars = progress or (lambda _name: None)
-    store = harvest(lm, contexts, text_cfg, hcfg, str(out / STORE_DIR), progress=bars("layer sweep: harvest"))
+    store = harvest(
+        lm, contexts, text_cfg, hcfg, str(out / STORE_DIR), progress=bars("layer sweep: harvest"), ranks=ranks
+    )
     log(f"layer_baselines: store {store.root} ({store.n_contexts} contexts x {store.ctx_len} tokens)")
     settings = {
         "d_sae": d_sae,
@@ -449,8 +468,9 @@ def run(
         "split_seed": split.seed,
         "train_fraction": split.fraction,
     }
+    bar = bars("layer sweep: train SAEs")
     saes, reused = load_or_train(
-        store, layers, out / SAE_DIR, settings, train, split, log, bars("layer sweep: train SAEs"), train_logs
+        store, layers, out / SAE_DIR, settings, train, split, log, bar, train_logs, ranks=ranks
     )
     result = layer_baselines(
         store,
@@ -460,6 +480,7 @@ def run(
         interval_blocks=interval_blocks,
         device=device,
         dtype=dtype,
+        ranks=ranks,
     )
     config = {
         **result.config,

@@ -1,5 +1,9 @@
 """Training one SAE per layer for the error-norm baselines across layers (`layer_baselines`), and reusing
-the SAEs a previous run saved."""
+the SAEs a previous run saved.
+
+Under ``torchrun`` every rank takes part: rank 0 decides which saved SAEs are reused (and tells the others),
+the rest are trained data-parallel by one `FamilyTrainer` (every rank ends with the same SAEs) and rank 0
+alone saves them."""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ from typing import Any, Literal
 
 from darkmatter.errors import ConfigError, StoreError
 from darkmatter.progress import Progress
+from darkmatter.ranks import SINGLE, Ranks
 from darkmatter.results import config_hash
 from darkmatter.sae import SAE, load_sae, save_sae
 from darkmatter.sae.train import FamilyTrainer, SAESpec, TrainConfig
@@ -53,10 +58,12 @@ def train_layer_saes(
     site_template: str = RESID_SITE,
     progress: Progress | None = None,
     train_logs: TrainLogs | None = None,
+    ranks: Ranks = SINGLE,
 ) -> dict[int, SAE]:
     """One SAE per layer on ``site_template`` (resid_post), all trained together by one FamilyTrainer run
     on the same batches of the train tokens of ``split``; the trainer checkpoints in ``workdir`` and resumes
-    from it. ``train_logs`` records each SAE's training curve under the tag ``layer<L>/...``."""
+    from it. ``train_logs`` records each SAE's training curve under the tag ``layer<L>/...``. ``ranks``:
+    data-parallel under torchrun (every rank calls this and gets the same SAEs)."""
     layers = check_layers(layers)
     sites = {layer: layer_site(site_template, layer) for layer in layers}
     missing = [layer for layer, s in sites.items() if s not in store.sites]
@@ -68,9 +75,40 @@ def train_layer_saes(
         SAESpec(name=f"layer{layer}", site=sites[layer], d_sae=d_sae, k=k, kind=kind) for layer in layers
     ]
     trainer = FamilyTrainer(
-        store, specs, train, workdir, split=split, log=train_logs, log_every=log_every(train_logs)
+        store,
+        specs,
+        train,
+        workdir,
+        split=split,
+        log=train_logs,
+        log_every=log_every(train_logs),
+        ranks=ranks,
     )
     return dict(zip(layers, trainer.train(progress=progress), strict=True))
+
+
+def _saved(
+    layers: list[int], root: Path, settings: dict[str, Any], key: str
+) -> tuple[dict[int, SAE], list[int]] | str:
+    """(The SAEs saved under ``root/<L>/``, the layers still to train), or why a saved one cannot be used."""
+    saes: dict[int, SAE] = {}
+    todo: list[int] = []
+    for layer in layers:
+        folder = root / str(layer)
+        if not folder.exists():
+            todo.append(layer)
+            continue
+        sae = load_sae(folder)
+        site = RESID_SITE.format(layer=layer)
+        theirs = sae.cfg.metadata.get(SAE_KEY)
+        if sae.cfg.hook_site not in (None, site) or (theirs is not None and theirs != key):
+            return (
+                f"{folder} holds an SAE trained for {sae.cfg.hook_site!r} with other settings than requested "
+                f"(d_sae={settings['d_sae']}, k={settings['k']}, kind={settings['kind']}, training, split, "
+                "store). Delete the folder to retrain it, or use another output directory."
+            )
+        saes[layer] = sae
+    return saes, todo
 
 
 def load_or_train(
@@ -83,28 +121,22 @@ def load_or_train(
     log: Log,
     progress: Progress | None = None,
     train_logs: TrainLogs | None = None,
+    ranks: Ranks = SINGLE,
 ) -> tuple[dict[int, SAE], list[int]]:
-    """Reuse ``root/<L>/`` SAEs (checking they match the settings), train the rest together, save them."""
+    """Reuse ``root/<L>/`` SAEs (checking they match the settings), train the rest together, save them.
+
+    ``ranks``: every rank calls this; rank 0 decides what is reused (the others follow), the training is
+    data-parallel (every rank ends with the same SAEs) and rank 0 alone saves them."""
     key = config_hash({**settings, "store": store.manifest["identity_hash"]})
-    saes: dict[int, SAE] = {}
-    todo: list[int] = []
-    reused: list[int] = []
-    for layer in layers:
-        folder = root / str(layer)
-        if not folder.exists():
-            todo.append(layer)
-            continue
-        sae = load_sae(folder)
-        site = RESID_SITE.format(layer=layer)
-        theirs = sae.cfg.metadata.get(SAE_KEY)
-        if sae.cfg.hook_site not in (None, site) or (theirs is not None and theirs != key):
-            raise ConfigError(
-                f"{folder} holds an SAE trained for {sae.cfg.hook_site!r} with other settings than requested "
-                f"(d_sae={settings['d_sae']}, k={settings['k']}, kind={settings['kind']}, training, split, "
-                "store). Delete the folder to retrain it, or use another output directory."
-            )
-        saes[layer] = sae
-        reused.append(layer)
+    found = _saved(layers, root, settings, key) if ranks.leader else None
+    decided = ranks.broadcast(found if isinstance(found, str) or found is None else sorted(found[0]))
+    if isinstance(decided, str):
+        raise ConfigError(decided)
+    assert decided is not None
+    reused = [layer for layer in layers if layer in decided]
+    # rank 0 has the SAEs it checked; the other ranks load them
+    saes = found[0] if isinstance(found, tuple) else {layer: load_sae(root / str(layer)) for layer in reused}
+    todo = [layer for layer in layers if layer not in saes]
     if reused:
         log(f"layer_baselines: reusing SAEs for layers {reused} from {root}")
     if todo:
@@ -121,14 +153,20 @@ def load_or_train(
             split=split,
             progress=progress,
             train_logs=train_logs,
+            ranks=ranks,
         )
+        # the ranks trained in lockstep, so every rank keeps the same SAEs (saving folds the input scale
+        # into the weights, so a loaded copy would differ in the last bits from the one rank 0 keeps)
         for layer, sae in trained.items():
             sae.cfg.metadata[SAE_KEY] = key
-            tmp = root / f".saving-{layer}"
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            save_sae(sae, tmp)
-            tmp.rename(root / str(layer))  # a folder appears complete or not at all
             saes[layer] = sae
-        shutil.rmtree(workdir, ignore_errors=True)  # optimizer state; the saved SAEs are what we keep
-    return saes, reused
+        ranks.barrier()  # every rank is past reading the trainer's checkpoint before rank 0 removes it
+        if ranks.leader:
+            for layer, sae in trained.items():
+                tmp = root / f".saving-{layer}"
+                if tmp.exists():
+                    shutil.rmtree(tmp)
+                save_sae(sae, tmp)
+                tmp.rename(root / str(layer))  # a folder appears complete or not at all
+            shutil.rmtree(workdir, ignore_errors=True)  # optimizer state; the saved SAEs are what we keep
+    return {layer: saes[layer] for layer in layers}, reused

@@ -8,14 +8,22 @@ of the token count.
 For the jackknife intervals every sum is kept per block of whole shards (``blocks``): the totals are the
 blocks merged (with one block, that block itself), and a replicate leaves one block out of both the fit's
 train sums and the scored test sums, so every fit is refitted without it. Memory is ``blocks`` times larger.
+
+Under ``torchrun`` each rank fills the sums from its share of the shards and `reduce_layer_sums` adds them
+up: the per-id sums are first moved to one shift (rank 0's, so its own sums are untouched) and the moments
+to a common reference, then everything is summed in float64; the totals equal one process's up to the order
+of the additions.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 
 from darkmatter.errors import DataError
 from darkmatter.experiments.decomposition.accumulators import merged
+from darkmatter.ranks import Ranks
 from darkmatter.sae import SAE
 from darkmatter.stats import CONSTANT_TARGET_TOL, Moments, RidgeFit, evaluate, fit_ridge
 
@@ -190,3 +198,39 @@ class LayerSums:
         except DataError as exc:
             raise DataError(f"{self.where('FVU')}: {exc}") from exc
         return fvu, float(self.total("test", "l0").mean_x()[0])
+
+
+def summed_across(ranks: Ranks, tensors: Sequence[Tensor]) -> None:
+    """Sum ``tensors`` in place across ranks (through ``ranks.collective_device`` if they live elsewhere)."""
+    moved = [t.to(ranks.collective_device) for t in tensors]
+    ranks.sum_(moved)
+    for t, m in zip(tensors, moved, strict=True):
+        if m is not t:
+            t.copy_(m)
+
+
+def reduce_layer_sums(
+    layers: Sequence[LayerSums], train_count: Tensor, test_count: Tensor, ranks: Ranks
+) -> None:
+    """Add up every rank's partial sums of ``layers`` and the token counts per block and id (``train_count``,
+    ``test_count`` [blocks, ids], this rank's, summed in place); every rank ends with the totals. Each rank
+    must call this with the same layers in the same order."""
+    refs = ranks.gather([None if acc.ref is None else float(acc.ref) for acc in layers])
+    for i, acc in enumerate(layers):
+        common = next((r[i] for r in refs if r[i] is not None), None)
+        if common is None:
+            continue  # no rank saw a token of this layer
+        if acc.ref is not None and float(acc.ref) != common:
+            # Σ(y − R) = Σ(y − r) + n·(r − R) and Σ(y − R)² = Σ(y − r)² + 2·(r − R)·Σ(y − r) + n·(r − R)²
+            delta = float(acc.ref) - common
+            tr_n, te_n = train_count.to(acc.device, F64), test_count.to(acc.device, F64)
+            acc.test_sumsq += 2 * delta * acc.test_sum + te_n * (delta * delta)
+            acc.test_sum += te_n * delta
+            acc.train_sum += tr_n * delta
+        acc.ref = torch.tensor(common, dtype=F64, device=acc.device)
+        summed_across(ranks, [acc.train_sum, acc.test_sum, acc.test_sumsq])
+        for per_part in acc.moments.values():
+            for per_block in per_part.values():
+                for moments in per_block:
+                    moments.all_reduce_()
+    summed_across(ranks, [train_count, test_count])

@@ -1,5 +1,6 @@
 """SAEs trained on one SAE's LinearError and NonlinearError (Figs 7, 8), each component computed on the
-fly from the store with the engine's probe b*."""
+fly from the store with the engine's probe b*. Under torchrun every rank trains (data-parallel) and measures
+its share of the store; rank 0 alone saves the SAEs."""
 
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ class ErrorSAEsStep(Step[ErrorSAEsStepResult]):
     result_type = ErrorSAEsStepResult
     needs = (ENGINE,)
     version = 2
+    distributed = True  # training and the quality pass are shared by the ranks; rank 0 saves the SAEs
 
     def enabled(self, cfg: StudyConfig) -> bool:
         return cfg.error_saes.enabled
@@ -59,12 +61,15 @@ class ErrorSAEsStep(Step[ErrorSAEsStepResult]):
         sae = ctx.saes[name]
         with ctx.train_logs("error_saes") as logs:
             res, trained = self._train(ctx, sae, name, logs)
+        result = ErrorSAEsStepResult(**dict(res), sae_name=name)
+        if not ctx.ranks.leader:
+            return result  # the same numbers; the runner records rank 0's
         for component, error_sae in trained.items():
             save_sae(error_sae, error_sae_folder(ctx, component))
         for c in settings.components:
             q = res.saes[c]
             ctx.log(f"error SAE on {c} error of {name}: held-out FVU {q.fvu:.3f}, L0 {q.l0:.1f}")
-        return ErrorSAEsStepResult(**dict(res), sae_name=name)
+        return result
 
     def _train(
         self, ctx: StudyContext, sae: SAE, name: str, logs: TrainLogs | None
@@ -83,6 +88,7 @@ class ErrorSAEsStep(Step[ErrorSAEsStepResult]):
             progress=ctx.progress("train error SAEs"),
             dtype=ctx.sae_dtype,  # on the trainer's device, the analysis device unless train.device is set
             train_logs=logs,
+            ranks=ctx.ranks,
         )
 
     def headline(self, result: ErrorSAEsStepResult) -> str:

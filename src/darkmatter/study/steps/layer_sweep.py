@@ -1,5 +1,6 @@
 """Figs 3 and 13: one small SAE per layer, and the R² of its squared error norm from five predictors
-(activations, token identity, L0, activation norm, model loss). Harvests its own store of resid_post."""
+(activations, token identity, L0, activation norm, model loss). Harvests its own store of resid_post.
+Under torchrun every rank runs it (``layer_baselines.run`` with the ranks) and gets the same result."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ class LayerSweepStep(Step[LayerBaselinesResult]):
     title = "error-norm baselines across layers (Figs 3, 13)"
     result_type = LayerBaselinesResult
     version = 3
+    distributed = True  # harvest, SAE training and sums are shared by the ranks; rank 0 saves the SAEs
 
     def enabled(self, cfg: StudyConfig) -> bool:
         return cfg.layer_sweep.enabled
@@ -61,6 +63,7 @@ class LayerSweepStep(Step[LayerBaselinesResult]):
             log=ctx.log,
             progress=ctx.progress,
             train_logs=logs,
+            ranks=ctx.ranks,
         )
 
     def headline(self, result: LayerBaselinesResult) -> str:
