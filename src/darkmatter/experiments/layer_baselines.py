@@ -241,7 +241,7 @@ def _notes(
             "shards of contexts); each replicate refits every regression and the per-token-id means without "
             "the block and scores the test tokens outside it."
         )
-    elif asked >= 3:
+    elif asked >= 3 and shards < 3:
         notes.append(
             f"No intervals: the store has {shards} shard(s) and a jackknife block is whole shards; at least "
             "3 are needed (harvest with smaller shard_contexts)."
