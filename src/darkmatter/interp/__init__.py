@@ -12,12 +12,7 @@ Typical use::
 
 from __future__ import annotations
 
-from darkmatter.interp.autointerp import (
-    AutoInterpResult,
-    LatentInterp,
-    default_unparsable,
-    run_autointerp,
-)
+from darkmatter.interp.autointerp import default_unparsable, run_autointerp
 from darkmatter.interp.examples import Example, LatentExamples, collect_examples
 from darkmatter.interp.export import LatentRecord, LatentsFile, latent_records, write_latent_records
 from darkmatter.interp.fuzzing import FuzzCounts, FuzzSummary, summarize_fuzz
@@ -30,6 +25,7 @@ from darkmatter.interp.prompts import (
     parse_explanation,
     render,
 )
+from darkmatter.interp.results import AutoInterpResult, LatentInterp
 from darkmatter.interp.scoring import (
     DetectionCounts,
     DetectionSummary,

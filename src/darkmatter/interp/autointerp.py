@@ -6,16 +6,19 @@ shuffled with a seeded RNG and sent ``batch_size`` per detection prompt. Unparsa
 -1: excluded from the counts and tallied as failures. With ``fuzzing`` the decile samples are also shown
 with marked tokens (see ``darkmatter.interp.fuzzing``), ``batch_size`` per prompt: up to
 ceil(10·n_per_decile / batch_size) extra requests per latent. Every finished latent is saved to
-``cache_path`` at once, so a killed or failed run resumes without asking the judge again for them.
+``cache_path`` at once (see ``darkmatter.interp.cache``), so a killed or failed run resumes without asking
+the judge again for them.
 
 An endpoint judge scores up to ``concurrency`` latents at a time (threads; each latent's requests stay in
 order). Every latent's prompts depend only on the seed and its own examples, and results are gathered in
-the order given, so results and cache are the same as with one request at a time.
+the order given, so results and cache are the same as with one request at a time. Under ``torchrun``
+(``ranks``) the latents are dealt to the ranks in contiguous shares and gathered back in the order given,
+so every rank returns the result of one process; a latent's prompts and answers depend on nothing the
+other latents of its rank do (a local judge answers one prompt at a time, unpadded).
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass
@@ -24,11 +27,10 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import numpy as np
-from pydantic import BaseModel, Field, ValidationError
 
-from darkmatter import atomic
-from darkmatter.errors import ConfigError, EndpointError, StoreError
+from darkmatter.errors import ConfigError, EndpointError
 from darkmatter.hashing import stable_hash
+from darkmatter.interp.cache import LatentCache
 from darkmatter.interp.examples import Example, LatentExamples
 from darkmatter.interp.fuzzing import FuzzCounts, FuzzSummary, fuzz_items, summarize_fuzz
 from darkmatter.interp.judges import BinaryJudge, EndpointJudge, Judge, Message
@@ -40,40 +42,14 @@ from darkmatter.interp.prompts import (
     parse_detection,
     parse_explanation,
 )
+from darkmatter.interp.results import AutoInterpResult, LatentInterp
 from darkmatter.interp.scoring import N_DECILES, DetectionCounts, DetectionSummary, summarize
 from darkmatter.progress import Progress, Ticker
+from darkmatter.ranks import SINGLE, Ranks
 
 Decode = Callable[[list[int]], list[str]]  # token ids -> one string per token
 Unparsable = Literal["raise", "count"]
-CACHE_FORMAT = "darkmatter-autointerp-cache"
-CACHE_VERSION = 1
 T = TypeVar("T")
-
-
-class LatentInterp(BaseModel):
-    """One latent's explanation and detection counts."""
-
-    latent: int
-    explanation: str = Field(description="The judge's explanation ('' when none could be parsed).")
-    explanation_parsed: bool = Field(description="False when the explanation reply was unusable.")
-    counts: DetectionCounts
-    fuzzing: FuzzCounts | None = Field(default=None, description="Fuzzing counts; None when not scored.")
-    n_judge_calls: int = Field(description="Chat requests made for this latent, re-asks included.")
-    key: str = Field(description="Hash of the settings, judge model, prompts and examples (cache key).")
-
-
-class AutoInterpResult(BaseModel):
-    """Auto-interpretability of a set of latents: explanations, per-latent counts, pooled accuracies."""
-
-    judge: dict[str, Any] = Field(description="The judge's describe(): kind, model, weak, ...")
-    weak_judge: bool = Field(description="True for a small judge whose scores are only a smoke test.")
-    notes: list[str] = Field(default_factory=list, description="Caveats a reader must know.")
-    settings: dict[str, Any] = Field(description="Sampling, batching and answer-handling settings.")
-    latents: list[LatentInterp] = Field(description="Scored latents, in the order given.")
-    skipped: dict[int, str] = Field(default_factory=dict, description="Unscored latents and why.")
-    summary: DetectionSummary = Field(description="Counts pooled (summed) over the scored latents.")
-    fuzzing: FuzzSummary | None = Field(default=None, description="Fuzzing pooled likewise; None when off.")
-    n_cached: int = Field(default=0, description="Latents taken from the cache instead of asking the judge.")
 
 
 def _sample(rng: np.random.Generator, items: Sequence[T], k: int) -> list[T]:
@@ -148,31 +124,6 @@ def _latent_key(
             "explain": explain,
             "examples": ex.model_dump(mode="json"),
         }
-    )
-
-
-def _read_cache(path: Path) -> dict[int, LatentInterp]:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text())
-        if data.get("format") != CACHE_FORMAT or data.get("version") != CACHE_VERSION:
-            raise ValueError("not an auto-interp cache of this version")
-        return {int(k): LatentInterp.model_validate(v) for k, v in data["latents"].items()}
-    except (ValueError, KeyError, AttributeError, TypeError, ValidationError) as exc:
-        raise StoreError(
-            f"Auto-interp cache {path} is unreadable ({exc.__class__.__name__}); delete it to start over."
-        ) from exc
-
-
-def _write_cache(path: Path, done: dict[int, LatentInterp]) -> None:
-    atomic.write_json(
-        path,
-        {
-            "format": CACHE_FORMAT,
-            "version": CACHE_VERSION,
-            "latents": {str(k): v.model_dump(mode="json") for k, v in sorted(done.items())},
-        },
     )
 
 
@@ -292,28 +243,6 @@ def _score_latent(
     )
 
 
-class _Cache:
-    """Finished latents by id, saved to ``path`` (when given) after each one."""
-
-    def __init__(self, path: Path | None) -> None:
-        self.path = path
-        self.done = _read_cache(path) if path is not None else {}
-
-    def hit(self, latent: int, key: str) -> LatentInterp | None:
-        """The cached result of ``latent`` when its key still matches, else None."""
-        hit = self.done.get(latent)
-        return hit if hit is not None and hit.key == key else None
-
-    def save(self, li: LatentInterp) -> None:
-        if self.path is not None:
-            self.done[li.latent] = li
-            _write_cache(self.path, self.done)
-
-    def resume_hint(self, finished: int, total: int) -> str:
-        """What a failed run leaves behind, for its error message."""
-        return f"{finished} of {total} latents are finished and saved in {self.path}; run again to resume."
-
-
 def _workers(judge: Judge, concurrency: int) -> int:
     """Threads for scoring: ``concurrency`` for an endpoint judge, one for any other (an in-process model)."""
     if concurrency < 1:
@@ -325,7 +254,7 @@ _Job = tuple[LatentExamples, list[Message], str]  # latent examples, explanation
 
 
 def _cached_and_jobs(
-    todo: list[LatentExamples], cache: _Cache, desc: dict[str, Any], settings: _Settings, decode: Decode
+    todo: list[LatentExamples], cache: LatentCache, desc: dict[str, Any], settings: _Settings, decode: Decode
 ) -> tuple[dict[int, LatentInterp], list[_Job]]:
     """The latents the cache already holds (by id), and the jobs for the others, in order."""
     done: dict[int, LatentInterp] = {}
@@ -392,6 +321,7 @@ def run_autointerp(
     concurrency: int = 1,
     cache_path: str | Path | None = None,
     progress: Progress | None = None,
+    ranks: Ranks = SINGLE,
 ) -> AutoInterpResult:
     """Explain and score every non-skipped latent of ``examples`` with ``judge``; see the module docstring.
 
@@ -403,6 +333,9 @@ def run_autointerp(
     ``concurrency``: latents scored at a time by an endpoint judge (other judges score one at a time);
     it changes neither the results nor the cache.
     ``progress(latents done, latents to score, latents per second)`` is called after each latent.
+    ``ranks``: under ``torchrun`` the latents left to score are dealt to the ranks in contiguous shares and
+    every rank returns the whole result (see ``_meet``); ``examples``, ``judge`` and ``decode`` must be the
+    same on every rank.
     """
     settings = _Settings(
         seed=seed,
@@ -416,12 +349,15 @@ def run_autointerp(
     )
     policy, reasks = _answer_policy(judge, unparsable, reasks)
     desc = judge.describe()
-    cache = _Cache(Path(cache_path) if cache_path is not None else None)
+    cache = LatentCache(Path(cache_path) if cache_path is not None else None, rank=ranks.rank)
     todo = [ex for ex in examples.values() if ex.skip_reason is None]
     skipped = {ex.latent: str(ex.skip_reason) for ex in examples.values() if ex.skip_reason is not None}
-    ticker = Ticker(progress, len(todo))
     done, jobs = _cached_and_jobs(todo, cache, desc, settings, decode)
+    if ranks.active:  # rank 0's cache decides what is left; each rank scores a contiguous share of it
+        done = ranks.broadcast(done)
+        jobs = ranks.share([job for job in jobs if job[0].latent not in done])
     n_cached = len(done)
+    ticker = Ticker(progress, n_cached + len(jobs))
     if n_cached:
         ticker.advance(n_cached)
 
@@ -430,15 +366,22 @@ def run_autointerp(
         return _score_latent(ex, _Asker(judge, policy, reasks), decode, explain, settings, key)
 
     workers = _workers(judge, concurrency)
+    fresh: list[LatentInterp] = []
+    failure: EndpointError | None = None
     try:
         for li in _finished(jobs, score, workers):
             cache.save(li)
             done[li.latent] = li
+            fresh.append(li)
             ticker.advance(1)
     except EndpointError as exc:
-        if cache.path is None:
-            raise
-        raise EndpointError(f"{exc} {cache.resume_hint(len(done), len(todo))}") from exc
+        if not ranks.active:
+            if cache.path is None:
+                raise
+            raise EndpointError(f"{exc} {cache.resume_hint(len(done), len(todo))}") from exc
+        failure = exc
+    if ranks.active:
+        _meet(ranks, cache, done, fresh, failure, len(todo))
     results = [done[ex.latent] for ex in todo]
     summary = summarize(r.counts for r in results)
     fuzz = summarize_fuzz(r.fuzzing for r in results if r.fuzzing is not None) if fuzzing else None
@@ -453,6 +396,28 @@ def run_autointerp(
         fuzzing=fuzz,
         n_cached=n_cached,
     )
+
+
+def _meet(
+    ranks: Ranks,
+    cache: LatentCache,
+    done: dict[int, LatentInterp],
+    fresh: list[LatentInterp],
+    failure: EndpointError | None,
+    total: int,
+) -> None:
+    """Every rank's newly scored latents into ``done`` (and into rank 0's cache, which then drops the part
+    files). A judge failure on any rank is raised on every rank, the first in rank order, so all ranks
+    leave together and the latents finished anywhere are kept."""
+    met = ranks.gather((fresh, None if failure is None else str(failure)))
+    for latents, _ in met:
+        for li in latents:
+            done[li.latent] = li
+    cache.absorb(li for latents, _ in met for li in latents)
+    errors = [error for _, error in met if error is not None]
+    if errors:
+        hint = "" if cache.main is None else f" {cache.resume_hint(len(done), total)}"
+        raise EndpointError(errors[0] + hint) from failure
 
 
 def _notes(desc: dict[str, Any], summary: DetectionSummary, fuzz: FuzzSummary | None) -> list[str]:

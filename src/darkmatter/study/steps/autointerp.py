@@ -6,12 +6,15 @@ sample of the split SAE's own latents (``interp.sae_latents``) is scored alike i
 ``interp/latents-sae.json``, so the report's latent cards show them beside the error SAEs'.
 
 Every finished latent is cached, so a run stopped by an endpoint that went down keeps its partial result,
-finishes the rest of the study, and resumes where it stopped when run again.
+finishes the rest of the study, and resumes where it stopped when run again. Under ``torchrun`` rank 0
+collects each component's examples, the ranks share its latents for the judge, and rank 0 writes the
+records (see ``_score``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +28,7 @@ from darkmatter.experiments.error_saes import component_activations_fn, latent_c
 from darkmatter.interp import (
     AutoInterpResult,
     EndpointJudge,
+    LatentExamples,
     LocalJudge,
     collect_examples,
     latent_records,
@@ -66,6 +70,7 @@ class AutoInterpStep(Step[AutoInterpStepResult]):
     title = "auto-interpretability of the error SAEs' latents (Fig 8)"
     result_type = AutoInterpStepResult
     needs = (ERROR_SAES,)
+    distributed = True  # the latents are dealt to the ranks for the judge; rank 0 collects and writes
 
     def enabled(self, cfg: StudyConfig) -> bool:
         interp = cfg.error_saes.interp
@@ -77,30 +82,28 @@ class AutoInterpStep(Step[AutoInterpStepResult]):
 
     def run(self, ctx: StudyContext) -> AutoInterpStepResult:
         name = ctx.result(ERROR_SAES.name, ErrorSAEsStepResult).sae_name
-        trained = load_error_saes(ctx)
-        chosen = {c: sample_latents(ctx, s.cfg.d_sae, c) for c, s in trained.items()}
-        sae = ctx.saes[name]
-        own = sample_sae_latents(ctx, sae.cfg.d_sae)
+        lead = ctx.ranks.leader  # under torchrun rank 0 alone reads the SAEs and collects the examples
+        trained: dict[str, SAE] = {}
+        sae: SAE | None = None
+        plan: tuple[dict[str, list[int]], list[int]] | None = None
+        if lead:
+            trained = load_error_saes(ctx)
+            chosen = {c: sample_latents(ctx, s.cfg.d_sae, c) for c, s in trained.items()}
+            sae = ctx.saes[name]
+            plan = chosen, sample_sae_latents(ctx, sae.cfg.d_sae)
+        plan = ctx.ranks.broadcast(plan)
+        assert plan is not None
+        chosen, own = plan
         judge = make_judge(ctx)
         res = AutoInterpStepResult(sae=name, components={}, latents=chosen, sae_latents=own)
-        for component in [*trained, *([SAE_ITSELF] if own else [])]:
+        for component in [*chosen, *([SAE_ITSELF] if own else [])]:
+            latents = own if component == SAE_ITSELF else chosen[component]
+            activations = partial(_activations, ctx, sae, trained, name, component, latents)
             try:
-                if component == SAE_ITSELF:
-                    acts_fn, d_sae, latents = sae_activations_fn(sae, own), sae.cfg.d_sae, own
-                else:
-                    d_sae, latents = trained[component].cfg.d_sae, chosen[component]
-                    acts_fn = component_activations_fn(
-                        sae,
-                        ctx.probe(name),
-                        trained[component],
-                        component,
-                        latents,
-                        device=ctx.device,
-                        dtype=ctx.sae_dtype,
-                    )
-                scored = _score(ctx, sae, acts_fn, d_sae, component, latents, judge, name)
-            except EndpointError as exc:
-                ctx.log(f"autointerp ({component}): {exc}")
+                scored = _score(ctx, activations, component, latents, judge, name)
+            except EndpointError as exc:  # raised on every rank alike (the ranks agree on the outcome)
+                if lead:
+                    ctx.log(f"autointerp ({component}): {exc}")
                 res.error = (
                     f"{exc} Every other result and the report are in {ctx.paths.root}; run again to score "
                     "the remaining latents (finished ones are cached)."
@@ -110,15 +113,9 @@ class AutoInterpStep(Step[AutoInterpStepResult]):
                 res.sae_scores = scored
             else:
                 res.components[component] = scored
-            s, f = scored.summary, scored.fuzzing
-            fuzz = "" if f is None else f", fuzzing {_fmt(f.balanced_accuracy)}"
-            what = f"{name} itself" if component == SAE_ITSELF else f"{component} error"
-            ctx.log(
-                f"autointerp ({what}): {s.n_latents} latents scored, balanced accuracy "
-                f"{_fmt(s.balanced_accuracy)}{fuzz}, {len(scored.skipped)} skipped; latent records in "
-                f"{_records_path(ctx, component)}"
-            )
-        return res
+            if lead:
+                _log_scored(ctx, name, component, scored)
+        return res if lead else AutoInterpStepResult(sae=name, components={}, latents={})
 
     def headline(self, result: AutoInterpStepResult) -> str:
         bal = [
@@ -147,35 +144,74 @@ def _records_path(ctx: StudyContext, component: str) -> Path:
     return ctx.paths.root / "interp" / f"latents-{component}.json"
 
 
+_Collect = tuple[Callable[[Batch], torch.Tensor], int, str]
+"""What examples are collected from: an activations function of the chosen latents, the SAE's width and
+its hook site."""
+
+
+def _activations(
+    ctx: StudyContext, sae: SAE | None, trained: dict[str, SAE], name: str, component: str, latents: list[int]
+) -> _Collect:
+    """Rank 0: the activations of ``component``'s chosen ``latents``, with the width and site they need."""
+    assert sae is not None
+    site = str(sae.cfg.hook_site)
+    if component == SAE_ITSELF:
+        return sae_activations_fn(sae, latents), sae.cfg.d_sae, site
+    acts_fn = component_activations_fn(
+        sae, ctx.probe(name), trained[component], component, latents, device=ctx.device, dtype=ctx.sae_dtype
+    )
+    return acts_fn, trained[component].cfg.d_sae, site
+
+
+def _log_scored(ctx: StudyContext, sae_name: str, component: str, scored: AutoInterpResult) -> None:
+    s, f = scored.summary, scored.fuzzing
+    fuzz = "" if f is None else f", fuzzing {_fmt(f.balanced_accuracy)}"
+    what = f"{sae_name} itself" if component == SAE_ITSELF else f"{component} error"
+    ctx.log(
+        f"autointerp ({what}): {s.n_latents} latents scored, balanced accuracy "
+        f"{_fmt(s.balanced_accuracy)}{fuzz}, {len(scored.skipped)} skipped; latent records in "
+        f"{_records_path(ctx, component)}"
+    )
+
+
 def _score(
     ctx: StudyContext,
-    sae: SAE,
-    activations_fn: Callable[[Batch], torch.Tensor],
-    d_sae: int,
+    activations: Callable[[], _Collect],
     component: str,
     latents: list[int],
     judge: Judge,
     sae_name: str = "",
 ) -> AutoInterpResult:
-    """Examples of each latent (of ``d_sae``, by ``activations_fn`` on ``sae``'s site) from the store, then
+    """Examples of each latent from the store (by the activations function ``activations()`` builds), then
     explanations, detection and fuzzing from the judge; the latents' records are written to
-    ``_records_path`` (also when all came from the cache)."""
-    icfg = ctx.cfg.error_saes.interp
-    examples = collect_examples(
-        ctx.store,
-        activations_fn,
-        latents,
-        d_sae=d_sae,
-        n_top=icfg.n_examples_explain,
-        n_per_decile=icfg.n_per_decile,
-        n_negatives=icfg.n_negatives,
-        window=icfg.window,
-        min_activations=icfg.min_activations,
-        sites=[str(sae.cfg.hook_site)],
-        seed=ctx.cfg.seed,
-        device=ctx.device,
-    )
-    tokenizer = ctx.lm.tokenizer
+    ``_records_path`` (also when all came from the cache).
+
+    Under ``torchrun`` rank 0 collects the examples of all the latents, exactly as one process does (a
+    latent's never-firing samples come from one random stream shared by all the latents, so no rank could
+    collect its share alone), and sends them to every rank; the latents are then dealt to the ranks for the
+    judge (``run_autointerp``), and rank 0 writes the records."""
+    icfg, ranks = ctx.cfg.error_saes.interp, ctx.ranks
+    examples: dict[int, LatentExamples] | None = None
+    site, d_sae = "", 0
+    if ranks.leader:
+        acts_fn, d_sae, site = activations()
+        examples = collect_examples(
+            ctx.store,
+            acts_fn,
+            latents,
+            d_sae=d_sae,
+            n_top=icfg.n_examples_explain,
+            n_per_decile=icfg.n_per_decile,
+            n_negatives=icfg.n_negatives,
+            window=icfg.window,
+            min_activations=icfg.min_activations,
+            sites=[site],
+            seed=ctx.cfg.seed,
+            device=ctx.device,
+        )
+    examples = ranks.broadcast(examples)
+    assert examples is not None
+    tokenizer = ctx.tokenizer[0]  # the model's; its weights are not needed for decoding
 
     def decode(ids: list[int]) -> list[str]:
         return [tokenizer.decode([i]) for i in ids]
@@ -194,14 +230,11 @@ def _score(
         concurrency=icfg.concurrency,
         cache_path=ctx.paths.error_saes / f"autointerp-{component}.json",
         progress=ctx.progress(f"auto-interp ({component})", "latent"),
+        ranks=ranks,
     )
-    meta = {
-        "sae": sae_name,
-        "site": str(sae.cfg.hook_site),
-        "component": component,
-        "d_sae": d_sae,
-    }
-    write_latent_records(_records_path(ctx, component), latent_records(result, examples, decode, meta))
+    if ranks.leader:
+        meta = {"sae": sae_name, "site": site, "component": component, "d_sae": d_sae}
+        write_latent_records(_records_path(ctx, component), latent_records(result, examples, decode, meta))
     return result
 
 
