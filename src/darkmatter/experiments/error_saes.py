@@ -203,10 +203,7 @@ def train_error_saes(
     The returned SAEs have ``hook_site`` = the SAE's site and name their input in
     ``cfg.metadata["derived_input"]``; compute their inputs with ``ErrorComponents``.
     """
-    comps = [check_component(c) for c in components]
-    if not comps or len(set(comps)) != len(comps):
-        raise ConfigError(f"Give each error component at most once and at least one, got {list(components)}.")
-    _check_width(d_sae, k)
+    comps = _check_components(components, d_sae, k)
     device = resolve_device(train.device or "cpu")
     parts = ErrorComponents(on_device(sae, device, dtype), probe)
     site = _site(store, sae)
@@ -260,6 +257,15 @@ def train_error_saes(
         n_test=n_test,
     )
     return result, saes
+
+
+def _check_components(components: Sequence[str], d_sae: int, k: int) -> list[str]:
+    """The components, each once and at least one (ConfigError otherwise), after checking width and k."""
+    comps = [check_component(c) for c in components]
+    if not comps or len(set(comps)) != len(comps):
+        raise ConfigError(f"Give each error component at most once and at least one, got {list(components)}.")
+    _check_width(d_sae, k)
+    return comps
 
 
 class _TotalVariance:

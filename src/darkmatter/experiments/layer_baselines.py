@@ -47,6 +47,7 @@ from darkmatter.experiments.layer_intervals import (
     layer_shard_contexts,
     per_layer_intervals,
 )
+from darkmatter.experiments.layer_notes import grouping_note, result_notes, run_notes
 from darkmatter.experiments.layer_saes import (
     RESID_SITE,
     SAE_KEY,
@@ -65,7 +66,7 @@ from darkmatter.results import Result, config_hash, sae_identity, store_summary
 from darkmatter.sae import SAE
 from darkmatter.sae.train import TrainConfig
 from darkmatter.sae.train_logs import TrainLogs
-from darkmatter.stats import DEFAULT_RELATIVE_RIDGE, Split
+from darkmatter.stats import Split
 from darkmatter.store import MANIFEST, ActivationStore, identity_hash
 from darkmatter.text import TextConfig, make_contexts
 
@@ -212,55 +213,6 @@ def _score(acc: LayerSums, names: Sequence[str], train_count: Tensor, test_count
     return _LayerScores(r2, fvu, mean_l0, unseen, list(acc.constant_inputs), reps)
 
 
-def _notes(
-    scores: Mapping[int, _LayerScores],
-    split: Split,
-    with_loss: bool,
-    unseen: int,
-    n_test: int,
-    intervals: tuple[int, int, int],
-) -> list[str]:
-    """The result's notes: the split and ridge used, the token baseline's unseen ids, the intervals'
-    blocks (``intervals``: blocks asked for, blocks used (0: no intervals), store shards), degenerate
-    inputs."""
-    notes = [
-        "Target: the squared error norm ‖x − Sae(x)‖² per token; every R² is on the test split "
-        f"(seed {split.seed}, train fraction {split.fraction}) and every regression has an intercept "
-        f"(float64 Cholesky, relative ridge {DEFAULT_RELATIVE_RIDGE:g}).",
-        "token_identity is held out: per-token-id means over the train tokens predict the test tokens; "
-        f"{unseen} of {n_test} test tokens have ids unseen in train and get the global train mean "
-        "(the paper's Fig 13 version was in-sample).",
-        "The last position of every context is left out for all predictors (it has no next-token loss).",
-    ]
-    if not with_loss:
-        notes.append("model_loss skipped: the store holds no per-token loss (harvest with with_loss=True).")
-    asked, blocks, shards = intervals
-    if blocks:
-        notes.append(
-            f"Intervals: 95% delete-one-block jackknife over {blocks} blocks of whole shards ({shards} "
-            "shards of contexts); each replicate refits every regression and the per-token-id means without "
-            "the block and scores the test tokens outside it."
-        )
-    elif asked >= 3 and shards < 3:
-        notes.append(
-            f"No intervals: the store has {shards} shard(s) and a jackknife block is whole shards; at least "
-            "3 are needed (harvest with smaller shard_contexts)."
-        )
-    elif asked >= 3:
-        notes.append(
-            "No intervals: leaving one block of shards out leaves too few tokens for a refit; harvest more "
-            "contexts."
-        )
-    for name in REGRESSIONS:
-        flat = [layer for layer, sc in scores.items() if name in sc.constant_inputs]
-        if flat:
-            notes.append(
-                f"{name} is constant on the train tokens at layer(s) {flat} (as for a TopK SAE's L0): the "
-                "prediction there is the train mean of the target, so R² <= 0."
-            )
-    return notes
-
-
 def _config(
     store: ActivationStore, saes: Mapping[int, SAE], sites: dict[int, str], split: Split, interval_blocks: int
 ) -> dict[str, Any]:
@@ -311,6 +263,54 @@ def layer_baselines(
     names = [p for p in PREDICTORS if with_loss or p != "model_loss"]
     widths = {layer: store.d[site] for layer, site in sites.items()}
     groups = layer_groups(widths, n_ids, blocks, with_loss, pass_bytes)
+    scores, counts = _scores(
+        store, saes, sites, groups, names, split, lookup, n_ids, blocks, batch_tokens, ranks
+    )
+    n_train, n_test = int(counts[0]), int(counts[1])
+    ordered = [scores[layer] for layer in sites]
+    r2 = {name: [sc.r2[name] for sc in ordered] for name in names}
+    intervals = per_layer_intervals(r2, [sc.replicates for sc in ordered])
+    config = _config(store, saes, sites, split, interval_blocks)
+    used = blocks if intervals else 0
+    blocks_note = (interval_blocks, used, store.n_shards)
+    constant = {layer: sc.constant_inputs for layer, sc in scores.items()}
+    notes = result_notes(constant, split, with_loss, ordered[-1].unseen, n_test, blocks_note)
+    notes += grouping_note(groups)
+    return LayerBaselinesResult(
+        config_hash=config_hash(config),
+        seed=split.seed,
+        config=config,
+        layers=list(sites),
+        sites=list(sites.values()),
+        r2=r2,
+        fvu=[sc.fvu for sc in ordered],
+        l0=[sc.l0 for sc in ordered],
+        n_train_tokens=n_train,
+        n_test_tokens=n_test,
+        interval_blocks=used,
+        intervals=intervals,
+        notes=notes,
+    )
+
+
+def _scores(
+    store: ActivationStore,
+    saes: Mapping[int, SAE],
+    sites: Mapping[int, str],
+    groups: list[list[int]],
+    names: list[str],
+    split: Split,
+    lookup: Tensor,
+    n_ids: int,
+    blocks: int,
+    batch_tokens: int,
+    ranks: Ranks,
+) -> tuple[dict[int, _LayerScores], Tensor]:
+    """Each layer's scores, one pass over (this rank's share of) the store per group of layers, the sums
+    met across ranks; and the [train, test] token counts."""
+    dev = lookup.device
+    widths = {layer: store.d[site] for layer, site in sites.items()}
+    with_loss = store.has_loss
     shards = ranks.share(range(store.n_shards)) if ranks.active else None
     scores: dict[int, _LayerScores] = {}
     counts = torch.zeros(2, dtype=torch.int64, device=dev)
@@ -337,38 +337,22 @@ def layer_baselines(
             scores[layer] = _score(acc, names, train_count, test_count)
         counts = torch.stack([train_count.sum(), test_count.sum()])
         del layers  # free this group's per-block sums before the next pass
-    n_train, n_test = int(counts[0]), int(counts[1])
-    ordered = [scores[layer] for layer in sites]
-    r2 = {name: [sc.r2[name] for sc in ordered] for name in names}
-    intervals = per_layer_intervals(r2, [sc.replicates for sc in ordered])
-    config = _config(store, saes, sites, split, interval_blocks)
-    used = blocks if intervals else 0
-    blocks_note = (interval_blocks, used, store.n_shards)
-    notes = _notes(scores, split, with_loss, ordered[-1].unseen, n_test, blocks_note) + _grouping_note(groups)
-    return LayerBaselinesResult(
-        config_hash=config_hash(config),
-        seed=split.seed,
-        config=config,
-        layers=list(sites),
-        sites=list(sites.values()),
-        r2=r2,
-        fvu=[sc.fvu for sc in ordered],
-        l0=[sc.l0 for sc in ordered],
-        n_train_tokens=n_train,
-        n_test_tokens=n_test,
-        interval_blocks=used,
-        intervals=intervals,
-        notes=notes,
+    return scores, counts
+
+
+def _reused_shard_size(
+    root: Path, identity: dict[str, Any], hcfg: HarvestConfig, log: Log, ranks: Ranks
+) -> HarvestConfig:
+    """``hcfg`` with the shard size of a store harvested at ``root`` earlier with another (rank 0 looks)."""
+    shard = hcfg.shard_contexts
+    earlier = ranks.broadcast(_earlier_shard_contexts(root, identity) if ranks.leader else None)
+    if earlier is None or earlier == shard:
+        return hcfg
+    log(
+        f"layer_baselines: {root} was harvested with {earlier} contexts per shard; reusing it as it is "
+        f"(delete it for {shard} per shard)"
     )
-
-
-def _grouping_note(groups: list[list[int]]) -> list[str]:
-    if len(groups) < 2:
-        return []
-    return [
-        f"The layers were read in {len(groups)} passes over the store (groups {groups}) to bound the "
-        "memory of the per-block sums; the numbers do not depend on the grouping."
-    ]
+    return hcfg.model_copy(update={"shard_contexts": earlier})
 
 
 def _earlier_shard_contexts(root: Path, identity: dict[str, Any]) -> int | None:
@@ -389,18 +373,6 @@ def _earlier_shard_contexts(root: Path, identity: dict[str, Any]) -> int | None:
     if identity_hash({**theirs, "shard_contexts": identity["shard_contexts"]}) != identity_hash(identity):
         return None  # another configuration: create_or_resume refuses it
     return int(theirs["shard_contexts"])
-
-
-def _run_notes(reused: Sequence[int], kind: str) -> list[str]:
-    notes = []
-    if reused:
-        notes.append(f"SAEs for layers {list(reused)} were reused from an earlier run (in {SAE_DIR}/).")
-    if kind == "topk":
-        notes.append(
-            "TopK SAEs have L0 = k on almost every token, so the l0 baseline says little here (the paper's "
-            "JumpReLU SAEs vary per token); kind='batchtopk' gives a per-token L0."
-        )
-    return notes
 
 
 def run(
@@ -447,14 +419,7 @@ def run(
     n_contexts = int(contexts.tokens.shape[0])
     shard = layer_shard_contexts(hcfg.shard_contexts, n_contexts, interval_blocks)
     hcfg = hcfg.model_copy(update={"shard_contexts": shard})
-    identity = store_identity(lm, text_cfg, hcfg, contexts)
-    earlier = ranks.broadcast(_earlier_shard_contexts(out / STORE_DIR, identity) if ranks.leader else None)
-    if earlier is not None and earlier != shard:
-        log(
-            f"layer_baselines: {out / STORE_DIR} was harvested with {earlier} contexts per shard; reusing it "
-            f"as it is (delete it for {shard} per shard)"
-        )
-        hcfg = hcfg.model_copy(update={"shard_contexts": earlier})
+    hcfg = _reused_shard_size(out / STORE_DIR, store_identity(lm, text_cfg, hcfg, contexts), hcfg, log, ranks)
     bars = progress or (lambda _name: None)
     store = harvest(
         lm, contexts, text_cfg, hcfg, str(out / STORE_DIR), progress=bars("layer sweep: harvest"), ranks=ranks
@@ -488,5 +453,5 @@ def run(
         "harvest": hcfg.model_dump(),
         "sae_training": settings,
     }
-    notes = list(result.notes) + _run_notes(reused, kind)
+    notes = list(result.notes) + run_notes(reused, kind, SAE_DIR)
     return result.model_copy(update={"config": config, "config_hash": config_hash(config), "notes": notes})

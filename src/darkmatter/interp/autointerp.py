@@ -333,9 +333,8 @@ def run_autointerp(
     ``concurrency``: latents scored at a time by an endpoint judge (other judges score one at a time);
     it changes neither the results nor the cache.
     ``progress(latents done, latents to score, latents per second)`` is called after each latent.
-    ``ranks``: under ``torchrun`` the latents left to score are dealt to the ranks in contiguous shares and
-    every rank returns the whole result (see ``_meet``); ``examples``, ``judge`` and ``decode`` must be the
-    same on every rank.
+    ``ranks``: under ``torchrun`` the latents left are dealt in contiguous shares; every rank returns the
+    whole result (``_meet``); ``examples``, ``judge`` and ``decode`` must be the same on every rank.
     """
     settings = _Settings(
         seed=seed,
@@ -365,21 +364,9 @@ def run_autointerp(
         ex, explain, key = job
         return _score_latent(ex, _Asker(judge, policy, reasks), decode, explain, settings, key)
 
-    workers = _workers(judge, concurrency)
-    fresh: list[LatentInterp] = []
-    failure: EndpointError | None = None
-    try:
-        for li in _finished(jobs, score, workers):
-            cache.save(li)
-            done[li.latent] = li
-            fresh.append(li)
-            ticker.advance(1)
-    except EndpointError as exc:
-        if not ranks.active:
-            if cache.path is None:
-                raise
-            raise EndpointError(f"{exc} {cache.resume_hint(len(done), len(todo))}") from exc
-        failure = exc
+    fresh, failure = _score_jobs(
+        jobs, score, _workers(judge, concurrency), cache, done, ticker, ranks, len(todo)
+    )
     if ranks.active:
         _meet(ranks, cache, done, fresh, failure, len(todo))
     results = [done[ex.latent] for ex in todo]
@@ -396,6 +383,34 @@ def run_autointerp(
         fuzzing=fuzz,
         n_cached=n_cached,
     )
+
+
+def _score_jobs(
+    jobs: list[_Job],
+    score: Callable[[_Job], LatentInterp],
+    workers: int,
+    cache: LatentCache,
+    done: dict[int, LatentInterp],
+    ticker: Ticker,
+    ranks: Ranks,
+    n_todo: int,
+) -> tuple[list[LatentInterp], EndpointError | None]:
+    """Score ``jobs``, caching and recording each finished latent in ``done``; the latents scored here and,
+    under ``torchrun``, the endpoint error that stopped this rank (alone, the error is raised with a hint)."""
+    fresh: list[LatentInterp] = []
+    try:
+        for li in _finished(jobs, score, workers):
+            cache.save(li)
+            done[li.latent] = li
+            fresh.append(li)
+            ticker.advance(1)
+    except EndpointError as exc:
+        if not ranks.active:
+            if cache.path is None:
+                raise
+            raise EndpointError(f"{exc} {cache.resume_hint(len(done), n_todo)}") from exc
+        return fresh, exc
+    return fresh, None
 
 
 def _meet(
