@@ -11,9 +11,12 @@ computation in both cases, so its numbers are bit-identical. What joins the bloc
 - BatchTopK's batch threshold: the k·n-th largest of all blocks' candidates, gathered in rank order.
 - gradients: each block's float32 gradient added into a float64 accumulator, accumulators summed across
   ranks, cast to float32. Only the association of float64 additions of the same float32 terms differs
-  from one process, and it never matters where those additions are exact: a float64 sum of at most 2^3
-  float32 numbers is exact unless their magnitudes span more than 2^26. Otherwise two sums differ by a
-  float64 rounding (~1e-16), which changes the float32 cast only at a tie (~1e-8 of such elements).
+  from one process, and it does not matter where those additions are exact: a float64 sum of B float32
+  numbers is exact unless their magnitudes span more than 2^(29 − log2 B) (2^26 for 8 blocks). Otherwise
+  two sums differ by a float64 rounding (~1e-16 relative), which changes the float32 cast only when the
+  sum lies that close to a float32 rounding boundary (a chance of about 2^-29 per such element).
+  The encoder bias ``b_enc − b_dec·W_enc`` is formed once per step, its gradient summed like a parameter's
+  and taken through it once, after the sums: the same float32 numbers on every rank.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ class FamilyTrainer(Protocol):
     cfg: Any
 
     def encode_blocks(
-        self, m: Member, xs: Sequence[Tensor], batch_rows: int
+        self, m: Member, xs: Sequence[Tensor], batch_rows: int, bias: Tensor | None = None
     ) -> list[tuple[Tensor, Tensor, Tensor]]: ...
 
     def decode(self, m: Member, idx: Tensor, vals: Tensor) -> Tensor: ...
@@ -65,16 +68,20 @@ def exact_update(trainer: FamilyTrainer, m: Member, x_batch: Tensor, factor: flo
     first, stop = ranks.bounds(len(blocks))
     xs = [x_batch[a:b] for a, b in blocks[first:stop]]
     var = (x_batch - x_batch.mean(0)).pow(2).sum()  # of the whole batch
+    # The encoder bias is formed once: the blocks' graphs start at a leaf copy of it, whose gradient is
+    # summed like the parameters' and then taken through the bias once (not a [d, w] product per block).
+    bias = m.encoder_bias()
+    bias_leaf = bias.detach().requires_grad_()
 
     # phase 1: every block's forward, its graph kept; the batch's statistics from all blocks
     penalties: list[Tensor] = []
     codes_of: list[tuple[Tensor, Tensor]] = []  # per block: (latents that fired [d_sae], active count)
     if m.spec.kind == "jumprelu":
-        outs = [jumprelu.forward(m, x) for x in xs]
+        outs = [jumprelu.forward(m, x, bias_leaf) for x in xs]
         recons, pres, penalties = [o[0] for o in outs], [o[3] for o in outs], [o[2] for o in outs]
         codes_of = [((o[1] > 0).any(0), (o[1] > 0).sum()) for o in outs]
     else:
-        encoded = trainer.encode_blocks(m, xs, n)
+        encoded = trainer.encode_blocks(m, xs, n, bias_leaf)
         recons = [trainer.decode(m, idx, vals) for idx, vals, _ in encoded]
         pres = [pre for _, _, pre in encoded]
         for idx, vals, _ in encoded:
@@ -108,7 +115,7 @@ def exact_update(trainer: FamilyTrainer, m: Member, x_batch: Tensor, factor: flo
         spread = in_block_order(spreads).to(x_batch.dtype).clamp_min(1e-12)
 
     # phase 2: each block's share of the loss, its gradient added in float64
-    params = m.params()
+    params = [*m.params(), bias_leaf]
     sums = [torch.zeros(p.shape, dtype=F64, device=p.device) for p in params]
     terms = torch.zeros(len(blocks), 3, dtype=F64, device=trainer.device)  # loss, aux, total
     m.opt.zero_grad(set_to_none=True)
@@ -134,6 +141,7 @@ def exact_update(trainer: FamilyTrainer, m: Member, x_batch: Tensor, factor: flo
         _sum_across(ranks, [t])
     for p, acc in zip(params, sums, strict=True):
         p.grad = acc.to(p.dtype)
+    bias.backward(bias_leaf.grad)  # into b_enc, b_dec and W_enc: the same float32 numbers on every rank
     loss_all, aux_all, total_all = in_block_order(terms).unbind()
     return trainer.step_from_grads(m, factor, loss_all, aux_all, total_all, l0, n_dead)
 

@@ -250,14 +250,13 @@ class FamilyTrainer:
         return self.encode_blocks(m, [x], batch_rows)[0]
 
     def encode_blocks(
-        self, m: Member, xs: Sequence[Tensor], batch_rows: int
+        self, m: Member, xs: Sequence[Tensor], batch_rows: int, bias: Tensor | None = None
     ) -> list[tuple[Tensor, Tensor, Tensor]]:
         """``encode`` of each block of scaled inputs in ``xs`` (this rank's blocks of a batch of
-        ``batch_rows``): BatchTopK's threshold is the batch's, from every block of every rank."""
-        # (x - b_dec) @ W_enc + b_enc, written so autograd does not form the [n, d] input gradient (a
-        # wasted 2·n·d·w GEMM): b_dec's encoder-side gradient comes from a vector-matrix product instead.
-        # The bias is formed per block: each block's graph is freed by its own backward.
-        pres = [torch.addmm(m.b_enc - m.b_dec @ m.W_enc, x, m.W_enc) for x in xs]
+        ``batch_rows``): BatchTopK's threshold is the batch's, from every block of every rank. ``bias``:
+        the member's ``encoder_bias`` where already formed."""
+        bias = m.encoder_bias() if bias is None else bias
+        pres = [torch.addmm(bias, x, m.W_enc) for x in xs]
         k = m.spec.k
         if m.spec.kind == "topk":
             chosen_k = [topk(pre, k) for pre in pres]
