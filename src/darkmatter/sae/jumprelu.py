@@ -99,14 +99,15 @@ def initial_log_threshold(pre: Tensor, k: int, eps: float) -> Tensor:
     return theta.clamp_min(eps).log()
 
 
-def forward(m: Member, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(reconstruction [n, d], codes [n, w], L0 penalty without λ, pre-activations) of scaled inputs x."""
+def forward(m: Member, x: Tensor, bias: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(reconstruction [n, d], codes [n, w], L0 penalty without λ summed over the rows, pre-activations)
+    of scaled inputs x; ``bias``: the member's ``encoder_bias`` where already formed."""
     assert m.log_threshold is not None
     eps = bandwidth(x.shape[1])
-    pre = torch.addmm(m.b_enc - m.b_dec @ m.W_enc, x, m.W_enc)
+    pre = torch.addmm(m.encoder_bias() if bias is None else bias, x, m.W_enc)
     theta = m.log_threshold.exp()
     codes = jumprelu(pre, theta, eps)
-    penalty = step(pre, theta, eps).sum(1).mean()
+    penalty = step(pre, theta, eps).sum()
     return torch.addmm(m.b_dec, codes, m.W_dec), codes, penalty, pre
 
 

@@ -28,6 +28,12 @@ class Member:
     log_threshold: Tensor | None = None  # JumpReLU: learnt log θ [d_sae] (scaled-input units)
     sparsity_coef: float = 0.0  # JumpReLU: the L0 penalty's λ, adapted towards the target L0
 
+    def encoder_bias(self) -> Tensor:
+        """``b_enc − b_dec·W_enc``: pre-activations are ``x·W_enc`` plus this. Written so autograd does not
+        form the ``[n, d]`` input gradient (a wasted 2·n·d·w GEMM): b_dec's encoder-side gradient comes from a
+        vector-matrix product instead."""
+        return self.b_enc - self.b_dec @ self.W_enc
+
     def params(self) -> list[Tensor]:
         extra = [] if self.log_threshold is None else [self.log_threshold]
         return [self.W_enc, self.b_enc, self.W_dec, self.b_dec, *extra]

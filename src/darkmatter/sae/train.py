@@ -9,6 +9,8 @@ Recipe (Gao et al. 2024 and Bussmann et al. 2024, as used by sparsify and SAELen
   learning rate scales as ``lr / sqrt(d_sae / 16384)``;
 - everything seeded; a checkpoint every ``checkpoint_every`` steps makes a killed run resume to the same
   weights it would have reached without the kill.
+Each batch's gradient is summed from a fixed number of row blocks (``darkmatter.sae.data_parallel``), so
+under torchrun the ranks, each with its share of the blocks, take the step one process takes.
 JumpReLU SAEs replace TopK by learnt thresholds and an L0 penalty (``darkmatter.sae.jumprelu``).
 Training reads the train split; every ``eval_every`` steps, at the convergence window's bounds and at the
 end, each SAE as exported is measured on fixed test-split tokens (``darkmatter.sae.validation``), whose
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +39,7 @@ from darkmatter.progress import Progress
 from darkmatter.ranks import SINGLE, Ranks
 from darkmatter.sae import jumprelu
 from darkmatter.sae.convergence import window_steps
-from darkmatter.sae.data_parallel import gathered, shared_update
+from darkmatter.sae.data_parallel import exact_update, gathered
 from darkmatter.sae.member import Member, geometric_median
 from darkmatter.sae.model import SAE, SAEConfig
 from darkmatter.sae.topk import topk
@@ -245,23 +247,30 @@ class FamilyTrainer:
     def encode(self, m: Member, x: Tensor, batch_rows: int) -> tuple[Tensor, Tensor, Tensor]:
         """(indices [n, m], values [n, m], pre-activations [n, d_sae]) for scaled inputs x (this rank's rows
         of a batch of ``batch_rows``)."""
-        # (x - b_dec) @ W_enc + b_enc, written so autograd does not form the [n, d] input gradient (a
-        # wasted 2·n·d·w GEMM): b_dec's encoder-side gradient comes from a vector-matrix product instead.
-        pre = torch.addmm(m.b_enc - m.b_dec @ m.W_enc, x, m.W_enc)
+        return self.encode_blocks(m, [x], batch_rows)[0]
+
+    def encode_blocks(
+        self, m: Member, xs: Sequence[Tensor], batch_rows: int, bias: Tensor | None = None
+    ) -> list[tuple[Tensor, Tensor, Tensor]]:
+        """``encode`` of each block of scaled inputs in ``xs`` (this rank's blocks of a batch of
+        ``batch_rows``): BatchTopK's threshold is the batch's, from every block of every rank. ``bias``:
+        the member's ``encoder_bias`` where already formed."""
+        bias = m.encoder_bias() if bias is None else bias
+        pres = [torch.addmm(bias, x, m.W_enc) for x in xs]
         k = m.spec.k
         if m.spec.kind == "topk":
-            vals, idx = topk(pre, k)
-            return idx, vals.relu(), pre
+            chosen_k = [topk(pre, k) for pre in pres]
+            return [(idx, vals.relu(), pre) for (vals, idx), pre in zip(chosen_k, pres, strict=True)]
         # BatchTopK: the n*k largest pre-activations of the batch; candidates are each row's top 4k.
-        cand_vals, cand_idx = topk(pre, min(m.spec.d_sae, 4 * k))
-        flat = gathered(self.ranks, cand_vals.detach().flatten())  # the whole batch's candidates
+        cands = [topk(pre, min(m.spec.d_sae, 4 * k)) for pre in pres]
+        mine = [v.detach().flatten() for v, _ in cands]
+        flat = gathered(self.ranks, torch.cat(mine) if mine else torch.zeros(0, device=self.device))
         kth = flat.kthvalue(max(1, flat.numel() - batch_rows * k + 1)).values
-        keep = (cand_vals >= kth) & (cand_vals > 0)
         with torch.no_grad():
             chosen = flat[(flat >= kth) & (flat > 0)]
             if chosen.numel():
                 m.threshold.mul_(0.99).add_(0.01 * chosen.min())
-        return cand_idx, cand_vals.relu() * keep, pre
+        return [(i, v.relu() * ((v >= kth) & (v > 0)), pre) for (v, i), pre in zip(cands, pres, strict=True)]
 
     def decode(self, m: Member, idx: Tensor, vals: Tensor) -> Tensor:
         return F.embedding_bag(idx, m.W_dec, per_sample_weights=vals, mode="sum") + m.b_dec
@@ -272,7 +281,7 @@ class FamilyTrainer:
         val = self.validation if self._validation_due(self.step) else None
         for m in self.members:
             x = batch[m.spec.site].to(self.device, torch.float32) * self.scale[m.spec.site]
-            point = self._update(m, x, factor)
+            point = exact_update(self, m, x, factor)
             if self.step % 10 == 0 or last or val is not None:
                 fvu = None if val is None else val.fvu(self.export(m).to(self.device), m.spec.site)
                 if fvu is not None:
@@ -281,42 +290,6 @@ class FamilyTrainer:
             if self.log is not None and (self.step % self.log_every == 0 or last or "val_fvu" in point):
                 self.log(m.spec.name, self.step, point)
         self.step += 1
-
-    def _update(self, m: Member, x: Tensor, factor: float) -> dict[str, float]:
-        """One Adam step of ``m`` on scaled inputs ``x``; the train-batch statistics of the step."""
-        if self.ranks.active:
-            return shared_update(self, m, x, factor)
-        penalty = torch.zeros((), device=self.device)
-        if m.spec.kind == "jumprelu":
-            recon, codes, penalty, pre = jumprelu.forward(m, x)
-            fired, l0 = (codes > 0).any(0), float((codes > 0).sum()) / x.shape[0]
-        else:
-            idx, vals, pre = self.encode(m, x, x.shape[0])
-            recon = self.decode(m, idx, vals)
-            with torch.no_grad():
-                fired = torch.zeros(m.spec.d_sae, dtype=torch.bool, device=self.device)
-                fired[idx[vals > 0]] = True
-            l0 = float((vals > 0).sum()) / x.shape[0]
-        err = x - recon
-        var = (x - x.mean(0)).pow(2).sum()
-        loss = err.pow(2).sum() / var
-        aux = torch.zeros(())
-        with torch.no_grad():
-            m.since_fired += x.shape[0]
-            m.since_fired[fired] = 0
-            dead = m.since_fired >= self.cfg.dead_tokens
-        n_dead = int(dead.sum())
-        if self.cfg.aux_k and self.cfg.aux_coef and n_dead:
-            k_aux = min(self.cfg.aux_k, n_dead)
-            a_vals, a_idx = pre.masked_fill(~dead, float("-inf")).topk(k_aux, dim=1, sorted=False)
-            a_rec = F.embedding_bag(a_idx, m.W_dec, per_sample_weights=a_vals.relu(), mode="sum")
-            e = err.detach()
-            aux = (e - a_rec).pow(2).sum() / (e - e.mean(0)).pow(2).sum().clamp_min(1e-12)
-            aux = torch.nan_to_num(aux, nan=0.0)
-        total = loss + self.cfg.aux_coef * aux + m.sparsity_coef * penalty
-        m.opt.zero_grad(set_to_none=True)
-        total.backward()
-        return self.step_from_grads(m, factor, loss, aux, total, l0, n_dead)
 
     def step_from_grads(
         self, m: Member, factor: float, loss: Tensor, aux: Tensor, total: Tensor, l0: float, n_dead: int

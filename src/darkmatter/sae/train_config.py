@@ -49,6 +49,13 @@ class TrainConfig(BaseModel):
     aux_k: int = Field(256, ge=0, description="Dead latents used by the AuxK loss (0 disables it).")
     aux_coef: float = Field(1 / 32, ge=0, description="Weight of the AuxK loss.")
     dead_tokens: int = Field(20_000, ge=1, description="Tokens without firing after which a latent is dead.")
+    grad_blocks: int = Field(
+        8,
+        ge=1,
+        description="Row blocks each batch's gradient is summed from (fewer when the batch has fewer rows); "
+        "data-parallel ranks take whole blocks, so ranks beyond this number idle. Changing it changes the "
+        "trained SAEs in their last bits.",
+    )
     seed: int = Field(0, description="Seed for initialisation and batch order.")
     checkpoint_every: int = Field(100, ge=1, description="Steps between checkpoints.")
     device: str | None = Field(
