@@ -228,6 +228,7 @@ def _rank_main(rank: int, world: int, init: str, out: Path) -> None:
         ranks = Ranks(rank=rank, world=world, backend="gloo")
         dumps = {name: fn(model, ranks).model_dump() for name, fn in EXPERIMENTS.items()}
     finally:
+        dist.barrier()  # no rank leaves while another still talks to it (gloo can abort at exit otherwise)
         dist.destroy_process_group()
     (out / f"rank{rank}.pkl").write_bytes(pickle.dumps(dumps))
 

@@ -161,6 +161,7 @@ def _rank_main(rank: int, store_path: Path, root: Path, init: str) -> None:
     _patch(setattr, HashJudge(fail_from=2 if rank == 1 else None))
     out["failed"] = _run_step(root / "failed", store_path, ranks)
     (root / f"rank{rank}.json").write_text(json.dumps(out))
+    dist.barrier()  # no rank leaves while another still talks to it (gloo can abort at exit otherwise)
     dist.destroy_process_group()
 
 

@@ -97,6 +97,7 @@ def _rank_main(rank: int, root: Path, init: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
     result = _compute(root, Ranks(rank=rank, world=2, backend="gloo"))
+    dist.barrier()  # no rank leaves while another still talks to it (gloo can abort at exit otherwise)
     dist.destroy_process_group()
     torch.save(result, root / f"rank{rank}.pt")
     if rank == 0:

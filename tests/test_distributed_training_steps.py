@@ -158,6 +158,7 @@ def _rank_main(rank: int, tmp: Path) -> None:
     errors, error_saes = _train_errors(tmp, "errors-two", ranks)
     fixed = {c: load_sae(tmp / "error-saes" / c) for c in ("linear", "nonlinear")}
     quality = _quality(tmp, fixed, ranks)
+    dist.barrier()  # no rank leaves while another still talks to it (gloo can abort at exit otherwise)
     dist.destroy_process_group()
     out = {
         "layer_saes": _tensors(fresh),

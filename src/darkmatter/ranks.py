@@ -246,4 +246,5 @@ def shutdown(ranks: Ranks) -> None:
         import torch.distributed as dist
 
         if dist.is_initialized():
+            dist.barrier()  # no rank leaves while another still talks to it (gloo may abort at exit)
             dist.destroy_process_group()
