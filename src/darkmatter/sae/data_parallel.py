@@ -74,20 +74,7 @@ def exact_update(trainer: FamilyTrainer, m: Member, x_batch: Tensor, factor: flo
     bias_leaf = bias.detach().requires_grad_()
 
     # phase 1: every block's forward, its graph kept; the batch's statistics from all blocks
-    penalties: list[Tensor] = []
-    codes_of: list[tuple[Tensor, Tensor]] = []  # per block: (latents that fired [d_sae], active count)
-    if m.spec.kind == "jumprelu":
-        outs = [jumprelu.forward(m, x, bias_leaf) for x in xs]
-        recons, pres, penalties = [o[0] for o in outs], [o[3] for o in outs], [o[2] for o in outs]
-        codes_of = [((o[1] > 0).any(0), (o[1] > 0).sum()) for o in outs]
-    else:
-        encoded = trainer.encode_blocks(m, xs, n, bias_leaf)
-        recons = [trainer.decode(m, idx, vals) for idx, vals, _ in encoded]
-        pres = [pre for _, _, pre in encoded]
-        for idx, vals, _ in encoded:
-            fired = torch.zeros(m.spec.d_sae, dtype=torch.bool, device=trainer.device)
-            fired[idx[vals > 0]] = True
-            codes_of.append((fired, (vals > 0).sum()))
+    recons, pres, penalties, codes_of = _forward_blocks(trainer, m, xs, n, bias_leaf)
     errs = [x - r for x, r in zip(xs, recons, strict=True)]
     d = x_batch.shape[1]
     with torch.no_grad():
@@ -144,6 +131,25 @@ def exact_update(trainer: FamilyTrainer, m: Member, x_batch: Tensor, factor: flo
     bias.backward(bias_leaf.grad)  # into b_enc, b_dec and W_enc: the same float32 numbers on every rank
     loss_all, aux_all, total_all = in_block_order(terms).unbind()
     return trainer.step_from_grads(m, factor, loss_all, aux_all, total_all, l0, n_dead)
+
+
+def _forward_blocks(
+    trainer: FamilyTrainer, m: Member, xs: list[Tensor], n: int, bias_leaf: Tensor
+) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[tuple[Tensor, Tensor]]]:
+    """Each block's reconstruction, pre-activations, sparsity penalty (JumpReLU only) and codes' summary
+    (latents that fired ``[d_sae]``, active count), every graph kept for the backward pass."""
+    if m.spec.kind == "jumprelu":
+        outs = [jumprelu.forward(m, x, bias_leaf) for x in xs]
+        codes = [((o[1] > 0).any(0), (o[1] > 0).sum()) for o in outs]
+        return [o[0] for o in outs], [o[3] for o in outs], [o[2] for o in outs], codes
+    encoded = trainer.encode_blocks(m, xs, n, bias_leaf)
+    recons = [trainer.decode(m, idx, vals) for idx, vals, _ in encoded]
+    codes_of: list[tuple[Tensor, Tensor]] = []
+    for idx, vals, _ in encoded:
+        fired = torch.zeros(m.spec.d_sae, dtype=torch.bool, device=trainer.device)
+        fired[idx[vals > 0]] = True
+        codes_of.append((fired, (vals > 0).sum()))
+    return recons, [pre for _, _, pre in encoded], [], codes_of
 
 
 def in_block_order(rows: Tensor) -> Tensor:
