@@ -61,16 +61,20 @@ KILL_POINTS = [
 ]
 
 
-def _run(args: list[str], kill_at: str | None = None) -> int:
-    env = {"KILL_AT": kill_at or "never|0|before", "PYTHONPATH": str(Path(__file__).parent)}
+def _env(kill_at: str | None) -> dict[str, str]:
     import os
 
+    # one thread each: the clean run goes on beside the killed ones, and both see the same arithmetic
+    return os.environ | {
+        "KILL_AT": kill_at or "never|0|before",
+        "PYTHONPATH": str(Path(__file__).parent),
+        "OMP_NUM_THREADS": "1",
+    }
+
+
+def _run(args: list[str], kill_at: str | None = None) -> int:
     proc = subprocess.run(
-        [sys.executable, "-c", CHILD, *args],
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        timeout=600,
+        [sys.executable, "-c", CHILD, *args], env=_env(kill_at), capture_output=True, text=True, timeout=600
     )
     if kill_at is None or proc.returncode != -signal.SIGKILL:
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -89,14 +93,26 @@ def test_killed_at_every_step_resumes_to_the_same_results(
 ) -> None:
     sets = [a for item in tiny_study_overrides(tiny_model_dir, corpus_file) for a in ("--set", item)]
     clean, killed = tmp_path / "clean", tmp_path / "killed"
-    _run(["run", "--out", str(clean), "--quiet", *sets])
-    kills = 0
-    for pattern, nth, when in KILL_POINTS:
-        code = _run(["run", "--out", str(killed), "--quiet", *sets], f"{pattern}|{nth}|{when}")
-        kills += code == -signal.SIGKILL
-        assert code == -signal.SIGKILL, f"the run finished before reaching {pattern!r}"
-    _run(["run", "--out", str(killed), "--quiet", *sets])
-    assert kills == len(KILL_POINTS)
+    clean_run = subprocess.Popen(
+        [sys.executable, "-c", CHILD, "run", "--out", str(clean), "--quiet", *sets],
+        env=_env(None),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        kills = 0
+        for pattern, nth, when in KILL_POINTS:
+            code = _run(["run", "--out", str(killed), "--quiet", *sets], f"{pattern}|{nth}|{when}")
+            kills += code == -signal.SIGKILL
+            assert code == -signal.SIGKILL, f"the run finished before reaching {pattern!r}"
+        _run(["run", "--out", str(killed), "--quiet", *sets])
+        assert kills == len(KILL_POINTS)
+    except BaseException:
+        clean_run.kill()
+        raise
+    _, err = clean_run.communicate(timeout=600)
+    assert clean_run.returncode == 0, err[-3000:]
     want, got = _results(clean), _results(killed)
     assert set(got) == set(want)
     diffs = [d for name in want for d in json_diffs(want[name], got[name], name)]
