@@ -8,6 +8,8 @@ files, after installing the faults a request asks for:
 - ``kill``: SIGKILL itself at the n-th *event* of a stage (a step, or ``report``). Events are counted
   per stage from step progress, not wall time: each atomic commit (before and after the rename of a
   ``.NAME.*.tmp`` file onto its target) and each progress callback of the step's loops.
+- ``kill_at_rename``: SIGKILL itself at the n-th rename (``Path.replace``/``Path.rename``) whose target
+  contains a pattern, before or after performing it.
 - ``hold``: at such an event, create a marker file and wait until a gate file appears.
 - ``enospc``: the n-th write through ``darkmatter.atomic`` whose path contains a pattern fails with
   ``OSError(ENOSPC)`` after the writer has started (a partial temporary file exists), as a full disk would.
@@ -383,7 +385,32 @@ def _install(req: dict[str, Any]) -> _State:
     context.no_progress = counting_progress  # type: ignore[assignment]
     if enospc:
         _fill_disk_at(atomic, enospc["pattern"], int(enospc["nth"]))
+    if req.get("kill_at_rename"):
+        _kill_at_rename(**req["kill_at_rename"])
     return state
+
+
+def _kill_at_rename(pattern: str, nth: int, when: str) -> None:
+    """SIGKILL at the ``nth`` rename whose target contains ``pattern``, ``when`` "before" or "after" it."""
+    seen = [0]
+
+    def wrap(method: str) -> None:
+        original = getattr(Path, method)
+
+        def renaming(self: Path, target: Any) -> Any:
+            hit = pattern in str(target) and seen[0] + 1 == nth
+            seen[0] += pattern in str(target)
+            if hit and when == "before":
+                os.kill(os.getpid(), signal.SIGKILL)
+            done = original(self, target)
+            if hit and when == "after":
+                os.kill(os.getpid(), signal.SIGKILL)
+            return done
+
+        setattr(Path, method, renaming)
+
+    wrap("replace")
+    wrap("rename")
 
 
 def _fill_disk_at(atomic: Any, pattern: str, nth: int) -> None:
