@@ -3,7 +3,6 @@ outputs merged (in one process, ranks simulated) and 2 gloo ranks (``downstream_
 
 from __future__ import annotations
 
-import math
 import pickle
 import time
 from dataclasses import dataclass, field
@@ -21,7 +20,8 @@ from darkmatter.experiments.splice import EngineOutput, UnitTally, merge_outputs
 from darkmatter.lm.hooks import capture, run
 from darkmatter.ranks import SINGLE, Ranks
 from darkmatter.results import Result
-from darkmatter.sae.model import SAE, SAEConfig
+from darkmatter.sae.model import SAE
+from test_downstream import topk_sae  # the same seeded SAEs as the one-process CE tests
 
 from conftest import tiny_model
 
@@ -32,20 +32,6 @@ START, BATCH = 6, 2
 N_CONTEXTS = 7  # 4 batches, the last one of a single context
 BOTH_BATCHES = 3  # the sae+both check spans the shares of 2 ranks
 VOLATILE = {"seconds", "provenance"}
-
-
-def topk_sae(seed: int, site: str = SITE, width: int = 128) -> SAE:
-    g = torch.Generator().manual_seed(seed)
-    cfg = SAEConfig(d_in=D, d_sae=width, activation="topk", k=8, hook_site=site)
-    return SAE.from_tensors(
-        cfg,
-        {
-            "W_enc": torch.randn(D, width, generator=g) / math.sqrt(D),
-            "b_enc": torch.zeros(width),
-            "W_dec": torch.randn(width, D, generator=g) / math.sqrt(width) * 2,
-            "b_dec": torch.randn(D, generator=g) * 0.1,
-        },
-    )
 
 
 def small_probe(seed: int) -> tuple[torch.Tensor, torch.Tensor]:

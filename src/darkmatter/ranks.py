@@ -112,11 +112,19 @@ class Ranks:
         return [float(v) for v in t.cpu()]
 
     def sum_(self, tensors: Iterable[torch.Tensor]) -> None:
-        """Sum ``tensors`` in place across ranks (one collective per dtype)."""
-        if self.active:
-            from darkmatter.stats.distributed import all_reduce_sum_
+        """Sum ``tensors`` in place across ranks (one collective per dtype); tensors on another device than
+        the backend's (``collective_device``) go there and back."""
+        if not self.active:
+            return
+        from darkmatter.stats.distributed import all_reduce_sum_
 
-            all_reduce_sum_(list(tensors))
+        here = list(tensors)
+        device = self.collective_device
+        moved = [t.to(device) for t in here]
+        all_reduce_sum_(moved)
+        for t, m in zip(here, moved, strict=True):
+            if m is not t:
+                t.copy_(m)
 
     def sum_floats(self, values: Sequence[float]) -> list[float]:
         """``values`` summed across ranks, in float64."""

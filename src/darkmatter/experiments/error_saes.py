@@ -26,7 +26,6 @@ from pydantic import BaseModel, Field
 
 from darkmatter.errors import ConfigError, DataError, ShapeError, StoreError
 from darkmatter.experiments.inputs import on_device, placement
-from darkmatter.experiments.layer_sums import summed_across
 from darkmatter.hashing import sha256_hex, stable_hash
 from darkmatter.lm.loading import resolve_device
 from darkmatter.progress import Progress
@@ -302,7 +301,7 @@ class _TotalVariance:
             s, ss = s + self.n * delta, ss + 2 * delta * s + self.n * delta * delta
         self.state = (common.to(ref.device), s, ss)
         count = torch.tensor([self.n], dtype=torch.int64, device=ref.device)
-        summed_across(ranks, [s, ss, count])
+        ranks.sum_([s, ss, count])
         self.n = int(count[0])
 
     def compute(self) -> float:

@@ -105,9 +105,8 @@ def _summed(
     per-SAE sums (in place)."""
     scalars = [sum_sq, n, *(v for name in sorted(sse) for v in sse[name])]
     packed = torch.cat([sum_x.cpu(), torch.tensor(scalars, dtype=torch.float64)])
-    packed = packed.to(ranks.collective_device)
     ranks.sum_([packed])
-    values = packed.cpu()
+    values = packed
     d = len(sum_x)
     for i, name in enumerate(sorted(sse)):
         sse[name] = [float(v) for v in values[d + 2 + 3 * i : d + 5 + 3 * i]]

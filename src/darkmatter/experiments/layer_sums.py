@@ -200,15 +200,6 @@ class LayerSums:
         return fvu, float(self.total("test", "l0").mean_x()[0])
 
 
-def summed_across(ranks: Ranks, tensors: Sequence[Tensor]) -> None:
-    """Sum ``tensors`` in place across ranks (through ``ranks.collective_device`` if they live elsewhere)."""
-    moved = [t.to(ranks.collective_device) for t in tensors]
-    ranks.sum_(moved)
-    for t, m in zip(tensors, moved, strict=True):
-        if m is not t:
-            t.copy_(m)
-
-
 def reduce_layer_sums(
     layers: Sequence[LayerSums], train_count: Tensor, test_count: Tensor, ranks: Ranks
 ) -> None:
@@ -228,9 +219,9 @@ def reduce_layer_sums(
             acc.test_sum += te_n * delta
             acc.train_sum += tr_n * delta
         acc.ref = torch.tensor(common, dtype=F64, device=acc.device)
-        summed_across(ranks, [acc.train_sum, acc.test_sum, acc.test_sumsq])
+        ranks.sum_([acc.train_sum, acc.test_sum, acc.test_sumsq])
         for per_part in acc.moments.values():
             for per_block in per_part.values():
                 for moments in per_block:
                     moments.all_reduce_()
-    summed_across(ranks, [train_count, test_count])
+    ranks.sum_([train_count, test_count])

@@ -264,9 +264,9 @@ def _evaluate(
     if ranks.active:
         for v in sums.values():
             v.all_reduce_(ranks, d, w.device)
-        packed = torch.cat([ss_res["mlp"], ss_res["probe"]]).to(ranks.collective_device)
+        packed = torch.cat([ss_res["mlp"], ss_res["probe"]])
         ranks.sum_([packed])
-        ss_res = {"mlp": packed[:d].to(w.device), "probe": packed[d:].to(w.device)}
+        ss_res = {"mlp": packed[:d], "probe": packed[d:]}
     if sums["x"].n < 2:
         raise DataError(f"mlp_probe: {sums['x'].n} test token(s); at least 2 are needed.")
     return {k: v.cpu() for k, v in sums.items()}, {k: v.cpu() for k, v in ss_res.items()}

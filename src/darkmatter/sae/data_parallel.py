@@ -84,7 +84,7 @@ def exact_update(trainer: FamilyTrainer, m: Member, x_batch: Tensor, factor: flo
             hits += fired
             per_block[first + j, :d] = err.detach().double().sum(0)
             per_block[first + j, d] = active.double()
-        _sum_across(ranks, [hits, per_block])
+        ranks.sum_([hits, per_block])
         totals = in_block_order(per_block)
         m.since_fired += n
         m.since_fired[hits > 0] = 0
@@ -98,7 +98,7 @@ def exact_update(trainer: FamilyTrainer, m: Member, x_batch: Tensor, factor: flo
         spreads = torch.zeros(len(blocks), dtype=F64, device=trainer.device)
         for j, err in enumerate(errs):
             spreads[first + j] = (err.detach() - mean).pow(2).sum().double()
-        _sum_across(ranks, [spreads])
+        ranks.sum_([spreads])
         spread = in_block_order(spreads).to(x_batch.dtype).clamp_min(1e-12)
 
     # phase 2: each block's share of the loss, its gradient added in float64
@@ -125,7 +125,7 @@ def exact_update(trainer: FamilyTrainer, m: Member, x_batch: Tensor, factor: flo
                 p.grad = None
             terms[first + j] = torch.stack([loss.detach(), aux.detach(), total.detach()]).double()
     for t in (terms, *sums):  # one at a time: no second copy of all the accumulators at once
-        _sum_across(ranks, [t])
+        ranks.sum_([t])
     for p, acc in zip(params, sums, strict=True):
         p.grad = acc.to(p.dtype)
     bias.backward(bias_leaf.grad)  # into b_enc, b_dec and W_enc: the same float32 numbers on every rank
@@ -159,20 +159,6 @@ def in_block_order(rows: Tensor) -> Tensor:
     for row in rows[1:]:
         total += row
     return total
-
-
-def _sum_across(ranks: Ranks, tensors: list[Tensor]) -> None:
-    """``ranks.sum_`` for tensors on any device (moved to the backend's device and back when needed)."""
-    if not ranks.active:
-        return
-    device = ranks.collective_device
-    if all(t.device == device for t in tensors):
-        ranks.sum_(tensors)
-        return
-    moved = [t.to(device) for t in tensors]
-    ranks.sum_(moved)
-    for t, s in zip(tensors, moved, strict=True):
-        t.copy_(s)
 
 
 def gathered(ranks: Ranks, values: Tensor) -> Tensor:
