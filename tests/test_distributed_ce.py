@@ -201,6 +201,18 @@ def test_rank_batches_deal_whole_batches_and_merge_outputs_adds_them() -> None:
     assert a.tallies["u"].per_context == {"s": [0.25, 0.75]}  # the parts are left as they were
 
 
+def test_bad_batches_are_clear_errors() -> None:
+    from darkmatter.errors import ConfigError
+    from darkmatter.experiments.splice import run_splices
+
+    with pytest.raises(ConfigError, match="batch_size must be >= 1"):
+        rank_batches(7, 0, SINGLE)
+    model, tokens = tiny_model("llama"), np.zeros((5, 16), dtype=np.int64)
+    for bad in (range(2, 4), range(-1, 1), range(0, 3, 2)):  # 3 batches of 2: indices 0..2
+        with pytest.raises(ConfigError, match="batches must be consecutive indices below 3"):
+            run_splices(model, tokens, [], start=START, batch_size=2, batches=bad)
+
+
 # -- 2 gloo ranks --------------------------------------------------------------------------------------------
 
 
